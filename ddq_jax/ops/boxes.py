@@ -1,0 +1,93 @@
+"""Box conversions and overlaps.  Pure functions, any leading batch dims.
+
+Boxes are float arrays whose last axis has 4 entries: ``cxcywh`` (centre,
+width, height) or ``xyxy`` (corners).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def cxcywh_to_xyxy(boxes: jnp.ndarray) -> jnp.ndarray:
+  """(..., 4) cxcywh -> (..., 4) xyxy, as mmdet's ``bbox_cxcywh_to_xyxy``."""
+  cx, cy, w, h = jnp.split(boxes, 4, axis=-1)
+  return jnp.concatenate([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w,
+                          cy + 0.5 * h], axis=-1)
+
+
+def xyxy_to_cxcywh(boxes: jnp.ndarray) -> jnp.ndarray:
+  """(..., 4) xyxy -> (..., 4) cxcywh, as mmdet's ``bbox_xyxy_to_cxcywh``."""
+  x1, y1, x2, y2 = jnp.split(boxes, 4, axis=-1)
+  return jnp.concatenate([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1],
+                         axis=-1)
+
+
+def box_area(boxes: jnp.ndarray) -> jnp.ndarray:
+  """(..., 4) xyxy -> (...) area (negative extents are not clamped)."""
+  return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def pairwise_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, *,
+                 eps: float = 1e-6) -> jnp.ndarray:
+  """IoU of every pair: (..., N, 4) x (..., M, 4) xyxy -> (..., N, M).
+
+  Same arithmetic as mmdet's ``bbox_overlaps(mode='iou')`` (union clamped
+  to ``eps``).
+  """
+  area1 = box_area(boxes1)[..., :, None]
+  area2 = box_area(boxes2)[..., None, :]
+  lt = jnp.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+  rb = jnp.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+  wh = jnp.clip(rb - lt, 0)
+  overlap = wh[..., 0] * wh[..., 1]
+  union = jnp.maximum(area1 + area2 - overlap, eps)
+  return overlap / union
+
+
+def pairwise_giou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, *,
+                  eps: float = 1e-6) -> jnp.ndarray:
+  """Generalised IoU of every pair, (..., N, 4) x (..., M, 4) -> (..., N, M).
+
+  Same arithmetic as mmdet's ``bbox_overlaps(mode='giou')``.
+  """
+  area1 = box_area(boxes1)[..., :, None]
+  area2 = box_area(boxes2)[..., None, :]
+  lt = jnp.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+  rb = jnp.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+  wh = jnp.clip(rb - lt, 0)
+  overlap = wh[..., 0] * wh[..., 1]
+  union = jnp.maximum(area1 + area2 - overlap, eps)
+  ious = overlap / union
+  enclose_lt = jnp.minimum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+  enclose_rb = jnp.maximum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+  enclose_wh = jnp.clip(enclose_rb - enclose_lt, 0)
+  enclose_area = jnp.maximum(enclose_wh[..., 0] * enclose_wh[..., 1], eps)
+  return ious - (enclose_area - union) / enclose_area
+
+
+def aligned_giou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, *,
+                 eps: float = 1e-6) -> jnp.ndarray:
+  """GIoU of matched pairs: (..., 4) x (..., 4) -> (...), as mmdet's
+  ``bbox_overlaps(mode='giou', is_aligned=True)``."""
+  area1, area2 = box_area(boxes1), box_area(boxes2)
+  lt = jnp.maximum(boxes1[..., :2], boxes2[..., :2])
+  rb = jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
+  wh = jnp.clip(rb - lt, 0)
+  overlap = wh[..., 0] * wh[..., 1]
+  union = jnp.maximum(area1 + area2 - overlap, eps)
+  ious = overlap / union
+  enclose_lt = jnp.minimum(boxes1[..., :2], boxes2[..., :2])
+  enclose_rb = jnp.maximum(boxes1[..., 2:], boxes2[..., 2:])
+  enclose_wh = jnp.clip(enclose_rb - enclose_lt, 0)
+  enclose_area = jnp.maximum(enclose_wh[..., 0] * enclose_wh[..., 1], eps)
+  return ious - (enclose_area - union) / enclose_area
+
+
+def inverse_sigmoid(x: jnp.ndarray, *, eps: float = 1e-5) -> jnp.ndarray:
+  """mmdet's ``inverse_sigmoid``: log(x1 / x2) with x clamped to [0, 1] and
+  both terms clamped below by ``eps`` (1e-5 in the head, 1e-3 in the
+  decoder's refinement and the denoising boxes)."""
+  x = jnp.clip(x, 0, 1)
+  x1 = jnp.maximum(x, eps)
+  x2 = jnp.maximum(1 - x, eps)
+  return jnp.log(x1 / x2)

@@ -1,0 +1,69 @@
+"""Shared fixtures: the tiny golden bundle and its converted weights."""
+import os
+
+# 8 fake CPU devices for the sharding tests; must precede the first jax import.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(__file__), 'data')
+TINY = os.path.join(DATA, 'tiny')
+
+
+def _npz(name):
+  with np.load(os.path.join(TINY, name), allow_pickle=False) as f:
+    return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope='session')
+def tiny_dir():
+  return TINY
+
+
+@pytest.fixture(scope='session')
+def tiny_config():
+  from ddq_jax.config import load_config
+  return load_config('tiny')
+
+
+@pytest.fixture(scope='session')
+def tiny_inputs():
+  return _npz('inputs.npz')
+
+
+@pytest.fixture(scope='session')
+def tiny_infer():
+  return _npz('infer.npz')
+
+
+@pytest.fixture(scope='session')
+def tiny_train():
+  return _npz('train.npz')
+
+
+@pytest.fixture(scope='session')
+def tiny_state_dict():
+  from ddq_jax.conversion.torch_pickle import load_torch_checkpoint, state_dict_of
+  return state_dict_of(load_torch_checkpoint(os.path.join(TINY, 'checkpoint.pth')))
+
+
+@pytest.fixture(scope='session')
+def tiny_variables(tiny_state_dict):
+  """{'params': ..., 'batch_stats': ...} of the whole model, numpy leaves."""
+  from ddq_jax.conversion.mapping import convert_state_dict
+  variables, _, unmapped = convert_state_dict(tiny_state_dict)
+  assert not unmapped, unmapped
+  return variables
+
+
+def assert_close(actual, expected, *, rel=1e-4, name=''):
+  """Max abs error <= rel * (max |expected|, at least 1e-6): DESIGN.md's
+  'relative to the tensor's scale'."""
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+  scale = max(float(np.abs(expected).max()) if expected.size else 0.0, 1e-6)
+  err = float(np.abs(actual - expected).max()) if expected.size else 0.0
+  assert err <= rel * scale, f'{name}: max abs err {err:.3g} > {rel} * {scale:.3g}'
