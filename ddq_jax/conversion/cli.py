@@ -1,0 +1,76 @@
+"""convert_weights: mmdetection DDQ-DETR / torchvision ResNet .pth -> ddq-jax.
+
+Examples:
+  python convert_weights.py ddq-detr-4scale_r50.pth --out weights/ddq_r50
+  python convert_weights.py ckpt.pth --config configs/ddq_r50_4scale.py --out w/
+  python convert_weights.py resnet50-0676ba61.pth --torchvision --out w/r50
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ddq_jax.config import load_config
+from ddq_jax.conversion import weights_io
+from ddq_jax.conversion.converter import ConversionError, convert_checkpoint
+from ddq_jax.conversion.mmdet_config import ConfigParseError
+from ddq_jax.conversion.torch_pickle import (CheckpointReadError,
+                                             load_torch_checkpoint,
+                                             state_dict_of)
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog='convert_weights.py', description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('checkpoint', help='a PyTorch .pth (torch.save zip format); '
+                 'torch is not needed to read it')
+  p.add_argument('--out', required=True,
+                 help='output directory (variables.msgpack + config.json), '
+                 'written atomically')
+  p.add_argument('--config', default=None,
+                 help="our config (name or path) to use instead of the "
+                 "checkpoint's own meta['cfg'] text")
+  p.add_argument('--torchvision', action='store_true',
+                 help='the file is a torchvision ResNet state_dict: write '
+                 'backbone-only variables for initialising training')
+  p.add_argument('--no-check', action='store_true',
+                 help='skip the comparison with the shapes the model expects')
+  return p
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.torchvision:
+      from ddq_jax.conversion.torchvision import torchvision_resnet_to_variables
+      config = load_config(args.config or 'ddq_r50_4scale')
+      state_dict = state_dict_of(load_torch_checkpoint(args.checkpoint),
+                                 args.checkpoint)
+      variables = torchvision_resnet_to_variables(state_dict)
+      weights_io.save_converted(args.out, variables, config,
+                                extra={'source': args.checkpoint,
+                                       'kind': 'torchvision_backbone'})
+      print(f'wrote backbone variables ({len(state_dict)} tensors read) '
+            f'to {args.out}')
+      return 0
+    config = load_config(args.config) if args.config else None
+    variables, config, report = convert_checkpoint(
+        args.checkpoint, config, check=not args.no_check)
+  except (CheckpointReadError, ConfigParseError, ConversionError,
+          FileNotFoundError, KeyError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  weights_io.save_converted(
+      args.out, variables, config,
+      extra={'source': args.checkpoint, 'kind': 'mmdet_ddq_detr',
+             'converted_tensors': report.converted,
+             'ignored': report.ignored})
+  print(f'converted {report.converted} tensors '
+        f'({len(report.ignored)} deliberately ignored: BatchNorm counters) '
+        f'for config {config.name!r} -> {args.out}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
