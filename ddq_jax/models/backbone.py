@@ -1,0 +1,195 @@
+"""ResNet backbone: mmdet 3.3.0 ``backbones/resnet.py`` with style='pytorch'.
+
+Eval-mode (frozen) BatchNorm everywhere, as the reference's
+``norm_cfg=dict(type='BN', requires_grad=False), norm_eval=True``: the
+statistics live in the ``batch_stats`` collection (``mean``, ``var``) and the
+affine parameters (``scale``, ``bias``) in ``params``.  Submodules are named
+by the project's naming rule so a converted checkpoint loads as is:
+
+    conv1, bn1, layer1_0/{conv1,bn1,conv2,bn2,conv3,bn3,downsample_0,
+    downsample_1}, layer1_1/..., layer4_2/...
+
+Input NHWC float32, outputs a list of NHWC maps, one per ``out_indices``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# depth -> (block type, blocks per stage); the reference's arch_settings.
+ARCH_SETTINGS: dict[int, tuple[str, tuple[int, ...]]] = {
+    18: ('basic', (2, 2, 2, 2)),
+    34: ('basic', (3, 4, 6, 3)),
+    50: ('bottleneck', (3, 4, 6, 3)),
+    101: ('bottleneck', (3, 4, 23, 3)),
+    152: ('bottleneck', (3, 8, 36, 3)),
+}
+EXPANSION = {'basic': 1, 'bottleneck': 4}
+
+
+def resnet_out_channels(*, depth: int, base_channels: int,
+                        out_indices: Sequence[int]) -> tuple[int, ...]:
+  """Channels of the backbone's outputs (the neck's ``in_channels``)."""
+  if depth not in ARCH_SETTINGS:
+    raise KeyError(f'invalid depth {depth} for resnet; '
+                   f'expected one of {sorted(ARCH_SETTINGS)}')
+  expansion = EXPANSION[ARCH_SETTINGS[depth][0]]
+  return tuple(base_channels * 2**i * expansion for i in out_indices)
+
+
+def _conv(features: int, kernel: int, stride: int, padding: int,
+          name: str) -> nn.Conv:
+  """torch Conv2d(bias=False) with explicit symmetric padding, HWIO kernel."""
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)),
+                 use_bias=False, name=name)
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm2d in eval mode over the last (channel) axis.
+
+  y = (x - mean) / sqrt(var + eps) * scale + bias, statistics never updated.
+  ``affine_trainable=False`` (the reference's ``requires_grad=False``) stops
+  the gradient of ``scale`` / ``bias``.
+  """
+  eps: float = 1e-5
+  affine_trainable: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    mean = self.variable('batch_stats', 'mean',
+                         lambda: jnp.zeros((c,), jnp.float32)).value
+    var = self.variable('batch_stats', 'var',
+                        lambda: jnp.ones((c,), jnp.float32)).value
+    if not self.affine_trainable:
+      scale = jax.lax.stop_gradient(scale)
+      bias = jax.lax.stop_gradient(bias)
+    mean = jax.lax.stop_gradient(mean)
+    var = jax.lax.stop_gradient(var)
+    mul = scale * jax.lax.rsqrt(var + self.eps)
+    return (x * mul + (bias - mean * mul)).astype(x.dtype)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34); stride on conv1."""
+  planes: int
+  stride: int = 1
+  with_downsample: bool = False
+  bn_trainable: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    bn = lambda name: FrozenBatchNorm(affine_trainable=self.bn_trainable,
+                                      name=name)
+    identity = x
+    out = _conv(self.planes, 3, self.stride, 1, 'conv1')(x)
+    out = nn.relu(bn('bn1')(out))
+    out = _conv(self.planes, 3, 1, 1, 'conv2')(out)
+    out = bn('bn2')(out)
+    if self.with_downsample:
+      identity = _conv(self.planes, 1, self.stride, 0, 'downsample_0')(x)
+      identity = bn('downsample_1')(identity)
+    return nn.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (stride here, 'pytorch' style) -> 1x1 (x4 channels)."""
+  planes: int
+  stride: int = 1
+  with_downsample: bool = False
+  bn_trainable: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    bn = lambda name: FrozenBatchNorm(affine_trainable=self.bn_trainable,
+                                      name=name)
+    identity = x
+    out = _conv(self.planes, 1, 1, 0, 'conv1')(x)
+    out = nn.relu(bn('bn1')(out))
+    out = _conv(self.planes, 3, self.stride, 1, 'conv2')(out)
+    out = nn.relu(bn('bn2')(out))
+    out = _conv(self.planes * 4, 1, 1, 0, 'conv3')(out)
+    out = bn('bn3')(out)
+    if self.with_downsample:
+      identity = _conv(self.planes * 4, 1, self.stride, 0, 'downsample_0')(x)
+      identity = bn('downsample_1')(identity)
+    return nn.relu(out + identity)
+
+
+class ResNet(nn.Module):
+  """mmdet ResNet (style='pytorch', num_stages=4, no deep stem / avg_down).
+
+  Attributes:
+    depth: 18, 34, 50, 101 or 152.
+    base_channels: width of the stem and of stage 1 (64 for the real model).
+    out_indices: which stages (0-based) to return.
+    frozen_stages: -1 none; k >= 0 freezes the stem and stages 1..k (their
+      outputs pass through ``stop_gradient``, so they get no gradient).
+    bn_trainable: False (the reference's BN ``requires_grad=False``) stops
+      the gradient of every BatchNorm's scale and bias.
+  """
+  depth: int = 50
+  base_channels: int = 64
+  out_indices: Sequence[int] = (1, 2, 3)
+  frozen_stages: int = 1
+  bn_trainable: bool = False
+  num_stages: int = 4
+
+  @classmethod
+  def from_config(cls, config) -> 'ResNet':
+    """Builds from ``config.backbone`` (depth, base_channels, out_indices,
+    frozen_stages)."""
+    b = config.backbone
+    return cls(depth=int(b.depth), base_channels=int(b.base_channels),
+               out_indices=tuple(int(i) for i in b.out_indices),
+               frozen_stages=int(b.frozen_stages))
+
+  @property
+  def out_channels(self) -> tuple[int, ...]:
+    return resnet_out_channels(depth=self.depth,
+                               base_channels=self.base_channels,
+                               out_indices=self.out_indices)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    """x: (B, H, W, 3) NHWC -> [(B, h_i, w_i, C_i) for i in out_indices]."""
+    if self.depth not in ARCH_SETTINGS:
+      raise KeyError(f'invalid depth {self.depth} for resnet')
+    if not 1 <= self.num_stages <= 4 or max(self.out_indices) >= self.num_stages:
+      raise ValueError(f'bad num_stages {self.num_stages} / out_indices '
+                       f'{tuple(self.out_indices)}')
+    kind, stage_blocks = ARCH_SETTINGS[self.depth]
+    block_cls = BasicBlock if kind == 'basic' else Bottleneck
+    expansion = EXPANSION[kind]
+
+    x = _conv(self.base_channels, 7, 2, 3, 'conv1')(x)
+    x = FrozenBatchNorm(affine_trainable=self.bn_trainable, name='bn1')(x)
+    x = nn.relu(x)
+    # MaxPool2d(3, 2, padding=1): pads with -inf, as torch does.
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if self.frozen_stages >= 0:
+      x = jax.lax.stop_gradient(x)
+
+    outs = []
+    inplanes = self.base_channels
+    for i, num_blocks in enumerate(stage_blocks[:self.num_stages]):
+      planes = self.base_channels * 2**i
+      stride = 1 if i == 0 else 2
+      for j in range(num_blocks):
+        s = stride if j == 0 else 1
+        with_ds = j == 0 and (s != 1 or inplanes != planes * expansion)
+        x = block_cls(planes=planes, stride=s, with_downsample=with_ds,
+                      bn_trainable=self.bn_trainable,
+                      name=f'layer{i + 1}_{j}')(x)
+        inplanes = planes * expansion
+      if i + 1 <= self.frozen_stages:
+        x = jax.lax.stop_gradient(x)
+      if i in self.out_indices:
+        outs.append(x)
+    return outs
