@@ -1,0 +1,295 @@
+"""DDQ-DETR's transformer decoder with per-layer distinct-query selection.
+
+Reference: mmdet 3.3.0 ``layers/transformer/ddq_detr_layers.py``
+(``DDQTransformerDecoder``) over ``DeformableDetrTransformerDecoderLayer``
+(self-attention = mmcv ``MultiheadAttention`` around ``nn.MultiheadAttention``,
+cross-attention = mmcv ``MultiScaleDeformableAttention``, FFN, 3 LayerNorms).
+
+Static shapes: the reference's per-image index lists become one boolean
+keep-vector per image.  After every layer but the last, the distinct queries
+``[dis_start, dis_start + num_dis)`` are scored by that layer's class branch
+(on the layer output before the decoder norm), NMS runs among the current
+candidates, and the distinct block of the self-attention mask becomes
+"blocked unless row or column is kept".
+
+Row-0 quirk (``distinct_mask_semantics='row0'``, the reference): the head and
+the next layer's NMS read row 0 of the inverted mask, i.e. *all* queries if
+query 0 was kept, else the kept set.  ``'kept_set'`` reads the kept set.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ddq_jax.models.deform_attn import MultiScaleDeformableAttention
+from ddq_jax.ops.boxes import cxcywh_to_xyxy, inverse_sigmoid
+from ddq_jax.ops.nms import nms_keep
+
+LN_EPS = 1e-5
+DECODER_INV_SIGMOID_EPS = 1e-3
+
+
+def coordinate_to_encoding(coords: jnp.ndarray, *, num_feats: int,
+                           temperature: float = 10000.,
+                           scale: float = 2 * math.pi) -> jnp.ndarray:
+  """mmdet ``coordinate_to_encoding``: (..., 2|4) -> (..., num_feats * 2|4),
+  parts ordered (y, x[, w, h]), each interleaving sin/cos."""
+  dim_t = jnp.arange(num_feats, dtype=jnp.float32)
+  dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
+
+  def enc(c):
+    pos = (c * scale)[..., None] / dim_t
+    pos = jnp.stack([jnp.sin(pos[..., 0::2]), jnp.cos(pos[..., 1::2])], -1)
+    return pos.reshape(*pos.shape[:-2], num_feats)
+
+  parts = [enc(coords[..., 1]), enc(coords[..., 0])]
+  if coords.shape[-1] == 4:
+    parts += [enc(coords[..., 2]), enc(coords[..., 3])]
+  elif coords.shape[-1] != 2:
+    raise ValueError(f'coordinates must end in 2 or 4, got {coords.shape}')
+  return jnp.concatenate(parts, -1)
+
+
+class _InProj(nn.Module):
+  """Packed q/k/v projection with torch's layout (kernel (C, 3C))."""
+  embed_dims: int
+
+  @nn.compact
+  def __call__(self, q, k, v):
+    c = self.embed_dims
+    kernel = self.param('kernel', nn.initializers.xavier_uniform(), (c, 3 * c))
+    bias = self.param('bias', nn.initializers.zeros, (3 * c,))
+    return (q @ kernel[:, :c] + bias[:c], k @ kernel[:, c:2 * c] +
+            bias[c:2 * c], v @ kernel[:, 2 * c:] + bias[2 * c:])
+
+
+class MultiheadAttention(nn.Module):
+  """``torch.nn.MultiheadAttention`` (batch_first=True, dropout 0).
+
+  Submodules ``in_proj`` (packed (C, 3C)) and ``out_proj``.
+  """
+  embed_dims: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, query, key, value, attn_mask=None):
+    """query (B, Q, C), key/value (B, K, C); attn_mask (B, Q, K) or (Q, K)
+    bool, True = blocked (the same for every head).  Returns (B, Q, C)."""
+    c, nh = self.embed_dims, self.num_heads
+    hd = c // nh
+    q, k, v = _InProj(c, name='in_proj')(query, key, value)
+    b, nq, _ = q.shape
+    nk = k.shape[1]
+    q = q.reshape(b, nq, nh, hd) * (1.0 / math.sqrt(hd))
+    k = k.reshape(b, nk, nh, hd)
+    v = v.reshape(b, nk, nh, hd)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+    if attn_mask is not None:
+      mask = attn_mask[:, None] if attn_mask.ndim == 3 else attn_mask
+      # finfo.min instead of -inf: a fully blocked row (unused padded slots)
+      # stays finite; rows with an open entry are unchanged.
+      logits = jnp.where(mask, jnp.finfo(logits.dtype).min, logits)
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, nq, c)
+    return nn.Dense(c, name='out_proj')(out)
+
+
+class SelfAttention(nn.Module):
+  """mmcv ``MultiheadAttention`` wrapper: pos added to q and k, residual."""
+  embed_dims: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, query, *, query_pos=None, attn_mask=None):
+    qk = query if query_pos is None else query + query_pos
+    out = MultiheadAttention(self.embed_dims, self.num_heads, name='attn')(
+        qk, qk, query, attn_mask)
+    return query + out
+
+
+class FFN(nn.Module):
+  """mmcv ``FFN`` (2 fcs, ReLU, identity residual): layers_0_0, layers_1."""
+  embed_dims: int
+  ffn_dims: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = jax.nn.relu(nn.Dense(self.ffn_dims, name='layers_0_0')(x))
+    return x + nn.Dense(self.embed_dims, name='layers_1')(y)
+
+
+class DecoderLayer(nn.Module):
+  """``DeformableDetrTransformerDecoderLayer``: self-attn, norm, deformable
+  cross-attn, norm, FFN, norm."""
+  embed_dims: int
+  num_heads: int
+  num_levels: int
+  num_points: int
+  ffn_dims: int
+
+  @nn.compact
+  def __call__(self, query, *, query_pos, value, key_padding_mask,
+               self_attn_mask, reference_points, spatial_shapes):
+    c = self.embed_dims
+    query = SelfAttention(c, self.num_heads, name='self_attn')(
+        query, query_pos=query_pos, attn_mask=self_attn_mask)
+    query = nn.LayerNorm(epsilon=LN_EPS, name='norms_0')(query)
+    query = MultiScaleDeformableAttention(
+        embed_dims=c, num_heads=self.num_heads, num_levels=self.num_levels,
+        num_points=self.num_points, name='cross_attn')(
+            query, value=value, reference_points=reference_points,
+            spatial_shapes=spatial_shapes, key_padding_mask=key_padding_mask,
+            query_pos=query_pos)
+    query = nn.LayerNorm(epsilon=LN_EPS, name='norms_1')(query)
+    query = FFN(c, self.ffn_dims, name='ffn')(query)
+    return nn.LayerNorm(epsilon=LN_EPS, name='norms_2')(query)
+
+
+class MLP(nn.Module):
+  """mmdet ``MLP``: Linear layers named layers_{i}, ReLU between."""
+  hidden_dims: int
+  output_dims: int
+  num_layers: int
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.num_layers):
+      last = i == self.num_layers - 1
+      x = nn.Dense(self.output_dims if last else self.hidden_dims,
+                   name=f'layers_{i}')(x)
+      if not last:
+        x = jax.nn.relu(x)
+    return x
+
+
+def distinct_block_mask(keep: jnp.ndarray) -> jnp.ndarray:
+  """(B, N) keep -> (B, N, N) blocked mask: open where row or column kept."""
+  return ~(keep[:, :, None] | keep[:, None, :])
+
+
+def row0_of_inverted(keep: jnp.ndarray) -> jnp.ndarray:
+  """Row 0 of ``~distinct_block_mask(keep)``: all True if query 0 is kept,
+  else ``keep``.  (B, N) -> (B, N)."""
+  return keep | keep[:, :1]
+
+
+class DDQDecoder(nn.Module):
+  """``DDQTransformerDecoder`` (return_intermediate=True).
+
+  The head's branches are passed in as callables so that they stay owned by
+  the head (``bbox_head``) in the params tree.
+  """
+  embed_dims: int = 256
+  num_heads: int = 8
+  num_levels: int = 4
+  num_points: int = 4
+  num_layers: int = 6
+  ffn_dims: int = 2048
+  iou_threshold: float = 0.8
+  distinct_mask_semantics: str = 'row0'
+
+  @classmethod
+  def from_config(cls, config, **kwargs) -> 'DDQDecoder':
+    kw = dict(embed_dims=config.embed_dims, num_heads=config.num_heads,
+              num_levels=config.num_levels, num_points=config.num_points,
+              num_layers=config.num_decoder_layers, ffn_dims=config.ffn_dims,
+              iou_threshold=config.nms_iou_threshold,
+              distinct_mask_semantics=config.distinct_mask_semantics)
+    kw.update(kwargs)
+    return cls(**kw)
+
+  @nn.compact
+  def __call__(self, query: jnp.ndarray, *, value: jnp.ndarray,
+               key_padding_mask: Optional[jnp.ndarray],
+               self_attn_mask: Optional[jnp.ndarray],
+               reference_points: jnp.ndarray,
+               spatial_shapes: Sequence[Sequence[int]],
+               valid_ratios: jnp.ndarray,
+               reg_fn: Callable[[int, jnp.ndarray], jnp.ndarray],
+               cls_fn: Callable[[int, jnp.ndarray], jnp.ndarray],
+               aux_reg_fn: Optional[Callable] = None,
+               dis_start: int = 0, num_dis: Optional[int] = None,
+               num_dense: int = 0) -> dict:
+    """Runs all decoder layers.
+
+    Args:
+      query: (B, Q, C) initial content queries, Q = [dn | distinct | dense].
+      value: (B, N, C) encoder memory; key_padding_mask (B, N) True = pad.
+      self_attn_mask: (Q, Q) or (B, Q, Q) bool, True = blocked; None = open.
+      reference_points: (B, Q, 4) sigmoid cxcywh.
+      spatial_shapes: static ((h, w), ...); valid_ratios (B, levels, 2).
+      reg_fn(l, x) / cls_fn(l, x): the head's reg/cls branch l.
+      aux_reg_fn(l, x): the head's aux reg branch l (dense queries).
+      dis_start, num_dis: static slice of the distinct queries
+        (default 0, Q - num_dense).
+      num_dense: static number of dense queries at the end (training).
+
+    Returns dict:
+      hidden_states (L, B, Q, C) after the decoder norm;
+      references (L + 1, B, Q, 4) (the initial one first; later ones carry
+        the gradient of that layer's refinement);
+      distinct_keep (L - 1, B, num_dis) bool, the NMS keep set per layer;
+      head_query_mask (L - 1, B, num_dis) bool, what the head reads
+        (row 0 of the inverted mask, or the kept set).
+    """
+    if self.distinct_mask_semantics not in ('row0', 'kept_set'):
+      raise ValueError('distinct_mask_semantics must be "row0" or '
+                       f'"kept_set", got {self.distinct_mask_semantics!r}')
+    b, q, c = query.shape
+    if num_dis is None:
+      num_dis = q - dis_start - num_dense
+    if self_attn_mask is None:
+      self_attn_mask = jnp.zeros((b, q, q), bool)
+    elif self_attn_mask.ndim == 2:
+      self_attn_mask = jnp.broadcast_to(self_attn_mask, (b, q, q))
+    s, e = dis_start, dis_start + num_dis
+    # Candidates of the next NMS: row 0 of the inverted distinct block.
+    candidates = ~self_attn_mask[:, s, s:e]
+
+    ref_point_head = MLP(c, c, 2, name='ref_point_head')
+    norm = nn.LayerNorm(epsilon=LN_EPS, name='norm')
+    vr4 = jnp.concatenate([valid_ratios, valid_ratios], -1)  # (B, L, 4)
+    hidden, refs, keeps, head_masks = [], [reference_points], [], []
+    for l in range(self.num_layers):
+      ref_input = reference_points[:, :, None] * vr4[:, None]
+      query_pos = ref_point_head(coordinate_to_encoding(
+          ref_input[:, :, 0], num_feats=c // 2))
+      query = DecoderLayer(c, self.num_heads, self.num_levels,
+                           self.num_points, self.ffn_dims,
+                           name=f'layers_{l}')(
+          query, query_pos=query_pos, value=value,
+          key_padding_mask=key_padding_mask, self_attn_mask=self_attn_mask,
+          reference_points=ref_input, spatial_shapes=spatial_shapes)
+      if num_dense:
+        tmp = jnp.concatenate([reg_fn(l, query[:, :-num_dense]),
+                               aux_reg_fn(l, query[:, -num_dense:])], 1)
+      else:
+        tmp = reg_fn(l, query)
+      new_refs = jax.nn.sigmoid(tmp + inverse_sigmoid(
+          reference_points, eps=DECODER_INV_SIGMOID_EPS))
+      reference_points = jax.lax.stop_gradient(new_refs)
+      if l < self.num_layers - 1:
+        scores = jnp.max(jax.nn.sigmoid(cls_fn(l, query[:, s:e])), -1)
+        boxes = cxcywh_to_xyxy(reference_points[:, s:e])
+        keep = nms_keep(jax.lax.stop_gradient(boxes),
+                        jax.lax.stop_gradient(scores), valid=candidates,
+                        iou_threshold=self.iou_threshold)
+        self_attn_mask = self_attn_mask.at[:, s:e, s:e].set(
+            distinct_block_mask(keep))
+        head_mask = (row0_of_inverted(keep)
+                     if self.distinct_mask_semantics == 'row0' else keep)
+        candidates = head_mask
+        keeps.append(keep)
+        head_masks.append(head_mask)
+      hidden.append(norm(query))
+      refs.append(new_refs)
+    empty = jnp.zeros((0, b, num_dis), bool)
+    return dict(
+        hidden_states=jnp.stack(hidden), references=jnp.stack(refs),
+        distinct_keep=jnp.stack(keeps) if keeps else empty,
+        head_query_mask=jnp.stack(head_masks) if head_masks else empty,
+        self_attn_mask=self_attn_mask)
