@@ -1,0 +1,214 @@
+"""Static-shape exact greedy NMS, as mmcv 2.1.0's ``batched_nms`` / ``nms``.
+
+What the reference computes (mmcv/ops/nms.py + csrc/pytorch/cpu/nms.cpp):
+
+* ``batched_nms(boxes, scores, idxs=ones, nms_cfg)`` is *not* class agnostic,
+  so it shifts every box by ``idxs * (boxes.max() + 1)`` = ``boxes.max() + 1``
+  before the NMS (``boxes.max()`` over all 4 coordinates of the boxes it is
+  given).  The shift changes the float32 IoU arithmetic, so we reproduce it
+  (``batched_offset=True``).
+* The kernel sorts the scores descending (ties keep the index order: torch's
+  CPU sort is stable), then for each still-selected box ``i`` in that order
+  drops every later box ``j`` with ``inter / (area_i + area_j - inter) > thr``
+  (float32, strictly greater, no eps; ``area = (x2 - x1) * (y2 - y1)``,
+  ``inter = max(0, xx2 - xx1) * max(0, yy2 - yy1)``).
+* The kept indices come back in score order.  With ``nms_cfg=None`` the
+  function only sorts by score.
+
+Everything here has static shapes: a box set of size N is described by a
+validity mask instead of boolean indexing.  Functions work on one image;
+batch with ``jax.vmap`` (``nms_keep`` and ``topk_after_nms`` also accept a
+leading batch axis and vmap themselves).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def sort_by_score(scores: jnp.ndarray, *,
+                  valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """Indices that sort ``scores`` (N,) descending; ties keep the index order;
+  invalid entries go last (in index order).  Returns (N,) int32."""
+  n = scores.shape[0]
+  iota = jnp.arange(n, dtype=jnp.int32)
+  invalid = (jnp.zeros((n,), jnp.int32) if valid is None
+             else (~valid).astype(jnp.int32))
+  _, _, order = jax.lax.sort((invalid, -scores, iota), num_keys=2,
+                             is_stable=True)
+  return order
+
+
+def batched_nms_offset_boxes(boxes: jnp.ndarray, *,
+                             valid: Optional[jnp.ndarray] = None
+                             ) -> jnp.ndarray:
+  """``boxes + (boxes[valid].max() + 1)``: mmcv ``batched_nms``'s shift for a
+  single cluster (idxs all ones).  boxes (N, 4) -> (N, 4)."""
+  if valid is None:
+    m = jnp.max(boxes)
+  else:
+    m = jnp.max(jnp.where(valid[:, None], boxes, -jnp.inf))
+    m = jnp.where(jnp.any(valid), m, 0.0).astype(boxes.dtype)
+  return boxes + (m + jnp.asarray(1, boxes.dtype))
+
+
+def suppression_matrix(boxes: jnp.ndarray, *,
+                       iou_threshold: float) -> jnp.ndarray:
+  """sup[i, j] = IoU(box i, box j) > thr, with mmcv's CPU kernel arithmetic.
+
+  boxes (N, 4) xyxy -> (N, N) bool.
+  """
+  x1, y1, x2, y2 = (boxes[:, k] for k in range(4))
+  areas = (x2 - x1) * (y2 - y1)
+  xx1 = jnp.maximum(x1[:, None], x1[None, :])
+  yy1 = jnp.maximum(y1[:, None], y1[None, :])
+  xx2 = jnp.minimum(x2[:, None], x2[None, :])
+  yy2 = jnp.minimum(y2[:, None], y2[None, :])
+  w = jnp.maximum(jnp.zeros((), boxes.dtype), xx2 - xx1)
+  h = jnp.maximum(jnp.zeros((), boxes.dtype), yy2 - yy1)
+  inter = w * h
+  ovr = inter / ((areas[:, None] + areas[None, :]) - inter)
+  return ovr > jnp.asarray(iou_threshold, boxes.dtype)
+
+
+def greedy_nms_sorted(sup: jnp.ndarray, valid: jnp.ndarray, *,
+                      method: str = 'auto') -> jnp.ndarray:
+  """Greedy NMS on boxes already in score order.
+
+  Args:
+    sup: (N, N) bool, ``sup[i, j]``: box i suppresses box j if i is kept and
+      ranks higher (only the strict upper triangle is read).
+    valid: (N,) bool, boxes that take part.
+    method: 'sequential' (a fori_loop over the N boxes, O(N^2) work: best on
+      CPU), 'fixed_point' (iterates keep[j] = valid[j] & no kept i < j
+      suppresses j until it stops changing; the same result, each step is
+      one dense (N, N) reduction: best on accelerators), or 'auto'.
+  Returns:
+    keep (N,) bool in the same (sorted) order.
+  """
+  n = valid.shape[0]
+  if n == 0:
+    return valid
+  if method == 'auto':
+    method = 'sequential' if jax.default_backend() == 'cpu' else 'fixed_point'
+  upper = jnp.triu(jnp.ones((n, n), bool), k=1)
+  sup = sup & upper
+  if method == 'sequential':
+    def body(i, keep):
+      row = jax.lax.dynamic_index_in_dim(sup, i, axis=0, keepdims=False)
+      return keep & ~(row & keep[i])
+    return jax.lax.fori_loop(0, n, body, valid)
+  if method == 'fixed_point':
+    # Entry j depends only on entries < j, so after t steps the first t
+    # entries are final: at most n steps, usually a handful.
+    def step(keep):
+      return valid & ~jnp.any(keep[:, None] & sup, axis=0)
+
+    def cond(state):
+      keep, prev, it = state
+      return jnp.any(keep != prev) & (it < n + 1)
+
+    def body(state):
+      keep, _, it = state
+      return step(keep), keep, it + 1
+
+    keep0 = valid
+    keep, _, _ = jax.lax.while_loop(cond, body, (step(keep0), keep0, 0))
+    return keep
+  raise ValueError(f'unknown NMS method {method!r}')
+
+
+def nms_keep(boxes: jnp.ndarray, scores: jnp.ndarray, *,
+             valid: Optional[jnp.ndarray] = None,
+             iou_threshold: float,
+             batched_offset: bool = True,
+             method: str = 'auto') -> jnp.ndarray:
+  """Exact greedy NMS among the valid boxes, as mmcv ``batched_nms`` with
+  ``idxs`` all ones and ``nms_cfg=dict(type='nms', iou_threshold=thr)``
+  applied to ``boxes[valid]``.
+
+  Args:
+    boxes: (N, 4) or (B, N, 4) xyxy.
+    scores: (N,) or (B, N).
+    valid: (N,) / (B, N) bool, boxes that take part (default all).
+    iou_threshold: a box is dropped when its IoU with a higher-ranked kept
+      box is > this (strictly).
+    batched_offset: shift the boxes by ``max(valid boxes) + 1`` first, as
+      ``batched_nms`` does (changes float rounding, not geometry).
+    method: see ``greedy_nms_sorted``.
+  Returns:
+    keep: (N,) / (B, N) bool in the input order; False for invalid boxes.
+  """
+  if boxes.ndim == 3:
+    return jax.vmap(lambda b, s, v: nms_keep(
+        b, s, valid=v, iou_threshold=iou_threshold,
+        batched_offset=batched_offset, method=method))(
+            boxes, scores,
+            jnp.ones(scores.shape, bool) if valid is None else valid)
+  n = scores.shape[0]
+  if valid is None:
+    valid = jnp.ones((n,), bool)
+  if batched_offset:
+    boxes = batched_nms_offset_boxes(boxes, valid=valid)
+  order = sort_by_score(scores, valid=valid)
+  sup = suppression_matrix(boxes[order], iou_threshold=iou_threshold)
+  keep_sorted = greedy_nms_sorted(sup, valid[order], method=method)
+  return jnp.zeros((n,), bool).at[order].set(keep_sorted)
+
+
+def topk_after_nms(boxes: jnp.ndarray, scores: jnp.ndarray, *,
+                   iou_threshold: Optional[float],
+                   pre_topk: int,
+                   num_keep: int,
+                   valid: Optional[jnp.ndarray] = None,
+                   batched_offset: bool = True,
+                   method: str = 'auto'):
+  """The first ``num_keep`` survivors of ``batched_nms``, in score order.
+
+  The top ``pre_topk`` boxes by score (static; ties in index order) go
+  through the exact greedy NMS; the result equals the NMS over all N boxes
+  whenever the reference's ``num_keep``-th survivor ranks within
+  ``pre_topk`` (always when pre_topk >= N).  The ``batched_nms`` shift uses
+  the max over all N (valid) boxes, as the reference does.
+
+  Args:
+    boxes: (N, 4) or (B, N, 4) xyxy.
+    scores: (N,) or (B, N).
+    iou_threshold: NMS threshold, or None for "only sort by score"
+      (``batched_nms`` with ``nms_cfg=None``).
+    pre_topk: static number of candidates (clipped to N).
+    num_keep: static number of output slots.
+    valid: optional (N,) / (B, N) bool; invalid boxes never survive.
+  Returns:
+    indices: (num_keep,) / (B, num_keep) int32 positions into the N boxes,
+      survivors in score order, -1 for padding.
+    num_kept: () / (B,) int32, survivors among the pre_topk candidates
+      (not clipped to num_keep).
+  """
+  if boxes.ndim == 3:
+    return jax.vmap(lambda b, s, v: topk_after_nms(
+        b, s, iou_threshold=iou_threshold, pre_topk=pre_topk,
+        num_keep=num_keep, valid=v, batched_offset=batched_offset,
+        method=method))(
+            boxes, scores,
+            jnp.ones(scores.shape, bool) if valid is None else valid)
+  n = scores.shape[0]
+  if valid is None:
+    valid = jnp.ones((n,), bool)
+  k = min(int(pre_topk), n) if iou_threshold is not None else n
+  order = sort_by_score(scores, valid=valid)[:k]
+  valid_k = valid[order]
+  if iou_threshold is None:
+    keep = valid_k
+  else:
+    if batched_offset:
+      boxes = batched_nms_offset_boxes(boxes, valid=valid)
+    sup = suppression_matrix(boxes[order], iou_threshold=iou_threshold)
+    keep = greedy_nms_sorted(sup, valid_k, method=method)
+  rank = jnp.cumsum(keep.astype(jnp.int32)) - 1
+  slot = jnp.where(keep & (rank < num_keep), rank, num_keep)
+  indices = jnp.full((num_keep,), -1, jnp.int32).at[slot].set(
+      order, mode='drop')
+  return indices, jnp.sum(keep.astype(jnp.int32))
