@@ -1,0 +1,170 @@
+"""Two-stage query selection: DDQ-DETR's ``pre_decoder``
+(mmdet/models/detectors/ddq_detr.py), with static shapes.
+
+The caller computes the encoder-level branch outputs
+(``cls_branches[num_decoder_layers](output_memory)`` and
+``reg_branches[num_decoder_layers](output_memory) + output_proposals``;
+in training also the dense branch ``cls_branches[-1]`` / ``reg_branches[-1]``)
+and hands them here with the encoder ``memory`` and the ``query_map`` layer.
+
+Reference behaviour reproduced:
+* score = sigmoid(max over classes of the logits), proposal boxes xyxy from
+  sigmoid(cxcywh);
+* distinct queries: class-agnostic ``batched_nms`` (IoU thr, strictly >)
+  over all proposals, first ``num_queries`` survivors in score order; when
+  fewer survive the rows are zero-padded (logits 0, coords_unact 0 -> box
+  0.5, content query 0): ``align_tensor``;
+* dense queries (training): sorted by score only, first
+  ``int(num_queries * dense_topk_ratio)``;
+* content query = ``query_map(stop_gradient(memory))`` at the kept
+  positions; decoder reference points are detached.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ddq_jax.ops import boxes as box_ops
+from ddq_jax.ops import nms as nms_ops
+
+
+def proposal_scores_and_boxes(enc_outputs_class: jnp.ndarray,
+                              enc_outputs_coord_unact: jnp.ndarray):
+  """(B, N, K) logits, (B, N, 4) unact cxcywh -> scores (B, N), xyxy (B, N, 4)
+  in [0, 1] units, as ``pre_decoder`` (``max(-1)`` then sigmoid)."""
+  scores = jax.nn.sigmoid(jnp.max(enc_outputs_class, axis=-1))
+  boxes = box_ops.cxcywh_to_xyxy(jax.nn.sigmoid(enc_outputs_coord_unact))
+  return scores, boxes
+
+
+def gather_padded(x: jnp.ndarray, indices: jnp.ndarray) -> jnp.ndarray:
+  """x (B, N, ...) rows at indices (B, M) (-1 = padding -> zeros): (B, M, ...)."""
+  safe = jnp.maximum(indices, 0)
+  out = jnp.take_along_axis(
+      x, safe.reshape(safe.shape + (1,) * (x.ndim - 2)), axis=1)
+  pad = (indices < 0).reshape(indices.shape + (1,) * (x.ndim - 2))
+  return jnp.where(pad, jnp.zeros((), x.dtype), out)
+
+
+def select_queries(enc_outputs_class: jnp.ndarray,
+                   enc_outputs_coord_unact: jnp.ndarray,
+                   memory: jnp.ndarray, *,
+                   query_map: Optional[Callable[[jnp.ndarray], jnp.ndarray]],
+                   num_select: int,
+                   iou_threshold: Optional[float],
+                   pre_topk: int,
+                   valid: Optional[jnp.ndarray] = None,
+                   nms_method: str = 'auto') -> dict:
+  """One selection (distinct with NMS, or dense with ``iou_threshold=None``).
+
+  Args:
+    enc_outputs_class: (B, N, K) class logits.
+    enc_outputs_coord_unact: (B, N, 4) inverse-sigmoid cxcywh (may be +inf).
+    memory: (B, N, C) encoder output (``query_map``'s input).
+    query_map: callable (..., C) -> (..., C) (the detector's ``query_map``
+      Dense), or None to skip the content queries.
+    num_select: static number of output queries.
+    iou_threshold: NMS IoU threshold, None = sort by score only.
+    pre_topk: static NMS candidate count (see ``ops.nms.topk_after_nms``).
+    valid: optional (B, N) bool, positions allowed to be selected (the
+      reference lets every position in, padding included: default).
+  Returns dict:
+    indices (B, S) int32 (-1 = padding), num_kept (B,) int32,
+    class_logits (B, S, K), coords_unact (B, S, 4), query (B, S, C) (zeros at
+    padding, as ``align_tensor``), pad (B, S) bool.
+  """
+  scores, boxes = proposal_scores_and_boxes(
+      jax.lax.stop_gradient(enc_outputs_class),
+      jax.lax.stop_gradient(enc_outputs_coord_unact))
+  indices, num_kept = nms_ops.topk_after_nms(
+      boxes, scores, iou_threshold=iou_threshold, pre_topk=pre_topk,
+      num_keep=num_select, valid=valid, method=nms_method)
+  out = dict(indices=indices, num_kept=num_kept, pad=indices < 0,
+             class_logits=gather_padded(enc_outputs_class, indices),
+             coords_unact=gather_padded(enc_outputs_coord_unact, indices))
+  if query_map is not None:
+    mem = gather_padded(jax.lax.stop_gradient(memory), indices)
+    query = query_map(mem)
+    out['query'] = jnp.where(out['pad'][..., None], 0.0, query).astype(
+        query.dtype)
+  return out
+
+
+def num_dense_queries(*, num_queries: int, dense_topk_ratio: float) -> int:
+  """``int(num_queries * dense_topk_ratio)`` as the reference."""
+  return int(num_queries * dense_topk_ratio)
+
+
+def pre_decoder(enc_outputs_class: jnp.ndarray,
+                enc_outputs_coord_unact: jnp.ndarray,
+                memory: jnp.ndarray, *,
+                query_map: Callable[[jnp.ndarray], jnp.ndarray],
+                num_queries: int,
+                iou_threshold: float,
+                pre_topk: int,
+                dense_enc_outputs_class: Optional[jnp.ndarray] = None,
+                dense_enc_outputs_coord_unact: Optional[jnp.ndarray] = None,
+                dense_topk_ratio: float = 1.5,
+                dn_label_query: Optional[jnp.ndarray] = None,
+                dn_bbox_query: Optional[jnp.ndarray] = None,
+                valid: Optional[jnp.ndarray] = None,
+                nms_method: str = 'auto') -> dict:
+  """DDQ-DETR ``pre_decoder`` after the branch outputs.
+
+  Eval mode: leave ``dense_*`` and ``dn_*`` None.  Training: pass the dense
+  branch outputs (B, N, K) / (B, N, 4) and the denoising queries
+  (``dn_label_query`` (B, D, C), ``dn_bbox_query`` (B, D, 4) inverse-sigmoid,
+  from ``models.denoising``); the layout is then [dn | distinct | dense].
+
+  Returns dict:
+    query: (B, D + Q [+ Qd], C) decoder content queries.
+    reference_points: (B, D + Q [+ Qd], 4) sigmoid cxcywh (no gradient to
+      the encoder branches).
+    topk_indices (B, Q) int32 (-1 padding), num_kept_after_nms (B,),
+    distinct_pad (B, Q) bool (zero-padded distinct slots),
+    enc_outputs_class (B, Q, K) logits, enc_outputs_coord (B, Q, 4) sigmoid
+      cxcywh: the head's encoder-loss inputs (with gradient);
+    training only: dense_topk_indices (B, Qd), aux_enc_outputs_class
+      (B, Qd, K), aux_enc_outputs_coord (B, Qd, 4), num_dense_queries (int),
+      num_dn_queries (int, D).
+  """
+  dist = select_queries(enc_outputs_class, enc_outputs_coord_unact, memory,
+                        query_map=query_map, num_select=num_queries,
+                        iou_threshold=iou_threshold, pre_topk=pre_topk,
+                        valid=valid, nms_method=nms_method)
+  out = dict(topk_indices=dist['indices'],
+             num_kept_after_nms=dist['num_kept'],
+             distinct_pad=dist['pad'],
+             enc_outputs_class=dist['class_logits'],
+             enc_outputs_coord=jax.nn.sigmoid(dist['coords_unact']))
+  query = dist['query']
+  coords_unact = dist['coords_unact']
+  training = dense_enc_outputs_class is not None
+  if training:
+    n_dense = min(num_dense_queries(num_queries=num_queries,
+                                    dense_topk_ratio=dense_topk_ratio),
+                  enc_outputs_class.shape[1])
+    dense = select_queries(dense_enc_outputs_class,
+                           dense_enc_outputs_coord_unact, memory,
+                           query_map=query_map, num_select=n_dense,
+                           iou_threshold=None, pre_topk=n_dense,
+                           valid=valid, nms_method=nms_method)
+    out.update(dense_topk_indices=dense['indices'],
+               aux_enc_outputs_class=dense['class_logits'],
+               aux_enc_outputs_coord=jax.nn.sigmoid(dense['coords_unact']),
+               num_dense_queries=n_dense)
+    query = jnp.concatenate([query, dense['query']], axis=1)
+    coords_unact = jnp.concatenate([coords_unact, dense['coords_unact']],
+                                   axis=1)
+  coords_unact = jax.lax.stop_gradient(coords_unact)
+  if dn_label_query is not None:
+    query = jnp.concatenate([dn_label_query.astype(query.dtype), query],
+                            axis=1)
+    coords_unact = jnp.concatenate(
+        [dn_bbox_query.astype(coords_unact.dtype), coords_unact], axis=1)
+    out['num_dn_queries'] = dn_label_query.shape[1]
+  out['query'] = query
+  out['reference_points'] = jax.nn.sigmoid(coords_unact)
+  return out

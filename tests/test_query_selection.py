@@ -1,0 +1,99 @@
+"""pre_decoder query selection vs the tiny fixture (infer.npz, train.npz)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close
+from ddq_jax.models import query_selection as qs
+
+HI = jax.lax.Precision.HIGHEST
+
+
+def _dense(p, x):
+  return jnp.dot(x, jnp.asarray(p['kernel']), precision=HI) + p['bias']
+
+
+def _branches(bh, idx, output_memory, output_proposals, *, aux=False):
+  """cls_branches[idx] and reg_branches[idx] (Linear-ReLU-Linear-ReLU-Linear)
+  + output_proposals."""
+  pre = 'aux_' if aux else ''
+  cls = _dense(bh[f'{pre}cls_branches_{idx}'], output_memory)
+  h = jax.nn.relu(_dense(bh[f'{pre}reg_branches_{idx}_0'], output_memory))
+  h = jax.nn.relu(_dense(bh[f'{pre}reg_branches_{idx}_2'], h))
+  reg = _dense(bh[f'{pre}reg_branches_{idx}_4'], h) + output_proposals
+  return cls, reg
+
+
+def _enc_outputs(variables, fx, num_layers):
+  bh = variables['params']['bbox_head']
+  om = jnp.asarray(fx['output_memory'])
+  op = jnp.asarray(fx['output_proposals'])
+  cls, reg = _branches(bh, num_layers, om, op)
+  dcls, dreg = _branches(bh, num_layers + 1, om, op)  # cls_branches[-1]
+  qm = variables['params']['query_map']
+  return cls, reg, dcls, dreg, (lambda x: _dense(qm, x))
+
+
+def _run(cfg, fx, variables, training):
+  cls, reg, dcls, dreg, qmap = _enc_outputs(variables, fx,
+                                            cfg.num_decoder_layers)
+  kw = dict(query_map=qmap, num_queries=cfg.num_queries,
+            iou_threshold=cfg.nms_iou_threshold, pre_topk=cfg.nms_pre_topk)
+  if training:
+    kw.update(dense_enc_outputs_class=dcls, dense_enc_outputs_coord_unact=dreg,
+              dense_topk_ratio=cfg.dense_topk_ratio)
+  fn = jax.jit(lambda c, r, m: qs.pre_decoder(c, r, m, **kw))
+  return fn(cls, reg, jnp.asarray(fx['memory']))
+
+
+def test_pre_decoder_eval_matches_fixture(tiny_config, tiny_infer,
+                                          tiny_variables):
+  fx = tiny_infer
+  out = _run(tiny_config, fx, tiny_variables, training=False)
+  np.testing.assert_array_equal(np.asarray(out['topk_indices']),
+                                fx['topk_indices'])
+  np.testing.assert_array_equal(np.asarray(out['num_kept_after_nms']),
+                                fx['num_kept_after_nms'])
+  assert_close(out['query'], fx['decoder_query_in'], name='query')
+  assert_close(out['reference_points'], fx['decoder_reference_in'],
+               name='reference')
+
+
+def test_pre_decoder_train_matches_fixture(tiny_config, tiny_train,
+                                           tiny_variables):
+  fx = tiny_train
+  cfg = tiny_config
+  out = _run(cfg, fx, tiny_variables, training=True)
+  np.testing.assert_array_equal(np.asarray(out['topk_indices']),
+                                fx['topk_indices'])
+  np.testing.assert_array_equal(np.asarray(out['dense_topk_indices']),
+                                fx['dense_topk_indices'])
+  assert out['num_dense_queries'] == int(fx['dn_meta_num_dense_queries'])
+  d = int(fx['dn_meta_num_denoising_queries'])
+  assert_close(out['query'], fx['decoder_query_in'][:, d:], name='query')
+  assert_close(out['reference_points'], fx['decoder_reference_in'][:, d:],
+               name='reference')
+  for k in ('enc_outputs_class', 'enc_outputs_coord', 'aux_enc_outputs_class',
+            'aux_enc_outputs_coord'):
+    assert_close(out[k], fx[f'head_in_{k}'], name=k)
+
+
+def test_pre_decoder_pads_with_zeros():
+  """Fewer survivors than queries: zero rows (logits 0, box 0.5, query 0)."""
+  b, n, k, c, q = 2, 12, 3, 8, 10
+  rng = np.random.default_rng(0)
+  cls = jnp.asarray(rng.normal(size=(b, n, k)), jnp.float32)
+  reg = jnp.zeros((b, n, 4), jnp.float32).at[1].set(
+      jnp.asarray(rng.normal(size=(n, 4)) * 3, jnp.float32))
+  mem = jnp.asarray(rng.normal(size=(b, n, c)), jnp.float32)
+  out = qs.pre_decoder(cls, reg, mem, query_map=lambda x: x * 2 + 1,
+                       num_queries=q, iou_threshold=0.8, pre_topk=n)
+  # image 0: all boxes identical -> one survivor
+  assert int(out['num_kept_after_nms'][0]) == 1
+  idx = np.asarray(out['topk_indices'][0])
+  assert idx[0] == int(np.argmax(np.asarray(cls[0]).max(-1))) and (idx[1:] == -1).all()
+  np.testing.assert_array_equal(np.asarray(out['query'][0, 1:]), 0)
+  np.testing.assert_array_equal(np.asarray(out['reference_points'][0, 1:]), 0.5)
+  np.testing.assert_array_equal(np.asarray(out['enc_outputs_class'][0, 1:]), 0)
+  assert np.isfinite(np.asarray(out['query'])).all()
