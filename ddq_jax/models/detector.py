@@ -1,0 +1,222 @@
+"""DDQ-DETR: the root Flax module that assembles every part.
+
+Reference: mmdet 3.3.0 ``detectors/ddq_detr.py`` (over DINO / DeformableDETR
+/ DetectionTransformer).  Submodules carry the torch names (backbone, neck,
+encoder, decoder, bbox_head, memory_trans_fc, memory_trans_norm, query_map,
+dn_query_generator, param level_embed) so a converted checkpoint applies
+directly: ``model.apply(variables, images, pad_mask, ...)``.
+
+Flow (``__call__``): backbone -> neck -> multi-scale flatten (+ sine pos +
+level embed, masks, valid ratios) -> deformable encoder -> pre_decoder
+(two-stage proposals, class-agnostic NMS picks ``num_queries`` distinct
+queries; in training also the dense top-k and the denoising queries) ->
+DDQ decoder (per-layer distinct-query NMS) -> head forward -> (inference)
+post-processing.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ddq_jax.models.backbone import ResNet
+from ddq_jax.models.decoder import LN_EPS, DDQDecoder
+from ddq_jax.models.encoder import DeformableEncoder
+from ddq_jax.models.head import DDQHead
+from ddq_jax.models.multiscale import prepare_multiscale_inputs
+from ddq_jax.models.neck import ChannelMapper
+from ddq_jax.models import query_selection
+from ddq_jax.models.proposals import gen_encoder_output_proposals
+
+try:  # lands in parallel; inference works without it
+  from ddq_jax.models.denoising import CdnQueryGenerator
+except ImportError:  # pragma: no cover
+  CdnQueryGenerator = None
+
+
+def _nhwc_to_nchw(x):
+  return jnp.transpose(x, (0, 3, 1, 2))
+
+
+class DDQDETR(nn.Module):
+  """The whole detector.  ``config``: an ml_collections config (tiny.py,
+  ddq_r50_4scale.py); every size comes from it."""
+  config: Any
+
+  def setup(self):
+    c = self.config
+    self.backbone = ResNet.from_config(c)
+    self.neck = ChannelMapper.from_config(c)
+    self.encoder = DeformableEncoder.from_config(c)
+    self.decoder = DDQDecoder.from_config(c)
+    self.bbox_head = DDQHead.from_config(c)
+    self.memory_trans_fc = nn.Dense(c.embed_dims)
+    self.memory_trans_norm = nn.LayerNorm(epsilon=LN_EPS)
+    self.query_map = nn.Dense(c.embed_dims)
+    if CdnQueryGenerator is not None:
+      self.dn_query_generator = CdnQueryGenerator.from_config(c)
+    self.level_embed = self.param('level_embed', nn.initializers.normal(1.0),
+                                  (c.num_levels, c.embed_dims))
+
+  @property
+  def num_dense_queries(self) -> int:
+    return int(self.config.num_queries * self.config.dense_topk_ratio)
+
+  # ---- stages ------------------------------------------------------------
+  def forward_encoder(self, images: jnp.ndarray, pad_mask: jnp.ndarray,
+                      out: dict) -> dict:
+    """Backbone, neck, flatten, encoder.  Fills ``out`` with the
+    intermediates (feature maps NCHW, as the fixtures) and returns the
+    multi-scale inputs + memory."""
+    feats = self.backbone(images)
+    for i, f in enumerate(feats):
+      out[f'backbone_feat_{i}'] = _nhwc_to_nchw(f)
+    neck = self.neck(feats)
+    for i, f in enumerate(neck):
+      out[f'neck_feat_{i}'] = _nhwc_to_nchw(f)
+    ms = prepare_multiscale_inputs(
+        neck, pad_mask=pad_mask, level_embed=self.level_embed,
+        temperature=self.config.pos_temperature,
+        offset=self.config.pos_offset)
+    memory = self.encoder(
+        ms.feat_flatten, query_pos=ms.lvl_pos_embed_flatten,
+        key_padding_mask=ms.mask_flatten, spatial_shapes=ms.spatial_shapes,
+        valid_ratios=ms.valid_ratios)
+    out.update(feat_mask=ms.mask_flatten, feat_pos=ms.lvl_pos_embed_flatten,
+               valid_ratios=ms.valid_ratios, memory_mask=ms.mask_flatten,
+               memory=memory)
+    return dict(memory=memory, memory_mask=ms.mask_flatten,
+                spatial_shapes=ms.spatial_shapes,
+                valid_ratios=ms.valid_ratios)
+
+  def encoder_outputs(self, memory, memory_mask, spatial_shapes, out):
+    """gen_encoder_output_proposals + memory_trans_fc/norm + the encoder
+    heads (index L, and the dense branch L + 1)."""
+    output_memory, output_proposals = gen_encoder_output_proposals(
+        memory, memory_mask=memory_mask, spatial_shapes=spatial_shapes)
+    output_memory = self.memory_trans_norm(self.memory_trans_fc(output_memory))
+    out.update(output_memory=output_memory, output_proposals=output_proposals)
+    return output_memory, output_proposals
+
+  def run_decoder(self, query, reference_points, enc, *, self_attn_mask=None,
+                  dis_start=0, num_dense=0, semantics=None):
+    """The decoder with the head's branches, then the head forward."""
+    decoder = self.decoder
+    if semantics is not None and semantics != decoder.distinct_mask_semantics:
+      decoder = decoder.clone(distinct_mask_semantics=semantics)
+    dec = decoder(
+        query, value=enc['memory'], key_padding_mask=enc['memory_mask'],
+        self_attn_mask=self_attn_mask, reference_points=reference_points,
+        spatial_shapes=enc['spatial_shapes'],
+        valid_ratios=enc['valid_ratios'], reg_fn=self.bbox_head.reg,
+        cls_fn=self.bbox_head.cls,
+        aux_reg_fn=self.bbox_head.aux_reg if num_dense else None,
+        dis_start=dis_start, num_dis=self.config.num_queries,
+        num_dense=num_dense)
+    cls, box = self.bbox_head(dec['hidden_states'], dec['references'],
+                              num_dense=num_dense)
+    out = dict(hidden_states=dec['hidden_states'],
+               references=dec['references'], all_layers_cls_scores=cls,
+               all_layers_bbox_preds=box,
+               distinct_keep=dec['distinct_keep'],
+               head_query_mask=dec['head_query_mask'])
+    for l in range(dec['distinct_keep'].shape[0]):
+      out[f'distinct_keep_{l}'] = dec['distinct_keep'][l]
+      out[f'head_query_mask_{l}'] = dec['head_query_mask'][l]
+    return out
+
+  # ---- pre_decoder -------------------------------------------------------
+  def encoder_branches(self, output_memory, output_proposals, *,
+                       dense: bool = False):
+    """Encoder-level branch outputs: (class logits, coords unact) from
+    branch L (distinct) or L + 1 (dense)."""
+    i = self.config.num_decoder_layers + (1 if dense else 0)
+    return (self.bbox_head.cls(i, output_memory),
+            self.bbox_head.reg(i, output_memory) + output_proposals)
+
+  def select_distinct(self, memory, output_memory, output_proposals):
+    """Inference ``pre_decoder``: the encoder heads score every position,
+    class-agnostic NMS keeps the first ``num_queries`` survivors
+    (zero-padded); content = query_map(memory) at those positions."""
+    c = self.config
+    enc_class, enc_coord_unact = self.encoder_branches(output_memory,
+                                                       output_proposals)
+    sel = query_selection.pre_decoder(
+        enc_class, enc_coord_unact, memory, query_map=self.query_map,
+        num_queries=c.num_queries, iou_threshold=c.nms_iou_threshold,
+        pre_topk=c.nms_pre_topk)
+    sel['outputs'] = dict(
+        topk_indices=sel['topk_indices'],
+        num_kept_after_nms=sel['num_kept_after_nms'],
+        decoder_query_in=sel['query'],
+        decoder_reference_in=sel['reference_points'])
+    return sel
+
+  # ---- entry points ------------------------------------------------------
+  def __call__(self, images: jnp.ndarray, pad_mask: jnp.ndarray, *,
+               img_shapes: Optional[jnp.ndarray] = None,
+               scale_factors: Optional[jnp.ndarray] = None,
+               train: bool = False, gt_boxes=None, gt_labels=None,
+               gt_valid=None, dn_inject: Optional[dict] = None,
+               dn_rng: Optional[jax.Array] = None,
+               semantics: Optional[str] = None) -> dict:
+    """Inference (``train=False``) or the training forward.
+
+    Args:
+      images: (B, H, W, 3) float32 normalised RGB, NHWC.
+      pad_mask: (B, H, W) bool, True = padding.
+      img_shapes: (B, 2) real (h, w) of each image on the canvas; scale_factors
+        (B, 2) (w, h) of img_shapes over the original image.  Inference:
+        given both, the output has det_bboxes / det_scores / det_labels.
+        Training: img_shapes normalises the ground truth.
+      train: training forward (dense + denoising queries).
+      gt_boxes (B, G, 4) xyxy pixels, gt_labels (B, G) int, gt_valid (B, G)
+        bool: padded ground truth (training).
+      dn_inject: optional injected denoising queries (the reference's slot
+        layout): {'label_ids' (B, D), 'reference_points' (B, D, 4),
+        'num_groups' ()}; otherwise noise is drawn from ``dn_rng``.
+      semantics: override config.distinct_mask_semantics ('row0' /
+        'kept_set').
+
+    Returns:
+      A dict of every intermediate under the fixtures' key names (feature
+      maps NCHW), plus detections (inference) or the head's loss inputs
+      (training: see ``training_queries``).
+    """
+    out = {}
+    enc = self.forward_encoder(images, pad_mask, out)
+    output_memory, output_proposals = self.encoder_outputs(
+        enc['memory'], enc['memory_mask'], enc['spatial_shapes'], out)
+    if not train:
+      sel = self.select_distinct(enc['memory'], output_memory,
+                                 output_proposals)
+      out.update(sel['outputs'])
+      out.update(self.run_decoder(sel['query'], sel['reference_points'], enc,
+                                  semantics=semantics))
+      if img_shapes is not None and scale_factors is not None:
+        out.update(postprocess(self.config, out, img_shapes, scale_factors))
+      return out
+    dn_in = self.training_queries(
+        enc['memory'], output_memory, output_proposals,
+        gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
+        img_shapes=img_shapes, dn_inject=dn_inject, dn_rng=dn_rng)
+    out.update(dn_in['outputs'])
+    out.update(self.run_decoder(
+        dn_in['query'], dn_in['reference_points'], enc,
+        self_attn_mask=dn_in['self_attn_mask'],
+        dis_start=dn_in['num_dn_slots'], num_dense=self.num_dense_queries,
+        semantics=semantics))
+    return out
+
+
+def postprocess(config, out, img_shapes, scale_factors):
+  """Detections from the last layer (see models/postprocess.py)."""
+  from ddq_jax.models import postprocess as pp  # pylint: disable=g-import-not-at-top
+  return pp.predict(config, out, img_shapes, scale_factors)
+
+
+def build_model(config) -> DDQDETR:
+  """The detector for a config (``ddq_jax.config.load_config(...)``)."""
+  return DDQDETR(config)
