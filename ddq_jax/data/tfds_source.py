@@ -1,0 +1,192 @@
+"""TFDS ``coco/2017`` read without TensorFlow.
+
+Reading: ``tfds.builder_from_directory(dir).as_data_source(split)`` gives
+numpy records (no TensorFlow).  We ask TFDS to skip image decoding where it
+can and decode the stored JPEG bytes with OpenCV ``IMREAD_COLOR`` exactly as
+mmcv does (TFDS's own numpy decoder uses ``IMREAD_UNCHANGED``, which ignores
+EXIF orientation); already-decoded arrays are accepted too.
+
+Record layout (the coco/2017 feature spec):
+  image            encoded bytes or (h, w, 3|1) uint8
+  image/id         int64, the COCO image id
+  objects/bbox     (n, 4) float32 normalised (ymin, xmin, ymax, xmax)
+  objects/label    (n,) int64, index into the 80 categories sorted by id
+  objects/is_crowd (n,) bool
+
+Preparing coco/2017 once (needs TensorFlow only for this step)::
+
+    pip install tensorflow-cpu tensorflow-datasets importlib_resources
+    python -c "import tensorflow_datasets as tfds; \
+      tfds.builder('coco/2017', data_dir='/data/tfds').download_and_prepare(\
+        file_format='array_record')"
+
+then set ``data.source='tfds'`` and ``data.tfds_data_dir`` to the prepared
+version directory (``/data/tfds/coco/2017/1.1.0``) or to ``/data/tfds``.
+Note: TFDS stores boxes normalised in float32, so they differ from the JSON
+by ~1e-4 px; the evaluator should use the instances JSON (pass
+``data.coco_dir`` / the JSON path) when available, or ``coco_gt()`` here.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from ddq_jax.data.base import DetectionSource, coco_gt_from_arrays
+from ddq_jax.data.transforms import decode_image
+
+COCO_CATEGORY_IDS = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
+    23, 24, 25, 27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44,
+    46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64,
+    65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88,
+    89, 90)
+
+
+def _get(record: Mapping[str, Any], key: str):
+  """Reads 'objects/bbox' from a nested or a flat record."""
+  if key in record:
+    return record[key]
+  head, _, tail = key.partition('/')
+  if tail and head in record and isinstance(record[head], Mapping):
+    return _get(record[head], tail)
+  raise KeyError(f'TFDS record has no feature {key!r}; has {list(record)}')
+
+
+def _resolve_dir(data_dir: str, name: str) -> str:
+  """Accepts the prepared version dir or a TFDS data_dir root."""
+  if os.path.isfile(os.path.join(data_dir, 'dataset_info.json')):
+    return data_dir
+  base = os.path.join(data_dir, *name.split('/'))
+  if os.path.isdir(base):
+    if os.path.isfile(os.path.join(base, 'dataset_info.json')):
+      return base
+    versions = sorted(v for v in os.listdir(base)
+                      if os.path.isfile(os.path.join(base, v,
+                                                     'dataset_info.json')))
+    if versions:
+      return os.path.join(base, versions[-1])
+  raise FileNotFoundError(
+      f'no prepared TFDS dataset {name!r} under {data_dir!r} (expected '
+      f'{base}/<version>/dataset_info.json); see ddq_jax/data/tfds_source.py '
+      'for how to prepare it once')
+
+
+def open_tfds_source(*, data_dir: str, name: str, split: str):
+  """Opens a prepared TFDS dataset as a numpy random-access source."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder_from_directory(_resolve_dir(data_dir, name))
+  try:
+    src = builder.as_data_source(
+        split, decoders={'image': tfds.decode.SkipDecoding()})
+  except Exception:  # pylint: disable=broad-except
+    src = builder.as_data_source(split)
+  names = None
+  try:
+    names = list(builder.info.features['objects']['label'].names)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return src, names
+
+
+class TfdsSource(DetectionSource):
+  """Adapter from a TFDS-layout random-access source to DetectionSource.
+
+  Args:
+    records: anything with __len__ and __getitem__ returning records in the
+      layout above (a TFDS data source, or a list of dicts in tests).
+    category_ids: contiguous label -> COCO category id (default: COCO's 80).
+    class_names: names (default: 'class_<id>').
+  """
+
+  def __init__(self, records, *, category_ids: Sequence[int] | None = None,
+               class_names: Sequence[str] | None = None):
+    super().__init__()
+    self.records = records
+    self.category_ids = list(category_ids or COCO_CATEGORY_IDS)
+    self.class_names = list(class_names or
+                            [f'class_{c}' for c in self.category_ids])
+    self.image_ids = None
+    self.sizes = None  # unknown without decoding every image
+    self.stats.update(crowd=0, invalid_box=0)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  @property
+  def image_ids(self):  # noqa: F811 - lazily read (one pass over records)
+    if self._ids is None:
+      self._ids = np.asarray([int(_get(self.records[i], 'image/id'))
+                              for i in range(len(self.records))], np.int64)
+    return self._ids
+
+  @image_ids.setter
+  def image_ids(self, value):
+    self._ids = value
+
+  def _decode(self, raw) -> np.ndarray | None:
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+      return decode_image(bytes(raw))
+    arr = np.asarray(raw)
+    if arr.dtype == object and arr.ndim == 0:  # bytes in a 0-d array
+      return decode_image(bytes(arr.item()))
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or arr.size == 0:
+      return None
+    if arr.ndim == 2 or arr.shape[-1] == 1:
+      arr = cv2.cvtColor(arr.reshape(arr.shape[:2]), cv2.COLOR_GRAY2RGB)
+    return arr[..., :3]
+
+  def load(self, index: int) -> dict:
+    rec = self.records[index]
+    image_id = int(_get(rec, 'image/id'))
+    try:
+      image = self._decode(_get(rec, 'image'))
+    except Exception:  # pylint: disable=broad-except
+      image = None
+    bbox = np.asarray(_get(rec, 'objects/bbox'), np.float32).reshape(-1, 4)
+    label = np.asarray(_get(rec, 'objects/label'), np.int64).reshape(-1)
+    try:
+      crowd = np.asarray(_get(rec, 'objects/is_crowd'), bool).reshape(-1)
+    except KeyError:
+      crowd = np.zeros(len(label), bool)
+    if image is None:
+      self.count_unreadable(f'TFDS record {index} (image id {image_id})')
+      return dict(image=None, boxes=np.zeros((0, 4), np.float32),
+                  labels=np.zeros((0,), np.int32), image_id=image_id,
+                  orig_size=(0, 0))
+    h, w = image.shape[:2]
+    boxes = self.denormalize(bbox, height=h, width=w)
+    keep = ~crowd & (label >= 0) & (label < len(self.category_ids))
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    keep &= (bw * bh > 0)
+    return dict(image=image, boxes=boxes[keep],
+                labels=label[keep].astype(np.int32), image_id=image_id,
+                orig_size=(h, w))
+
+  @staticmethod
+  def denormalize(bbox: np.ndarray, *, height: int, width: int) -> np.ndarray:
+    """(n, 4) normalised (ymin, xmin, ymax, xmax) -> clipped pixel xyxy."""
+    b = np.asarray(bbox, np.float64).reshape(-1, 4)
+    out = np.stack([b[:, 1] * width, b[:, 0] * height, b[:, 3] * width,
+                    b[:, 2] * height], 1)
+    out[:, 0::2] = np.clip(out[:, 0::2], 0, width)
+    out[:, 1::2] = np.clip(out[:, 1::2], 0, height)
+    return out.astype(np.float32)
+
+  def coco_gt(self) -> dict:
+    """Ground truth rebuilt from the records (decodes every image once);
+    prefer the original instances JSON for official numbers."""
+    ids, sizes, boxes, labels = [], [], [], []
+    for i in range(len(self)):
+      r = self.load(i)
+      if r['image'] is None:
+        continue
+      ids.append(r['image_id'])
+      sizes.append(r['orig_size'])
+      boxes.append(r['boxes'])
+      labels.append(r['labels'])
+    return coco_gt_from_arrays(image_ids=ids, sizes=sizes, boxes=boxes,
+                               labels=labels, category_ids=self.category_ids,
+                               class_names=self.class_names)
