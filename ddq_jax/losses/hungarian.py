@@ -1,0 +1,247 @@
+"""Exact linear sum assignment (Hungarian matching) for static shapes.
+
+``hungarian_match(cost, row_valid=, col_valid=, solver=)`` solves the
+assignment on the *valid sub-matrix* (rows with ``row_valid``, columns with
+``col_valid``, in their original order) exactly as
+``scipy.optimize.linear_sum_assignment`` does on that sub-matrix, and
+returns for every row the matched column (-1 = unmatched or invalid row).
+
+Two solvers, one result:
+
+- ``'scipy'``: ``jax.pure_callback`` into scipy (host round trip; the
+  callback itself extracts the valid sub-matrix, so the result is scipy's
+  bit for bit, in float64 like the reference). vmap-able (one callback per
+  batch).
+- ``'jax'``: a transcription of scipy's own algorithm
+  (scipy/optimize/rectangular_lsap: Crouse's shortest augmenting path,
+  the same row order, the same reversed ``remaining`` list with its
+  swap-remove and the same tie-break that prefers an unassigned column) in
+  ``lax.while_loop``s over the static padded matrix; runs inside jit on
+  device. Like scipy it transposes a wide-by-tall valid block (more valid
+  rows than valid columns), and shifts the costs by their minimum. It works
+  in the cost's dtype (float32) where scipy works in float64, so only costs
+  that tie (or differ by ~1e-7 relative) may be broken differently; the
+  optimum is exact up to that rounding.
+
+No gradient flows through either (the cost is ``stop_gradient``-ed).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+# ----------------------------------------------------------------------------
+# scipy through a host callback
+# ----------------------------------------------------------------------------
+
+
+def _scipy_one(cost: np.ndarray, row_valid: np.ndarray,
+               col_valid: np.ndarray) -> np.ndarray:
+  q = cost.shape[0]
+  out = np.full((q,), -1, np.int32)
+  rows = np.nonzero(row_valid)[0]
+  cols = np.nonzero(col_valid)[0]
+  if rows.size == 0 or cols.size == 0:
+    return out
+  sub = np.asarray(cost, np.float64)[np.ix_(rows, cols)]
+  r, c = linear_sum_assignment(sub)
+  out[rows[r]] = cols[c]
+  return out
+
+
+def _scipy_host(cost, row_valid, col_valid):
+  cost = np.asarray(cost)
+  row_valid = np.asarray(row_valid)
+  col_valid = np.asarray(col_valid)
+  lead = cost.shape[:-2]
+  q, g = cost.shape[-2:]
+  cost = cost.reshape((-1, q, g))
+  rv = np.broadcast_to(row_valid, lead + (q,)).reshape((-1, q))
+  cv = np.broadcast_to(col_valid, lead + (g,)).reshape((-1, g))
+  out = np.stack([_scipy_one(c, r, v) for c, r, v in zip(cost, rv, cv)])
+  return out.reshape(lead + (q,))
+
+
+def _match_scipy(cost, row_valid, col_valid):
+  q = cost.shape[-2]
+  shape = jax.ShapeDtypeStruct(cost.shape[:-2] + (q,), jnp.int32)
+  return jax.pure_callback(_scipy_host, shape, cost, row_valid, col_valid,
+                           vmap_method='broadcast_all')
+
+
+# ----------------------------------------------------------------------------
+# pure JAX: scipy's rectangular_lsap, vectorised over the columns
+# ----------------------------------------------------------------------------
+
+
+def _lsap_core(cost: jnp.ndarray, nr: jnp.ndarray,
+               nc: jnp.ndarray) -> jnp.ndarray:
+  """scipy's ``solve`` on ``cost[:nr, :nc]`` (needs nr <= nc), static (R, C).
+
+  Returns ``col4row`` (R,) int32, -1 for rows >= nr.
+  """
+  num_r, num_c = cost.shape
+  dtype = cost.dtype
+  inf = jnp.array(jnp.inf, dtype)
+  ar_r = jnp.arange(num_r, dtype=jnp.int32)
+  ar_c = jnp.arange(num_c, dtype=jnp.int32)
+  col_active = ar_c < nc
+  active = (ar_r[:, None] < nr) & col_active[None, :]
+  cost = jnp.where(active, cost, 0)
+  cmin = jnp.min(jnp.where(active, cost, inf))
+  cost = jnp.where(active, cost - jnp.where(jnp.isfinite(cmin), cmin, 0), 0)
+
+  def augmenting_path(state):
+    """One ``augmenting_path`` call for row ``cur``; returns updated state."""
+    (cur, u, v, col4row, row4col, path) = state
+
+    def body(s):
+      (i, min_val, rem, num_rem, sr, sc, spc, path, sink) = s
+      sr = sr.at[i].set(True)
+      r = min_val + cost[i] - u[i] - v
+      upd = col_active & ~sc & (r < spc)
+      path = jnp.where(upd, i, path)
+      spc = jnp.where(upd, r, spc)
+      # the sequential scan over remaining[0:num_rem], vectorised:
+      pos_ok = ar_c < num_rem
+      d = jnp.where(pos_ok, spc[rem], inf)
+      low = jnp.min(d)
+      is_min = pos_ok & (d == low)
+      free_min = is_min & (row4col[rem] == -1)
+      last_free = jnp.max(jnp.where(free_min, ar_c, -1))
+      first_min = jnp.argmax(is_min).astype(jnp.int32)
+      index = jnp.where(last_free >= 0, last_free, first_min)
+      j = rem[index]
+      new_sink = jnp.where(row4col[j] == -1, j, -1)
+      i = jnp.where(new_sink == -1, row4col[j], i)
+      sc = sc.at[j].set(True)
+      rem = rem.at[index].set(rem[num_rem - 1])
+      return (i, low, rem, num_rem - 1, sr, sc, spc, path, new_sink)
+
+    def cond(s):
+      return (s[8] == -1) & (s[3] > 0)
+
+    rem0 = jnp.where(col_active, nc - 1 - ar_c, 0).astype(jnp.int32)
+    s0 = (cur, jnp.array(0, dtype), rem0, nc.astype(jnp.int32),
+          jnp.zeros((num_r,), bool), jnp.zeros((num_c,), bool),
+          jnp.full((num_c,), inf), path, jnp.array(-1, jnp.int32))
+    (_, min_val, _, _, sr, sc, spc, path, sink) = jax.lax.while_loop(
+        cond, body, s0)
+
+    # dual update
+    u = u.at[cur].add(min_val)
+    others = sr & (ar_r != cur)
+    u = jnp.where(others, u + (min_val - spc[jnp.maximum(col4row, 0)]), u)
+    v = jnp.where(sc, v - (min_val - spc), v)
+
+    # augment
+    def aug_body(a):
+      j, _, col4row, row4col = a
+      i = path[j]
+      row4col = row4col.at[j].set(i)
+      j_next = col4row[i]
+      col4row = col4row.at[i].set(j)
+      return (j_next, i, col4row, row4col)
+
+    def aug_cond(a):
+      return a[1] != cur
+
+    _, _, col4row, row4col = jax.lax.while_loop(
+        aug_cond, aug_body, (sink, jnp.array(-1, jnp.int32), col4row, row4col))
+    return (cur + 1, u, v, col4row, row4col, path)
+
+  state0 = (jnp.array(0, jnp.int32), jnp.zeros((num_r,), dtype),
+            jnp.zeros((num_c,), dtype), jnp.full((num_r,), -1, jnp.int32),
+            jnp.full((num_c,), -1, jnp.int32),
+            jnp.full((num_c,), -1, jnp.int32))
+  state = jax.lax.while_loop(lambda s: s[0] < nr, augmenting_path, state0)
+  return state[3]
+
+
+def _compact_order(valid: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Stable permutation putting valid entries first, and their count."""
+  order = jnp.argsort(~valid, stable=True).astype(jnp.int32)
+  return order, jnp.sum(valid).astype(jnp.int32)
+
+
+def _match_jax(cost, row_valid, col_valid):
+  q, g = cost.shape
+  if not jnp.issubdtype(cost.dtype, jnp.floating):
+    cost = cost.astype(jnp.float32)
+  perm_r, n_r = _compact_order(row_valid)
+  perm_c, n_c = _compact_order(col_valid)
+  sub = cost[perm_r][:, perm_c]
+  transpose = n_c < n_r
+  zero = jnp.array(0, jnp.int32)
+  # valid block is at most as tall as wide: rows are the queries
+  c4r = _lsap_core(sub, jnp.where(transpose, zero, n_r), n_c)  # (Q,)
+  # taller than wide: solve the transpose, rows are the gts
+  c4r_t = _lsap_core(sub.T, jnp.where(transpose, n_c, zero), n_r)  # (G,)
+
+  out = jnp.full((q,), -1, jnp.int32)
+  # direct: compact row a -> compact col c4r[a]
+  ok = (~transpose) & (jnp.arange(q) < n_r) & (c4r >= 0)
+  tgt_row = jnp.where(ok, perm_r, q)
+  out = out.at[tgt_row].set(perm_c[jnp.maximum(c4r, 0)], mode='drop')
+  # transposed: compact col b -> compact row c4r_t[b]
+  ok_t = transpose & (jnp.arange(g) < n_c) & (c4r_t >= 0)
+  tgt_row_t = jnp.where(ok_t, perm_r[jnp.maximum(c4r_t, 0)], q)
+  out = out.at[tgt_row_t].set(perm_c, mode='drop')
+  return out
+
+
+# ----------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------
+
+
+def hungarian_match(cost: jnp.ndarray, *, row_valid: jnp.ndarray = None,
+                    col_valid: jnp.ndarray = None,
+                    solver: str = 'scipy') -> jnp.ndarray:
+  """Minimum-cost one-to-one matching of one image.
+
+  Args:
+    cost: (Q, G) float cost (queries x ground truths).
+    row_valid: (Q,) bool, rows that may be matched (default all).
+    col_valid: (G,) bool, columns that may be matched (default all).
+    solver: 'scipy' (host callback) or 'jax' (on device).
+
+  Returns:
+    (Q,) int32: the matched column of each row, -1 if unmatched. Exactly
+    min(#valid rows, #valid cols) rows are matched, all of them valid, to
+    valid columns; the matching is scipy's on the valid sub-matrix.
+  """
+  q, g = cost.shape
+  cost = jax.lax.stop_gradient(cost)
+  row_valid = (jnp.ones((q,), bool) if row_valid is None
+               else jnp.asarray(row_valid, bool))
+  col_valid = (jnp.ones((g,), bool) if col_valid is None
+               else jnp.asarray(col_valid, bool))
+  if solver == 'scipy':
+    return _match_scipy(cost, row_valid, col_valid)
+  if solver == 'jax':
+    return _match_jax(cost, row_valid, col_valid)
+  raise ValueError(f'unknown solver {solver!r}')
+
+
+def hungarian_match_batched(cost: jnp.ndarray, *, row_valid: jnp.ndarray = None,
+                            col_valid: jnp.ndarray = None,
+                            solver: str = 'scipy') -> jnp.ndarray:
+  """``hungarian_match`` over a batch: (B, Q, G), (B, Q), (B, G) -> (B, Q)."""
+  b, q, g = cost.shape
+  row_valid = (jnp.ones((b, q), bool) if row_valid is None
+               else jnp.asarray(row_valid, bool))
+  col_valid = (jnp.ones((b, g), bool) if col_valid is None
+               else jnp.asarray(col_valid, bool))
+  fn = lambda c, r, v: hungarian_match(c, row_valid=r, col_valid=v,
+                                       solver=solver)
+  return jax.vmap(fn)(cost, row_valid, col_valid)
+
+
+def matched_mask(gt_index_for_row: jnp.ndarray) -> jnp.ndarray:
+  """(..., Q) int32 -> (..., Q) bool, True where a row got a gt."""
+  return gt_index_for_row >= 0

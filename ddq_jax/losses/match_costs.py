@@ -1,0 +1,126 @@
+"""Matching costs of mmdet 3.3.0 (task_modules/assigners/match_cost.py).
+
+Pure jnp functions, every one returns a (Q, G) cost matrix *already
+multiplied by its weight*, exactly as the reference classes do:
+
+- ``focal_loss_cost``  = ``FocalLossCost`` (applies a sigmoid to its input;
+  note ``TopkHungarianAssigner`` feeds it probabilities, so the reference
+  applies the sigmoid twice there: pass the probabilities and get the same).
+- ``bbox_l1_cost``     = ``BBoxL1Cost`` (``torch.cdist(p=1)`` on boxes that
+  were divided by ``[w, h, w, h]`` of ``img_shape``).
+- ``iou_cost``         = ``IoUCost`` (``-bbox_overlaps(mode)``, xyxy pixels).
+- ``hungarian_cost``   = the sum the DETR ``HungarianAssigner`` builds from
+  the three, with the box conversions of ``DETRHead._get_targets_single``.
+
+Padded ground truth: the costs are computed for every column; make padded
+columns unmatchable with ``col_valid`` in ``hungarian.hungarian_match``.
+Labels outside [0, K) are clipped for the gather (their cost is garbage but
+finite).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from ddq_jax.ops.boxes import cxcywh_to_xyxy
+from ddq_jax.ops.boxes import pairwise_giou
+from ddq_jax.ops.boxes import pairwise_iou
+from ddq_jax.ops.boxes import xyxy_to_cxcywh
+
+
+def _factor(img_hw: jnp.ndarray, dtype) -> jnp.ndarray:
+  """(2,) (h, w) -> (4,) [w, h, w, h] as the reference's ``factor``."""
+  img_hw = jnp.asarray(img_hw).astype(dtype)
+  return jnp.stack([img_hw[1], img_hw[0], img_hw[1], img_hw[0]])
+
+
+def focal_loss_cost(cls_logits: jnp.ndarray, gt_labels: jnp.ndarray, *,
+                    weight: float = 2.0, alpha: float = 0.25,
+                    gamma: float = 2.0, eps: float = 1e-12) -> jnp.ndarray:
+  """``FocalLossCost``: (Q, K) logits x (G,) int labels -> (Q, G).
+
+  p = sigmoid(x); neg = -log(1 - p + eps) (1 - alpha) p^gamma;
+  pos = -log(p + eps) alpha (1 - p)^gamma; cost = (pos - neg)[:, labels].
+  """
+  p = jax.nn.sigmoid(cls_logits)
+  neg = -jnp.log(1 - p + eps) * (1 - alpha) * jnp.power(p, gamma)
+  pos = -jnp.log(p + eps) * alpha * jnp.power(1 - p, gamma)
+  labels = jnp.clip(gt_labels.astype(jnp.int32), 0, cls_logits.shape[-1] - 1)
+  cost = jnp.take(pos, labels, axis=-1) - jnp.take(neg, labels, axis=-1)
+  return cost * weight
+
+
+def bbox_l1_cost(pred_boxes: jnp.ndarray, gt_boxes: jnp.ndarray, *,
+                 weight: float = 5.0) -> jnp.ndarray:
+  """``BBoxL1Cost`` core: (Q, 4) x (G, 4) boxes, both already normalised
+  (and in the same format) -> (Q, G) weighted L1 distance."""
+  return jnp.abs(pred_boxes[:, None, :] - gt_boxes[None, :, :]).sum(-1) * weight
+
+
+def bbox_l1_cost_pixels(pred_xyxy: jnp.ndarray, gt_xyxy: jnp.ndarray, *,
+                        img_hw: jnp.ndarray, box_format: str = 'xyxy',
+                        weight: float = 5.0) -> jnp.ndarray:
+  """``BBoxL1Cost`` exactly as the class: xyxy pixel boxes in, optionally
+  converted to cxcywh (``box_format='xywh'``), divided by [w, h, w, h]."""
+  if box_format == 'xywh':
+    pred_xyxy = xyxy_to_cxcywh(pred_xyxy)
+    gt_xyxy = xyxy_to_cxcywh(gt_xyxy)
+  elif box_format != 'xyxy':
+    raise ValueError(box_format)
+  f = _factor(img_hw, pred_xyxy.dtype)
+  return bbox_l1_cost(pred_xyxy / f, gt_xyxy / f, weight=weight)
+
+
+def iou_cost(pred_xyxy: jnp.ndarray, gt_xyxy: jnp.ndarray, *,
+             weight: float = 2.0, iou_mode: str = 'giou') -> jnp.ndarray:
+  """``IoUCost``: -overlaps(pred, gt) * weight, xyxy (pixels) -> (Q, G)."""
+  if iou_mode == 'giou':
+    overlaps = pairwise_giou(pred_xyxy, gt_xyxy)
+  elif iou_mode == 'iou':
+    overlaps = pairwise_iou(pred_xyxy, gt_xyxy)
+  else:
+    raise ValueError(iou_mode)
+  return -overlaps * weight
+
+
+def hungarian_cost(*, cls_logits: jnp.ndarray,
+                   boxes_cxcywh_norm: jnp.ndarray,
+                   gt_labels: jnp.ndarray,
+                   gt_boxes_cxcywh_norm: Optional[jnp.ndarray] = None,
+                   img_hw: jnp.ndarray,
+                   gt_boxes_xyxy: Optional[jnp.ndarray] = None,
+                   cls_weight: float = 2.0, l1_weight: float = 5.0,
+                   iou_weight: float = 2.0, alpha: float = 0.25,
+                   gamma: float = 2.0, eps: float = 1e-12,
+                   iou_mode: str = 'giou') -> jnp.ndarray:
+  """One-to-one DETR matching cost of one image, (Q, G).
+
+  Args:
+    cls_logits: (Q, K) class logits.
+    boxes_cxcywh_norm: (Q, 4) predicted sigmoid cxcywh (normalised).
+    gt_labels: (G,) int labels.
+    gt_boxes_cxcywh_norm: (G, 4) gt in normalised cxcywh; or instead
+      ``gt_boxes_xyxy`` (G, 4) in ``img_shape`` pixels (the reference's own
+      input; bit-closer because no round trip).
+    img_hw: (2,) the image's real (h, w) = ``img_meta['img_shape']``.
+
+  Same arithmetic as the reference: predictions -> xyxy * factor (pixels);
+  FocalLossCost on the logits; BBoxL1Cost(box_format='xywh') on
+  cxcywh(pixels) / factor; IoUCost(giou) on the pixel boxes.
+  """
+  f = _factor(img_hw, boxes_cxcywh_norm.dtype)
+  pred_xyxy = cxcywh_to_xyxy(boxes_cxcywh_norm) * f
+  if gt_boxes_xyxy is None:
+    if gt_boxes_cxcywh_norm is None:
+      raise ValueError('give gt_boxes_cxcywh_norm or gt_boxes_xyxy')
+    gt_boxes_xyxy = cxcywh_to_xyxy(gt_boxes_cxcywh_norm) * f
+  c_cls = focal_loss_cost(cls_logits, gt_labels, weight=cls_weight,
+                          alpha=alpha, gamma=gamma, eps=eps)
+  c_l1 = bbox_l1_cost_pixels(pred_xyxy, gt_boxes_xyxy, img_hw=img_hw,
+                             box_format='xywh', weight=l1_weight)
+  c_iou = iou_cost(pred_xyxy, gt_boxes_xyxy, weight=iou_weight,
+                   iou_mode=iou_mode)
+  # torch.stack(cost_list).sum(0): ((cls + l1) + iou)
+  return c_cls + c_l1 + c_iou
