@@ -23,17 +23,15 @@ import jax.numpy as jnp
 
 from ddq_jax.models.backbone import ResNet
 from ddq_jax.models.decoder import LN_EPS, DDQDecoder
+from ddq_jax.models.denoising import CdnQueryGenerator
 from ddq_jax.models.encoder import DeformableEncoder
 from ddq_jax.models.head import DDQHead
 from ddq_jax.models.multiscale import prepare_multiscale_inputs
 from ddq_jax.models.neck import ChannelMapper
 from ddq_jax.models import query_selection
 from ddq_jax.models.proposals import gen_encoder_output_proposals
+from ddq_jax.ops.boxes import cxcywh_to_xyxy
 
-try:  # lands in parallel; inference works without it
-  from ddq_jax.models.denoising import CdnQueryGenerator
-except ImportError:  # pragma: no cover
-  CdnQueryGenerator = None
 
 
 def _nhwc_to_nchw(x):
@@ -55,8 +53,11 @@ class DDQDETR(nn.Module):
     self.memory_trans_fc = nn.Dense(c.embed_dims)
     self.memory_trans_norm = nn.LayerNorm(epsilon=LN_EPS)
     self.query_map = nn.Dense(c.embed_dims)
-    if CdnQueryGenerator is not None:
-      self.dn_query_generator = CdnQueryGenerator.from_config(c)
+    self.dn_query_generator = CdnQueryGenerator(
+        num_classes=c.num_classes, embed_dims=c.embed_dims,
+        num_dn_queries=c.dn.num_dn_queries,
+        label_noise_scale=c.dn.label_noise_scale,
+        box_noise_scale=c.dn.box_noise_scale)
     self.level_embed = self.param('level_embed', nn.initializers.normal(1.0),
                                   (c.num_levels, c.embed_dims))
 
@@ -86,7 +87,10 @@ class DDQDETR(nn.Module):
         valid_ratios=ms.valid_ratios)
     out.update(feat_mask=ms.mask_flatten, feat_pos=ms.lvl_pos_embed_flatten,
                valid_ratios=ms.valid_ratios, memory_mask=ms.mask_flatten,
-               memory=memory)
+               memory=memory,
+               spatial_shapes=jnp.asarray(ms.spatial_shapes, jnp.int32),
+               level_start_index=jnp.asarray(ms.level_start_index,
+                                             jnp.int32))
     return dict(memory=memory, memory_mask=ms.mask_flatten,
                 spatial_shapes=ms.spatial_shapes,
                 valid_ratios=ms.valid_ratios)
@@ -154,6 +158,54 @@ class DDQDETR(nn.Module):
         decoder_reference_in=sel['reference_points'])
     return sel
 
+  def training_queries(self, memory, output_memory, output_proposals, *,
+                       gt_boxes, gt_labels, gt_valid, img_shapes,
+                       dn_inject=None, dn_rng=None):
+    """Training ``pre_decoder``: distinct (NMS) + dense (top-k by score)
+    encoder queries, the denoising queries in front, and the full
+    self-attention mask [dn (D static slots) | distinct | dense]."""
+    c = self.config
+    num_dense = min(self.num_dense_queries, memory.shape[1])
+    enc_class, enc_unact = self.encoder_branches(output_memory,
+                                                 output_proposals)
+    dense_class, dense_unact = self.encoder_branches(
+        output_memory, output_proposals, dense=True)
+    inject = dn_inject or {}
+    dn = self.dn_query_generator(
+        gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
+        img_shapes=img_shapes, num_matching_queries=c.num_queries,
+        num_dense_queries=num_dense, rng=dn_rng,
+        injected_label_ids=inject.get('label_ids'),
+        injected_reference_points=inject.get('reference_points'))
+    sel = query_selection.pre_decoder(
+        enc_class, enc_unact, memory, query_map=self.query_map,
+        num_queries=c.num_queries, iou_threshold=c.nms_iou_threshold,
+        pre_topk=c.nms_pre_topk, dense_enc_outputs_class=dense_class,
+        dense_enc_outputs_coord_unact=dense_unact,
+        dense_topk_ratio=c.dense_topk_ratio,
+        dn_label_query=dn['dn_label_query'],
+        dn_bbox_query=dn['dn_bbox_query'])
+    meta = dn['dn_meta']
+    outputs = dict(
+        topk_indices=sel['topk_indices'],
+        num_kept_after_nms=sel['num_kept_after_nms'],
+        dense_topk_indices=sel['dense_topk_indices'],
+        decoder_query_in=sel['query'],
+        decoder_reference_in=sel['reference_points'],
+        self_attn_mask_in=dn['attn_mask'],
+        head_in_enc_outputs_class=sel['enc_outputs_class'],
+        head_in_enc_outputs_coord=sel['enc_outputs_coord'],
+        head_in_aux_enc_outputs_class=sel['aux_enc_outputs_class'],
+        head_in_aux_enc_outputs_coord=sel['aux_enc_outputs_coord'],
+        dn_meta=meta,
+        dn_meta_num_denoising_queries=meta['num_denoising_queries'],
+        dn_meta_num_denoising_groups=meta['num_groups'],
+        dn_meta_num_dense_queries=jnp.asarray(num_dense, jnp.int32))
+    return dict(query=sel['query'], reference_points=sel['reference_points'],
+                self_attn_mask=dn['attn_mask'],
+                num_dn_slots=int(meta['num_dn_slots']),
+                num_dense=num_dense, outputs=outputs)
+
   # ---- entry points ------------------------------------------------------
   def __call__(self, images: jnp.ndarray, pad_mask: jnp.ndarray, *,
                img_shapes: Optional[jnp.ndarray] = None,
@@ -206,15 +258,49 @@ class DDQDETR(nn.Module):
     out.update(self.run_decoder(
         dn_in['query'], dn_in['reference_points'], enc,
         self_attn_mask=dn_in['self_attn_mask'],
-        dis_start=dn_in['num_dn_slots'], num_dense=self.num_dense_queries,
+        dis_start=dn_in['num_dn_slots'], num_dense=dn_in['num_dense'],
         semantics=semantics))
+    out['num_dense_queries'] = dn_in['num_dense']
+    out['num_dn_slots'] = dn_in['num_dn_slots']
     return out
 
 
 def postprocess(config, out, img_shapes, scale_factors):
-  """Detections from the last layer (see models/postprocess.py)."""
-  from ddq_jax.models import postprocess as pp  # pylint: disable=g-import-not-at-top
-  return pp.predict(config, out, img_shapes, scale_factors)
+  """Detections from the last decoder layer (``DDQDETRHead.predict_by_feat``
+  + ``DETRHead._predict_by_feat_single``, rescale=True), static shapes.
+
+  Only the queries of the last head mask take part (non-distinct scores are
+  set to -1, below every sigmoid); sigmoid scores of all (query, class)
+  pairs, top ``max_per_img``; boxes xyxy scaled to ``img_shapes``, clamped,
+  divided by ``scale_factors`` (w, h).
+
+  Returns det_bboxes (B, M, 4), det_scores (B, M), det_labels (B, M) int32,
+  det_valid (B, M) bool (False when fewer than M pairs were distinct).
+  """
+  try:
+    from ddq_jax.models import postprocess as pp  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    pp = None
+  cls = out['all_layers_cls_scores'][-1]
+  box = out['all_layers_bbox_preds'][-1]
+  mask = out['head_query_mask'][-1] if out['head_query_mask'].shape[0] else \
+      jnp.ones(cls.shape[:2], bool)
+  b, q, k = cls.shape
+  scores = jnp.where(mask[..., None], jax.nn.sigmoid(cls), -1.0)
+  top, idx = jax.lax.top_k(scores.reshape(b, q * k), config.max_per_img)
+  labels = (idx % k).astype(jnp.int32)
+  bbox = jnp.take_along_axis(box, (idx // k)[..., None], axis=1)
+  h = jnp.asarray(img_shapes, jnp.float32)[:, 0, None]
+  w = jnp.asarray(img_shapes, jnp.float32)[:, 1, None]
+  xyxy = cxcywh_to_xyxy(bbox)
+  x = jnp.clip(xyxy[..., 0::2] * w[..., None], 0, w[..., None])
+  y = jnp.clip(xyxy[..., 1::2] * h[..., None], 0, h[..., None])
+  xyxy = jnp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
+  sf = jnp.asarray(scale_factors, jnp.float32)
+  xyxy = xyxy / jnp.concatenate([sf, sf], -1)[:, None]
+  del pp
+  return dict(det_bboxes=xyxy, det_scores=top, det_labels=labels,
+              det_valid=top >= 0)
 
 
 def build_model(config) -> DDQDETR:
