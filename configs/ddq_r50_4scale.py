@@ -88,6 +88,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic_size = 256
   c.data.synthetic_num_train = 2000
   c.data.synthetic_num_eval = 200
+  c.data.synthetic_seed = 0          # synthetic content (not the train seed)
+  c.data.synthetic_num_classes = 8   # shape classes (<= num_classes, <= 8)
+  c.data.synthetic_max_objects = 6
+  c.data.train_min_size = 32         # mmdet filter_cfg min_size (train only)
+  # Explicit COCO paths (override coco_dir/<split>2017 and
+  # coco_dir/annotations/instances_<split>2017.json when set).
+  c.data.train_image_dir = ''
+  c.data.train_ann_file = ''
+  c.data.eval_image_dir = ''
+  c.data.eval_ann_file = ''
+  c.data.tfds_ann_file = ''          # instances JSON for metrics with tfds
 
   # ---- optimisation ----------------------------------------------------
   c.optim = ml_collections.ConfigDict()

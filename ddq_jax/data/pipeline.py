@@ -1,0 +1,410 @@
+"""Datasets and iterators: build_dataset, make_train_iterator,
+make_eval_iterator (the batch contract is documented in ddq_jax.data).
+
+Training order is a pure function of (seed, epoch): a permutation of the
+dataset, grouped like mmdet's AspectRatioBatchSampler by the orientation of
+each sample's *augmented* shape (computed from metadata: the augmentation's
+random choices depend only on (seed, epoch, index) and the original size),
+cut into global batches of ``config.train.global_batch_size``; the leftovers
+of both groups are concatenated and cut too (see TrainBatchFn.plan), the
+final remainder is dropped, so every epoch has ``N // global_batch`` steps.  Host p of P reads slots
+[p*B, (p+1)*B) of each global batch (B = global / P), and the canvas is the
+smallest that fits the whole global batch, so every host agrees on shapes.
+Batch ``step`` is a pure function of (seed, step, process_index): resuming
+from a step reproduces the stream exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from ddq_jax.data import transforms as T
+from ddq_jax.data.base import DetectionSource, log
+from ddq_jax.data.batching import collate, select_canvas
+
+_BIG = 2 ** 62
+_COCO_SPLITS = {'train': 'train2017', 'validation': 'val2017',
+                'val': 'val2017', 'test': 'test2017'}
+
+
+def _cfg(data, name: str, default: Any) -> Any:
+  return data[name] if name in data else default
+
+
+def build_dataset(config, split: str) -> DetectionSource:
+  """Builds the source for ``split`` from ``config.data``.
+
+  source 'synthetic': SyntheticSource (train split: synthetic_num_train
+  images, otherwise synthetic_num_eval). 'coco_dir': CocoFolderSource over
+  ``coco_dir/<split>2017`` + ``coco_dir/annotations/instances_<split>2017.json``
+  (train -> train2017, validation/val -> val2017), unless
+  data.{train,eval}_image_dir / _ann_file are set.  'tfds': TfdsSource over
+  the prepared ``tfds_data_dir``.
+  """
+  d = config.data
+  is_train = split == d.train_split
+  if d.source == 'synthetic':
+    from ddq_jax.data.synthetic import SyntheticSource  # pylint: disable=g-import-not-at-top
+    return SyntheticSource(
+        seed=_cfg(d, 'synthetic_seed', 0), split=split,
+        num_images=d.synthetic_num_train if is_train else d.synthetic_num_eval,
+        size=d.synthetic_size,
+        num_classes=min(_cfg(d, 'synthetic_num_classes', 8),
+                        config.num_classes),
+        max_objects=_cfg(d, 'synthetic_max_objects', 6))
+  if d.source == 'coco_dir':
+    from ddq_jax.data.coco_folder import CocoFolderSource  # pylint: disable=g-import-not-at-top
+    sub = _COCO_SPLITS.get(split, split)
+    prefix = 'train' if is_train else 'eval'
+    image_dir = _cfg(d, f'{prefix}_image_dir', '') or os.path.join(
+        d.coco_dir, sub)
+    ann = _cfg(d, f'{prefix}_ann_file', '') or os.path.join(
+        d.coco_dir, 'annotations', f'instances_{sub}.json')
+    return CocoFolderSource(image_dir=image_dir, ann_file=ann,
+                            min_size=_cfg(d, 'train_min_size', 32)
+                            if is_train else 0)
+  if d.source == 'tfds':
+    from ddq_jax.data.tfds_source import TfdsSource, open_tfds_source  # pylint: disable=g-import-not-at-top
+    records, names = open_tfds_source(data_dir=d.tfds_data_dir,
+                                      name=d.tfds_name, split=split)
+    src = TfdsSource(records, class_names=names)
+    src.ann_file = _cfg(d, 'tfds_ann_file', '') or None
+    return src
+  raise ValueError(f"unknown data.source {d.source!r}: expected 'synthetic', "
+                   "'coco_dir' or 'tfds'")
+
+
+# ------------------------------------------------------------------ train
+
+
+class TrainBatchFn:
+  """step -> this host's batch.  Picklable (sent to grain workers)."""
+
+  def __init__(self, source: DetectionSource, data_cfg, *, seed: int,
+               global_batch: int, max_gt: int, process_index: int,
+               process_count: int):
+    if global_batch % process_count:
+      raise ValueError(f'global batch {global_batch} is not divisible by '
+                       f'{process_count} processes')
+    if len(source) < global_batch:
+      raise ValueError(f'dataset has {len(source)} images < global batch '
+                       f'{global_batch}')
+    self.source, self.seed, self.gb = source, int(seed), int(global_batch)
+    self.b = global_batch // process_count
+    self.p, self.pc, self.max_gt = process_index, process_count, max_gt
+    self.scales = [tuple(s) for s in data_cfg.train_scales]
+    self.crop_scales = [tuple(s) for s in data_cfg.crop_scales]
+    self.crop_size = tuple(data_cfg.crop_size)
+    self.canvases = [tuple(c) for c in data_cfg.canvas_sizes]
+    self.mean, self.std = tuple(data_cfg.mean), tuple(data_cfg.std)
+    self.sizes = source.sizes
+    self.steps_per_epoch = len(source) // self.gb
+    self._plan_epoch, self._plan = -1, None
+
+  def params(self, epoch: int, index: int, size_hw) -> T.TrainParams:
+    rng = np.random.default_rng([self.seed, epoch, int(index)])
+    return T.sample_train_params(rng, size_hw=size_hw, scales=self.scales,
+                                 crop_scales=self.crop_scales,
+                                 crop_size=self.crop_size)
+
+  def out_shape(self, epoch: int, index: int):
+    size = self.sizes[index]
+    return T.train_output_shape(self.params(epoch, index, size),
+                                size_hw=size)
+
+  def plan(self, epoch: int) -> np.ndarray:
+    """(steps_per_epoch, global_batch) dataset indices of ``epoch``.
+
+    Full batches of one orientation first (perm order), then the leftovers
+    of both orientations concatenated and cut.  A mixed leftover batch that
+    no canvas fits (no square canvas configured) has its minority-
+    orientation samples replaced by the epoch's first samples of the
+    majority orientation, so every batch fits a canvas.
+    """
+    if epoch != self._plan_epoch:
+      n = len(self.source)
+      perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+      if self.sizes is None:
+        order = perm
+      else:
+        shapes = {int(i): self.out_shape(epoch, i) for i in perm}
+        orient = {i: int(w < h) for i, (h, w) in shapes.items()}
+        buckets, batches = ([], []), []
+        for idx in perm:
+          bucket = buckets[orient[int(idx)]]
+          bucket.append(int(idx))
+          if len(bucket) == self.gb:
+            batches.extend(bucket)
+            bucket.clear()
+        left = buckets[0] + buckets[1]
+        firsts = ([int(i) for i in perm if orient[int(i)] == 0],
+                  [int(i) for i in perm if orient[int(i)] == 1])
+        for k in range(len(left) // self.gb):
+          chunk = left[k * self.gb:(k + 1) * self.gb]
+          try:
+            select_canvas([shapes[i] for i in chunk],
+                          canvas_sizes=self.canvases)
+          except ValueError:
+            o = int(sum(orient[i] for i in chunk) * 2 > len(chunk))
+            repl = iter(firsts[o])
+            chunk = [i if orient[i] == o else next(repl) for i in chunk]
+          batches.extend(chunk)
+        order = np.asarray(batches, np.int64)
+      self._plan = np.asarray(order[:self.steps_per_epoch * self.gb],
+                              np.int64).reshape(-1, self.gb)
+      self._plan_epoch = epoch
+    return self._plan
+
+  def _load(self, epoch: int, index: int, canvas) -> dict | None:
+    r = self.source.load(int(index))
+    if r['image'] is None:
+      return None
+    p = self.params(epoch, index, r['image'].shape[:2])
+    out = T.apply_train_transform(r['image'], r['boxes'], r['labels'],
+                                  params=p)
+    h, w = out['image'].shape[:2]
+    if canvas is not None and (h > canvas[0] or w > canvas[1]):
+      log.warning('image %s: decoded size %s differs from its metadata; '
+                  'skipped', r['image_id'], r['image'].shape[:2])
+      return None
+    out.update(image_id=r['image_id'], orig_size=r['orig_size'])
+    return out
+
+  def __call__(self, step: int) -> dict:
+    epoch, pos = divmod(int(step), self.steps_per_epoch)
+    gidx = self.plan(epoch)[pos]
+    local = gidx[self.p * self.b:(self.p + 1) * self.b]
+    if self.sizes is not None:
+      canvas = select_canvas([self.out_shape(epoch, i) for i in gidx],
+                             canvas_sizes=self.canvases)
+    elif self.pc > 1:
+      canvas = max(self.canvases, key=lambda c: (c[0] * c[1], c))
+    else:
+      canvas = None  # decided from the decoded local batch below
+    samples, valid = [], []
+    n = len(self.source)
+    for idx in local:
+      s = None
+      for k in range(20):  # an unreadable image: the next readable one
+        cand = (int(idx) + k * 7919) % n
+        if k and self.sizes is not None and canvas is not None:
+          h, w = self.out_shape(epoch, cand)
+          if h > canvas[0] or w > canvas[1]:
+            continue
+        s = self._load(epoch, cand, canvas)
+        if s is not None:
+          break
+      valid.append(s is not None)
+      samples.append(s)
+    if canvas is None:
+      canvas = select_canvas([s['image'].shape[:2] for s in samples if s],
+                             canvas_sizes=self.canvases)
+    samples = [s if s is not None else _blank(canvas, self.mean)
+               for s in samples]
+    return collate(samples, canvas=canvas, max_gt=self.max_gt,
+                   mean=self.mean, std=self.std, valid=valid)
+
+
+def _blank(canvas, mean) -> dict:
+  """A padding sample: the mean colour (normalises to 0), no boxes."""
+  img = np.broadcast_to(np.round(np.asarray(mean)).astype(np.uint8),
+                        (int(canvas[0]), int(canvas[1]), 3)).copy()
+  return dict(image=img, boxes=np.zeros((0, 4), np.float32),
+              labels=np.zeros((0,), np.int32), img_shape=tuple(canvas),
+              scale_factor=(1.0, 1.0), orig_size=tuple(canvas), image_id=-1)
+
+
+class _Iterator:
+  """Runs ``fn`` over ``range(start, stop)`` (grain workers if > 0)."""
+
+  def __init__(self, fn, *, start: int, stop: int, num_workers: int):
+    self.fn, self.stop, self.num_workers = fn, stop, num_workers
+    self.step = start
+    self._it = None
+
+  def _open(self):
+    if self.num_workers <= 0:
+      self._it = map(self.fn, range(self.step, self.stop))
+      return
+    import grain  # pylint: disable=g-import-not-at-top
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags (pytest, scripts)
+      flags.FLAGS.mark_as_parsed()
+    ds = grain.MapDataset.range(self.step, self.stop).map(self.fn)
+    ds = ds.to_iter_dataset().mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=self.num_workers,
+                                     per_worker_buffer_size=2))
+    self._it = iter(ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if self.step >= self.stop:
+      raise StopIteration
+    if self._it is None:
+      self._open()
+    batch = next(self._it)
+    self.step += 1
+    return batch
+
+  def close(self) -> None:
+    it, self._it = self._it, None
+    if it is not None and hasattr(it, 'close'):
+      it.close()
+
+
+class TrainIterator(_Iterator):
+  """Infinite training iterator; position = the next step.
+
+  ``get_state()`` -> {'step': int}; ``set_state(state)`` moves to that step
+  (checkpoint resume); ``epoch`` is the epoch of the next batch.
+  """
+
+  def __init__(self, fn: TrainBatchFn, *, start_step: int, num_workers: int):
+    super().__init__(fn, start=start_step, stop=_BIG, num_workers=num_workers)
+    self.steps_per_epoch = fn.steps_per_epoch
+
+  @property
+  def epoch(self) -> int:
+    return self.step // self.steps_per_epoch
+
+  def get_state(self) -> dict:
+    return {'step': int(self.step)}
+
+  def set_state(self, state: dict) -> None:
+    self.close()
+    self.step = int(state['step'])
+
+
+def make_train_iterator(config, *, seed: int, start_step: int = 0,
+                        process_index: int = 0, process_count: int = 1,
+                        dataset: DetectionSource | None = None,
+                        num_workers: int | None = None) -> TrainIterator:
+  """Infinite iterator of this host's training batches.
+
+  Args:
+    config: the full config (data.*, train.global_batch_size, loss.max_gt).
+    seed: shuffling / augmentation seed.
+    start_step: global step of the first batch (resume).
+    process_index, process_count: this host and the number of hosts
+      (jax.process_index(), jax.process_count()); each host gets
+      global_batch_size // process_count samples per step.
+    dataset: an already built train source (default: build_dataset).
+    num_workers: grain worker processes (default config.data.num_workers;
+      0 runs in this process).
+  Returns:
+    TrainIterator yielding the batch contract with
+    B = global_batch_size // process_count.
+  """
+  src = dataset if dataset is not None else build_dataset(
+      config, config.data.train_split)
+  fn = TrainBatchFn(src, config.data, seed=seed,
+                    global_batch=config.train.global_batch_size,
+                    max_gt=config.loss.max_gt, process_index=process_index,
+                    process_count=process_count)
+  nw = config.data.num_workers if num_workers is None else num_workers
+  return TrainIterator(fn, start_step=start_step, num_workers=nw)
+
+
+# ------------------------------------------------------------------- eval
+
+
+class EvalBatchFn:
+  """Eval batch number -> this host's batch (test-time resize only)."""
+
+  def __init__(self, source: DetectionSource, data_cfg, *, batch_size: int,
+               max_gt: int, process_index: int, process_count: int):
+    self.source, self.b = source, int(batch_size)
+    self.p, self.pc, self.max_gt = process_index, process_count, max_gt
+    self.scale = tuple(data_cfg.test_scale)
+    self.canvases = [tuple(c) for c in data_cfg.canvas_sizes]
+    self.mean, self.std = tuple(data_cfg.mean), tuple(data_cfg.std)
+    n = len(source)
+    self.sizes = source.sizes
+    self.gb = self.b * process_count
+    if self.sizes is not None:
+      # Landscape batches, then portrait ones, each group padded (-1) to
+      # whole global batches, so no batch mixes orientations.
+      self.shapes = [T.rescale_size(size_hw=s, scale=self.scale)[0]
+                     for s in self.sizes]
+      portrait = np.asarray([int(w < h) for h, w in self.shapes], bool)
+      groups = [np.nonzero(~portrait)[0], np.nonzero(portrait)[0]]
+      self.order = np.concatenate(
+          [np.pad(g, (0, -len(g) % self.gb), constant_values=-1)
+           for g in groups]).astype(np.int64)
+    else:
+      self.order = np.arange(n)
+    self.num_batches = math.ceil(len(self.order) / self.gb)
+
+  def __call__(self, k: int) -> dict:
+    g = self.order[k * self.gb:(k + 1) * self.gb]
+    local = list(g[self.p * self.b:(self.p + 1) * self.b])
+    local += [-1] * (self.b - len(local))
+    if self.sizes is not None:
+      canvas = select_canvas([self.shapes[i] for i in g if i >= 0],
+                             canvas_sizes=self.canvases)
+    elif self.pc > 1:
+      canvas = max(self.canvases, key=lambda c: (c[0] * c[1], c))
+    else:
+      canvas = None
+    samples, valid = [], []
+    for idx in local:
+      s = None
+      if idx >= 0:
+        r = self.source.load(int(idx))
+        if r['image'] is not None:
+          s = T.apply_test_transform(r['image'], r['boxes'], r['labels'],
+                                     scale=self.scale)
+          s.update(image_id=r['image_id'], orig_size=r['orig_size'])
+          h, w = s['image'].shape[:2]
+          if canvas is not None and (h > canvas[0] or w > canvas[1]):
+            log.warning('image %s: decoded size differs from metadata; '
+                        'skipped', r['image_id'])
+            s = None
+      valid.append(s is not None)
+      samples.append(s)
+    if canvas is None:
+      shapes = [s['image'].shape[:2] for s in samples if s is not None]
+      canvas = select_canvas(shapes or [(1, 1)], canvas_sizes=self.canvases)
+    samples = [s if s is not None else _blank(canvas, self.mean)
+               for s in samples]
+    return collate(samples, canvas=canvas, max_gt=self.max_gt,
+                   mean=self.mean, std=self.std, valid=valid)
+
+
+class EvalIterator(_Iterator):
+  """Finite iterator over the whole split; ``len()`` = number of batches."""
+
+  def __len__(self) -> int:
+    return self.stop
+
+
+def make_eval_iterator(config, *, batch_size: int, split: str | None = None,
+                       process_index: int = 0, process_count: int = 1,
+                       dataset: DetectionSource | None = None,
+                       num_workers: int | None = None) -> EvalIterator:
+  """Iterator over the whole eval split in static batches.
+
+  Args:
+    batch_size: per-host batch size B.
+    split: default config.data.eval_split.
+    process_index, process_count: hosts; every host yields the same number
+      of batches (about ceil(N / (B * process_count)), one more when
+      landscape and portrait images are batched apart).
+    dataset: an already built source (default: build_dataset).
+  Returns:
+    EvalIterator of batch-contract dicts; samples past the end of the split
+    (and unreadable images) have sample_valid False and image_ids -1.
+    Samples are ordered landscape-first when sizes are known.
+  """
+  src = dataset if dataset is not None else build_dataset(
+      config, split or config.data.eval_split)
+  fn = EvalBatchFn(src, config.data, batch_size=batch_size,
+                   max_gt=config.loss.max_gt, process_index=process_index,
+                   process_count=process_count)
+  nw = config.data.num_workers if num_workers is None else num_workers
+  return EvalIterator(fn, start=0, stop=fn.num_batches, num_workers=nw)
