@@ -66,9 +66,8 @@ def _flatten(tree, prefix=()):
 
 def expected_shapes(config: ml_collections.ConfigDict) -> dict[tuple, tuple]:
   """{path: shape} of every variable the model builds for ``config``."""
-  from ddq_jax.models.detector import build_model, init_variables_shapes
-  model = build_model(config)
-  shapes = init_variables_shapes(model, config)
+  from ddq_jax.models.variables import variable_shapes
+  shapes = variable_shapes(config)
   return {path: tuple(leaf.shape) for path, leaf in _flatten(shapes)}
 
 
