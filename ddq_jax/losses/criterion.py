@@ -175,6 +175,10 @@ def ddq_criterion(all_layers_cls_scores, all_layers_bbox_preds, *,
   Returns: dict reference-key -> scalar float32 (no total; see ``total_loss``).
   """
   match_fn = match_fn or get_matcher()
+  gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
+  gt_labels = jnp.asarray(gt_labels, jnp.int32)
+  gt_valid = jnp.asarray(gt_valid, bool)
+  img_shapes = jnp.asarray(img_shapes)
   num_layers, batch = all_layers_cls_scores.shape[:2]
   qd = enc_cls_scores.shape[-2]
   d = all_layers_cls_scores.shape[2] - qd - num_dense
