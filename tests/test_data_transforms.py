@@ -141,6 +141,22 @@ def test_train_transform_shape_prediction_and_boxes():
       np.testing.assert_allclose(b[0], ref * [sx, sy, sx, sy], atol=1e-3)
 
 
+def test_vectorised_output_shapes_match_scalar():
+  rng = np.random.default_rng(7)
+  n = 3000
+  sizes = rng.integers(1, 1500, (n, 2))
+  u = rng.random((n, T.NUM_UNIFORMS))
+  u[:5] = 0.0
+  u[5:10] = np.nextafter(1.0, 0.0)
+  kw = dict(scales=tuple((s, 1333) for s in range(480, 801, 32)),
+            crop_scales=((400, 4200), (500, 4200), (600, 4200)),
+            crop_size=(384, 600))
+  vec = T.train_output_shapes(u, sizes=sizes, **kw)
+  for i in range(n):
+    p = T.train_params_from_uniforms(u[i], size_hw=sizes[i], **kw)
+    assert tuple(vec[i]) == T.train_output_shape(p, size_hw=sizes[i]), i
+
+
 def test_train_params_deterministic_and_cover_both_branches():
   def draw(i):
     return T.sample_train_params(np.random.default_rng(i), size_hw=(480, 640),

@@ -3,8 +3,9 @@ make_eval_iterator (the batch contract is documented in ddq_jax.data).
 
 Training order is a pure function of (seed, epoch): a permutation of the
 dataset, grouped like mmdet's AspectRatioBatchSampler by the orientation of
-each sample's *augmented* shape (computed from metadata: the augmentation's
-random choices depend only on (seed, epoch, index) and the original size),
+each sample's *augmented* shape (computed from metadata, vectorised: the
+augmentation's random choices are uniforms drawn per (seed, epoch) for every
+index, turned into parameters with the original size only),
 cut into global batches of ``config.train.global_batch_size``; the leftovers
 of both groups are concatenated and cut too (see TrainBatchFn.plan), the
 final remainder is dropped, so every epoch has ``N // global_batch`` steps.  Host p of P reads slots
@@ -103,20 +104,10 @@ class TrainBatchFn:
     self.sizes = source.sizes
     self.steps_per_epoch = len(source) // self.gb
     self._plan_epoch, self._plan = -1, None
+    self._u = self._shapes = None
 
-  def params(self, epoch: int, index: int, size_hw) -> T.TrainParams:
-    rng = np.random.default_rng([self.seed, epoch, int(index)])
-    return T.sample_train_params(rng, size_hw=size_hw, scales=self.scales,
-                                 crop_scales=self.crop_scales,
-                                 crop_size=self.crop_size)
-
-  def out_shape(self, epoch: int, index: int):
-    size = self.sizes[index]
-    return T.train_output_shape(self.params(epoch, index, size),
-                                size_hw=size)
-
-  def plan(self, epoch: int) -> np.ndarray:
-    """(steps_per_epoch, global_batch) dataset indices of ``epoch``.
+  def _epoch(self, epoch: int) -> None:
+    """Draws epoch ``epoch``'s uniforms and shapes, and its batch plan.
 
     Full batches of one orientation first (perm order), then the leftovers
     of both orientations concatenated and cut.  A mixed leftover batch that
@@ -124,39 +115,58 @@ class TrainBatchFn:
     orientation samples replaced by the epoch's first samples of the
     majority orientation, so every batch fits a canvas.
     """
-    if epoch != self._plan_epoch:
-      n = len(self.source)
-      perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-      if self.sizes is None:
-        order = perm
-      else:
-        shapes = {int(i): self.out_shape(epoch, i) for i in perm}
-        orient = {i: int(w < h) for i, (h, w) in shapes.items()}
-        buckets, batches = ([], []), []
-        for idx in perm:
-          bucket = buckets[orient[int(idx)]]
-          bucket.append(int(idx))
-          if len(bucket) == self.gb:
-            batches.extend(bucket)
-            bucket.clear()
-        left = buckets[0] + buckets[1]
-        firsts = ([int(i) for i in perm if orient[int(i)] == 0],
-                  [int(i) for i in perm if orient[int(i)] == 1])
-        for k in range(len(left) // self.gb):
-          chunk = left[k * self.gb:(k + 1) * self.gb]
-          try:
-            select_canvas([shapes[i] for i in chunk],
-                          canvas_sizes=self.canvases)
-          except ValueError:
-            o = int(sum(orient[i] for i in chunk) * 2 > len(chunk))
-            repl = iter(firsts[o])
-            chunk = [i if orient[i] == o else next(repl) for i in chunk]
-          batches.extend(chunk)
-        order = np.asarray(batches, np.int64)
-      self._plan = np.asarray(order[:self.steps_per_epoch * self.gb],
-                              np.int64).reshape(-1, self.gb)
-      self._plan_epoch = epoch
+    if epoch == self._plan_epoch:
+      return
+    n = len(self.source)
+    perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+    self._u = np.random.default_rng([self.seed, epoch, 1]).random(
+        (n, T.NUM_UNIFORMS))
+    if self.sizes is None:
+      self._shapes, order = None, perm
+    else:
+      shapes = T.train_output_shapes(
+          self._u, sizes=self.sizes, scales=self.scales,
+          crop_scales=self.crop_scales, crop_size=self.crop_size)
+      self._shapes = shapes
+      orient = (shapes[:, 1] < shapes[:, 0]).astype(np.int64)[perm]
+      buckets, batches = ([], []), []
+      for idx, o in zip(perm.tolist(), orient.tolist()):
+        bucket = buckets[o]
+        bucket.append(idx)
+        if len(bucket) == self.gb:
+          batches.extend(bucket)
+          bucket.clear()
+      left = buckets[0] + buckets[1]
+      firsts = (perm[orient == 0].tolist(), perm[orient == 1].tolist())
+      portrait = shapes[:, 1] < shapes[:, 0]
+      for k in range(len(left) // self.gb):
+        chunk = left[k * self.gb:(k + 1) * self.gb]
+        try:
+          select_canvas(shapes[chunk], canvas_sizes=self.canvases)
+        except ValueError:
+          o = int(portrait[chunk].sum() * 2 > len(chunk))
+          repl = iter(firsts[o])
+          chunk = [i if int(portrait[i]) == o else next(repl) for i in chunk]
+        batches.extend(chunk)
+      order = np.asarray(batches, np.int64)
+    self._plan = np.asarray(order[:self.steps_per_epoch * self.gb],
+                            np.int64).reshape(-1, self.gb)
+    self._plan_epoch = epoch
+
+  def plan(self, epoch: int) -> np.ndarray:
+    """(steps_per_epoch, global_batch) dataset indices of ``epoch``."""
+    self._epoch(epoch)
     return self._plan
+
+  def params(self, epoch: int, index: int, size_hw) -> T.TrainParams:
+    self._epoch(epoch)
+    return T.train_params_from_uniforms(
+        self._u[int(index)], size_hw=size_hw, scales=self.scales,
+        crop_scales=self.crop_scales, crop_size=self.crop_size)
+
+  def out_shape(self, epoch: int, index: int) -> tuple[int, int]:
+    self._epoch(epoch)
+    return tuple(int(v) for v in self._shapes[int(index)])
 
   def _load(self, epoch: int, index: int, canvas) -> dict | None:
     r = self.source.load(int(index))

@@ -2,11 +2,12 @@
 
 All functions are pure: they take arrays, return new arrays, and draw no
 random numbers themselves.  The random choices of the training augmentation
-are drawn up front by :func:`sample_train_params` from an explicit
-``numpy.random.Generator`` and depend only on the image size, so the output
-shape of a sample can be computed from metadata alone
-(:func:`train_output_shape`) without decoding the image; the loader uses that
-to pick one canvas per global batch on every host.
+are decided up front by NUM_UNIFORMS uniform numbers per sample
+(:func:`train_params_from_uniforms`) and the image size only, so the output
+shape of a sample can be computed from metadata alone, vectorised over a
+whole epoch (:func:`train_output_shapes`), without decoding the image; the
+loader uses that to group batches by orientation and to pick one canvas per
+global batch on every host.
 
 Conventions: images are (h, w, 3) uint8 (RGB unless said otherwise); boxes
 (n, 4) float32 xyxy in pixels; sizes are (h, w) unless named ``*_wh``.
@@ -161,32 +162,94 @@ class TrainParams(NamedTuple):
   offset_hw: tuple[int, int]  # branch 1: crop offset
 
 
-def sample_train_params(rng: np.random.Generator, *, size_hw: Sequence[int],
-                        scales: Sequence[Sequence[int]],
-                        crop_scales: Sequence[Sequence[int]],
-                        crop_size: Sequence[int]) -> TrainParams:
-  """Draws the reference train_pipeline's random choices for one image.
+NUM_UNIFORMS = 8  # uniforms in [0, 1) that decide one sample's augmentation
+
+
+def _pick(u, n):
+  """floor(u * n) for u in [0, 1): an index in [0, n)."""
+  return np.minimum(np.floor(np.asarray(u, np.float64) * n).astype(np.int64),
+                    n - 1)
+
+
+def train_params_from_uniforms(u: np.ndarray, *, size_hw: Sequence[int],
+                               scales: Sequence[Sequence[int]],
+                               crop_scales: Sequence[Sequence[int]],
+                               crop_size: Sequence[int]) -> TrainParams:
+  """The reference train_pipeline's random choices for one image.
 
   RandomFlip(0.5) -> RandomChoice([[RandomChoiceResize(scales)],
   [RandomChoiceResize(crop_scales), RandomCrop('absolute_range', crop_size,
   allow_negative_crop=True), RandomChoiceResize(scales)]]) (equal
-  probabilities).  Depends only on the original (h, w).
+  probabilities), decided by ``u`` (NUM_UNIFORMS,) uniforms in [0, 1) and
+  the original (h, w) only.  :func:`train_output_shapes` is the vectorised
+  twin for shapes.
   """
-  flip = bool(rng.random() < 0.5)
-  branch = int(rng.integers(2))
+  u = np.asarray(u, np.float64)
+  flip = bool(u[0] < 0.5)
+  branch = int(_pick(u[1], 2))
   crop_scale, crop_hw, offset = (0, 0), (0, 0), (0, 0)
   if branch == 1:
-    crop_scale = tuple(int(v) for v in crop_scales[int(rng.integers(
-        len(crop_scales)))])
+    crop_scale = tuple(int(v) for v in crop_scales[int(_pick(
+        u[2], len(crop_scales)))])
     (h, w), _ = rescale_size(size_hw=size_hw, scale=crop_scale)
     lo, hi = int(crop_size[0]), int(crop_size[1])
-    ch = int(rng.integers(min(h, lo), min(h, hi) + 1))
-    cw = int(rng.integers(min(w, lo), min(w, hi) + 1))
-    oy = int(rng.integers(0, max(h - ch, 0) + 1))
-    ox = int(rng.integers(0, max(w - cw, 0) + 1))
+    ch = min(h, lo) + int(_pick(u[3], min(h, hi) - min(h, lo) + 1))
+    cw = min(w, lo) + int(_pick(u[4], min(w, hi) - min(w, lo) + 1))
+    oy = int(_pick(u[5], max(h - ch, 0) + 1))
+    ox = int(_pick(u[6], max(w - cw, 0) + 1))
     crop_hw, offset = (ch, cw), (oy, ox)
-  scale = tuple(int(v) for v in scales[int(rng.integers(len(scales)))])
+  scale = tuple(int(v) for v in scales[int(_pick(u[7], len(scales)))])
   return TrainParams(flip, branch, scale, crop_scale, crop_hw, offset)
+
+
+def sample_train_params(rng: np.random.Generator, *, size_hw: Sequence[int],
+                        scales: Sequence[Sequence[int]],
+                        crop_scales: Sequence[Sequence[int]],
+                        crop_size: Sequence[int]) -> TrainParams:
+  """train_params_from_uniforms with uniforms drawn from ``rng``."""
+  return train_params_from_uniforms(
+      rng.random(NUM_UNIFORMS), size_hw=size_hw, scales=scales,
+      crop_scales=crop_scales, crop_size=crop_size)
+
+
+def _rescale_sizes(h, w, scale_ab):
+  """Vectorised rescale_size: h, w (n,) ints, scale_ab (n, 2)."""
+  h = np.asarray(h, np.float64)
+  w = np.asarray(w, np.float64)
+  max_long = np.max(scale_ab, 1).astype(np.float64)
+  max_short = np.min(scale_ab, 1).astype(np.float64)
+  f = np.minimum(max_long / np.maximum(h, w), max_short / np.minimum(h, w))
+  return (np.floor(h * f + 0.5).astype(np.int64),
+          np.floor(w * f + 0.5).astype(np.int64))
+
+
+def train_output_shapes(u: np.ndarray, *, sizes: np.ndarray,
+                        scales: Sequence[Sequence[int]],
+                        crop_scales: Sequence[Sequence[int]],
+                        crop_size: Sequence[int]) -> np.ndarray:
+  """(n, 2) output (h, w) of the training augmentation, vectorised.
+
+  Args:
+    u: (n, NUM_UNIFORMS) uniforms; sizes: (n, 2) original (h, w).
+  Equals ``train_output_shape(train_params_from_uniforms(u[i], ...))``.
+  """
+  u = np.asarray(u, np.float64).reshape(-1, NUM_UNIFORMS)
+  sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+  scales = np.asarray(scales, np.int64)
+  crop_scales = np.asarray(crop_scales, np.int64)
+  h, w = sizes[:, 0], sizes[:, 1]
+  crop = _pick(u[:, 1], 2) == 1
+  ch_, cw_ = _rescale_sizes(h, w, crop_scales[_pick(u[:, 2],
+                                                    len(crop_scales))])
+  lo, hi = int(crop_size[0]), int(crop_size[1])
+  ch = np.minimum(ch_, lo) + _pick(
+      u[:, 3], np.minimum(ch_, hi) - np.minimum(ch_, lo) + 1)
+  cw = np.minimum(cw_, lo) + _pick(
+      u[:, 4], np.minimum(cw_, hi) - np.minimum(cw_, lo) + 1)
+  h = np.where(crop, ch, h)
+  w = np.where(crop, cw, w)
+  nh, nw = _rescale_sizes(h, w, scales[_pick(u[:, 7], len(scales))])
+  return np.stack([nh, nw], 1)
 
 
 def train_output_shape(params: TrainParams, *,
