@@ -213,7 +213,8 @@ class DDQDecoder(nn.Module):
                cls_fn: Callable[[int, jnp.ndarray], jnp.ndarray],
                aux_reg_fn: Optional[Callable] = None,
                dis_start: int = 0, num_dis: Optional[int] = None,
-               num_dense: int = 0) -> dict:
+               num_dense: int = 0,
+               distinct_mask_semantics: Optional[str] = None) -> dict:
     """Runs all decoder layers.
 
     Args:
@@ -227,6 +228,7 @@ class DDQDecoder(nn.Module):
       dis_start, num_dis: static slice of the distinct queries
         (default 0, Q - num_dense).
       num_dense: static number of dense queries at the end (training).
+      distinct_mask_semantics: overrides the attribute ('row0'/'kept_set').
 
     Returns dict:
       hidden_states (L, B, Q, C) after the decoder norm;
@@ -236,9 +238,10 @@ class DDQDecoder(nn.Module):
       head_query_mask (L - 1, B, num_dis) bool, what the head reads
         (row 0 of the inverted mask, or the kept set).
     """
-    if self.distinct_mask_semantics not in ('row0', 'kept_set'):
+    semantics = distinct_mask_semantics or self.distinct_mask_semantics
+    if semantics not in ('row0', 'kept_set'):
       raise ValueError('distinct_mask_semantics must be "row0" or '
-                       f'"kept_set", got {self.distinct_mask_semantics!r}')
+                       f'"kept_set", got {semantics!r}')
     b, q, c = query.shape
     if num_dis is None:
       num_dis = q - dis_start - num_dense
@@ -281,7 +284,7 @@ class DDQDecoder(nn.Module):
         self_attn_mask = self_attn_mask.at[:, s:e, s:e].set(
             distinct_block_mask(keep))
         head_mask = (row0_of_inverted(keep)
-                     if self.distinct_mask_semantics == 'row0' else keep)
+                     if semantics == 'row0' else keep)
         candidates = head_mask
         keeps.append(keep)
         head_masks.append(head_mask)

@@ -107,10 +107,7 @@ class DDQDETR(nn.Module):
   def run_decoder(self, query, reference_points, enc, *, self_attn_mask=None,
                   dis_start=0, num_dense=0, semantics=None):
     """The decoder with the head's branches, then the head forward."""
-    decoder = self.decoder
-    if semantics is not None and semantics != decoder.distinct_mask_semantics:
-      decoder = decoder.clone(distinct_mask_semantics=semantics)
-    dec = decoder(
+    dec = self.decoder(
         query, value=enc['memory'], key_padding_mask=enc['memory_mask'],
         self_attn_mask=self_attn_mask, reference_points=reference_points,
         spatial_shapes=enc['spatial_shapes'],
@@ -118,7 +115,7 @@ class DDQDETR(nn.Module):
         cls_fn=self.bbox_head.cls,
         aux_reg_fn=self.bbox_head.aux_reg if num_dense else None,
         dis_start=dis_start, num_dis=self.config.num_queries,
-        num_dense=num_dense)
+        num_dense=num_dense, distinct_mask_semantics=semantics)
     cls, box = self.bbox_head(dec['hidden_states'], dec['references'],
                               num_dense=num_dense)
     out = dict(hidden_states=dec['hidden_states'],

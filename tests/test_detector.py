@@ -1,0 +1,177 @@
+"""The full DDQDETR module against the golden fixtures: every inference
+intermediate and the detections (infer.npz), both distinct-mask semantics,
+the jitted predict function (compile once, input validation), and the
+training forward with the fixture's injected denoising queries (train.npz)."""
+import jax
+import numpy as np
+import pytest
+
+from conftest import assert_close
+from ddq_jax.models.detector import build_model
+from ddq_jax.models.inference import make_predict_fn, validate_predict_inputs
+
+EXACT = ('feat_mask', 'memory_mask', 'topk_indices', 'num_kept_after_nms',
+         'distinct_keep_0', 'distinct_keep_1', 'head_query_mask_0',
+         'head_query_mask_1', 'det_labels', 'spatial_shapes',
+         'level_start_index', 'dense_topk_indices', 'self_attn_mask_in',
+         'dn_meta_num_denoising_queries', 'dn_meta_num_denoising_groups',
+         'dn_meta_num_dense_queries')
+INFER_INPUTS = ('images', 'pad_mask', 'img_shapes', 'scale_factors')
+
+
+def _compare(out, ref, keys):
+  for k in keys:
+    a, e = np.asarray(out[k]), ref[k]
+    if k in EXACT:
+      np.testing.assert_array_equal(a, e, err_msg=k)
+    elif k == 'det_bboxes':
+      assert np.abs(a - e).max() <= 1e-3, (k, np.abs(a - e).max())
+    elif k == 'det_scores':
+      assert np.abs(a - e).max() <= 1e-5, (k, np.abs(a - e).max())
+    elif k == 'output_proposals':
+      np.testing.assert_array_equal(np.isinf(a), np.isinf(e), err_msg=k)
+      fin = np.isfinite(e)
+      assert_close(a[fin], e[fin], name=k)
+    else:
+      assert_close(a, e, name=k)
+
+
+@pytest.fixture(scope='module')
+def model(tiny_config):
+  return build_model(tiny_config)
+
+
+@pytest.fixture(scope='module')
+def infer_out(model, tiny_variables, tiny_inputs):
+  fn = jax.jit(lambda v, x: model.apply(
+      v, x['images'], x['pad_mask'], img_shapes=x['img_shapes'],
+      scale_factors=x['scale_factors']))
+  out = fn(tiny_variables, {k: tiny_inputs[k] for k in INFER_INPUTS})
+  return jax.tree.map(np.asarray, out)
+
+
+def test_inference_matches_every_fixture_tensor(infer_out, tiny_infer):
+  keys = sorted(tiny_infer)
+  missing = [k for k in keys if k not in infer_out]
+  assert not missing, missing
+  _compare(infer_out, tiny_infer, keys)
+  assert infer_out['det_valid'].all()
+
+
+def test_kept_set_semantics_changes_only_image0_predictions(
+    model, tiny_variables, tiny_inputs, infer_out, tiny_infer):
+  out = jax.jit(lambda v, x: model.apply(
+      v, x['images'], x['pad_mask'], img_shapes=x['img_shapes'],
+      scale_factors=x['scale_factors'], semantics='kept_set'))(
+          tiny_variables, {k: tiny_inputs[k] for k in INFER_INPUTS})
+  out = jax.tree.map(np.asarray, out)
+  # Same decoder states (3 layers: only the head's reading changes).
+  for k in ('hidden_states', 'references', 'all_layers_cls_scores',
+            'distinct_keep_0', 'distinct_keep_1', 'head_query_mask_0'):
+    np.testing.assert_array_equal(out[k], infer_out[k], err_msg=k)
+  keep1 = tiny_infer['distinct_keep_1']
+  np.testing.assert_array_equal(out['head_query_mask_1'], keep1)
+  # Image 1 (query 0 not kept): row 0 == kept set, identical detections.
+  for k in ('det_bboxes', 'det_scores', 'det_labels'):
+    np.testing.assert_array_equal(out[k][1], infer_out[k][1], err_msg=k)
+  # Image 0: only kept queries may be detected; row0 used all 30.
+  cls = infer_out['all_layers_cls_scores'][-1, 0]
+  probs = 1 / (1 + np.exp(-cls.astype(np.float64)))
+  probs[~keep1[0]] = -1
+  expect = np.sort(probs.ravel())[::-1][:out['det_scores'].shape[1]]
+  np.testing.assert_allclose(out['det_scores'][0], expect, rtol=1e-6)
+  assert not np.array_equal(out['det_scores'][0], infer_out['det_scores'][0])
+
+
+def test_predict_fn_compiles_once(model, tiny_variables, tiny_inputs,
+                                  tiny_infer):
+  predict = make_predict_fn(model)
+  args = [tiny_inputs[k] for k in INFER_INPUTS]
+  dets = predict(tiny_variables, *args)
+  assert set(dets) == {'boxes', 'scores', 'labels', 'valid'}
+  assert np.abs(np.asarray(dets['boxes']) - tiny_infer['det_bboxes']).max() \
+      <= 1e-3
+  assert np.abs(np.asarray(dets['scores']) - tiny_infer['det_scores']).max() \
+      <= 1e-5
+  np.testing.assert_array_equal(dets['labels'], tiny_infer['det_labels'])
+  # New values, same shapes: no retrace.
+  images = np.ascontiguousarray(args[0][::-1])
+  dets2 = predict(tiny_variables, images, args[1][::-1], args[2][::-1],
+                  args[3][::-1])
+  jax.block_until_ready(dets2)
+  assert predict.trace_count() == 1
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(images=np.zeros((2, 8, 8, 3), np.float64)), 'images: expected dtype float32'),
+    (dict(images=np.zeros((8, 8, 3), np.float32)), 'images: expected rank 4'),
+    (dict(images=np.zeros((2, 8, 8, 1), np.float32)), 'images: expected 3 channels'),
+    (dict(pad_mask=np.zeros((2, 8, 8), np.int32)), 'pad_mask: expected dtype bool'),
+    (dict(pad_mask=np.zeros((2, 8, 9), bool)), 'pad_mask: expected shape'),
+    (dict(img_shapes=np.zeros((2, 3))), 'img_shapes: expected shape'),
+    (dict(scale_factors=np.zeros((1, 2))), 'scale_factors: expected shape'),
+    (dict(images=[[1.0]]), 'images: expected an array'),
+])
+def test_predict_input_validation(bad, message):
+  args = dict(images=np.zeros((2, 8, 8, 3), np.float32),
+              pad_mask=np.zeros((2, 8, 8), bool),
+              img_shapes=np.full((2, 2), 8), scale_factors=np.ones((2, 2)))
+  args.update(bad)
+  with pytest.raises((TypeError, ValueError), match=message):
+    validate_predict_inputs(**args)
+
+
+def test_predict_fn_rejects_before_tracing(model, tiny_variables):
+  predict = make_predict_fn(model)
+  with pytest.raises(TypeError, match='images: expected dtype float32'):
+    predict(tiny_variables, np.zeros((1, 32, 32, 3), np.float64),
+            np.zeros((1, 32, 32), bool), np.full((1, 2), 32),
+            np.ones((1, 2)))
+  with pytest.raises(TypeError, match='variables'):
+    predict([], np.zeros((1, 32, 32, 3), np.float32),
+            np.zeros((1, 32, 32), bool), np.full((1, 2), 32), np.ones((1, 2)))
+  assert predict.trace_count() == 0
+
+
+TRAIN_INPUTS = ('images', 'pad_mask', 'img_shapes', 'gt_boxes', 'gt_labels',
+                'gt_valid', 'dn_label_ids', 'dn_reference_points')
+
+
+@pytest.fixture(scope='module')
+def train_out(model, tiny_variables, tiny_inputs):
+  def f(v, x):
+    return model.apply(
+        v, x['images'], x['pad_mask'], img_shapes=x['img_shapes'],
+        train=True, gt_boxes=x['gt_boxes'], gt_labels=x['gt_labels'],
+        gt_valid=x['gt_valid'],
+        dn_inject=dict(label_ids=x['dn_label_ids'],
+                       reference_points=x['dn_reference_points']))
+  out = jax.jit(f)(tiny_variables, {k: tiny_inputs[k] for k in TRAIN_INPUTS})
+  return jax.tree.map(np.asarray, out)
+
+
+def test_training_forward_matches_fixture(train_out, tiny_train, tiny_inputs):
+  d = int(train_out['num_dn_slots'])
+  d_ref = tiny_inputs['dn_label_ids'].shape[1]
+  q = train_out['decoder_query_in'].shape[1]
+  assert q == tiny_train['decoder_query_in'].shape[1] + d - d_ref
+  assert int(train_out['num_dense_queries']) == 45
+  # Our static dn slots: the reference's d_ref used slots, then unused ones.
+  idx = np.concatenate([np.arange(d_ref), np.arange(d, q)])
+  out = dict(train_out)
+  for k in ('decoder_query_in', 'decoder_reference_in'):
+    out[k] = out[k][:, idx]
+  for k in ('hidden_states', 'references', 'all_layers_cls_scores',
+            'all_layers_bbox_preds'):
+    out[k] = out[k][:, :, idx]
+  out['self_attn_mask_in'] = out['self_attn_mask_in'][idx][:, idx]
+  keys = sorted(k for k in tiny_train
+                if not k.startswith(('loss', 'grad')))
+  missing = [k for k in keys if k not in out]
+  assert not missing, missing
+  _compare(out, tiny_train, keys)
+  # Unused slots are invisible to every other query.
+  mask = train_out['self_attn_mask_in']
+  unused = np.arange(d_ref, d)
+  others = np.setdiff1d(np.arange(q), unused)
+  assert mask[np.ix_(others, unused)].all()
