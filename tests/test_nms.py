@@ -33,7 +33,9 @@ def ref_batched_nms(boxes, scores, thr, offset=True):
       w = max(np.float32(0), min(x2[i], x2[j]) - max(x1[i], x1[j]))
       h = max(np.float32(0), min(y2[i], y2[j]) - max(y1[i], y1[j]))
       inter = np.float32(w * h)
-      ovr = np.float32(inter / np.float32(np.float32(areas[i] + areas[j]) - inter))
+      with np.errstate(invalid='ignore', divide='ignore'):  # 0/0: NaN, kept
+        ovr = np.float32(inter / np.float32(np.float32(areas[i] + areas[j])
+                                            - inter))
       if ovr > thr:
         select[b] = False
   return order[select]
