@@ -200,3 +200,78 @@ def test_tfds_adapter_on_fake_records():
   assert src.load(1)['image'] is None
   assert len(TfdsSource(recs).category_ids) == 80
   assert TfdsSource(recs).category_ids[-1] == COCO_CATEGORY_IDS[-1] == 90
+
+
+def _prepare_fake_tfds(root, syn):
+  """A tiny prepared TFDS dataset in coco/2017's layout, without TF."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  pytest.importorskip('array_record')
+  names = list(syn.class_names)
+
+  class FakeCocoForTest(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.1.0')
+
+    def _info(self):
+      features = tfds.features.FeaturesDict({
+          'image': tfds.features.Image(encoding_format='jpeg'),
+          'image/filename': tfds.features.Text(),
+          'image/id': np.int64,
+          'objects': tfds.features.Sequence({
+              'id': np.int64, 'area': np.int64,
+              'bbox': tfds.features.BBoxFeature(),
+              'label': tfds.features.ClassLabel(names=names),
+              'is_crowd': np.bool_})})
+      return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {'validation': self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(len(syn)):
+        r = syn.load(i)
+        h, w = r['image'].shape[:2]
+        b = r['boxes']
+        path = os.path.join(root, f'{i}.jpg')
+        cv2.imwrite(path, r['image'][..., ::-1])
+        yield i, {'image': path, 'image/filename': f'{i}.jpg',
+                  'image/id': r['image_id'],
+                  'objects': [{'id': k, 'area': 1, 'is_crowd': False,
+                               'label': int(r['labels'][k]),
+                               'bbox': tfds.features.BBox(
+                                   b[k, 1] / h, b[k, 0] / w,
+                                   b[k, 3] / h, b[k, 2] / w)}
+                              for k in range(len(b))]}
+
+  builder = FakeCocoForTest(data_dir=os.path.join(root, 'data'),
+                            file_format='array_record')
+  builder.download_and_prepare()
+  return builder.name
+
+
+def test_tfds_prepared_directory_without_tensorflow(tmp_path):
+  import sys  # pylint: disable=g-import-not-at-top
+  from ddq_jax.config import load_config  # pylint: disable=g-import-not-at-top
+  from ddq_jax.data import build_dataset, make_eval_iterator  # pylint: disable=g-import-not-at-top
+  syn = _syn(n=5, split='validation')
+  name = _prepare_fake_tfds(str(tmp_path), syn)
+  c = load_config('tiny', {'data.source': 'tfds', 'data.tfds_name': name,
+                           'data.tfds_data_dir': str(tmp_path / 'data')})
+  ds = build_dataset(c, 'validation')
+  assert 'tensorflow' not in sys.modules
+  assert len(ds) == 5 and ds.class_names == syn.class_names
+  assert ds.category_ids == syn.category_ids
+  assert sorted(ds.image_ids.tolist()) == syn.image_ids.tolist()
+  for i in range(5):
+    a = ds.load(i)
+    j = int(np.nonzero(syn.image_ids == a['image_id'])[0][0])
+    b = syn.load(j)
+    # decoded like mmcv: cv2.imdecode(IMREAD_COLOR) of the stored JPEG
+    ref = cv2.imread(str(tmp_path / f'{j}.jpg'), cv2.IMREAD_COLOR)[..., ::-1]
+    np.testing.assert_array_equal(a['image'], ref)
+    np.testing.assert_allclose(a['boxes'], b['boxes'], atol=1e-3)
+    np.testing.assert_array_equal(a['labels'], b['labels'])
+  batches = list(make_eval_iterator(c, batch_size=2, dataset=ds,
+                                    num_workers=0))
+  ids = np.concatenate([x['image_ids'] for x in batches])
+  assert sorted(ids[ids >= 0].tolist()) == syn.image_ids.tolist()

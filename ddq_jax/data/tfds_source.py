@@ -97,7 +97,8 @@ class TfdsSource(DetectionSource):
   Args:
     records: anything with __len__ and __getitem__ returning records in the
       layout above (a TFDS data source, or a list of dicts in tests).
-    category_ids: contiguous label -> COCO category id (default: COCO's 80).
+    category_ids: contiguous label -> category id (default: COCO's 80 ids
+      when there are 80 classes, else 1..K).
     class_names: names (default: 'class_<id>').
   """
 
@@ -105,7 +106,11 @@ class TfdsSource(DetectionSource):
                class_names: Sequence[str] | None = None):
     super().__init__()
     self.records = records
-    self.category_ids = list(category_ids or COCO_CATEGORY_IDS)
+    if category_ids is None:  # coco/2017's 80 labels, else 1..K
+      category_ids = (COCO_CATEGORY_IDS if class_names is None
+                      or len(class_names) == len(COCO_CATEGORY_IDS)
+                      else range(1, len(class_names) + 1))
+    self.category_ids = [int(c) for c in category_ids]
     self.class_names = list(class_names or
                             [f'class_{c}' for c in self.category_ids])
     self.image_ids = None
