@@ -99,6 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_image_dir = ''
   c.data.eval_ann_file = ''
   c.data.tfds_ann_file = ''          # instances JSON for metrics with tfds
+  # .npz of (image id, size) per TFDS record, built once if absent ('{split}'
+  # is filled in); lets TFDS training group by orientation like coco_dir.
+  c.data.tfds_index_file = ''
 
   # ---- optimisation ----------------------------------------------------
   c.optim = ml_collections.ConfigDict()

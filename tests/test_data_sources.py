@@ -208,7 +208,8 @@ def _prepare_fake_tfds(root, syn):
   pytest.importorskip('array_record')
   names = list(syn.class_names)
 
-  class FakeCocoForTest(tfds.core.GeneratorBasedBuilder):
+  class FakeCocoForTest(tfds.core.GeneratorBasedBuilder,
+                        skip_registration=True):
     VERSION = tfds.core.Version('1.1.0')
 
     def _info(self):
@@ -275,3 +276,36 @@ def test_tfds_prepared_directory_without_tensorflow(tmp_path):
                                     num_workers=0))
   ids = np.concatenate([x['image_ids'] for x in batches])
   assert sorted(ids[ids >= 0].tolist()) == syn.image_ids.tolist()
+
+
+def test_image_size_from_header():
+  from ddq_jax.data.tfds_source import image_size_from_header  # pylint: disable=g-import-not-at-top
+  img = np.zeros((37, 53, 3), np.uint8)
+  for ext in ('.jpg', '.png'):
+    ok, enc = cv2.imencode(ext, img)
+    assert ok and image_size_from_header(enc.tobytes()) == (37, 53)
+  assert image_size_from_header(b'garbage') is None
+
+
+def test_tfds_size_index_enables_grouping(tmp_path):
+  from ddq_jax.config import load_config  # pylint: disable=g-import-not-at-top
+  from ddq_jax.data import build_dataset, make_train_iterator  # pylint: disable=g-import-not-at-top
+  syn = _syn(n=8, split='validation')
+  name = _prepare_fake_tfds(str(tmp_path), syn)
+  index = str(tmp_path / 'idx' / 'sizes_{split}.npz')
+  c = load_config('tiny', {'data.source': 'tfds', 'data.tfds_name': name,
+                           'data.tfds_data_dir': str(tmp_path / 'data'),
+                           'data.tfds_index_file': index,
+                           'data.train_split': 'validation',
+                           'train.global_batch_size': 4})
+  ds = build_dataset(c, 'validation')
+  assert os.path.isfile(index.format(split='validation'))
+  for i in range(len(ds)):
+    assert tuple(ds.sizes[i]) == ds.load(i)['image'].shape[:2]
+  again = build_dataset(c, 'validation')  # loads the saved index
+  np.testing.assert_array_equal(again.sizes, ds.sizes)
+  np.testing.assert_array_equal(again.image_ids, ds.image_ids)
+  it = make_train_iterator(c, seed=0, dataset=ds, num_workers=0,
+                           process_index=1, process_count=2)
+  b = next(it)
+  assert b['images'].shape[0] == 2 and b['sample_valid'].all()

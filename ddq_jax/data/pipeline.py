@@ -73,6 +73,9 @@ def build_dataset(config, split: str) -> DetectionSource:
                                       name=d.tfds_name, split=split)
     src = TfdsSource(records, class_names=names)
     src.ann_file = _cfg(d, 'tfds_ann_file', '') or None
+    index = _cfg(d, 'tfds_index_file', '')
+    if index:
+      src.load_index(index.format(split=split))
     return src
   raise ValueError(f"unknown data.source {d.source!r}: expected 'synthetic', "
                    "'coco_dir' or 'tfds'")
@@ -354,14 +357,7 @@ class EvalBatchFn:
     g = self.order[k * self.gb:(k + 1) * self.gb]
     local = list(g[self.p * self.b:(self.p + 1) * self.b])
     local += [-1] * (self.b - len(local))
-    if self.sizes is not None:
-      canvas = select_canvas([self.shapes[i] for i in g if i >= 0],
-                             canvas_sizes=self.canvases)
-    elif self.pc > 1:
-      canvas = max(self.canvases, key=lambda c: (c[0] * c[1], c))
-    else:
-      canvas = None
-    samples, valid = [], []
+    samples = []
     for idx in local:
       s = None
       if idx >= 0:
@@ -370,16 +366,27 @@ class EvalBatchFn:
           s = T.apply_test_transform(r['image'], r['boxes'], r['labels'],
                                      scale=self.scale)
           s.update(image_id=r['image_id'], orig_size=r['orig_size'])
-          h, w = s['image'].shape[:2]
-          if canvas is not None and (h > canvas[0] or w > canvas[1]):
-            log.warning('image %s: decoded size differs from metadata; '
-                        'skipped', r['image_id'])
-            s = None
-      valid.append(s is not None)
       samples.append(s)
-    if canvas is None:
-      shapes = [s['image'].shape[:2] for s in samples if s is not None]
-      canvas = select_canvas(shapes or [(1, 1)], canvas_sizes=self.canvases)
+    shapes = [s['image'].shape[:2] for s in samples if s is not None]
+    canvas = None
+    if self.pc == 1:  # one host: the decoded shapes decide
+      try:
+        canvas = select_canvas(shapes or [(1, 1)], canvas_sizes=self.canvases)
+      except ValueError:
+        canvas = None
+    if canvas is None and self.sizes is not None:
+      canvas = select_canvas([self.shapes[i] for i in g if i >= 0],
+                             canvas_sizes=self.canvases)
+    elif canvas is None:
+      canvas = max(self.canvases, key=lambda c: (c[0] * c[1], c))
+    for i, s in enumerate(samples):
+      if s is not None and (s['image'].shape[0] > canvas[0]
+                            or s['image'].shape[1] > canvas[1]):
+        log.warning('image %s: decoded size %s differs from its metadata and '
+                    'fits no agreed canvas; skipped', s['image_id'],
+                    s['orig_size'])
+        samples[i] = None
+    valid = [s is not None for s in samples]
     samples = [s if s is not None else _blank(canvas, self.mean)
                for s in samples]
     return collate(samples, canvas=canvas, max_gt=self.max_gt,

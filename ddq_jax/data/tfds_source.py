@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
-from ddq_jax.data.base import DetectionSource, coco_gt_from_arrays
+from ddq_jax.data.base import DetectionSource, coco_gt_from_arrays, log
 from ddq_jax.data.transforms import decode_image
 
 COCO_CATEGORY_IDS = (
@@ -91,6 +91,33 @@ def open_tfds_source(*, data_dir: str, name: str, split: str):
   return src, names
 
 
+def image_size_from_header(data: bytes) -> tuple[int, int] | None:
+  """(h, w) from a JPEG's SOF or a PNG's IHDR header, None if unknown.
+
+  Note: the stored size; OpenCV's IMREAD_COLOR applies EXIF orientation,
+  so a rotated JPEG decodes transposed (the loaders handle a mismatch).
+  """
+  if data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) >= 24:
+    return (int.from_bytes(data[20:24], 'big'),
+            int.from_bytes(data[16:20], 'big'))
+  if data[:2] != b'\xff\xd8':
+    return None
+  i = 2
+  while i + 9 < len(data):
+    if data[i] != 0xFF:
+      i += 1
+      continue
+    marker = data[i + 1]
+    if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+      i += 1 if marker == 0xFF else 2
+      continue
+    if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+      return (int.from_bytes(data[i + 5:i + 7], 'big'),
+              int.from_bytes(data[i + 7:i + 9], 'big'))
+    i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
+  return None
+
+
 class TfdsSource(DetectionSource):
   """Adapter from a TFDS-layout random-access source to DetectionSource.
 
@@ -130,6 +157,38 @@ class TfdsSource(DetectionSource):
   @image_ids.setter
   def image_ids(self, value):
     self._ids = value
+
+  def load_index(self, path: str) -> None:
+    """Loads (or builds once, then saves) ``path``: an .npz of every
+    record's image id and (h, w), so training can group batches by
+    orientation and every host agrees on canvases.  Building reads every
+    record once (image bytes included) and parses only the headers."""
+    if os.path.isfile(path):
+      z = np.load(path)
+      if len(z['image_ids']) != len(self):
+        raise ValueError(f'{path}: index of {len(z["image_ids"])} records, '
+                         f'the split has {len(self)}; delete it to rebuild')
+      self._ids, self.sizes = z['image_ids'], z['sizes']
+      return
+    ids = np.zeros((len(self),), np.int64)
+    sizes = np.zeros((len(self), 2), np.int32)
+    for i in range(len(self)):
+      rec = self.records[i]
+      ids[i] = int(_get(rec, 'image/id'))
+      raw = _get(rec, 'image')
+      hw = (image_size_from_header(bytes(raw))
+            if isinstance(raw, (bytes, bytearray, memoryview)) else None)
+      if hw is None:
+        img = self._decode(raw)
+        hw = img.shape[:2] if img is not None else (0, 0)
+      sizes[i] = hw
+      if i % 10000 == 0:
+        log.info('TFDS size index: %d / %d', i, len(self))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, image_ids=ids, sizes=sizes)
+    os.replace(tmp, path)
+    self._ids, self.sizes = ids, sizes
 
   def _decode(self, raw) -> np.ndarray | None:
     if isinstance(raw, (bytes, bytearray, memoryview)):
