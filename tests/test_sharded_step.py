@@ -1,0 +1,108 @@
+"""The sharded train step on 8 fake CPU devices (conftest sets XLA_FLAGS)
+equals the 1-device step, compiles once, and keeps its shardings."""
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, os.path.dirname(__file__))
+import standin  # noqa: E402
+
+from ddq_jax.parallel import mesh as mesh_lib  # noqa: E402
+from ddq_jax.parallel import sharding as shd  # noqa: E402
+from ddq_jax.training import optimizer as opt  # noqa: E402
+from ddq_jax.training import state as state_lib  # noqa: E402
+from ddq_jax.training import step as step_lib  # noqa: E402
+
+STEPS = 4
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 2e-6   # params are O(0.1); 4 AdamW steps of lr <= 1e-3
+
+
+def _run(config, devices, *, min_size=shd.MIN_SHARD_SIZE, steps=STEPS):
+  mesh = mesh_lib.make_mesh(config, devices)
+  tx, _ = opt.make_optimizer(config, standin.STEPS_PER_EPOCH)
+  state, shardings = state_lib.init_train_state(
+      standin.init_variables, tx, jax.random.PRNGKey(0), mesh,
+      min_size=min_size)
+  step = step_lib.jit_train_step(
+      step_lib.make_train_step(standin.loss_fn, tx,
+                               compute_dtype=config.train.compute_dtype),
+      mesh, shardings)
+  losses, metrics = [], []
+  for i in range(steps):
+    batch = shd.shard_batch(standin.make_batch(i, 8), mesh)
+    state, m = step(state, batch)
+    m = shd.to_host(m)
+    losses.append(float(m['loss']))
+    metrics.append(m)
+  return dict(losses=np.array(losses), metrics=metrics, state=state,
+              compiles=step_lib.compile_count(step), mesh=mesh, batch=batch)
+
+
+@pytest.fixture(scope='module')
+def single():
+  return _run(standin.config(), jax.devices()[:1])
+
+
+def _compare(a, b):
+  np.testing.assert_allclose(a['losses'], b['losses'], rtol=LOSS_RTOL)
+  pa = jax.tree.leaves(shd.to_host(a['state'].params))
+  pb = jax.tree.leaves(shd.to_host(b['state'].params))
+  print(f"max loss rel diff {np.max(np.abs(a['losses'] / b['losses'] - 1)):.3g}, "
+        f"max param abs diff {max(np.abs(x - y).max() for x, y in zip(pa, pb)):.3g}")
+  for x, y in zip(pa, pb):
+    np.testing.assert_allclose(x, y, rtol=0, atol=PARAM_ATOL)
+  assert int(a['state'].step) == int(b['state'].step) == STEPS
+
+
+def test_mesh_shapes():
+  assert len(jax.devices()) == 8
+  m = mesh_lib.make_mesh(standin.config())
+  assert dict(m.shape) == {'data': 8, 'model': 1}
+  c = standin.config()
+  c.mesh.model = 2
+  assert dict(mesh_lib.make_mesh(c).shape) == {'data': 4, 'model': 2}
+  assert shd.leaf_spec((64, 256), 2, min_size=100) == P(None, 'model')
+  assert shd.leaf_spec((3, 3, 8, 16), 2, min_size=100) == P(None, None, None, 'model')
+  assert shd.leaf_spec((256,), 2, min_size=100) == P()
+  assert shd.leaf_spec((5, 7), 2, min_size=1) == P()
+
+
+def test_data_parallel_8_devices(single):
+  assert single['compiles'] == 1
+  dp = _run(standin.config(), jax.devices())
+  assert dp['compiles'] == 1
+  assert dp['batch']['images'].sharding.spec == P('data')
+  assert len(dp['batch']['images'].addressable_shards) == 8
+  assert dp['batch']['images'].addressable_shards[0].data.shape[0] == 1
+  _compare(dp, single)
+  # metrics beyond the loss also agree (lr read from the optimiser state).
+  for a, b in zip(dp['metrics'], single['metrics']):
+    assert set(a) >= {'loss', 'loss_bbox', 'loss_cls', 'grad_norm', 'lr',
+                      'lr_backbone'}
+    np.testing.assert_allclose(a['grad_norm'], b['grad_norm'], rtol=1e-4)
+    assert a['lr'] == b['lr']
+
+
+def test_data_and_model_parallel(single):
+  c = standin.config()
+  c.mesh.model = 2
+  mp = _run(c, jax.devices(), min_size=256)
+  assert mp['compiles'] == 1
+  hidden = mp['state'].params['hidden']['kernel']
+  assert hidden.sharding.spec == P(None, 'model')
+  mu = [x for x in jax.tree.leaves(mp['state'].opt_state)
+        if getattr(x, 'shape', ()) == (64, 256)]
+  assert mu and all(x.sharding.spec == P(None, 'model') for x in mu)
+  _compare(mp, single)
+
+
+def test_bf16_compute(single):
+  bf = _run(standin.config(compute_dtype='bfloat16'), jax.devices(), steps=2)
+  assert bf['compiles'] == 1
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf['state'].params))
+  np.testing.assert_allclose(bf['losses'], single['losses'][:2], rtol=2e-2)
