@@ -235,6 +235,7 @@ class _Iterator:
 
   def __init__(self, fn, *, start: int, stop: int, num_workers: int):
     self.fn, self.stop, self.num_workers = fn, stop, num_workers
+    self.source = fn.source  # the DetectionSource (category ids, coco_gt)
     self.step = start
     self._it = None
 
@@ -273,6 +274,7 @@ class _Iterator:
 class TrainIterator(_Iterator):
   """Infinite training iterator; position = the next step.
 
+  ``source`` is the DetectionSource (category_ids, class_names, coco_gt).
   ``get_state()`` -> {'step': int}; ``set_state(state)`` moves to that step
   (checkpoint resume); ``epoch`` is the epoch of the next batch.
   """
@@ -394,7 +396,8 @@ class EvalBatchFn:
 
 
 class EvalIterator(_Iterator):
-  """Finite iterator over the whole split; ``len()`` = number of batches."""
+  """Finite iterator over the whole split; ``len()`` = number of batches;
+  ``source`` is the DetectionSource (category_ids, coco_gt())."""
 
   def __len__(self) -> int:
     return self.stop

@@ -208,3 +208,34 @@ def write_coco_folder(source: SyntheticSource, *, out_dir: str,
   with open(ann_path, 'w') as f:
     json.dump(gt, f)
   return img_dir, ann_path
+
+
+def main(argv=None) -> None:
+  """``python -m ddq_jax.data.synthetic OUT_DIR [--num N] [--split S]``:
+  writes a synthetic COCO folder in the standard layout
+  (OUT_DIR/<split>2017/, OUT_DIR/annotations/instances_<split>2017.json), so
+  ``data.source='coco_dir', data.coco_dir=OUT_DIR`` reads it."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  ap = argparse.ArgumentParser(description=main.__doc__)
+  ap.add_argument('out_dir')
+  ap.add_argument('--num', type=int, default=64)
+  ap.add_argument('--split', default='validation')
+  ap.add_argument('--size', type=int, default=256)
+  ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument('--num_classes', type=int, default=8)
+  ap.add_argument('--max_objects', type=int, default=6)
+  ap.add_argument('--ext', default='png', choices=('png', 'jpg'))
+  a = ap.parse_args(argv)
+  sub = {'train': 'train2017', 'validation': 'val2017',
+         'val': 'val2017'}.get(a.split, a.split)
+  src = SyntheticSource(seed=a.seed, split=a.split, num_images=a.num,
+                        size=a.size, num_classes=a.num_classes,
+                        max_objects=a.max_objects)
+  img_dir, ann = write_coco_folder(
+      src, out_dir=a.out_dir, image_dir=sub,
+      ann_file=f'annotations/instances_{sub}.json', ext=a.ext)
+  print(f'wrote {len(src)} images to {img_dir} and {ann}')
+
+
+if __name__ == '__main__':
+  main()
