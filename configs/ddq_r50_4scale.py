@@ -102,6 +102,12 @@ def get_config() -> ml_collections.ConfigDict:
   # .npz of (image id, size) per TFDS record, built once if absent ('{split}'
   # is filled in); lets TFDS training group by orientation like coco_dir.
   c.data.tfds_index_file = ''
+  # 'static': eval batches use canvas_sizes (few compiles). 'exact': pad each
+  # batch only to its largest image rounded up to pad_size_divisor, as the
+  # reference (batch 1, pad_size_divisor=1: no padding) - one compile per
+  # distinct shape.
+  c.data.eval_canvas = 'static'
+  c.data.pad_size_divisor = 1
 
   # ---- optimisation ----------------------------------------------------
   c.optim = ml_collections.ConfigDict()

@@ -260,3 +260,18 @@ def test_grain_workers_match_in_process(cfg, train_ds):
     assert b.get_state() == {'step': 6}
   finally:
     b.close()
+
+
+def test_eval_exact_canvas(cfg):
+  c = load_config('tiny', {'data.synthetic_num_eval': 5,
+                           'data.eval_canvas': 'exact'})
+  for b in make_eval_iterator(c, batch_size=1, num_workers=0):
+    assert tuple(b['images'].shape[1:3]) == tuple(b['img_shapes'][0])
+    assert not b['pad_mask'].any()
+  c = load_config('tiny', {'data.synthetic_num_eval': 5,
+                           'data.eval_canvas': 'exact',
+                           'data.pad_size_divisor': 32})
+  for b in make_eval_iterator(c, batch_size=2, num_workers=0):
+    h, w = b['images'].shape[1:3]
+    assert h % 32 == 0 and w % 32 == 0
+    assert h - 32 < b['img_shapes'][:, 0].max() <= h

@@ -336,6 +336,8 @@ class EvalBatchFn:
     self.source, self.b = source, int(batch_size)
     self.p, self.pc, self.max_gt = process_index, process_count, max_gt
     self.scale = tuple(data_cfg.test_scale)
+    self.exact = _cfg(data_cfg, 'eval_canvas', 'static') == 'exact'
+    self.divisor = max(1, int(_cfg(data_cfg, 'pad_size_divisor', 1)))
     self.canvases = [tuple(c) for c in data_cfg.canvas_sizes]
     self.mean, self.std = tuple(data_cfg.mean), tuple(data_cfg.std)
     n = len(source)
@@ -371,7 +373,14 @@ class EvalBatchFn:
       samples.append(s)
     shapes = [s['image'].shape[:2] for s in samples if s is not None]
     canvas = None
-    if self.pc == 1:  # one host: the decoded shapes decide
+    if self.exact:  # pad only to the batch's largest image (mmdet's way)
+      if self.pc > 1 and self.sizes is not None:
+        shapes = [self.shapes[i] for i in g if i >= 0]
+      d = self.divisor
+      hm = max([int(h) for h, _ in shapes] or [1])
+      wm = max([int(w) for _, w in shapes] or [1])
+      canvas = (-(-hm // d) * d, -(-wm // d) * d)
+    elif self.pc == 1:  # one host: the decoded shapes decide
       try:
         canvas = select_canvas(shapes or [(1, 1)], canvas_sizes=self.canvases)
       except ValueError:
@@ -420,6 +429,10 @@ def make_eval_iterator(config, *, batch_size: int, split: str | None = None,
     EvalIterator of batch-contract dicts; samples past the end of the split
     (and unreadable images) have sample_valid False and image_ids -1.
     Samples are ordered landscape-first when sizes are known.
+    With data.eval_canvas == 'exact' the canvas is the batch's largest image
+    rounded up to data.pad_size_divisor (not a static canvas): with
+    batch_size 1 that is the reference's padding exactly (none), at the
+    cost of one compile per distinct shape.
   """
   src = dataset if dataset is not None else build_dataset(
       config, split or config.data.eval_split)
