@@ -1,0 +1,223 @@
+"""Prove a converted checkpoint reproduces the reference, tensor by tensor.
+
+    python -m ddq_jax.verify BUNDLE_DIR [--train] [--dump OUT.npz]
+
+BUNDLE_DIR is laid out like shared/fixtures/tiny: ``checkpoint.pth`` (an
+mmdetection DDQ-DETR checkpoint), ``inputs.npz`` (images, pad_mask,
+img_shapes, scale_factors; for --train also gt_* and the injected
+denoising queries dn_*), and optionally ``infer.npz`` / ``train.npz`` with
+the reference's tensors.  Every tensor we can compare is printed with its
+error against DESIGN.md's target; the exit status is 1 when a target is
+missed, 2 on bad input.  ``--dump`` writes what we computed under the
+fixture's key names and layouts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _load_npz(path):
+  with np.load(path, allow_pickle=False) as f:
+    return {k: f[k] for k in f.files}
+
+
+def _dn_slot_view(x, *, axis, d_ref, d_ours):
+  """Our static denoising slots -> the reference's: keep the first d_ref of
+  our d_ours slots (the rest are unused, masked slots)."""
+  if d_ref == d_ours:
+    return x
+  x = np.asarray(x)
+  idx = np.r_[0:d_ref, d_ours:x.shape[axis]]
+  return np.take(x, idx, axis=axis)
+
+
+def run_inference(model, variables, inputs):
+  import jax
+  fn = jax.jit(lambda v, *a: model.apply(v, a[0], a[1], img_shapes=a[2],
+                                         scale_factors=a[3]))
+  args = (inputs['images'].astype(np.float32), inputs['pad_mask'].astype(bool),
+          inputs['img_shapes'].astype(np.int32),
+          inputs['scale_factors'].astype(np.float32))
+  t0 = time.perf_counter()
+  out = jax.device_get(fn(variables, *args))
+  return out, time.perf_counter() - t0
+
+
+def run_training(model, config, variables, inputs):
+  """Training forward + every loss + gradients, with the injected dn queries."""
+  import jax
+  from ddq_jax.losses.criterion import CriterionConfig, total_loss
+  from ddq_jax.training.objective import forward_and_losses
+  cfg = CriterionConfig.from_config(config)
+  batch = dict(images=inputs['images'].astype(np.float32),
+               pad_mask=inputs['pad_mask'].astype(bool),
+               img_shapes=inputs['img_shapes'].astype(np.int32),
+               gt_boxes=inputs['gt_boxes'].astype(np.float32),
+               gt_labels=inputs['gt_labels'].astype(np.int32),
+               gt_valid=inputs['gt_valid'].astype(bool))
+  inject = dict(label_ids=inputs['dn_label_ids'],
+                reference_points=inputs['dn_reference_points'],
+                num_groups=inputs['dn_num_groups'])
+
+  def objective(params):
+    out, losses = forward_and_losses(
+        model, {'params': params, 'batch_stats': variables['batch_stats']},
+        batch, jax.random.key(0), cfg=cfg, dn_inject=inject)
+    return total_loss(losses), (out, losses)
+
+  t0 = time.perf_counter()
+  (loss, (out, losses)), grads = jax.device_get(
+      jax.jit(jax.value_and_grad(objective, has_aux=True))(
+          variables['params']))
+  return loss, out, losses, grads, time.perf_counter() - t0
+
+
+def _grad_of(grads, torch_name, ref):
+  from ddq_jax.conversion.mapping import match_rule
+  rule, path = match_rule(torch_name, ref.ndim)
+  if rule is None or not path or path[0] != 'params':
+    return None
+  node = grads
+  for key in path[1:]:
+    if key not in node:
+      return None
+    node = node[key]
+  return _torch_layout(np.asarray(node), rule)
+
+
+def _torch_layout(x, rule):
+  """Our leaf back to the torch layout (inverse of the table's layout)."""
+  name = getattr(rule.layout, '__name__', '')
+  if name == '_linear':
+    return x.T
+  if name == '_conv':
+    return np.transpose(x, (3, 2, 0, 1))
+  return x
+
+
+def _global_norm(tree):
+  import jax
+  return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64))))
+                           for x in jax.tree.leaves(tree))))
+
+
+def verify(bundle: str, *, train: bool = False, dump: str | None = None,
+           config_path: str | None = None, out=print) -> bool:
+  from ddq_jax.config import load_config
+  from ddq_jax.conversion.converter import convert_checkpoint
+  from ddq_jax.models.detector import build_model
+  from ddq_jax.parity import compare
+
+  ckpt = os.path.join(bundle, 'checkpoint.pth')
+  inputs_path = os.path.join(bundle, 'inputs.npz')
+  for path in (ckpt, inputs_path):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path}: missing; a bundle holds checkpoint.pth '
+                              'and inputs.npz (optionally infer.npz, train.npz)')
+  config = load_config(config_path) if config_path else None
+  variables, config, report = convert_checkpoint(ckpt, config)
+  out(f'converted {report.converted} tensors ({len(report.ignored)} ignored) '
+      f'config {config.name}')
+  inputs = _load_npz(inputs_path)
+  model = build_model(config)
+  dumped, results = {}, []
+
+  ours, seconds = run_inference(model, variables, inputs)
+  out(f'inference: {seconds:.1f} s (compile + run)')
+  for key, value in ours.items():
+    if isinstance(value, np.ndarray) or np.isscalar(value):
+      dumped[key] = np.asarray(value)
+  ref_path = os.path.join(bundle, 'infer.npz')
+  if os.path.isfile(ref_path):
+    ref = _load_npz(ref_path)
+    for key in sorted(ref):
+      if key in dumped:
+        results.append(compare(key, dumped[key], ref[key]))
+      else:
+        out(f'--   {key:<44s} not produced by us')
+
+  if train:
+    loss, tout, losses, grads, seconds = run_training(model, config, variables,
+                                                      inputs)
+    out(f'training forward + loss + gradients: {seconds:.1f} s')
+    d_ours = int(tout['num_dn_slots'])
+    d_ref = int(inputs['dn_label_ids'].shape[1])
+    train_dump = {}
+    for key, value in tout.items():
+      if not isinstance(value, np.ndarray):
+        continue
+      if key in ('hidden_states', 'references', 'all_layers_cls_scores',
+                 'all_layers_bbox_preds', 'decoder_query_in',
+                 'decoder_reference_in'):
+        value = _dn_slot_view(value, axis=value.ndim - 2, d_ref=d_ref,
+                              d_ours=d_ours)
+      elif key == 'self_attn_mask_in':
+        value = _dn_slot_view(_dn_slot_view(value, axis=0, d_ref=d_ref,
+                                            d_ours=d_ours),
+                              axis=1, d_ref=d_ref, d_ours=d_ours)
+      train_dump[key] = value
+    for key, value in losses.items():
+      train_dump[f'loss/{key}'] = np.asarray(value)
+    train_dump['loss_total'] = np.asarray(loss).reshape(1)
+    train_dump['grad_global_norm'] = np.asarray(_global_norm(grads))
+    ref_path = os.path.join(bundle, 'train.npz')
+    if os.path.isfile(ref_path):
+      ref = _load_npz(ref_path)
+      for key in sorted(ref):
+        if key.startswith('grad/'):
+          g = _grad_of(grads, key[5:], ref[key])
+          if g is None:
+            out(f'--   {key:<44s} no such parameter')
+            continue
+          train_dump[key] = g
+        if key in train_dump:
+          results.append(compare(f'train:{key}' if not key.startswith(
+              ('loss', 'grad')) else key, train_dump[key], ref[key]))
+    dumped.update({(k if k.startswith(('loss', 'grad')) else f'train/{k}'): v
+                   for k, v in train_dump.items()})
+
+  for r in results:
+    out(r.line())
+  failed = [r for r in results if not r.ok]
+  out(f'{len(results) - len(failed)} of {len(results)} tensors within target')
+  if dump:
+    np.savez(dump, **dumped)
+    out(f'wrote {len(dumped)} arrays to {dump}')
+  return not failed
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m ddq_jax.verify', description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('bundle', help='directory with checkpoint.pth, '
+                      'inputs.npz and optionally infer.npz / train.npz')
+  parser.add_argument('--train', action='store_true',
+                      help='also run the training forward, every loss and '
+                      'the gradients, and compare with train.npz')
+  parser.add_argument('--dump', default=None,
+                      help='write our tensors to this .npz (fixture key names)')
+  parser.add_argument('--config', default=None,
+                      help="use this config instead of the checkpoint's "
+                      "meta['cfg']")
+  args = parser.parse_args(argv)
+  from ddq_jax.conversion.converter import ConversionError
+  from ddq_jax.conversion.mmdet_config import ConfigParseError
+  from ddq_jax.conversion.torch_pickle import CheckpointReadError
+  try:
+    ok = verify(args.bundle, train=args.train, dump=args.dump,
+                config_path=args.config)
+  except (FileNotFoundError, CheckpointReadError, ConfigParseError,
+          ConversionError, KeyError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0 if ok else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
