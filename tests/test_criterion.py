@@ -27,20 +27,36 @@ def _args(t, i):
       gt_valid=i['gt_valid'], img_shapes=i['img_shapes'])
 
 
-def _run(args, *, cfg=CFG, num_dense=NUM_DENSE, **kw):
-  args = dict(args)
-  cls, box = args.pop('all_layers_cls_scores'), args.pop('all_layers_bbox_preds')
-  fn = jax.jit(lambda c, b, a: C.ddq_criterion(c, b, num_dense=num_dense,
-                                               cfg=cfg, **kw, **a))
-  return {k: float(v) for k, v in fn(cls, box, args).items()}
+def _split(args):
+  a = {k: np.asarray(v) for k, v in args.items()}
+  a['gt_labels'] = a['gt_labels'].astype(np.int32)
+  a['img_shapes'] = a['img_shapes'].astype(np.int32)
+  return a.pop('all_layers_cls_scores'), a.pop('all_layers_bbox_preds'), a
 
 
-def _grads(args, *, cfg=CFG, num_dense=NUM_DENSE):
-  args = dict(args)
-  cls, box = args.pop('all_layers_cls_scores'), args.pop('all_layers_bbox_preds')
-  def total(c, b, a):
-    return C.total_loss(C.ddq_criterion(c, b, num_dense=num_dense, cfg=cfg, **a))
-  return jax.jit(jax.grad(total, (0, 1)))(cls, box, args)
+_TRACES = []
+
+
+def _losses_and_grads(c, b, a):
+  _TRACES.append(c.shape)
+  def total(c, b):
+    losses = C.ddq_criterion(c, b, num_dense=NUM_DENSE, cfg=CFG, **a)
+    return C.total_loss(losses), losses
+  (_, losses), grads = jax.value_and_grad(total, (0, 1), has_aux=True)(c, b)
+  return losses, grads
+
+
+# One jitted function for every test with the fixture's shapes: one compile.
+_JIT = jax.jit(_losses_and_grads)
+
+
+def _run(args):
+  losses, _ = _JIT(*_split(args))
+  return {k: float(v) for k, v in losses.items()}
+
+
+def _grads(args):
+  return _JIT(*_split(args))[1]
 
 
 def _rel(a, b):
@@ -203,22 +219,12 @@ def test_edge_cases_finite(tiny_train, tiny_inputs, case):
 
 
 def test_one_compile_for_given_shapes(tiny_train, tiny_inputs):
-  traces = []
-  cfg = CFG
-
-  @jax.jit
-  def fn(c, b, a):
-    traces.append(1)
-    return C.total_loss(C.ddq_criterion(c, b, num_dense=NUM_DENSE, cfg=cfg,
-                                        **a))
-
-  for case in (None, 'image_without_gt', 'all_masked_but_one'):
+  """The whole loss and its gradient (every term, every layer) are one jit:
+  one trace/compile for the given shapes, whatever the content."""
+  shape = tiny_train['all_layers_cls_scores'].shape
+  for case in (None, 'image_without_gt', 'all_masked_but_one', 'no_gt_at_all'):
     a = _edge_args(tiny_train, tiny_inputs, case) if case else _args(
         tiny_train, tiny_inputs)
-    a = {k: np.asarray(v) for k, v in a.items()}
-    a['gt_labels'] = a['gt_labels'].astype(np.int32)
-    a['img_shapes'] = a['img_shapes'].astype(np.int32)
-    c, b = a.pop('all_layers_cls_scores'), a.pop('all_layers_bbox_preds')
-    assert np.isfinite(float(fn(c, b, a)))
-  assert len(traces) == 1
-  assert fn._cache_size() == 1
+    losses, _ = _JIT(*_split(a))
+    assert all(np.isfinite(float(v)) for v in losses.values())
+  assert _TRACES.count(shape) == 1, _TRACES
