@@ -275,3 +275,19 @@ def test_eval_exact_canvas(cfg):
     h, w = b['images'].shape[1:3]
     assert h % 32 == 0 and w % 32 == 0
     assert h - 32 < b['img_shapes'][:, 0].max() <= h
+
+
+def test_unknown_sizes_never_crash():
+  c = load_config('tiny', {'train.global_batch_size': 8})
+  ds = SyntheticSource(seed=0, split='train', num_images=32, size=128,
+                       num_classes=8, max_objects=4)
+  ds.sizes = None  # like TFDS without a size index: no grouping
+  it = make_train_iterator(c, seed=0, dataset=ds, num_workers=0)
+  for _ in range(4):
+    b = next(it)
+    _check_contract(b, c, 8)
+    assert b['sample_valid'].sum() >= 4
+    assert np.all(b['image_ids'][~b['sample_valid']] == -1)
+  big = make_train_iterator(c, seed=0, dataset=ds, num_workers=0,
+                            process_index=0, process_count=2)
+  assert big.__next__()['images'].shape[1:3] in ((160, 128), (128, 160))

@@ -180,8 +180,9 @@ class TrainBatchFn:
                                   params=p)
     h, w = out['image'].shape[:2]
     if canvas is not None and (h > canvas[0] or w > canvas[1]):
-      log.warning('image %s: decoded size %s differs from its metadata; '
-                  'skipped', r['image_id'], r['image'].shape[:2])
+      log.warning('image %s (decoded %s) does not fit the canvas %s agreed '
+                  'from metadata; replaced', r['image_id'],
+                  r['image'].shape[:2], tuple(canvas))
       return None
     out.update(image_id=r['image_id'], orig_size=r['orig_size'])
     return out
@@ -212,13 +213,31 @@ class TrainBatchFn:
           break
       valid.append(s is not None)
       samples.append(s)
-    if canvas is None:
-      canvas = select_canvas([s['image'].shape[:2] for s in samples if s],
-                             canvas_sizes=self.canvases)
+    if canvas is None:  # one host, sizes unknown: decoded shapes decide
+      canvas = _best_canvas([s['image'].shape[:2] for s in samples if s],
+                            canvases=self.canvases)
+      for i, s in enumerate(samples):
+        if s is not None and (s['image'].shape[0] > canvas[0]
+                              or s['image'].shape[1] > canvas[1]):
+          log.warning('image %s fits no canvas with the rest of its batch '
+                      '(add a square data.canvas_sizes entry); blanked',
+                      s['image_id'])
+          samples[i], valid[i] = None, False
     samples = [s if s is not None else _blank(canvas, self.mean)
                for s in samples]
     return collate(samples, canvas=canvas, max_gt=self.max_gt,
                    mean=self.mean, std=self.std, valid=valid)
+
+
+def _best_canvas(shapes, *, canvases) -> tuple[int, int]:
+  """select_canvas, or if none fits all: the one fitting the most shapes."""
+  try:
+    return select_canvas(shapes or [(1, 1)], canvas_sizes=canvases)
+  except ValueError:
+    def score(c):
+      fit = sum(h <= c[0] and w <= c[1] for h, w in shapes)
+      return (-fit, c[0] * c[1])
+    return tuple(min(canvases, key=score))
 
 
 def _blank(canvas, mean) -> dict:
@@ -373,8 +392,9 @@ class EvalBatchFn:
       samples.append(s)
     shapes = [s['image'].shape[:2] for s in samples if s is not None]
     canvas = None
-    if self.exact:  # pad only to the batch's largest image (mmdet's way)
-      if self.pc > 1 and self.sizes is not None:
+    if self.exact and (self.pc == 1 or self.sizes is not None):
+      # pad only to the batch's largest image (the reference's way)
+      if self.pc > 1:  # hosts agree through the metadata
         shapes = [self.shapes[i] for i in g if i >= 0]
       d = self.divisor
       hm = max([int(h) for h, _ in shapes] or [1])
