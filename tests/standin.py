@@ -159,3 +159,38 @@ def config(**train):
 
 
 STEPS_PER_EPOCH = 4
+
+
+def setup(config, devices=None, *, min_size=None, seed=0):
+  """mesh, tx, fresh state, its shardings and the jitted step."""
+  from ddq_jax.parallel import mesh as mesh_lib
+  from ddq_jax.parallel import sharding as shd
+  from ddq_jax.training import optimizer as opt
+  from ddq_jax.training import state as state_lib
+  from ddq_jax.training import step as step_lib
+  mesh = mesh_lib.make_mesh(config, devices)
+  tx, _ = opt.make_optimizer(config, STEPS_PER_EPOCH)
+  state, shardings = state_lib.init_train_state(
+      init_variables, tx, jax.random.PRNGKey(seed), mesh,
+      min_size=shd.MIN_SHARD_SIZE if min_size is None else min_size)
+  step = step_lib.jit_train_step(
+      step_lib.make_train_step(loss_fn, tx,
+                               compute_dtype=config.train.compute_dtype),
+      mesh, shardings)
+  return dict(mesh=mesh, tx=tx, state=state, shardings=shardings, step=step)
+
+
+def run_steps(setup_, state, start, n, *, global_batch=8, checkpointer=None,
+              config=None):
+  """Runs steps start..start+n-1 (feeding this process's rows); returns
+  (state, losses)."""
+  from ddq_jax.parallel import sharding as shd
+  losses = []
+  for i in range(start, start + n):
+    local = make_batch(i, global_batch, process_index=jax.process_index(),
+                       process_count=jax.process_count())
+    state, m = setup_['step'](state, shd.shard_batch(local, setup_['mesh']))
+    losses.append(float(shd.to_host(m)['loss']))
+    if checkpointer is not None:
+      checkpointer.save(state, config=config)
+  return state, np.array(losses)
