@@ -175,3 +175,61 @@ def test_training_forward_matches_fixture(train_out, tiny_train, tiny_inputs):
   unused = np.arange(d_ref, d)
   others = np.setdiff1d(np.arange(q), unused)
   assert mask[np.ix_(others, unused)].all()
+
+
+def test_training_losses_and_gradients_match_fixture(
+    model, tiny_config, tiny_variables, tiny_inputs, tiny_train):
+  """End to end: training forward + criterion, value_and_grad over every
+  parameter, against the reference's loss terms and gradients."""
+  from ddq_jax.conversion.mapping import match_rule
+  from ddq_jax.losses.criterion import (CriterionConfig, ddq_criterion,
+                                        total_loss)
+  cfg = CriterionConfig.from_config(tiny_config)
+  x = {k: tiny_inputs[k] for k in TRAIN_INPUTS}
+
+  def loss_fn(params, x):
+    out = model.apply(
+        {'params': params, 'batch_stats': tiny_variables['batch_stats']},
+        x['images'], x['pad_mask'], img_shapes=x['img_shapes'], train=True,
+        gt_boxes=x['gt_boxes'], gt_labels=x['gt_labels'],
+        gt_valid=x['gt_valid'],
+        dn_inject=dict(label_ids=x['dn_label_ids'],
+                       reference_points=x['dn_reference_points']))
+    losses = ddq_criterion(
+        out['all_layers_cls_scores'], out['all_layers_bbox_preds'],
+        distinct_masks=out['head_query_mask'],
+        enc_cls_scores=out['head_in_enc_outputs_class'],
+        enc_bbox_preds=out['head_in_enc_outputs_coord'],
+        aux_enc_cls_scores=out['head_in_aux_enc_outputs_class'],
+        aux_enc_bbox_preds=out['head_in_aux_enc_outputs_coord'],
+        gt_boxes=x['gt_boxes'], gt_labels=x['gt_labels'],
+        gt_valid=x['gt_valid'], img_shapes=x['img_shapes'],
+        num_dense=out['num_dense_queries'],
+        dn_num_groups=out['dn_meta_num_denoising_groups'], cfg=cfg)
+    return total_loss(losses), losses
+
+  (total, losses), grads = jax.jit(jax.value_and_grad(
+      loss_fn, has_aux=True))(tiny_variables['params'], x)
+  ref_keys = [k for k in tiny_train if k.startswith('loss/')]
+  assert sorted(k[5:] for k in ref_keys) == sorted(losses)
+  for k in ref_keys:
+    exp = float(np.asarray(tiny_train[k]).reshape(()))
+    got = float(losses[k[5:]])
+    assert abs(got - exp) <= 1e-4 * max(abs(exp), 1e-6), (k, got, exp)
+  exp_total = float(tiny_train['loss_total'].reshape(()))
+  assert abs(float(total) - exp_total) <= 1e-4 * abs(exp_total)
+  flat = {'/'.join(p): np.asarray(g) for p, g in
+          jax.tree_util.tree_flatten_with_path(grads)[0]
+          for p in [[getattr(e, 'key', str(e)) for e in p]]}
+  for k in (k for k in tiny_train if k.startswith('grad/')):
+    name = k[5:]
+    exp = tiny_train[k]
+    rule, path = match_rule(name, exp.ndim)
+    exp = np.asarray(rule.layout(exp), np.float64)
+    got = flat['/'.join(path[1:])]
+    err = np.abs(got - exp).max() / np.abs(exp).max()
+    assert err <= 1e-3, (name, err)
+  norm = np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64)))
+                     for g in flat.values()))
+  exp_norm = float(tiny_train['grad_global_norm'])
+  assert abs(norm - exp_norm) <= 1e-3 * exp_norm, (norm, exp_norm)

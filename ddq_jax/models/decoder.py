@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from ddq_jax.models.deform_attn import MultiScaleDeformableAttention
+from ddq_jax.models.encoder import FFN
 from ddq_jax.ops.boxes import cxcywh_to_xyxy, inverse_sigmoid
 from ddq_jax.ops.nms import nms_keep
 
@@ -111,17 +112,6 @@ class SelfAttention(nn.Module):
     return query + out
 
 
-class FFN(nn.Module):
-  """mmcv ``FFN`` (2 fcs, ReLU, identity residual): layers_0_0, layers_1."""
-  embed_dims: int
-  ffn_dims: int
-
-  @nn.compact
-  def __call__(self, x):
-    y = jax.nn.relu(nn.Dense(self.ffn_dims, name='layers_0_0')(x))
-    return x + nn.Dense(self.embed_dims, name='layers_1')(y)
-
-
 class DecoderLayer(nn.Module):
   """``DeformableDetrTransformerDecoderLayer``: self-attn, norm, deformable
   cross-attn, norm, FFN, norm."""
@@ -145,7 +135,8 @@ class DecoderLayer(nn.Module):
             spatial_shapes=spatial_shapes, key_padding_mask=key_padding_mask,
             query_pos=query_pos)
     query = nn.LayerNorm(epsilon=LN_EPS, name='norms_1')(query)
-    query = FFN(c, self.ffn_dims, name='ffn')(query)
+    query = FFN(embed_dims=c, feedforward_channels=self.ffn_dims,
+                name='ffn')(query)
     return nn.LayerNorm(epsilon=LN_EPS, name='norms_2')(query)
 
 

@@ -28,9 +28,9 @@ from ddq_jax.models.encoder import DeformableEncoder
 from ddq_jax.models.head import DDQHead
 from ddq_jax.models.multiscale import prepare_multiscale_inputs
 from ddq_jax.models.neck import ChannelMapper
+from ddq_jax.models.postprocess import predict_by_feat
 from ddq_jax.models import query_selection
 from ddq_jax.models.proposals import gen_encoder_output_proposals
-from ddq_jax.ops.boxes import cxcywh_to_xyxy
 
 
 
@@ -263,41 +263,21 @@ class DDQDETR(nn.Module):
 
 
 def postprocess(config, out, img_shapes, scale_factors):
-  """Detections from the last decoder layer (``DDQDETRHead.predict_by_feat``
-  + ``DETRHead._predict_by_feat_single``, rescale=True), static shapes.
+  """Detections from the last decoder layer (``models/postprocess.py``),
+  over the queries of the head's last distinct mask.
 
-  Only the queries of the last head mask take part (non-distinct scores are
-  set to -1, below every sigmoid); sigmoid scores of all (query, class)
-  pairs, top ``max_per_img``; boxes xyxy scaled to ``img_shapes``, clamped,
-  divided by ``scale_factors`` (w, h).
-
-  Returns det_bboxes (B, M, 4), det_scores (B, M), det_labels (B, M) int32,
-  det_valid (B, M) bool (False when fewer than M pairs were distinct).
+  Returns det_bboxes (B, M, 4) xyxy in original-image pixels, det_scores
+  (B, M), det_labels (B, M) int32, det_valid (B, M) bool (False only when
+  fewer than M (query, class) pairs were distinct).
   """
-  try:
-    from ddq_jax.models import postprocess as pp  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    pp = None
-  cls = out['all_layers_cls_scores'][-1]
-  box = out['all_layers_bbox_preds'][-1]
-  mask = out['head_query_mask'][-1] if out['head_query_mask'].shape[0] else \
-      jnp.ones(cls.shape[:2], bool)
-  b, q, k = cls.shape
-  scores = jnp.where(mask[..., None], jax.nn.sigmoid(cls), -1.0)
-  top, idx = jax.lax.top_k(scores.reshape(b, q * k), config.max_per_img)
-  labels = (idx % k).astype(jnp.int32)
-  bbox = jnp.take_along_axis(box, (idx // k)[..., None], axis=1)
-  h = jnp.asarray(img_shapes, jnp.float32)[:, 0, None]
-  w = jnp.asarray(img_shapes, jnp.float32)[:, 1, None]
-  xyxy = cxcywh_to_xyxy(bbox)
-  x = jnp.clip(xyxy[..., 0::2] * w[..., None], 0, w[..., None])
-  y = jnp.clip(xyxy[..., 1::2] * h[..., None], 0, h[..., None])
-  xyxy = jnp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
-  sf = jnp.asarray(scale_factors, jnp.float32)
-  xyxy = xyxy / jnp.concatenate([sf, sf], -1)[:, None]
-  del pp
-  return dict(det_bboxes=xyxy, det_scores=top, det_labels=labels,
-              det_valid=top >= 0)
+  masks = out['head_query_mask']
+  det = predict_by_feat(
+      out['all_layers_cls_scores'], out['all_layers_bbox_preds'],
+      query_mask=masks[-1] if masks.shape[0] else None,
+      img_shapes=img_shapes, scale_factors=scale_factors,
+      max_per_img=config.max_per_img)
+  return dict(det_bboxes=det['bboxes'], det_scores=det['scores'],
+              det_labels=det['labels'], det_valid=det['valid'])
 
 
 def build_model(config) -> DDQDETR:
