@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -106,10 +107,19 @@ class TrainBatchFn:
     self.mean, self.std = tuple(data_cfg.mean), tuple(data_cfg.std)
     self.sizes = source.sizes
     self.steps_per_epoch = len(source) // self.gb
-    self._plan_epoch, self._plan = -1, None
-    self._u = self._shapes = None
+    self._cache: dict = {}  # epoch -> (uniforms, shapes, plan); read-only
+    self._lock = threading.Lock()
 
-  def _epoch(self, epoch: int) -> None:
+  def __getstate__(self):  # the lock and cache stay behind (workers)
+    state = dict(self.__dict__)
+    state['_cache'], state['_lock'] = {}, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def _epoch(self, epoch: int) -> tuple:
     """Draws epoch ``epoch``'s uniforms and shapes, and its batch plan.
 
     Full batches of one orientation first (perm order), then the leftovers
@@ -118,19 +128,20 @@ class TrainBatchFn:
     orientation samples replaced by the epoch's first samples of the
     majority orientation, so every batch fits a canvas.
     """
-    if epoch == self._plan_epoch:
-      return
+    with self._lock:  # grain may call from several threads per worker
+      hit = self._cache.get(epoch)
+    if hit is not None:
+      return hit
     n = len(self.source)
     perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-    self._u = np.random.default_rng([self.seed, epoch, 1]).random(
+    u = np.random.default_rng([self.seed, epoch, 1]).random(
         (n, T.NUM_UNIFORMS))
     if self.sizes is None:
-      self._shapes, order = None, perm
+      shapes, order = None, perm
     else:
       shapes = T.train_output_shapes(
-          self._u, sizes=self.sizes, scales=self.scales,
+          u, sizes=self.sizes, scales=self.scales,
           crop_scales=self.crop_scales, crop_size=self.crop_size)
-      self._shapes = shapes
       orient = (shapes[:, 1] < shapes[:, 0]).astype(np.int64)[perm]
       buckets, batches = ([], []), []
       for idx, o in zip(perm.tolist(), orient.tolist()):
@@ -152,24 +163,26 @@ class TrainBatchFn:
           chunk = [i if int(portrait[i]) == o else next(repl) for i in chunk]
         batches.extend(chunk)
       order = np.asarray(batches, np.int64)
-    self._plan = np.asarray(order[:self.steps_per_epoch * self.gb],
-                            np.int64).reshape(-1, self.gb)
-    self._plan_epoch = epoch
+    plan = np.asarray(order[:self.steps_per_epoch * self.gb],
+                      np.int64).reshape(-1, self.gb)
+    entry = (u, shapes, plan)
+    with self._lock:
+      self._cache[epoch] = entry
+      for old in sorted(self._cache)[:-3]:  # keep the last three epochs
+        del self._cache[old]
+    return entry
 
   def plan(self, epoch: int) -> np.ndarray:
     """(steps_per_epoch, global_batch) dataset indices of ``epoch``."""
-    self._epoch(epoch)
-    return self._plan
+    return self._epoch(epoch)[2]
 
   def params(self, epoch: int, index: int, size_hw) -> T.TrainParams:
-    self._epoch(epoch)
     return T.train_params_from_uniforms(
-        self._u[int(index)], size_hw=size_hw, scales=self.scales,
+        self._epoch(epoch)[0][int(index)], size_hw=size_hw, scales=self.scales,
         crop_scales=self.crop_scales, crop_size=self.crop_size)
 
   def out_shape(self, epoch: int, index: int) -> tuple[int, int]:
-    self._epoch(epoch)
-    return tuple(int(v) for v in self._shapes[int(index)])
+    return tuple(int(v) for v in self._epoch(epoch)[1][int(index)])
 
   def _load(self, epoch: int, index: int, canvas) -> dict | None:
     r = self.source.load(int(index))
