@@ -17,11 +17,15 @@ Two solvers, one result:
   the same row order, the same reversed ``remaining`` list with its
   swap-remove and the same tie-break that prefers an unassigned column) in
   ``lax.while_loop``s over the static padded matrix; runs inside jit on
-  device. Like scipy it transposes a wide-by-tall valid block (more valid
-  rows than valid columns), and shifts the costs by their minimum. It works
-  in the cost's dtype (float32) where scipy works in float64, so only costs
-  that tie (or differ by ~1e-7 relative) may be broken differently; the
-  optimum is exact up to that rounding.
+  device. Like scipy it transposes a valid block with more valid rows than
+  valid columns, and shifts the costs by their minimum. It works in the
+  cost's dtype: with a float64 cost (jax_enable_x64) its assignment is
+  scipy's bit for bit, ties included; in float32 only ties and near-ties
+  (~1e-7 relative) may be broken differently (e.g. which copy of a repeated
+  top-k column a row gets), the optimum being exact up to that rounding.
+  Work: min(#valid rows, #valid cols) augmenting paths, each a
+  ``lax.while_loop`` of O(max(Q, G)) vector steps over one static
+  (min(Q, G), max(Q, G)) buffer.
 
 No gradient flows through either (the cost is ``stop_gradient``-ed).
 """
@@ -83,54 +87,62 @@ def _lsap_core(cost: jnp.ndarray, nr: jnp.ndarray,
   """scipy's ``solve`` on ``cost[:nr, :nc]`` (needs nr <= nc), static (R, C).
 
   Returns ``col4row`` (R,) int32, -1 for rows >= nr.
+
+  scipy keeps the unvisited columns in a list ``remaining`` (initially
+  reversed, shrunk by swap-remove) and scans it in order; here ``pos[j]`` is
+  column j's position in that list (-1 once removed or inactive), so the
+  scan's choice (the first minimum, or the last minimum whose column is
+  still unassigned) becomes reductions over ``pos``.
   """
   num_r, num_c = cost.shape
   dtype = cost.dtype
   inf = jnp.array(jnp.inf, dtype)
+  big = jnp.iinfo(jnp.int32).max
   ar_r = jnp.arange(num_r, dtype=jnp.int32)
   ar_c = jnp.arange(num_c, dtype=jnp.int32)
+  nr = nr.astype(jnp.int32)
+  nc = nc.astype(jnp.int32)
   col_active = ar_c < nc
   active = (ar_r[:, None] < nr) & col_active[None, :]
-  cost = jnp.where(active, cost, 0)
   cmin = jnp.min(jnp.where(active, cost, inf))
-  cost = jnp.where(active, cost - jnp.where(jnp.isfinite(cmin), cmin, 0), 0)
+  cmin = jnp.where(jnp.isfinite(cmin), cmin, 0)
+  cost = jnp.where(active, cost - cmin, 0)  # scipy: input - min (>= 0)
+  pos0 = jnp.where(col_active, nc - 1 - ar_c, -1)
 
   def augmenting_path(state):
-    """One ``augmenting_path`` call for row ``cur``; returns updated state."""
+    """scipy's ``augmenting_path`` + dual update + augmentation for ``cur``."""
     (cur, u, v, col4row, row4col, path) = state
 
     def body(s):
-      (i, min_val, rem, num_rem, sr, sc, spc, path, sink) = s
+      (i, min_val, pos, num_rem, sr, spc, path, sink) = s
       sr = sr.at[i].set(True)
+      in_rem = pos >= 0
       r = min_val + cost[i] - u[i] - v
-      upd = col_active & ~sc & (r < spc)
+      upd = in_rem & (r < spc)
       path = jnp.where(upd, i, path)
       spc = jnp.where(upd, r, spc)
-      # the sequential scan over remaining[0:num_rem], vectorised:
-      pos_ok = ar_c < num_rem
-      d = jnp.where(pos_ok, spc[rem], inf)
-      low = jnp.min(d)
-      is_min = pos_ok & (d == low)
-      free_min = is_min & (row4col[rem] == -1)
-      last_free = jnp.max(jnp.where(free_min, ar_c, -1))
-      first_min = jnp.argmax(is_min).astype(jnp.int32)
-      index = jnp.where(last_free >= 0, last_free, first_min)
-      j = rem[index]
+      low = jnp.min(jnp.where(in_rem, spc, inf))
+      is_min = in_rem & (spc == low)
+      free_min = is_min & (row4col == -1)
+      j_free = jnp.argmax(jnp.where(free_min, pos, -1)).astype(jnp.int32)
+      j_first = jnp.argmin(jnp.where(is_min, pos, big)).astype(jnp.int32)
+      j = jnp.where(jnp.any(free_min), j_free, j_first)
       new_sink = jnp.where(row4col[j] == -1, j, -1)
       i = jnp.where(new_sink == -1, row4col[j], i)
-      sc = sc.at[j].set(True)
-      rem = rem.at[index].set(rem[num_rem - 1])
-      return (i, low, rem, num_rem - 1, sr, sc, spc, path, new_sink)
+      # remaining[index] = remaining[--num_remaining]
+      last = jnp.argmax(pos == num_rem - 1).astype(jnp.int32)
+      pos = pos.at[last].set(pos[j])
+      pos = pos.at[j].set(-1)
+      return (i, low, pos, num_rem - 1, sr, spc, path, new_sink)
 
     def cond(s):
-      return (s[8] == -1) & (s[3] > 0)
+      return (s[7] == -1) & (s[3] > 0)
 
-    rem0 = jnp.where(col_active, nc - 1 - ar_c, 0).astype(jnp.int32)
-    s0 = (cur, jnp.array(0, dtype), rem0, nc.astype(jnp.int32),
-          jnp.zeros((num_r,), bool), jnp.zeros((num_c,), bool),
+    s0 = (cur, jnp.array(0, dtype), pos0, nc, jnp.zeros((num_r,), bool),
           jnp.full((num_c,), inf), path, jnp.array(-1, jnp.int32))
-    (_, min_val, _, _, sr, sc, spc, path, sink) = jax.lax.while_loop(
+    (_, min_val, pos, _, sr, spc, path, sink) = jax.lax.while_loop(
         cond, body, s0)
+    sc = col_active & (pos < 0)
 
     # dual update
     u = u.at[cur].add(min_val)
@@ -147,11 +159,9 @@ def _lsap_core(cost: jnp.ndarray, nr: jnp.ndarray,
       col4row = col4row.at[i].set(j)
       return (j_next, i, col4row, row4col)
 
-    def aug_cond(a):
-      return a[1] != cur
-
     _, _, col4row, row4col = jax.lax.while_loop(
-        aug_cond, aug_body, (sink, jnp.array(-1, jnp.int32), col4row, row4col))
+        lambda a: a[1] != cur, aug_body,
+        (sink, jnp.array(-1, jnp.int32), col4row, row4col))
     return (cur + 1, u, v, col4row, row4col, path)
 
   state0 = (jnp.array(0, jnp.int32), jnp.zeros((num_r,), dtype),
@@ -168,6 +178,12 @@ def _compact_order(valid: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
   return order, jnp.sum(valid).astype(jnp.int32)
 
 
+def _fit(x: jnp.ndarray, shape) -> jnp.ndarray:
+  """Top-left crop / zero pad of a 2-d array to a static shape."""
+  x = x[:shape[0], :shape[1]]
+  return jnp.pad(x, ((0, shape[0] - x.shape[0]), (0, shape[1] - x.shape[1])))
+
+
 def _match_jax(cost, row_valid, col_valid):
   q, g = cost.shape
   if not jnp.issubdtype(cost.dtype, jnp.floating):
@@ -175,23 +191,26 @@ def _match_jax(cost, row_valid, col_valid):
   perm_r, n_r = _compact_order(row_valid)
   perm_c, n_c = _compact_order(col_valid)
   sub = cost[perm_r][:, perm_c]
+  sub = jnp.where((jnp.arange(q) < n_r)[:, None] & (jnp.arange(g) < n_c),
+                  sub, 0)
+  # scipy transposes a valid block with more rows than columns. One static
+  # buffer (min(Q,G), max(Q,G)) holds either orientation: the one that
+  # does not match the static shape is always small enough to fit.
   transpose = n_c < n_r
-  zero = jnp.array(0, jnp.int32)
-  # valid block is at most as tall as wide: rows are the queries
-  c4r = _lsap_core(sub, jnp.where(transpose, zero, n_r), n_c)  # (Q,)
-  # taller than wide: solve the transpose, rows are the gts
-  c4r_t = _lsap_core(sub.T, jnp.where(transpose, n_c, zero), n_r)  # (G,)
-
+  shape = (min(q, g), max(q, g))
+  buf = jnp.where(transpose, _fit(sub.T, shape), _fit(sub, shape))
+  nr = jnp.where(transpose, n_c, n_r)
+  nc = jnp.where(transpose, n_r, n_c)
+  c4r = _lsap_core(buf, nr, nc)  # (min(Q, G),) compact col (row) per row
+  ok = c4r >= 0
+  a = jnp.arange(shape[0], dtype=jnp.int32)
+  c4r0 = jnp.maximum(c4r, 0)
+  # compact query / gt index of each matched pair
+  cq = jnp.where(transpose, c4r0, a)
+  cg = jnp.where(transpose, a, c4r0)
+  tgt_row = jnp.where(ok, perm_r[jnp.minimum(cq, q - 1)], q)
   out = jnp.full((q,), -1, jnp.int32)
-  # direct: compact row a -> compact col c4r[a]
-  ok = (~transpose) & (jnp.arange(q) < n_r) & (c4r >= 0)
-  tgt_row = jnp.where(ok, perm_r, q)
-  out = out.at[tgt_row].set(perm_c[jnp.maximum(c4r, 0)], mode='drop')
-  # transposed: compact col b -> compact row c4r_t[b]
-  ok_t = transpose & (jnp.arange(g) < n_c) & (c4r_t >= 0)
-  tgt_row_t = jnp.where(ok_t, perm_r[jnp.maximum(c4r_t, 0)], q)
-  out = out.at[tgt_row_t].set(perm_c, mode='drop')
-  return out
+  return out.at[tgt_row].set(perm_c[jnp.minimum(cg, g - 1)], mode='drop')
 
 
 # ----------------------------------------------------------------------------
