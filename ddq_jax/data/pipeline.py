@@ -280,7 +280,10 @@ class _Iterator:
     if not flags.FLAGS.is_parsed():  # grain reads absl flags (pytest, scripts)
       flags.FLAGS.mark_as_parsed()
     ds = grain.MapDataset.range(self.step, self.stop).map(self.fn)
-    ds = ds.to_iter_dataset().mp_prefetch(
+    # Elements are whole batches (tens to hundreds of MB at full size):
+    # keep grain's per-worker thread pool and read-ahead small.
+    ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=2, prefetch_buffer_size=2)).mp_prefetch(
         grain.MultiprocessingOptions(num_workers=self.num_workers,
                                      per_worker_buffer_size=2))
     self._it = iter(ds)
