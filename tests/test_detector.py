@@ -138,16 +138,43 @@ TRAIN_INPUTS = ('images', 'pad_mask', 'img_shapes', 'gt_boxes', 'gt_labels',
 
 
 @pytest.fixture(scope='module')
-def train_out(model, tiny_variables, tiny_inputs):
-  def f(v, x):
-    return model.apply(
-        v, x['images'], x['pad_mask'], img_shapes=x['img_shapes'],
-        train=True, gt_boxes=x['gt_boxes'], gt_labels=x['gt_labels'],
+def train_run(model, tiny_config, tiny_variables, tiny_inputs):
+  """One compile: training forward + criterion, value_and_grad over every
+  parameter.  Returns (total, losses, forward outputs, grads), numpy."""
+  from ddq_jax.losses.criterion import (CriterionConfig, ddq_criterion,
+                                        total_loss)
+  cfg = CriterionConfig.from_config(tiny_config)
+
+  def loss_fn(params, x):
+    out = model.apply(
+        {'params': params, 'batch_stats': tiny_variables['batch_stats']},
+        x['images'], x['pad_mask'], img_shapes=x['img_shapes'], train=True,
+        gt_boxes=x['gt_boxes'], gt_labels=x['gt_labels'],
         gt_valid=x['gt_valid'],
         dn_inject=dict(label_ids=x['dn_label_ids'],
                        reference_points=x['dn_reference_points']))
-  out = jax.jit(f)(tiny_variables, {k: tiny_inputs[k] for k in TRAIN_INPUTS})
-  return jax.tree.map(np.asarray, out)
+    losses = ddq_criterion(
+        out['all_layers_cls_scores'], out['all_layers_bbox_preds'],
+        distinct_masks=out['head_query_mask'],
+        enc_cls_scores=out['head_in_enc_outputs_class'],
+        enc_bbox_preds=out['head_in_enc_outputs_coord'],
+        aux_enc_cls_scores=out['head_in_aux_enc_outputs_class'],
+        aux_enc_bbox_preds=out['head_in_aux_enc_outputs_coord'],
+        gt_boxes=x['gt_boxes'], gt_labels=x['gt_labels'],
+        gt_valid=x['gt_valid'], img_shapes=x['img_shapes'],
+        num_dense=out['num_dense_queries'],
+        dn_num_groups=out['dn_meta_num_denoising_groups'], cfg=cfg)
+    return total_loss(losses), (losses, out)
+
+  x = {k: tiny_inputs[k] for k in TRAIN_INPUTS}
+  (total, (losses, out)), grads = jax.jit(jax.value_and_grad(
+      loss_fn, has_aux=True))(tiny_variables['params'], x)
+  return jax.tree.map(np.asarray, (total, losses, out, grads))
+
+
+@pytest.fixture(scope='module')
+def train_out(train_run):
+  return train_run[2]
 
 
 def test_training_forward_matches_fixture(train_out, tiny_train, tiny_inputs):
@@ -177,39 +204,11 @@ def test_training_forward_matches_fixture(train_out, tiny_train, tiny_inputs):
   assert mask[np.ix_(others, unused)].all()
 
 
-def test_training_losses_and_gradients_match_fixture(
-    model, tiny_config, tiny_variables, tiny_inputs, tiny_train):
+def test_training_losses_and_gradients_match_fixture(train_run, tiny_train):
   """End to end: training forward + criterion, value_and_grad over every
   parameter, against the reference's loss terms and gradients."""
   from ddq_jax.conversion.mapping import match_rule
-  from ddq_jax.losses.criterion import (CriterionConfig, ddq_criterion,
-                                        total_loss)
-  cfg = CriterionConfig.from_config(tiny_config)
-  x = {k: tiny_inputs[k] for k in TRAIN_INPUTS}
-
-  def loss_fn(params, x):
-    out = model.apply(
-        {'params': params, 'batch_stats': tiny_variables['batch_stats']},
-        x['images'], x['pad_mask'], img_shapes=x['img_shapes'], train=True,
-        gt_boxes=x['gt_boxes'], gt_labels=x['gt_labels'],
-        gt_valid=x['gt_valid'],
-        dn_inject=dict(label_ids=x['dn_label_ids'],
-                       reference_points=x['dn_reference_points']))
-    losses = ddq_criterion(
-        out['all_layers_cls_scores'], out['all_layers_bbox_preds'],
-        distinct_masks=out['head_query_mask'],
-        enc_cls_scores=out['head_in_enc_outputs_class'],
-        enc_bbox_preds=out['head_in_enc_outputs_coord'],
-        aux_enc_cls_scores=out['head_in_aux_enc_outputs_class'],
-        aux_enc_bbox_preds=out['head_in_aux_enc_outputs_coord'],
-        gt_boxes=x['gt_boxes'], gt_labels=x['gt_labels'],
-        gt_valid=x['gt_valid'], img_shapes=x['img_shapes'],
-        num_dense=out['num_dense_queries'],
-        dn_num_groups=out['dn_meta_num_denoising_groups'], cfg=cfg)
-    return total_loss(losses), losses
-
-  (total, losses), grads = jax.jit(jax.value_and_grad(
-      loss_fn, has_aux=True))(tiny_variables['params'], x)
+  total, losses, _, grads = train_run
   ref_keys = [k for k in tiny_train if k.startswith('loss/')]
   assert sorted(k[5:] for k in ref_keys) == sorted(losses)
   for k in ref_keys:

@@ -247,6 +247,12 @@ class DDQDETR(nn.Module):
       if img_shapes is not None and scale_factors is not None:
         out.update(postprocess(self.config, out, img_shapes, scale_factors))
       return out
+    missing = [n for n, x in (('gt_boxes', gt_boxes), ('gt_labels', gt_labels),
+                              ('gt_valid', gt_valid),
+                              ('img_shapes', img_shapes)) if x is None]
+    if missing:
+      raise ValueError(f'train=True needs {missing} (padded ground truth '
+                       'and the real (h, w) of each image)')
     dn_in = self.training_queries(
         enc['memory'], output_memory, output_proposals,
         gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
