@@ -147,3 +147,20 @@ def test_module_matches_numpy_reference():
                           value.astype(np.float64), ref.astype(np.float64),
                           SHAPES, mask, pos.astype(np.float64), nh, nl, npt)
     assert_close(actual, expected, rel=1e-5, name=f'module ref{ref.shape[-1]}')
+
+
+def test_op_location_gradient_matches_finite_differences():
+  """d out / d location (grid_sample's backward), away from cell edges."""
+  value, loc, attn = _random_inputs(3, b=1, q=2, nh=2, dh=2, npt=2)
+  cot = np.random.default_rng(4).normal(size=(1, 2, 4))
+  f = lambda l: (multi_scale_deformable_attention(
+      value, spatial_shapes=SHAPES, sampling_locations=l,
+      attention_weights=attn) * cot).sum()
+  g = np.asarray(jax.grad(f)(loc))
+  eps = 1e-4
+  for pos in [(0, 1, 0, 0, 1, 0), (0, 0, 1, 1, 0, 1), (0, 1, 1, 2, 1, 0)]:
+    d = np.zeros(loc.shape, np.float64)
+    d[pos] = eps
+    num = (_msda_np(value, SHAPES, loc + d, attn) * cot).sum() - (
+        _msda_np(value, SHAPES, loc - d, attn) * cot).sum()
+    assert abs(g[pos] - num / (2 * eps)) <= 1e-3 * max(1.0, abs(g[pos])), pos
