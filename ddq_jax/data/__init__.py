@@ -39,6 +39,17 @@ hosts agree and jit compiles once per canvas)::
 
 Padding samples are the mean colour (0 after normalisation) filling the
 whole canvas, with img_shapes = canvas, no boxes: nothing divides by zero.
+With grain workers (num_workers > 0) the arrays arrive as grain
+SharedMemoryArray (an np.ndarray subclass); call ``close()`` on an iterator
+you abandon.  Typical use::
+
+  it = make_train_iterator(config, seed=config.train.seed, start_step=step,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count())
+  batch = next(it); ...; ckpt_extra = it.get_state()   # {'step': n}
+  ev = make_eval_iterator(config, batch_size=config.eval.batch_size,
+                          process_index=..., process_count=...)
+  gt = ev.source.coco_gt(); ids = ev.source.category_ids
 
 Reference behaviour (mmdetection 3.3.0, DDQ configs): images decoded with
 OpenCV (IMREAD_COLOR, BGR -> RGB); test: Resize((1333, 800), keep_ratio)
