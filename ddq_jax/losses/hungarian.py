@@ -18,10 +18,10 @@ Two solvers, one result:
   swap-remove and the same tie-break that prefers an unassigned column) in
   ``lax.while_loop``s over the static padded matrix; runs inside jit on
   device. Like scipy it transposes a valid block with more valid rows than
-  valid columns, and shifts the costs by their minimum. It works in the
-  cost's dtype: with a float64 cost (jax_enable_x64) its assignment is
-  scipy's bit for bit, ties included; in float32 only ties and near-ties
-  (~1e-7 relative) may be broken differently (e.g. which copy of a repeated
+  valid columns. It works in the cost's dtype: with a float64 cost
+  (jax_enable_x64) its assignment is scipy's (1.17) bit for bit, ties
+  included; in float32 only ties and near-ties (~1e-7 relative) may be
+  broken differently (e.g. which copy of a repeated
   top-k column a row gets), the optimum being exact up to that rounding.
   Work: min(#valid rows, #valid cols) augmenting paths, each a
   ``lax.while_loop`` of O(max(Q, G)) vector steps over one static
@@ -104,9 +104,9 @@ def _lsap_core(cost: jnp.ndarray, nr: jnp.ndarray,
   nc = nc.astype(jnp.int32)
   col_active = ar_c < nc
   active = (ar_r[:, None] < nr) & col_active[None, :]
-  cmin = jnp.min(jnp.where(active, cost, inf))
-  cmin = jnp.where(jnp.isfinite(cmin), cmin, 0)
-  cost = jnp.where(active, cost - cmin, 0)  # scipy: input - min (>= 0)
+  # (some scipy versions shift the costs by their minimum first; the one
+  # installed here, 1.17, does not, and neither do we)
+  cost = jnp.where(active, cost, 0)
   pos0 = jnp.where(col_active, nc - 1 - ar_c, -1)
 
   def augmenting_path(state):
