@@ -192,6 +192,11 @@ def _edge_args(t, i, case):
   elif case == 'fewer_distinct_than_gt':
     a['distinct_masks'][:] = False
     a['distinct_masks'][:, :, [4, 11]] = True
+  elif case == 'saturated_logits':   # sigmoid == 0 or 1 exactly in float32
+    c = a['all_layers_cls_scores']
+    c[:, :, ::3] = 40.0
+    c[:, :, 1::3] = -120.0
+    a['aux_enc_cls_scores'][:, ::2] = 40.0
   elif case == 'all_masked_but_one':
     a['distinct_masks'][:] = False
     a['distinct_masks'][:, :, 5] = True
@@ -199,7 +204,8 @@ def _edge_args(t, i, case):
 
 
 EDGE_CASES = ['image_without_gt', 'max_gt_and_none', 'no_gt_at_all',
-              'zero_area_gt', 'fewer_distinct_than_gt', 'all_masked_but_one']
+              'zero_area_gt', 'fewer_distinct_than_gt', 'all_masked_but_one',
+              'saturated_logits']
 
 
 @pytest.mark.parametrize('case', EDGE_CASES)

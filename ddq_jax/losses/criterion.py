@@ -32,9 +32,11 @@ import jax
 import jax.numpy as jnp
 
 from ddq_jax.ops import boxes as box_ops
+from ddq_jax.losses import match_costs as mc
 from ddq_jax.losses.dense_aux import (F32_EPS, dense_aux_loss, focal_cost,
-                                      get_matcher, giou_cost, l1_cost,
-                                      reduce_mean, sigmoid_focal_elementwise)
+                                      get_matcher,
+                                      per_image_cost, reduce_mean,
+                                      sigmoid_focal_elementwise)
 from ddq_jax.losses.dn_loss import box_losses, dn_loss
 
 
@@ -89,15 +91,20 @@ def hungarian_cost_distinct(cls_logits, bbox_preds, *, gt_boxes, gt_labels,
   """HungarianAssigner cost of DINO/DDQ: FocalLossCost(2) + BBoxL1Cost(5,
   xywh, normalised) + IoUCost(giou, 2).  (..., B, Q, K), (..., B, Q, 4)
   sigmoid cxcywh -> (..., B, Q, G)."""
-  factor = _factor(img_shapes, bbox_preds.dtype)
-  pred_px = box_ops.cxcywh_to_xyxy(bbox_preds) * factor
   labels = jnp.where(gt_valid, gt_labels, 0).astype(jnp.int32)
-  pred_n = box_ops.xyxy_to_cxcywh(pred_px) / factor
-  gt_n = box_ops.xyxy_to_cxcywh(gt_boxes) / factor
-  return (focal_cost(cls_logits, labels, weight=cfg.match_cls_weight,
-                     alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
-          + l1_cost(pred_n, gt_n, weight=cfg.match_bbox_weight)
-          + giou_cost(pred_px, gt_boxes, weight=cfg.match_iou_weight))
+
+  def one(c, bx, gb, gl, hw):
+    # = match_costs.hungarian_cost with the jit-safe focal cost.
+    f = jnp.stack([hw[1], hw[0], hw[1], hw[0]]).astype(bx.dtype)
+    px = box_ops.cxcywh_to_xyxy(bx) * f
+    return (focal_cost(c, gl, weight=cfg.match_cls_weight,
+                       alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+            + mc.bbox_l1_cost_pixels(px, gb, img_hw=hw, box_format='xywh',
+                                     weight=cfg.match_bbox_weight)
+            + mc.iou_cost(px, gb, weight=cfg.match_iou_weight,
+                          iou_mode='giou'))
+  return per_image_cost(one, (cls_logits, bbox_preds), (gt_boxes, labels),
+                        img_shapes=img_shapes)
 
 
 def set_loss(cls_logits, bbox_preds, assigned, *, query_mask, gt_boxes,

@@ -16,9 +16,7 @@ Reference semantics reproduced (mmdet 3.3.0):
   both divided by ``clamp(reduce_mean(sum of metrics), 1)``; the per-image
   terms are summed over images (as mmengine's ``parse_losses`` does).
 
-This file also holds private elementary helpers (focal / QFL / L1 / GIoU
-sums, matching costs, a scipy matcher) used while ``basic.py``,
-``match_costs.py`` and ``hungarian.py`` are not in the tree.
+Elementary pieces: ddq_jax/losses/basic.py, match_costs.py, hungarian.py.
 """
 from __future__ import annotations
 
@@ -30,131 +28,52 @@ import numpy as np
 
 from ddq_jax.ops import boxes as box_ops
 
+from ddq_jax.losses import basic
+from ddq_jax.losses import match_costs as mc
+from ddq_jax.losses.hungarian import hungarian_match
+
 F32_EPS = float(np.finfo(np.float32).eps)   # mmdet weight_reduce_loss eps
-
-# --------------------------------------------------------------------------
-# Private elementary pieces (fallback until ddq_jax/losses/basic.py,
-# match_costs.py and hungarian.py land; same arithmetic as mmdet).
-# --------------------------------------------------------------------------
-
-
-def _bce_with_logits(x, t):
-  """torch's ``binary_cross_entropy_with_logits`` (reduction none)."""
-  return jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
-
-
-def _bce_prob(p, t):
-  """torch's ``F.binary_cross_entropy`` (logs clamped at -100)."""
-  logp = jnp.maximum(jnp.log(p), -100.0)
-  log1mp = jnp.maximum(jnp.log(1 - p), -100.0)
-  return -(t * logp + (1 - t) * log1mp)
 
 
 def sigmoid_focal_elementwise(logits, targets, *, alpha=0.25, gamma=2.0):
-  """mmdet ``py_sigmoid_focal_loss`` before reduction: (..., K) -> (..., K).
-  ``targets`` one-hot float (..., K)."""
-  p = jax.nn.sigmoid(logits)
-  pt = (1 - p) * targets + p * (1 - targets)
-  fw = (alpha * targets + (1 - alpha) * (1 - targets)) * pt**gamma
-  return _bce_with_logits(logits, targets) * fw
+  """mmdet ``py_sigmoid_focal_loss`` before reduction, (..., K) -> (..., K);
+  ``targets`` one-hot float (..., K) (background rows all zero)."""
+  return basic.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma)
 
 
 def qfl_prob_rows(probs, labels, scores, *, beta=2.0):
-  """mmdet ``quality_focal_loss_with_prob`` per row.
-
-  probs (..., K) in [0, 1]; labels (...) int, K = background;
-  scores (...) quality targets.  Returns (...) summed over K.
-  """
+  """mmdet ``quality_focal_loss_with_prob`` per row: probs (..., K),
+  labels (...) (K = background), scores (...) -> (...)."""
   k = probs.shape[-1]
-  neg = _bce_prob(probs, 0.0) * probs**beta
-  onehot = jax.nn.one_hot(labels, k, dtype=probs.dtype)   # bg -> all zeros
-  p_lab = jnp.sum(probs * onehot, -1)
-  pos = _bce_prob(p_lab, scores) * jnp.abs(scores - p_lab)**beta
-  is_pos = (labels >= 0) & (labels < k)
-  loss = jnp.sum(neg * (1 - onehot), -1) + jnp.where(
-      is_pos, pos, jnp.sum(neg * onehot, -1))
-  return loss
+  out = basic.quality_focal_loss(probs.reshape(-1, k), labels.reshape(-1),
+                                 scores.reshape(-1), beta=beta, activated=True)
+  return out.reshape(labels.shape)
 
 
-def focal_cost(logits, gt_labels, *, weight, alpha=0.25, gamma=2.0,
+def focal_cost(cls_logits, gt_labels, *, weight=2.0, alpha=0.25, gamma=2.0,
                eps=1e-12):
-  """mmdet ``FocalLossCost``: (..., R, K) logits, (..., C) labels -> (..., R, C)."""
-  p = jax.nn.sigmoid(logits)
-  neg = -jnp.log(1 - p + eps) * (1 - alpha) * p**gamma
-  pos = -jnp.log(p + eps) * alpha * (1 - p)**gamma
-  diff = pos - neg
-  idx = jnp.broadcast_to(gt_labels[..., None, :],
-                         diff.shape[:-1] + gt_labels.shape[-1:])
-  return jnp.take_along_axis(diff, idx, axis=-1) * weight
+  """mmdet ``FocalLossCost``: (Q, K) logits x (G,) labels -> (Q, G).
+
+  Same as ``match_costs.focal_loss_cost`` but with ``log(max(1 - p, 0) +
+  eps)``: under jit XLA re-associates ``1 - p + eps`` into ``(1 + eps) - p``
+  (= 1 - p in float32), giving -inf (and a scipy error) where p == 1."""
+  p = jax.nn.sigmoid(cls_logits)
+  neg = -jnp.log(jnp.maximum(1 - p, 0.0) + eps) * (1 - alpha) * p**gamma
+  pos = -jnp.log(jnp.maximum(p, 0.0) + eps) * alpha * (1 - p)**gamma
+  labels = jnp.clip(gt_labels.astype(jnp.int32), 0, cls_logits.shape[-1] - 1)
+  return (jnp.take(pos, labels, axis=-1) - jnp.take(neg, labels, axis=-1)) * weight
 
 
-def l1_cost(pred_norm, gt_norm, *, weight):
-  """``torch.cdist(p=1)``: (..., R, 4) x (..., C, 4) -> (..., R, C)."""
-  return jnp.sum(jnp.abs(pred_norm[..., :, None, :] - gt_norm[..., None, :, :]),
-                 -1) * weight
-
-
-def giou_cost(pred_px, gt_px, *, weight):
-  """mmdet ``IoUCost(iou_mode='giou')``: -GIoU, (..., R, C)."""
-  return -box_ops.pairwise_giou(pred_px, gt_px, eps=1e-6) * weight
-
-
-def _scipy_match_np(cost, row_valid, col_valid):
-  from scipy.optimize import linear_sum_assignment
-  cost = np.asarray(cost)
-  row_valid = np.asarray(row_valid)
-  col_valid = np.asarray(col_valid)
-  out = np.full(cost.shape[:-1], -1, np.int32)
-  flat_c = cost.reshape((-1,) + cost.shape[-2:])
-  flat_r = row_valid.reshape((-1, cost.shape[-2]))
-  flat_v = col_valid.reshape((-1, cost.shape[-1]))
-  flat_o = out.reshape((-1, cost.shape[-2]))
-  for n in range(flat_c.shape[0]):
-    rows = np.nonzero(flat_r[n])[0]
-    cols = np.nonzero(flat_v[n])[0]
-    if rows.size == 0 or cols.size == 0:
-      continue
-    ri, ci = linear_sum_assignment(flat_c[n][np.ix_(rows, cols)])
-    flat_o[n, rows[ri]] = cols[ci]
-  return flat_o.reshape(out.shape)
-
-
-def _fallback_match(cost, *, row_valid, col_valid, solver='scipy'):
-  """(..., R, C) cost -> (..., R) int32 column per row, -1 unmatched.
-  Exact ``linear_sum_assignment`` on the valid sub-matrix (host callback)."""
-  if solver != 'scipy':
-    raise NotImplementedError(f'fallback matcher: solver {solver!r}')
-  out_shape = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
-  return jax.pure_callback(_scipy_match_np, out_shape, cost, row_valid,
-                           col_valid, vmap_method='sequential')
-
-
-def get_matcher() -> Callable:
-  """``hungarian_match`` from ddq_jax.losses.hungarian when available,
-  else the private scipy fallback.  Signature:
-  ``match(cost (..., R, C), *, row_valid, col_valid, solver) -> (..., R)``."""
-  try:
-    from ddq_jax.losses.hungarian import hungarian_match  # noqa: F401
-    return _batched(hungarian_match)
-  except ImportError:
-    return _fallback_match
-
-
-def _batched(fn):
-  """Adapts a matcher that may only take a single (R, C) matrix."""
-  def match(cost, *, row_valid, col_valid, solver='scipy'):
-    lead = cost.shape[:-2]
-    if not lead:
-      return fn(cost, row_valid=row_valid, col_valid=col_valid, solver=solver)
-    c = cost.reshape((-1,) + cost.shape[-2:])
-    r = jnp.broadcast_to(row_valid, lead + row_valid.shape[-1:]).reshape(
-        (-1, cost.shape[-2]))
-    v = jnp.broadcast_to(col_valid, lead + col_valid.shape[-1:]).reshape(
-        (-1, cost.shape[-1]))
-    out = jax.vmap(lambda a, b, d: fn(a, row_valid=b, col_valid=d,
-                                      solver=solver))(c, r, v)
-    return out.reshape(cost.shape[:-1])
-  return match
+def per_image_cost(fn, preds, gts, *, img_shapes):
+  """Applies a one-image cost ``fn(*preds, *gts, img_hw) -> (Q, G)`` to
+  preds (..., B, Q, x) and gts (B, G, ...), img_shapes (B, 2) -> (..., B, Q, G)."""
+  lead = preds[0].shape[:-2]                       # (..., B)
+  p_flat = [p.reshape((-1,) + p.shape[-2:]) for p in preds]
+  g_flat = [jnp.broadcast_to(g, lead + g.shape[1:]).reshape((-1,) + g.shape[1:])
+            for g in gts]
+  hw = jnp.broadcast_to(img_shapes, lead + (2,)).reshape(-1, 2)
+  out = jax.vmap(fn)(*p_flat, *g_flat, hw)
+  return out.reshape(lead + out.shape[1:])
 
 
 def reduce_mean(x, axis_name: Optional[str]):
@@ -162,6 +81,26 @@ def reduce_mean(x, axis_name: Optional[str]):
   if axis_name is None:
     return x
   return jax.lax.pmean(x, axis_name)
+
+
+def _batched(fn):
+  """A one-matrix matcher over leading dims (vmap: one host callback)."""
+  def match(cost, *, row_valid, col_valid, solver='scipy'):
+    lead = cost.shape[:-2]
+    r, c = cost.shape[-2:]
+    row_valid = jnp.broadcast_to(row_valid, lead + (r,)).reshape(-1, r)
+    col_valid = jnp.broadcast_to(col_valid, lead + (c,)).reshape(-1, c)
+    out = jax.vmap(lambda a, b, d: fn(a, row_valid=b, col_valid=d,
+                                      solver=solver))(
+        cost.reshape(-1, r, c), row_valid, col_valid)
+    return out.reshape(lead + (r,))
+  return match
+
+
+def get_matcher() -> Callable:
+  """``hungarian.hungarian_match`` over leading dims (one solver call):
+  ``match(cost (..., R, C), *, row_valid, col_valid, solver) -> (..., R)``."""
+  return _batched(hungarian_match)
 
 
 # --------------------------------------------------------------------------
@@ -198,9 +137,18 @@ def topk_hungarian_assign(probs, boxes_px, *, gt_boxes, gt_labels, gt_valid,
   scores = jnp.take_along_axis(probs, idx, axis=-1)             # (.., B, N, G)
   metrics = scores**alpha * iou**beta
   factor = _factor(img_shapes, probs.dtype)
-  cost = (focal_cost(probs, labels, weight=2.0)
-          + l1_cost(boxes_px / factor, gt_boxes / factor, weight=5.0)
-          + giou_cost(boxes_px, gt_boxes, weight=2.0))          # (.., B, N, G)
+  del factor
+
+  def one(p, bx, gb, gl, hw):
+    # FocalLossCost on the probabilities (sigmoid applied again, as the
+    # reference), BBoxL1Cost xyxy / img_shape, IoUCost giou; sum in the
+    # reference's order.
+    return (focal_cost(p, gl, weight=2.0)
+            + mc.bbox_l1_cost_pixels(bx, gb, img_hw=hw, box_format='xyxy',
+                                     weight=5.0)
+            + mc.iou_cost(bx, gb, weight=2.0, iou_mode='giou'))
+  cost = per_image_cost(one, (probs, boxes_px), (gt_boxes, labels),
+                        img_shapes=img_shapes)                 # (.., B, N, G)
   num_gt = jnp.sum(gt_valid, -1)                                # (B,)
   k_img = jnp.where(num_gt > 0,
                     jnp.minimum(topk, n // jnp.maximum(num_gt, 1)), 0)
