@@ -1,0 +1,379 @@
+"""Benchmark: step time, compile time and hot spots of inference or training.
+
+  python -m ddq_jax.benchmark --config tiny --mode infer --batch 2 --size 128 128
+  python -m ddq_jax.benchmark --config ddq_r50_4scale --mode train --batch 1 \\
+      --size 800 1333 --steps 3
+
+Prints one JSON line: config, mode, batch, size, devices, device_kind,
+init_s, compile_s (lower + XLA compile, apart from the steps), step_median_s,
+step_min_s, images_per_s (batch / median step), images_per_s_best (batch /
+min step), and the hot spots of one profiled step:
+
+* ``hot_ops``: the most expensive XLA ops (name, opcode, ms per step, share,
+  and the JAX/Flax scope they come from, e.g.
+  ``forward_encoder/backbone/layer3_0/conv2``);
+* ``stages``: the same time summed by model stage (backbone, neck, encoder
+  deformable attention sampling / projections, pre-decoder NMS, decoder,
+  head, loss, Hungarian, backward of each, optimizer).
+
+How the hot spots are measured (reliable on CPU and GPU): the compiled step
+runs under ``jax.profiler.trace``; the trace's per-op events (XLA thunks /
+kernels, named after the optimised HLO instructions) are matched to the
+instructions of ``compiled.as_text()``, whose ``op_name`` metadata carries the
+Flax module path.  Self time (an event minus its nested events, e.g. a
+``while`` loop minus its body) is summed per instruction and per stage, so
+nothing is counted twice.  On a multi-threaded CPU the shares are shares of
+op time (CPU time), not of wall time.  Jitting stages separately was
+rejected: it changes fusion and hides cross-stage overlap.
+
+Random weights (``init_variables`` under jit) unless --weights is given;
+inputs are random images and a few random ground-truth boxes per image.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[^=]*?\s([a-z][\w\-]*)\(')
+_OPNAME = re.compile(r'op_name="([^"]*)"')
+_PROJ = ('value_proj', 'sampling_offsets', 'attention_weights', 'output_proj')
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog='python -m ddq_jax.benchmark',
+      description='Step time, compile time and hot spots (one JSON line).',
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p.add_argument('--config', required=True, help='config name or path')
+  p.add_argument('--mode', choices=('infer', 'train'), default='infer',
+                 help='infer: the jitted predict fn; train: value_and_grad of '
+                 'the training objective + the optimizer update')
+  p.add_argument('--batch', type=int, default=1, help='global batch size')
+  p.add_argument('--size', type=int, nargs=2, default=(800, 1333),
+                 metavar=('H', 'W'), help='canvas height and width')
+  p.add_argument('--devices', type=int, help='first K devices (default all); '
+                 'the batch is split over them')
+  p.add_argument('--steps', type=int, default=5, help='timed steps')
+  p.add_argument('--warmup', type=int, default=1, help='untimed steps after '
+                 'compilation')
+  p.add_argument('--no-profile', action='store_true', help='skip the '
+                 'profiled step (no hot spots)')
+  p.add_argument('--top', type=int, default=8, help='hot ops to list')
+  p.add_argument('--weights', help='converted weights dir or .pth instead '
+                 'of random weights')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='config override (Python literal); repeatable')
+  p.add_argument('--trace-dir', help='keep the profiler trace here')
+  return p
+
+
+# --------------------------------------------------------------- hot spots
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """{instruction name: (opcode, op_name metadata)} of an HLO module text.
+
+  An instruction without metadata (XLA-created, e.g. an einsum's dot after
+  layout passes) inherits the op_name of its first operand that has one."""
+  out, operands = {}, {}
+  for line in hlo_text.splitlines():
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    op = _OPNAME.search(line)
+    name = m.group(1)
+    out[name] = (m.group(2), op.group(1) if op else '')
+    if not op:
+      args = line[m.end():].split('), ', 1)[0]
+      operands[name] = re.findall(r'%([\w.\-]+)', args)
+  for _ in range(4):  # chains of metadata-less instructions
+    for name, ops in operands.items():
+      if not out[name][1]:
+        for o in ops:
+          if o in out and out[o][1]:
+            out[name] = (out[name][0], out[o][1])
+            break
+  return out
+
+
+def _attn_part(rest: str, where: str) -> str:
+  nxt = rest.split('/', 1)[0]
+  return (f'{where} deform-attn projections' if nxt in _PROJ
+          else f'{where} deform-attn sampling')
+
+
+def stage_of(op_name: str, opcode: str = '') -> str:
+  """The model stage of an HLO op, from its op_name scope path."""
+  s = op_name
+  bwd = 'transpose(' in s
+  pre = 'bwd ' if bwd else ''
+  if 'callback' in s or opcode == 'custom-call' and 'DDQDETR' not in s:
+    return 'hungarian (scipy host callback)'
+  if 'DDQDETR' not in s:
+    if 'jvp(' in s or bwd:
+      return pre + ('loss: while loops (jax hungarian)' if '/while' in s
+                    else 'loss (criterion, match costs)')
+    return 'optimizer / other' if s else 'unattributed'
+  if '/backbone/' in s:
+    return pre + 'backbone'
+  if '/neck/' in s:
+    return pre + 'neck'
+  if '/encoder/' in s:
+    if '/self_attn/' in s:
+      return pre + _attn_part(s.split('/self_attn/', 1)[1], 'encoder')
+    return pre + 'encoder other (ffn, norms)'
+  if '/decoder/' in s and '/bbox_head' not in s:
+    if '/cross_attn/' in s:
+      return pre + _attn_part(s.split('/cross_attn/', 1)[1], 'decoder')
+    if '/self_attn/' in s:
+      return pre + 'decoder self-attn'
+    if '/while' in s:
+      return pre + 'decoder NMS loop'
+    if '/ffn/' in s or '/norms_' in s:
+      return pre + 'decoder ffn, norms'
+    return pre + 'decoder other (NMS IoU, masks, refs)'
+  if 'bbox_head' in s:
+    return pre + 'head branches'
+  if any(k in s for k in ('select_distinct', 'training_queries',
+                          'encoder_outputs', 'encoder_branches',
+                          'dn_query_generator', 'query_map')):
+    if '/while' in s:
+      return pre + 'pre_decoder NMS loop'
+    return pre + 'pre_decoder (proposals, top-k, dn)'
+  if 'forward_encoder' in s:
+    return pre + 'multiscale inputs (pos-enc, masks)'
+  return pre + 'detector other (postprocess)'
+
+
+def _short_scope(op_name: str) -> str:
+  s = re.sub(r'^jit\([^)]*\)/', '', op_name)
+  s = s.replace('DDQDETR/', '').replace('DDQDETR.', '')
+  return s[-110:]
+
+
+def _trace_events(trace_dir: str) -> list[dict]:
+  files = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'),
+                    recursive=True) or glob.glob(
+                        os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
+                        recursive=True)
+  if not files:
+    return []
+  with gzip.open(sorted(files)[-1]) as f:
+    tr = json.load(f)
+  ev = tr['traceEvents'] if isinstance(tr, dict) else tr
+  return [e for e in ev if e.get('ph') == 'X' and 'dur' in e]
+
+
+def self_times(events: list[dict], names: set) -> dict[str, float]:
+  """{instruction: exclusive microseconds}: per thread, an event's duration
+  minus that of the instruction events nested in it."""
+  by_thread = collections.defaultdict(list)
+  for e in events:
+    if e['name'] in names:
+      by_thread[(e.get('pid'), e.get('tid'))].append(e)
+  out = collections.defaultdict(float)
+  for evs in by_thread.values():
+    evs.sort(key=lambda e: (e['ts'], -e['dur']))
+    stack = []  # [end, name, child_time]
+    def pop():
+      end, name, child, dur = stack.pop()
+      out[name] += max(0.0, dur - child)
+      if stack:
+        stack[-1][2] += dur
+    for e in evs:
+      ts, dur = float(e['ts']), float(e['dur'])
+      while stack and ts >= stack[-1][0] - 1e-3:
+        pop()
+      stack.append([ts + dur, e['name'], 0.0, dur])
+    while stack:
+      pop()
+  return dict(out)
+
+
+def hot_spots(run_once, hlo_text: str, *, steps: int = 1, top: int = 8,
+              trace_dir: str | None = None) -> dict:
+  """Profiles ``run_once()`` ``steps`` times; hot ops and stage totals."""
+  import jax  # pylint: disable=g-import-not-at-top
+  instrs = hlo_instructions(hlo_text)
+  tmp = trace_dir or tempfile.mkdtemp(prefix='ddq_prof_')
+  if trace_dir:
+    os.makedirs(trace_dir, exist_ok=True)
+    with open(os.path.join(trace_dir, 'compiled_hlo.txt'), 'w') as f:
+      f.write(hlo_text)
+  with jax.profiler.trace(tmp, create_perfetto_trace=True):
+    for _ in range(steps):
+      run_once()
+  events = _trace_events(tmp)
+  times = self_times(events, set(instrs))
+  total = sum(times.values())
+  if not total:
+    return dict(hot_ops=[], stages={}, profile_note='no op events in trace')
+  ops = sorted(times.items(), key=lambda kv: -kv[1])
+  hot = []
+  for name, us in ops[:top]:
+    opcode, op_name = instrs[name]
+    hot.append(dict(op=name, opcode=opcode, ms=round(us / steps / 1e3, 2),
+                    share=round(us / total, 4), stage=stage_of(op_name, opcode),
+                    scope=_short_scope(op_name)))
+  stages = collections.defaultdict(float)
+  for name, us in ops:
+    opcode, op_name = instrs[name]
+    stages[stage_of(op_name, opcode)] += us
+  stages = {k: dict(ms=round(v / steps / 1e3, 2), share=round(v / total, 4))
+            for k, v in sorted(stages.items(), key=lambda kv: -kv[1])}
+  return dict(hot_ops=hot, stages=stages,
+              op_time_ms_per_step=round(total / steps / 1e3, 2),
+              profiled_steps=steps)
+
+
+# ------------------------------------------------------------- the steps
+
+
+def _inputs(config, batch: int, size, seed: int = 0):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  h, w = size
+  g = int(config.loss.max_gt)
+  n = min(g, 8)
+  xy = rng.uniform(0, 0.6, (batch, g, 2)) * (w, h)
+  wh = rng.uniform(0.05, 0.4, (batch, g, 2)) * (w, h)
+  boxes = np.concatenate([xy, np.minimum(xy + wh, (w, h))], -1)
+  return dict(
+      images=rng.standard_normal((batch, h, w, 3)).astype(np.float32),
+      pad_mask=np.zeros((batch, h, w), bool),
+      img_shapes=np.tile(np.array([[h, w]], np.int32), (batch, 1)),
+      scale_factors=np.ones((batch, 2), np.float32),
+      gt_boxes=boxes.astype(np.float32),
+      gt_labels=rng.integers(0, config.num_classes, (batch, g)).astype(
+          np.int32),
+      gt_valid=np.arange(g)[None].repeat(batch, 0) < n)
+
+
+def build_step(config, mode: str, variables, batch: dict, mesh):
+  """(jitted fn, args tuple, step(args) -> (new args, output to block on))."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from ddq_jax.models.detector import build_model  # pylint: disable=g-import-not-at-top
+  model = build_model(config)
+  rep = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P('data'))
+  variables = jax.device_put(variables, rep)
+  batch = {k: jax.device_put(v, data) for k, v in batch.items()}
+  if mode == 'infer':
+    from ddq_jax.models.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
+    fn = make_predict_fn(model).jitted
+    args = (variables, batch['images'], batch['pad_mask'],
+            batch['img_shapes'], batch['scale_factors'])
+    return fn, args, lambda a, out_fn: (a, out_fn(*a))
+  import optax  # pylint: disable=g-import-not-at-top
+  from ddq_jax.training.objective import make_loss_fn  # pylint: disable=g-import-not-at-top
+  from ddq_jax.training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  loss_fn = make_loss_fn(model, config)
+  tx, _ = make_optimizer(config, steps_per_epoch=1000)
+
+  def train_step(params, opt_state, batch_stats, batch, rng):
+    rng, sub = jax.random.split(rng)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch_stats, batch, sub)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, rng, loss
+
+  params = variables['params']
+  opt_state = jax.jit(tx.init, out_shardings=rep)(params)
+  fn = jax.jit(train_step, donate_argnums=(0, 1))
+  args = (params, opt_state, variables.get('batch_stats', {}), batch,
+          jax.device_put(jax.random.key(0), rep))
+
+  def step(a, out_fn):
+    p, o, r, loss = out_fn(*a)
+    return (p, o, a[2], a[3], r), loss
+  return fn, args, step
+
+
+def run(args) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ddq_jax.config import load_config  # pylint: disable=g-import-not-at-top
+  from ddq_jax.evaluation.evaluator import data_mesh  # pylint: disable=g-import-not-at-top
+  from ddq_jax.models.detector import build_model  # pylint: disable=g-import-not-at-top
+  from ddq_jax.evaluate import _overrides  # pylint: disable=g-import-not-at-top
+  config = load_config(args.config, _overrides(args.set, _parser()))
+  devices = jax.devices()[:args.devices] if args.devices else jax.devices()
+  if args.batch % len(devices):
+    raise SystemExit(f'--batch {args.batch} is not divisible by '
+                     f'{len(devices)} devices')
+  mesh = data_mesh(devices)
+  t = time.perf_counter()
+  if args.weights:
+    from ddq_jax.weights import load_weights  # pylint: disable=g-import-not-at-top
+    variables, config = load_weights(args.weights, config)
+  else:
+    from ddq_jax.models.variables import init_variables  # pylint: disable=g-import-not-at-top
+    model = build_model(config)
+    variables = jax.jit(lambda r: init_variables(model, config, r))(
+        jax.random.key(0))
+  variables = jax.block_until_ready(variables)
+  init_s = time.perf_counter() - t
+
+  batch = _inputs(config, args.batch, tuple(args.size))
+  if args.mode == 'infer':
+    batch = {k: batch[k] for k in ('images', 'pad_mask', 'img_shapes',
+                                   'scale_factors')}
+  else:
+    batch = {k: v for k, v in batch.items() if k != 'scale_factors'}
+  fn, fargs, step = build_step(config, args.mode, variables, batch, mesh)
+  t = time.perf_counter()
+  compiled = fn.lower(*fargs).compile()
+  compile_s = time.perf_counter() - t
+  state = {'a': fargs}
+
+  def once():
+    state['a'], out = step(state['a'], compiled)
+    jax.block_until_ready(out)
+    return out
+
+  for _ in range(max(0, args.warmup)):
+    out = once()
+  times = []
+  for _ in range(max(1, args.steps)):
+    t = time.perf_counter()
+    out = once()
+    times.append(time.perf_counter() - t)
+  med, best = statistics.median(times), min(times)
+  res = dict(config=str(config.get('name', args.config)), mode=args.mode,
+             batch=args.batch, size=list(args.size), devices=len(devices),
+             device_kind=devices[0].device_kind,
+             platform=devices[0].platform, init_s=round(init_s, 2),
+             compile_s=round(compile_s, 2), steps=len(times),
+             step_median_s=round(med, 4), step_min_s=round(best, 4),
+             step_times_s=[round(x, 4) for x in times],
+             images_per_s=round(args.batch / med, 3),
+             images_per_s_best=round(args.batch / best, 3),
+             jax=jax.__version__, host_cpus=os.cpu_count(),
+             load_avg_1m=round(os.getloadavg()[0], 2))
+  if args.mode == 'train':
+    res['loss'] = float(np.asarray(out))
+  if not args.no_profile:
+    res.update(hot_spots(once, compiled.as_text(), top=args.top,
+                         trace_dir=args.trace_dir))
+  return res
+
+
+def main(argv=None) -> dict:
+  args = _parser().parse_args(argv)
+  res = run(args)
+  print(json.dumps(res), flush=True)
+  return res
+
+
+if __name__ == '__main__':
+  sys.exit(0 if main() else 1)
