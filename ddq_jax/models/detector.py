@@ -218,7 +218,9 @@ class DDQDETR(nn.Module):
       pad_mask: (B, H, W) bool, True = padding.
       img_shapes: (B, 2) real (h, w) of each image on the canvas; scale_factors
         (B, 2) (w, h) of img_shapes over the original image.  Inference:
-        given both, the output has det_bboxes / det_scores / det_labels.
+        given img_shapes, the output has det_bboxes / det_scores /
+        det_labels / det_valid (in original-image pixels when scale_factors
+        is given, else in img_shapes pixels).
         Training: img_shapes normalises the ground truth.
       train: training forward (dense + denoising queries).
       gt_boxes (B, G, 4) xyxy pixels, gt_labels (B, G) int, gt_valid (B, G)
@@ -244,7 +246,7 @@ class DDQDETR(nn.Module):
       out.update(sel['outputs'])
       out.update(self.run_decoder(sel['query'], sel['reference_points'], enc,
                                   semantics=semantics))
-      if img_shapes is not None and scale_factors is not None:
+      if img_shapes is not None:  # scale_factors None: no rescale
         out.update(postprocess(self.config, out, img_shapes, scale_factors))
       return out
     missing = [n for n, x in (('gt_boxes', gt_boxes), ('gt_labels', gt_labels),
