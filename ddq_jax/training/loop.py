@@ -1,0 +1,342 @@
+"""The training loop: data -> sharded step -> logs / checkpoints / eval.
+
+    train(config, workdir)                    # the real DDQ-DETR
+    train(config, workdir, components=Components(init_variables, loss_fn,
+          make_iterator=...))               # any model (tests)
+
+Per run: ``workdir/config.json``, ``workdir/checkpoints/<step>/`` (orbax,
+async, keeps ``train.keep_checkpoints``), ``workdir/tb/`` (tensorboardX
+scalars, process 0).  A run resumes from its latest checkpoint (state +
+data position), else initialises from ``train.init_from`` (a converted
+weights directory, an mmdetection .pth, a torchvision ResNet .pth, or
+another run's checkpoint directory), else from scratch.  SIGINT / SIGTERM
+stop the loop at the next step boundary after saving a checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import numpy as np
+
+from ddq_jax.parallel import mesh as mesh_lib
+from ddq_jax.parallel import sharding as shd
+from ddq_jax.training import checkpoint as ckpt_lib
+from ddq_jax.training import optimizer as opt_lib
+from ddq_jax.training import state as state_lib
+from ddq_jax.training import step as step_lib
+
+log = logging.getLogger('ddq_jax.train')
+
+# Batch entries the train step consumes (image_ids etc. stay on the host).
+TRAIN_KEYS = ('images', 'pad_mask', 'img_shapes', 'scale_factors', 'gt_boxes',
+              'gt_labels', 'gt_valid', 'sample_valid')
+
+
+@dataclasses.dataclass
+class Components:
+  """What the loop needs from the model side.
+
+  init_variables: rng -> {'params', 'batch_stats'}.
+  loss_fn: (params, batch_stats, batch, rng) -> (loss, metrics).
+  make_iterator: (start_step, process_index, process_count) -> iterator of
+    host batches with ``.steps_per_epoch`` (and ideally ``set_state``).
+  evaluate_fn: optional (state) -> {name: float}.
+  loss_casts_dtype: True if loss_fn applies config.train.compute_dtype
+    itself (the real objective does); else the step casts.
+  """
+  init_variables: Callable[[jax.Array], dict]
+  loss_fn: Callable
+  make_iterator: Callable[[int, int, int], Iterator[dict]]
+  evaluate_fn: Optional[Callable[[Any], dict]] = None
+  loss_casts_dtype: bool = False
+
+
+def default_components(config) -> Components:
+  """The real model (models.detector), objective (training.objective), data
+  (data.pipeline) and, when importable, evaluation."""
+  from ddq_jax.data.pipeline import build_dataset, make_train_iterator  # pylint: disable=g-import-not-at-top
+  from ddq_jax.models.detector import build_model  # pylint: disable=g-import-not-at-top
+  from ddq_jax.models.variables import init_variables  # pylint: disable=g-import-not-at-top
+  from ddq_jax.training.objective import make_loss_fn  # pylint: disable=g-import-not-at-top
+
+  model = build_model(config)
+  seed = int(config.train.seed)
+  dataset = build_dataset(config, config.data.train_split)
+
+  def make_iterator(start_step, process_index, process_count):
+    return make_train_iterator(config, seed=seed, start_step=start_step,
+                               process_index=process_index,
+                               process_count=process_count, dataset=dataset)
+
+  return Components(
+      init_variables=lambda rng: init_variables(model, config, rng),
+      loss_fn=make_loss_fn(model, config), make_iterator=make_iterator,
+      evaluate_fn=default_evaluate_fn(config, model), loss_casts_dtype=True)
+
+
+def default_evaluate_fn(config, model) -> Optional[Callable]:
+  """COCO evaluation via ddq_jax.evaluation, or None (logged) if absent."""
+  try:
+    from ddq_jax.data.pipeline import build_dataset  # pylint: disable=g-import-not-at-top
+    from ddq_jax.evaluation.evaluator import evaluate_model  # pylint: disable=g-import-not-at-top
+    from ddq_jax.models.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    log.warning('evaluation unavailable (%s): periodic eval skipped', e)
+    return None
+  cache = {}
+
+  def evaluate(state):
+    if 'predict' not in cache:
+      cache['predict'] = make_predict_fn(model)
+      cache['source'] = build_dataset(config, config.data.eval_split)
+    metrics, _ = evaluate_model(
+        cache['predict'], {'params': state.params,
+                           'batch_stats': state.batch_stats},
+        cache['source'], config=config, progress=False,
+        max_images=config.eval.get('max_images', None) or None)
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float, np.floating, np.integer))}
+  return evaluate
+
+
+# ---------------------------------------------------------------- init from
+def load_pretrained(path: str, config) -> dict:
+  """{'params': {...}, 'batch_stats': {...}} (numpy, full paths) from a
+  converted dir / mmdet .pth / torchvision ResNet .pth / run checkpoint dir."""
+  if os.path.isdir(path):
+    ck = os.path.join(path, 'checkpoints')
+    for d in (path, ck):
+      if os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)):
+        log.info('init_from: TrainState checkpoint %s', d)
+        return ckpt_lib.load_params_only(d)
+  if os.path.isfile(path) and path.endswith(('.pth', '.pt')):
+    from ddq_jax.conversion.torch_pickle import load_torch_checkpoint, state_dict_of  # pylint: disable=g-import-not-at-top
+    sd = state_dict_of(load_torch_checkpoint(path), path)
+    names = [k[len('module.'):] if k.startswith('module.') else k for k in sd]
+    if 'layer1.0.conv1.weight' in names and not any(
+        n.startswith(('encoder.', 'decoder.', 'neck.', 'bbox_head.'))
+        for n in names):
+      from ddq_jax.conversion.torchvision import torchvision_resnet_to_variables  # pylint: disable=g-import-not-at-top
+      log.info('init_from: torchvision ResNet %s (backbone only)', path)
+      sd = {k: v for k, v in sd.items() if not k.startswith(('fc.', 'module.fc.'))}
+      bb = torchvision_resnet_to_variables(
+          sd, depth=int(config.backbone.depth),
+          base_channels=int(config.backbone.base_channels))
+      return {'params': {'backbone': bb['params']},
+              'batch_stats': {'backbone': bb['batch_stats']}}
+  from ddq_jax.weights import load_weights  # pylint: disable=g-import-not-at-top
+  log.info('init_from: converted weights %s', path)
+  variables, _ = load_weights(path, config)
+  return variables
+
+
+# -------------------------------------------------------------------- stop
+class StopSignal:
+  """SIGINT / SIGTERM set a flag; the loop saves and stops at a step end.
+  A second SIGINT raises KeyboardInterrupt as usual."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    log.warning('signal %d: checkpoint and stop at the end of this step',
+                signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+  def agreed(self) -> bool:
+    """Whether any process asked to stop (collective when multi-host)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.any(flags))
+
+
+# -------------------------------------------------------------------- loop
+def _total_steps(config, steps_per_epoch: int) -> int:
+  if int(config.train.get('max_steps', -1)) > 0:
+    return int(config.train.max_steps)
+  return int(config.optim.epochs) * steps_per_epoch
+
+
+def _write_config(config, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  text = config.to_json_best_effort(indent=2) if hasattr(
+      config, 'to_json_best_effort') else json.dumps(config, indent=2)
+  tmp = os.path.join(workdir, 'config.json.tmp')
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, os.path.join(workdir, 'config.json'))
+
+
+class _Logger:
+  """tqdm bar + tensorboardX scalars on process 0; no-ops elsewhere."""
+
+  def __init__(self, workdir, total, initial):
+    self.main = jax.process_index() == 0
+    self.bar = self.tb = None
+    if not self.main:
+      return
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+    except ImportError:
+      log.warning('tensorboardX not installed: no tb scalars')
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True,
+                    desc='train')
+
+  def scalars(self, step, values: dict, prefix='train/'):
+    if self.tb is not None:
+      for k, v in values.items():
+        self.tb.add_scalar(prefix + k, float(v), step)
+      self.tb.flush()
+
+  def update(self, n, postfix=None):
+    if self.bar is not None:
+      self.bar.update(n)
+      if postfix:
+        self.bar.set_postfix(postfix, refresh=False)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+def train(config, workdir: str, *, components: Optional[Components] = None,
+          devices=None) -> dict:
+  """Trains until ``train.max_steps`` (or ``optim.epochs``) or a stop
+  signal.  Returns {'step', 'last_metrics', 'eval', 'compiles', 'stopped'}."""
+  workdir = os.path.abspath(workdir)
+  _write_config(config, workdir)
+  comps = components or default_components(config)
+  pidx, pcount = jax.process_index(), jax.process_count()
+  mesh = mesh_lib.make_mesh(config, devices)
+  gbs = int(config.train.global_batch_size)
+  shd.local_batch_size(gbs, mesh)  # checks divisibility
+
+  data = comps.make_iterator(0, pidx, pcount)
+  spe = int(getattr(data, 'steps_per_epoch', 0) or
+            config.train.get('steps_per_epoch', 0))
+  if spe <= 0:
+    raise ValueError('the data iterator has no steps_per_epoch')
+  total = _total_steps(config, spe)
+  tx, schedule = opt_lib.make_optimizer(config, spe)
+  rng = jax.random.PRNGKey(int(config.train.seed))
+  state, shardings = state_lib.init_train_state(comps.init_variables, tx, rng,
+                                                mesh)
+  ckpt = ckpt_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'),
+      save_every=int(config.train.checkpoint_every),
+      keep=int(config.train.keep_checkpoints) or None)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(state)
+    start = int(meta['data_position'])
+    log.info('resumed from step %d', start)
+  elif config.train.get('init_from', ''):
+    loaded = load_pretrained(config.train.init_from, config)
+    state, report = state_lib.merge_variables(state, loaded, tx)
+    log.info('init_from %s: %d arrays loaded, %d left at init, %d unused',
+             config.train.init_from, report['loaded'], len(report['missing']),
+             len(report['unexpected']))
+  if start:
+    if hasattr(data, 'set_state'):
+      data.set_state({'step': start})
+    else:
+      data = comps.make_iterator(start, pidx, pcount)
+
+  compute_dtype = ('float32' if comps.loss_casts_dtype else
+                   config.train.get('compute_dtype', 'float32'))
+  step_fn = step_lib.jit_train_step(
+      step_lib.make_train_step(comps.loss_fn, tx, compute_dtype=compute_dtype),
+      mesh, shardings)
+  log_every = max(int(config.train.log_every), 1)
+  eval_every = int(config.train.get('eval_every', -1))
+  eval_every = spe if eval_every == -1 else eval_every
+  logger = _Logger(workdir, total, start)
+  pending, last, eval_metrics, stopped = [], {}, {}, False
+  t_log, n_log = time.time(), 0
+
+  def run_eval(step):
+    nonlocal eval_metrics
+    if comps.evaluate_fn is None:
+      return
+    eval_metrics = comps.evaluate_fn(state)
+    logger.scalars(step, eval_metrics, prefix='eval/')
+    if pidx == 0:
+      log.info('eval at step %d: %s', step, eval_metrics)
+
+  with StopSignal() as stop:
+    step = start
+    try:
+      while step < total:
+        host = next(data)
+        batch = shd.shard_batch({k: host[k] for k in TRAIN_KEYS if k in host},
+                                mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        pending.append(metrics)
+        n_log += 1
+        if step % log_every == 0 or step == total:
+          host_m = [shd.to_host(m) for m in pending]
+          last = {k: float(np.mean([m[k] for m in host_m])) for k in host_m[0]}
+          dt = time.time() - t_log
+          last['images_per_s'] = n_log * gbs / max(dt, 1e-9)
+          last['epoch'] = step / spe
+          logger.scalars(step, last)
+          logger.update(n_log, {'loss': f"{last['loss']:.4f}",
+                                'lr': f"{last.get('lr', float(schedule(step - 1))):.2e}",
+                                'img/s': f"{last['images_per_s']:.1f}"})
+          pending, t_log, n_log = [], time.time(), 0
+        ckpt.save(state, config=config)
+        if eval_every > 0 and step % eval_every == 0 and step < total:
+          run_eval(step)
+        if (stop.agreed() if (pcount == 1 or step % log_every == 0)
+            else False):
+          stopped = True
+          break
+    finally:
+      try:  # a step that raised may have consumed (donated) the state
+        ckpt.save(state, config=config, force=True)
+        ckpt.wait()
+      except Exception as e:  # pylint: disable=broad-except
+        log.error('final checkpoint failed: %s', e)
+      if hasattr(data, 'close'):
+        data.close()
+  if not stopped and eval_every != 0:
+    run_eval(step)
+  ckpt.close()
+  logger.close()
+  result = {'step': step, 'last_metrics': last, 'eval': eval_metrics,
+            'compiles': step_lib.compile_count(step_fn), 'stopped': stopped}
+  if pidx == 0:
+    log.info('done: %s', {k: v for k, v in result.items() if k != 'eval'})
+  return result
