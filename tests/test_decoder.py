@@ -128,8 +128,20 @@ def test_kept_set_restricts_next_nms(tiny_config, tiny_variables, tiny_infer):
   assert not (kept['distinct_keep'][2, 0] & ~kept['distinct_keep'][1, 0]).any()
   assert not (kept['distinct_keep'][2, 1] & ~kept['distinct_keep'][1, 1]).any()
   assert not (row0['distinct_keep'][2, 1] & ~row0['distinct_keep'][1, 1]).any()
-  np.testing.assert_array_equal(row0['distinct_keep'][:, 1],
-                                kept['distinct_keep'][:, 1])
+  # Image 0 (query 0 kept at layer 1): row 0 lets layer 2's NMS keep
+  # queries that layer 1 dropped, and the layer-3 states differ.
+  assert (row0['distinct_keep'][2, 0] & ~row0['distinct_keep'][1, 0]).any()
+  assert row0['head_query_mask'][2, 0].all()
+  np.testing.assert_array_equal(kept['head_query_mask'], kept['distinct_keep'])
+  assert np.abs(row0['hidden_states'][3, 0] -
+                kept['hidden_states'][3, 0]).max() > 1e-3
+  np.testing.assert_array_equal(row0['hidden_states'][:3],
+                                kept['hidden_states'][:3])
+  # Image 1 (query 0 dropped): both semantics are the same.
+  for k in ('distinct_keep', 'head_query_mask'):
+    np.testing.assert_array_equal(row0[k][:, 1], kept[k][:, 1])
+  np.testing.assert_array_equal(row0['hidden_states'][:, 1],
+                                kept['hidden_states'][:, 1])
 
 
 def test_row0_helper():
