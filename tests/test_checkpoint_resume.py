@@ -74,3 +74,57 @@ def test_restore_into_other_meshes(tmp_path, uninterrupted):
   assert state.params['hidden']['kernel'].sharding.spec == jax.sharding.PartitionSpec(None, 'model')
   _, rest = standin.run_steps(s2, state, meta['data_position'], 3)
   np.testing.assert_allclose(rest, uninterrupted[3:], rtol=1e-5)
+
+
+class _Iter:
+  """Deterministic-by-step stand-in data; sends SIGTERM to this process
+  when asked for batch ``kill_at``."""
+  steps_per_epoch = standin.STEPS_PER_EPOCH
+
+  def __init__(self, start, pidx, pcount, kill_at=None):
+    self.step, self.pidx, self.pcount, self.kill_at = start, pidx, pcount, kill_at
+
+  def __next__(self):
+    if self.step == self.kill_at:
+      import signal
+      os.kill(os.getpid(), signal.SIGTERM)
+    b = standin.make_batch(self.step, 8, process_index=self.pidx,
+                           process_count=self.pcount)
+    self.step += 1
+    return b
+
+  def set_state(self, s):
+    self.step = int(s['step'])
+
+
+def _train(workdir, evals, kill_at=None):
+  from ddq_jax.training.loop import Components, train
+  config = standin.config(max_steps=6, log_every=1, checkpoint_every=4,
+                          keep_checkpoints=2, eval_every=3, init_from='')
+  comps = Components(
+      init_variables=standin.init_variables, loss_fn=standin.loss_fn,
+      make_iterator=lambda s, i, n: _Iter(s, i, n, kill_at),
+      evaluate_fn=lambda st: evals.append(int(st.step)) or {'AP': 0.5})
+  return train(config, workdir, components=comps)
+
+
+def test_train_loop_sigterm_and_resume(tmp_path):
+  evals = []
+  full = _train(str(tmp_path / 'full'), evals)
+  assert full['step'] == 6 and not full['stopped'] and full['compiles'] == 1
+  assert evals == [3, 6]
+  assert sorted(os.listdir(tmp_path / 'full' / 'checkpoints')) == ['4', '6']
+  assert os.listdir(tmp_path / 'full' / 'tb')
+  assert os.path.isfile(tmp_path / 'full' / 'config.json')
+
+  evals = []
+  part = _train(str(tmp_path / 'part'), evals, kill_at=2)
+  assert part['stopped'] and part['step'] == 3  # step 3 finished, then saved
+  assert sorted(os.listdir(tmp_path / 'part' / 'checkpoints')) == ['3']
+  rest = _train(str(tmp_path / 'part'), evals)
+  assert rest['step'] == 6 and not rest['stopped']
+  assert rest['last_metrics']['loss'] == full['last_metrics']['loss']
+  a = load_params_only(str(tmp_path / 'full' / 'checkpoints'))
+  b = load_params_only(str(tmp_path / 'part' / 'checkpoints'))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
