@@ -234,3 +234,34 @@ def test_one_compile_for_given_shapes(tiny_train, tiny_inputs):
     losses, _ = _JIT(*_split(a))
     assert all(np.isfinite(float(v)) for v in losses.values())
   assert _TRACES.count(shape) == 1, _TRACES
+
+
+def test_jax_solver_matches_reference(tiny_train, tiny_inputs):
+  """The on-device (pure JAX) Hungarian solver gives the same losses."""
+  cfg = C.CriterionConfig(num_dn_queries=20, solver='jax')
+  c, b, a = _split(_args(tiny_train, tiny_inputs))
+  out = jax.jit(lambda c, b, a: C.ddq_criterion(
+      c, b, num_dense=NUM_DENSE, cfg=cfg, **a))(c, b, a)
+  for k, v in out.items():
+    ref = float(np.ravel(tiny_train['loss/' + k])[0])
+    assert _rel(float(v), ref) < REL, (k, float(v), ref)
+
+
+def test_axis_name_averages_factors_across_devices(tiny_train, tiny_inputs):
+  """With an axis name the averaging factors are means over the devices
+  (mmdet reduce_mean): one image per 'device' (vmap with a named axis);
+  loss_d = local sum / mean_d(local positives)."""
+  c, b, a = _split(_args(tiny_train, tiny_inputs))
+  # per-device leading axis: (2 devices, batch 1)
+  split = lambda x, ax: np.stack(np.split(x, 2, axis=ax))
+  cd, bd = split(c, 1), split(b, 1)
+  ad = {k: split(v, 1 if k == 'distinct_masks' else 0) for k, v in a.items()}
+  fn = lambda c, b, a, ax: C.ddq_criterion(c, b, num_dense=NUM_DENSE, cfg=CFG,
+                                           axis_name=ax, **a)
+  sharded = jax.jit(jax.vmap(lambda c, b, a: fn(c, b, a, 'dev'),
+                             axis_name='dev'))(cd, bd, ad)
+  alone = jax.jit(jax.vmap(lambda c, b, a: fn(c, b, a, None)))(cd, bd, ad)
+  n = np.asarray(a['gt_valid']).sum(-1).astype(np.float64)   # enc: pos = n_gt
+  for key in ('enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'):
+    exp = np.asarray(alone[key], np.float64) * n / n.mean()
+    np.testing.assert_allclose(np.asarray(sharded[key]), exp, rtol=1e-5)
