@@ -157,12 +157,29 @@ def test_batched_and_grad(solver):
     np.testing.assert_array_equal(np.asarray(out[b]),
                                   _reference(cost[b], rv[b], cv[b]))
 
+  if solver == 'jax':
+    seq = jax.jit(lambda c, r, v: hungarian_match_batched(
+        c, row_valid=r, col_valid=v, solver=solver, sequential=True))(
+            cost, rv, cv)
+    np.testing.assert_array_equal(np.asarray(seq), np.asarray(out))
+
   def loss(c):
     m = hungarian_match(c, solver=solver)
     return jnp.sum(jnp.where(m >= 0, c[jnp.arange(20), jnp.maximum(m, 0)], 0))
 
   g = jax.grad(loss)(jnp.asarray(cost[0]))
   assert g.shape == (20, 5) and float(jnp.abs(g).sum()) == 5.0
+
+
+def test_jax_solver_terminates_on_nan():
+  """scipy raises on NaN costs; the JAX solver must still return (garbage
+  allowed) instead of hanging inside jit."""
+  rng = np.random.default_rng(6)
+  cost = rng.normal(size=(12, 9)).astype(np.float32)
+  cost[::2, 1::3] = np.nan
+  cost[3] = np.inf
+  m = np.asarray(_FNS['jax'](cost, np.ones(12, bool), np.ones(9, bool)))
+  assert m.shape == (12,)
 
 
 def test_solver_speed_report():

@@ -150,18 +150,25 @@ def _lsap_core(cost: jnp.ndarray, nr: jnp.ndarray,
     u = jnp.where(others, u + (min_val - spc[jnp.maximum(col4row, 0)]), u)
     v = jnp.where(sc, v - (min_val - spc), v)
 
-    # augment
+    # augment (guarded: with NaN / inf costs a path pointer may be unset;
+    # the result is then garbage, as scipy would raise, but never a hang)
     def aug_body(a):
-      j, _, col4row, row4col = a
+      j, _, n, col4row, row4col = a
       i = path[j]
-      row4col = row4col.at[j].set(i)
-      j_next = col4row[i]
-      col4row = col4row.at[i].set(j)
-      return (j_next, i, col4row, row4col)
+      ok = i >= 0
+      i0 = jnp.maximum(i, 0)
+      row4col = row4col.at[j].set(jnp.where(ok, i, row4col[j]))
+      j_next = jnp.where(ok, col4row[i0], -1)
+      col4row = col4row.at[i0].set(jnp.where(ok, j, col4row[i0]))
+      return (j_next, i, n + 1, col4row, row4col)
 
-    _, _, col4row, row4col = jax.lax.while_loop(
-        lambda a: a[1] != cur, aug_body,
-        (sink, jnp.array(-1, jnp.int32), col4row, row4col))
+    def aug_cond(a):
+      return (a[1] != cur) & (a[0] >= 0) & (a[2] <= num_r)
+
+    _, _, _, col4row, row4col = jax.lax.while_loop(
+        aug_cond, aug_body,
+        (sink, jnp.array(-1, jnp.int32), jnp.array(0, jnp.int32), col4row,
+         row4col))
     return (cur + 1, u, v, col4row, row4col, path)
 
   state0 = (jnp.array(0, jnp.int32), jnp.zeros((num_r,), dtype),
@@ -249,8 +256,14 @@ def hungarian_match(cost: jnp.ndarray, *, row_valid: jnp.ndarray = None,
 
 def hungarian_match_batched(cost: jnp.ndarray, *, row_valid: jnp.ndarray = None,
                             col_valid: jnp.ndarray = None,
-                            solver: str = 'scipy') -> jnp.ndarray:
-  """``hungarian_match`` over a batch: (B, Q, G), (B, Q), (B, G) -> (B, Q)."""
+                            solver: str = 'scipy',
+                            sequential: bool = False) -> jnp.ndarray:
+  """``hungarian_match`` over a batch: (B, Q, G), (B, Q), (B, G) -> (B, Q).
+
+  ``vmap`` (one host callback for 'scipy'; for 'jax' the images' loops run
+  in lock-step, good on GPU). ``sequential=True`` runs the 'jax' solver
+  image after image with ``lax.map`` instead (less work on CPU).
+  """
   b, q, g = cost.shape
   row_valid = (jnp.ones((b, q), bool) if row_valid is None
                else jnp.asarray(row_valid, bool))
@@ -258,6 +271,8 @@ def hungarian_match_batched(cost: jnp.ndarray, *, row_valid: jnp.ndarray = None,
                else jnp.asarray(col_valid, bool))
   fn = lambda c, r, v: hungarian_match(c, row_valid=r, col_valid=v,
                                        solver=solver)
+  if sequential and solver == 'jax':
+    return jax.lax.map(lambda a: fn(*a), (cost, row_valid, col_valid))
   return jax.vmap(fn)(cost, row_valid, col_valid)
 
 
