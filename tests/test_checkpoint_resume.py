@@ -128,3 +128,50 @@ def test_train_loop_sigterm_and_resume(tmp_path):
   b = load_params_only(str(tmp_path / 'part' / 'checkpoints'))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_init_from_pretrained(tiny_config, tiny_state_dict, tiny_variables,
+                              tmp_path):
+  """init_from: an mmdetection .pth (whole detector) and a torchvision ResNet
+  state dict (backbone only) load into a real-model TrainState."""
+  import jax.numpy as jnp
+  from ddq_jax.models.variables import variable_shapes
+  from ddq_jax.parallel import mesh as mesh_lib
+  from ddq_jax.training import loop
+  from ddq_jax.training import optimizer as opt
+  from ddq_jax.training import state as state_lib
+  shapes = variable_shapes(tiny_config)
+  mesh = mesh_lib.make_mesh(tiny_config)
+  tx, _ = opt.make_optimizer(tiny_config, 10)
+  zeros = lambda rng: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                   dict(shapes))
+  state, _ = state_lib.init_train_state(zeros, tx, jax.random.PRNGKey(0), mesh)
+  n_leaves = len(jax.tree.leaves(dict(shapes)))
+
+  full = loop.load_pretrained(os.path.join(os.path.dirname(__file__), 'data',
+                                           'tiny', 'checkpoint.pth'),
+                              tiny_config)
+  s1, rep = state_lib.merge_variables(state, full, tx)
+  assert rep['loaded'] == n_leaves and not rep['missing'] and not rep['unexpected']
+  np.testing.assert_array_equal(
+      shd.to_host(s1.params['neck']['convs_0']['conv']['kernel']),
+      tiny_variables['params']['neck']['convs_0']['conv']['kernel'])
+
+  tv = {k[len('backbone.'):]: v for k, v in tiny_state_dict.items()
+        if k.startswith('backbone.')}
+  tv['fc.weight'] = np.zeros((10, 4), np.float32)
+  assert loop.is_torchvision_resnet(tv)
+  assert not loop.is_torchvision_resnet(tiny_state_dict)
+  bb = loop.torchvision_backbone_variables(tv, tiny_config)
+  s2, rep = state_lib.merge_variables(state, bb, tx)
+  n_bb = len(jax.tree.leaves(tiny_variables['params']['backbone'])) + len(
+      jax.tree.leaves(tiny_variables['batch_stats']['backbone']))
+  assert rep['loaded'] == n_bb and not rep['unexpected']
+  assert len(rep['missing']) == n_leaves - n_bb
+  np.testing.assert_array_equal(
+      shd.to_host(s2.params['backbone']['layer2_0']['conv1']['kernel']),
+      tiny_variables['params']['backbone']['layer2_0']['conv1']['kernel'])
+  np.testing.assert_array_equal(
+      shd.to_host(s2.batch_stats['backbone']['bn1']['var']),
+      tiny_variables['batch_stats']['backbone']['bn1']['var'])
+  assert not np.any(shd.to_host(s2.params['neck']['convs_0']['conv']['kernel']))

@@ -152,3 +152,26 @@ def test_adamw_matches_torch_and_frozen_untouched():
 def optax_apply(p, u):
   import optax
   return optax.apply_updates(p, u)
+
+
+def test_labels_on_real_model(tiny_config):
+  """On the detector's tree: frozen = stem + layer1 + every backbone BN;
+  the backbone group = conv kernels of layers 2-4; nothing else frozen."""
+  from ddq_jax.models.variables import variable_shapes
+  params = variable_shapes(tiny_config)['params']
+  labels = opt.param_labels(params, tiny_config)
+  flat = {tuple(str(getattr(k, 'key', k)) for k in p): l for p, l in
+          jax.tree_util.tree_flatten_with_path(labels)[0]}
+  for path, label in flat.items():
+    if path[0] != 'backbone':
+      assert label == 'default', path
+    elif path[1] in ('conv1', 'bn1') or path[1].startswith('layer1_'):
+      assert label == 'frozen', path
+    elif path[2].startswith('bn') or path[2] == 'downsample_1':
+      assert label == 'frozen', path
+    else:
+      assert label == 'backbone' and path[-1] == 'kernel', path
+  counts = {l: sum(v == l for v in flat.values())
+            for l in ('frozen', 'backbone', 'default')}
+  print(counts)
+  assert counts['backbone'] == 3 * (4 + 6 + 3) + 3  # 3 convs/block + 3 downsamples

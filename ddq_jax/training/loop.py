@@ -119,22 +119,35 @@ def load_pretrained(path: str, config) -> dict:
   if os.path.isfile(path) and path.endswith(('.pth', '.pt')):
     from ddq_jax.conversion.torch_pickle import load_torch_checkpoint, state_dict_of  # pylint: disable=g-import-not-at-top
     sd = state_dict_of(load_torch_checkpoint(path), path)
-    names = [k[len('module.'):] if k.startswith('module.') else k for k in sd]
-    if 'layer1.0.conv1.weight' in names and not any(
-        n.startswith(('encoder.', 'decoder.', 'neck.', 'bbox_head.'))
-        for n in names):
-      from ddq_jax.conversion.torchvision import torchvision_resnet_to_variables  # pylint: disable=g-import-not-at-top
+    if is_torchvision_resnet(sd):
       log.info('init_from: torchvision ResNet %s (backbone only)', path)
-      sd = {k: v for k, v in sd.items() if not k.startswith(('fc.', 'module.fc.'))}
-      bb = torchvision_resnet_to_variables(
-          sd, depth=int(config.backbone.depth),
-          base_channels=int(config.backbone.base_channels))
-      return {'params': {'backbone': bb['params']},
-              'batch_stats': {'backbone': bb['batch_stats']}}
+      return torchvision_backbone_variables(sd, config)
   from ddq_jax.weights import load_weights  # pylint: disable=g-import-not-at-top
   log.info('init_from: converted weights %s', path)
   variables, _ = load_weights(path, config)
   return variables
+
+
+def is_torchvision_resnet(state_dict: dict) -> bool:
+  """A bare torchvision ResNet state dict (no detector parts)?"""
+  names = [k[len('module.'):] if k.startswith('module.') else k
+           for k in state_dict]
+  return 'layer1.0.conv1.weight' in names and not any(
+      n.startswith(('backbone.', 'encoder.', 'decoder.', 'neck.', 'bbox_head.'))
+      for n in names)
+
+
+def torchvision_backbone_variables(state_dict: dict, config) -> dict:
+  """torchvision ResNet tensors -> {'params': {'backbone': ...},
+  'batch_stats': {'backbone': ...}} (the classifier ``fc`` is dropped)."""
+  from ddq_jax.conversion.torchvision import torchvision_resnet_to_variables  # pylint: disable=g-import-not-at-top
+  sd = {k: v for k, v in state_dict.items()
+        if not k.startswith(('fc.', 'module.fc.'))}
+  bb = torchvision_resnet_to_variables(
+      sd, depth=int(config.backbone.depth),
+      base_channels=int(config.backbone.base_channels))
+  return {'params': {'backbone': bb['params']},
+          'batch_stats': {'backbone': bb['batch_stats']}}
 
 
 # -------------------------------------------------------------------- stop
