@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--top', type=int, default=8, help='hot ops to list')
   p.add_argument('--weights', help='converted weights dir or .pth instead '
                  'of random weights')
+  p.add_argument('--init', choices=('fast', 'flax'), default='fast',
+                 help='random weights: fast = the variables\' shapes '
+                 '(eval_shape, no compile) filled with numpy (fan-in normal '
+                 'kernels, unit scales / BN var, zero biases / BN mean); '
+                 'flax = init_variables under jit (a training-forward '
+                 'compile: minutes for R50 on CPU)')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                  help='config override (Python literal); repeatable')
   p.add_argument('--trace-dir', help='keep the profiler trace here')
@@ -122,7 +128,11 @@ def stage_of(op_name: str, opcode: str = '') -> str:
     if 'jvp(' in s or bwd:
       return pre + ('loss: while loops (jax hungarian)' if '/while' in s
                     else 'loss (criterion, match costs)')
-    return 'optimizer / other' if s else 'unattributed'
+    if not s:
+      return 'unattributed'
+    if not s.startswith('jit('):  # metadata = an argument's name
+      return 'param-named ops (optimizer updates, weight copies)'
+    return 'optimizer / other'
   if '/backbone/' in s:
     return pre + 'backbone'
   if '/neck/' in s:
@@ -158,6 +168,17 @@ def _short_scope(op_name: str) -> str:
   s = re.sub(r'^jit\([^)]*\)/', '', op_name)
   s = s.replace('DDQDETR/', '').replace('DDQDETR.', '')
   return s[-110:]
+
+
+def group_scope(op_name: str) -> str:
+  """The scope with layer / block indices folded, so the same op of every
+  layer sums up: .../layers_3/... -> .../layers_*/..., layer2_1 -> layer2_*."""
+  s = _short_scope(op_name)
+  s = re.sub(r'layers_\d+', 'layers_*', s)
+  s = re.sub(r'(layer\d)_\d+', r'\1_*', s)
+  s = re.sub(r'(branches)_\d+', r'\1_*', s)
+  return re.sub(r'\[\\?\'[^\]]*\]', '[..]', s) if not op_name.startswith(
+      'jit(') else s
 
 
 def _trace_events(trace_dir: str) -> list[dict]:
@@ -224,13 +245,21 @@ def hot_spots(run_once, hlo_text: str, *, steps: int = 1, top: int = 8,
     hot.append(dict(op=name, opcode=opcode, ms=round(us / steps / 1e3, 2),
                     share=round(us / total, 4), stage=stage_of(op_name, opcode),
                     scope=_short_scope(op_name)))
+  groups = collections.defaultdict(float)
+  for name, us in ops:
+    opcode, op_name = instrs[name]
+    groups[(stage_of(op_name, opcode), group_scope(op_name))] += us
+  hot_groups = [dict(stage=st, scope=sc, ms=round(us / steps / 1e3, 2),
+                     share=round(us / total, 4))
+                for (st, sc), us in sorted(groups.items(),
+                                           key=lambda kv: -kv[1])[:top]]
   stages = collections.defaultdict(float)
   for name, us in ops:
     opcode, op_name = instrs[name]
     stages[stage_of(op_name, opcode)] += us
   stages = {k: dict(ms=round(v / steps / 1e3, 2), share=round(v / total, 4))
             for k, v in sorted(stages.items(), key=lambda kv: -kv[1])}
-  return dict(hot_ops=hot, stages=stages,
+  return dict(hot_ops=hot, hot_groups=hot_groups, stages=stages,
               op_time_ms_per_step=round(total / steps / 1e3, 2),
               profiled_steps=steps)
 
@@ -256,6 +285,30 @@ def _inputs(config, batch: int, size, seed: int = 0):
       gt_labels=rng.integers(0, config.num_classes, (batch, g)).astype(
           np.int32),
       gt_valid=np.arange(g)[None].repeat(batch, 0) < n)
+
+
+def random_variables(config, seed: int = 0) -> dict:
+  """Random variables with init_variables' tree and shapes, no compile."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ddq_jax.models.variables import variable_shapes  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    shape, dtype = tuple(leaf.shape), leaf.dtype
+    if not np.issubdtype(dtype, np.floating):
+      return np.zeros(shape, dtype)
+    if name in ('var', 'scale'):
+      return np.ones(shape, dtype)
+    if name in ('mean', 'bias'):
+      return np.zeros(shape, dtype)
+    fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    std = 1.0 / np.sqrt(max(fan_in, 1)) if name == 'kernel' else 0.02
+    if name == 'level_embed':
+      std = 1.0
+    return (rng.standard_normal(shape) * std).astype(dtype)
+  return jax.tree_util.tree_map_with_path(fill, variable_shapes(config))
 
 
 def build_step(config, mode: str, variables, batch: dict, mesh):
@@ -316,6 +369,8 @@ def run(args) -> dict:
   if args.weights:
     from ddq_jax.weights import load_weights  # pylint: disable=g-import-not-at-top
     variables, config = load_weights(args.weights, config)
+  elif args.init == 'fast':
+    variables = random_variables(config)
   else:
     from ddq_jax.models.variables import init_variables  # pylint: disable=g-import-not-at-top
     model = build_model(config)

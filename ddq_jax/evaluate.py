@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                  'images (quick runs)')
   p.add_argument('--batch-size', type=int, help='images per step (default '
                  'config eval.batch_size; padded to a multiple of --devices)')
-  p.add_argument('--devices', type=int, help='use the first K local devices '
-                 '(default all)')
+  p.add_argument('--devices', type=int, help='use the first K devices '
+                 '(default all devices of all processes)')
   p.add_argument('--num-workers', type=int, help='data loader processes '
                  '(default config data.num_workers)')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
@@ -151,15 +151,19 @@ def main(argv=None) -> dict:
 
   from ddq_jax.evaluation import data_mesh, evaluate_model  # pylint: disable=g-import-not-at-top
   from ddq_jax.models.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
-  devices = jax.local_devices()
+  devices = jax.devices()  # every process's: the batch spans all hosts
   if args.devices:
+    if jax.process_count() > 1:
+      parser.error('--devices is for single-process runs')
     if args.devices > len(devices):
       parser.error(f'--devices {args.devices}: only {len(devices)} local '
                    'devices')
     devices = devices[:args.devices]
   mesh = data_mesh(devices)
   batch = int(args.batch_size or config.eval.batch_size)
-  it = make_eval_iterator(config, batch_size=batch, dataset=source)
+  it = make_eval_iterator(config, batch_size=batch, dataset=source,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count())
   predict = make_predict_fn(build_model(config))
   metrics, dets = evaluate_model(predict, variables, it, mesh=mesh,
                                  progress=not args.no_progress,

@@ -51,6 +51,8 @@ def test_stage_of():
   assert stage_of('jit(s)/jvp(loss)/vmap()/while/body/add') == \
       'loss: while loops (jax hungarian)'
   assert stage_of('jit(s)/mul') == 'optimizer / other'
+  assert stage_of("params['neck']['convs_0']['conv']['kernel']") == \
+      'param-named ops (optimizer updates, weight copies)'
   assert stage_of('jit(s)/DDQDETR/DDQDETR.select_distinct/vmap()/while') == \
       'pre_decoder NMS loop'
 

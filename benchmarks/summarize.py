@@ -1,0 +1,44 @@
+"""Turns ``python -m ddq_jax.benchmark`` JSON lines into markdown.
+
+  python benchmarks/summarize.py run1.json run2.json ... > table.md
+
+One table row per run, then per run the hottest op groups and stages.
+"""
+import json
+import sys
+
+
+def _load(path):
+  with open(path) as f:
+    lines = [l for l in f.read().splitlines() if l.startswith('{')]
+  return json.loads(lines[-1])
+
+
+def main(paths):
+  runs = [_load(p) for p in paths]
+  print('| config | mode | batch | size | devices | compile s | step median s '
+        '| step min s | img/s (median) | img/s (best) |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  for r in runs:
+    print(f"| {r['config']} | {r['mode']} | {r['batch']} | "
+          f"{r['size'][0]}x{r['size'][1]} | {r['devices']} x {r['device_kind']} "
+          f"| {r['compile_s']} | {r['step_median_s']} | {r['step_min_s']} | "
+          f"{r['images_per_s']} | {r['images_per_s_best']} |")
+  for r in runs:
+    if not r.get('stages'):
+      continue
+    print(f"\n**{r['config']} {r['mode']}** (op time "
+          f"{r.get('op_time_ms_per_step')} ms in the profiled step)\n")
+    print('| stage | ms | share |\n|---|---|---|')
+    for k, v in list(r['stages'].items())[:8]:
+      print(f"| {k} | {v['ms']} | {100 * v['share']:.1f}% |")
+    if r.get('hot_groups'):
+      print('\n| hot op group (layers folded) | stage | ms | share |\n'
+            '|---|---|---|---|')
+      for g in r['hot_groups'][:5]:
+        print(f"| `{g['scope']}` | {g['stage']} | {g['ms']} | "
+              f"{100 * g['share']:.1f}% |")
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
