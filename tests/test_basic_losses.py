@@ -198,40 +198,53 @@ def _gt(tiny_inputs, b):
           tiny_inputs['gt_valid'][b], tiny_inputs['img_shapes'][b])
 
 
+def _enc_loss_sums(cls, box, gtb, gtl, gtv, hw, *, solver):
+  """One image of DETRHead.loss_by_feat_single: (cls, l1, giou) sums, #pos."""
+  nq, k = cls.shape
+  cost = match_costs.hungarian_cost(
+      cls_logits=cls, boxes_cxcywh_norm=box, gt_labels=gtl,
+      gt_boxes_xyxy=gtb, img_hw=hw)
+  m = hungarian_match(cost, col_valid=gtv, solver=solver)
+  pos = m >= 0
+  idx = jnp.maximum(m, 0)
+  labels = jnp.where(pos, gtl[idx], k)
+  l_cls = basic.sigmoid_focal_loss(
+      cls, basic.labels_to_onehot(labels, k), weight=jnp.ones(nq)).sum()
+  f = jnp.stack([hw[1], hw[0], hw[1], hw[0]]).astype(jnp.float32)
+  tgt = xyxy_to_cxcywh(gtb[idx] / f)
+  w = jnp.repeat(pos.astype(jnp.float32)[:, None], 4, 1)
+  l_l1 = basic.l1_loss(box, tgt, weight=w).sum()
+  l_iou = basic.giou_loss(cxcywh_to_xyxy(box) * f, cxcywh_to_xyxy(tgt) * f,
+                          weight=w).sum()
+  return l_cls, l_l1, l_iou, pos.sum()
+
+
 @pytest.mark.parametrize('solver', ['scipy', 'jax'])
 def test_fixture_encoder_loss(tiny_train, tiny_inputs, solver):
   """enc_loss_{cls,bbox,iou}: DETRHead.loss_by_feat_single on the encoder's
-  top-k (no distinct-query masking), 2 images, padded gt."""
-  cls = tiny_train['head_in_enc_outputs_class']
-  box = tiny_train['head_in_enc_outputs_coord']
-  nq, k = cls.shape[1:]
-  l_cls = l_l1 = l_iou = 0.0
-  npos = 0
-  for b in range(2):
-    gtb, gtl, gtv, hw = _gt(tiny_inputs, b)
-    cost = match_costs.hungarian_cost(
-        cls_logits=cls[b], boxes_cxcywh_norm=box[b], gt_labels=gtl,
-        gt_boxes_xyxy=gtb, img_hw=hw)
-    m = hungarian_match(cost, col_valid=gtv, solver=solver)
-    pos = m >= 0
-    idx = jnp.maximum(m, 0)
-    labels = jnp.where(pos, gtl[idx], k)
-    l_cls += basic.sigmoid_focal_loss(
-        cls[b], basic.labels_to_onehot(labels, k), weight=jnp.ones(nq)).sum()
-    f = jnp.array([hw[1], hw[0], hw[1], hw[0]], jnp.float32)
-    tgt = xyxy_to_cxcywh(gtb[idx] / f)
-    w = jnp.repeat(pos.astype(jnp.float32)[:, None], 4, 1)
-    l_l1 += basic.l1_loss(box[b], tgt, weight=w).sum()
-    l_iou += basic.giou_loss(cxcywh_to_xyxy(box[b]) * f,
-                             cxcywh_to_xyxy(tgt) * f, weight=w).sum()
-    npos += pos.sum()
-  af = basic.avg_factor(npos)
-  assert_close(basic.reduce_with_avg_factor(l_cls, af),
-               tiny_train['loss/enc_loss_cls'][0], rel=1e-5)
-  assert_close(5.0 * basic.reduce_with_avg_factor(l_l1, af),
-               tiny_train['loss/enc_loss_bbox'], rel=1e-5)
-  assert_close(2.0 * basic.reduce_with_avg_factor(l_iou, af),
-               tiny_train['loss/enc_loss_iou'], rel=1e-5)
+  top-k (no distinct-query masking), 2 images, padded gt; jit + vmap."""
+  @jax.jit
+  def losses(cls, box, gtb, gtl, gtv, hw):
+    l_cls, l_l1, l_iou, npos = jax.vmap(
+        lambda *a: _enc_loss_sums(*a, solver=solver))(
+            cls, box, gtb, gtl, gtv, hw)
+    af = basic.avg_factor(npos.sum())
+    return (basic.reduce_with_avg_factor(l_cls.sum(), af),
+            5.0 * basic.reduce_with_avg_factor(l_l1.sum(), af),
+            2.0 * basic.reduce_with_avg_factor(l_iou.sum(), af))
+
+  l_cls, l_l1, l_iou = losses(
+      tiny_train['head_in_enc_outputs_class'],
+      tiny_train['head_in_enc_outputs_coord'], tiny_inputs['gt_boxes'],
+      tiny_inputs['gt_labels'], tiny_inputs['gt_valid'],
+      tiny_inputs['img_shapes'])
+  assert_close(l_cls, tiny_train['loss/enc_loss_cls'][0], rel=1e-5)
+  assert_close(l_l1, tiny_train['loss/enc_loss_bbox'], rel=1e-5)
+  assert_close(l_iou, tiny_train['loss/enc_loss_iou'], rel=1e-5)
+
+
+_JAX_MATCH = jax.jit(lambda c, r, v: hungarian_match(
+    c, row_valid=r, col_valid=v, solver='jax'))
 
 
 def test_fixture_dense_aux_loss(tiny_train, tiny_inputs):
@@ -260,7 +273,10 @@ def test_fixture_dense_aux_loss(tiny_train, tiny_inputs):
             + np.asarray(match_costs.iou_cost(boxes, gtb)))
     topk = min(4, n // ng)
     rep = np.repeat(cost, topk, axis=1)
-    m = np.asarray(hungarian_match(jnp.asarray(rep), solver='jax'))
+    padded = np.zeros((n, 24), np.float32)
+    padded[:, :rep.shape[1]] = rep
+    m = np.asarray(_JAX_MATCH(padded, np.ones(n, bool),
+                              np.arange(24) < rep.shape[1]))
     rows, cols = np.nonzero(m >= 0)[0], m[m >= 0]
     r2, c2 = linear_sum_assignment(rep.astype(np.float64))
     np.testing.assert_array_equal(rows, r2)
