@@ -193,8 +193,8 @@ def _fit(x: jnp.ndarray, shape) -> jnp.ndarray:
 
 def _match_jax(cost, row_valid, col_valid):
   q, g = cost.shape
-  if not jnp.issubdtype(cost.dtype, jnp.floating):
-    cost = cost.astype(jnp.float32)
+  if cost.dtype not in (jnp.float32, jnp.float64):
+    cost = cost.astype(jnp.float32)  # ints, bf16 / f16
   perm_r, n_r = _compact_order(row_valid)
   perm_c, n_c = _compact_order(col_valid)
   sub = cost[perm_r][:, perm_c]
