@@ -136,8 +136,6 @@ def topk_hungarian_assign(probs, boxes_px, *, gt_boxes, gt_labels, gt_valid,
   idx = jnp.broadcast_to(labels[:, None, :], probs.shape[:-1] + (g,))
   scores = jnp.take_along_axis(probs, idx, axis=-1)             # (.., B, N, G)
   metrics = scores**alpha * iou**beta
-  factor = _factor(img_shapes, probs.dtype)
-  del factor
 
   def one(p, bx, gb, gl, hw):
     # FocalLossCost on the probabilities (sigmoid applied again, as the
@@ -163,13 +161,11 @@ def topk_hungarian_assign(probs, boxes_px, *, gt_boxes, gt_labels, gt_valid,
   pos = assigned >= 0
   onehot = (assigned[..., None] == jnp.arange(g)) & pos[..., None]  # (.., N, G)
   m_i = jnp.sum(jnp.where(onehot, metrics, 0.0), -1)
-  iou_i = jnp.sum(jnp.where(onehot, iou, 0.0), -1)
   max_m = jnp.max(jnp.where(onehot, metrics, -jnp.inf), -2)       # (.., B, G)
   max_iou = jnp.max(jnp.where(onehot, iou, -jnp.inf), -2)
   max_m_i = jnp.sum(jnp.where(onehot, max_m[..., None, :], 0.0), -1)
   max_iou_i = jnp.sum(jnp.where(onehot, max_iou[..., None, :], 0.0), -1)
   norm = jnp.where(pos, m_i / (max_m_i + 10e-8) * max_iou_i, 0.0)
-  del iou_i
   return assigned, jax.lax.stop_gradient(norm)
 
 
