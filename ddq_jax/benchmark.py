@@ -85,22 +85,45 @@ def _parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------- hot spots
 
 
+_HEAVY = ('convolution', 'dot', 'gather', 'scatter', 'sort', 'reduce-window')
+_COMP = re.compile(r'^%?([\w.\-]+)\s.*\{\s*$')
+_CALLS = re.compile(r'calls=%?([\w.\-]+)')
+
+
 def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
   """{instruction name: (opcode, op_name metadata)} of an HLO module text.
 
-  An instruction without metadata (XLA-created, e.g. an einsum's dot after
-  layout passes) inherits the op_name of its first operand that has one."""
-  out, operands = {}, {}
+  A fusion is named after the heaviest op it fuses (a convolution or dot
+  before a gather / scatter / sort, before its root), not its root: XLA:CPU
+  fuses e.g. a LayerNorm reduction after an FFN matmul, whose root op_name
+  would hide the matmul.  An instruction without metadata (XLA-created, e.g.
+  an einsum's dot after layout passes) inherits the op_name of its first
+  operand that has one."""
+  out, operands, calls = {}, {}, {}
+  heavy: dict[str, list] = {}  # computation -> [(rank, op_name)]
+  comp = None
   for line in hlo_text.splitlines():
+    c = _COMP.match(line)
+    if c and '=' not in line.split('{', 1)[0]:
+      comp = c.group(1)
+      continue
     m = _INSTR.match(line)
     if not m:
       continue
     op = _OPNAME.search(line)
-    name = m.group(1)
-    out[name] = (m.group(2), op.group(1) if op else '')
+    name, opcode = m.group(1), m.group(2)
+    out[name] = (opcode, op.group(1) if op else '')
+    if op and opcode in _HEAVY and comp is not None:
+      heavy.setdefault(comp, []).append((_HEAVY.index(opcode), op.group(1)))
+    k = _CALLS.search(line)
+    if opcode == 'fusion' and k:
+      calls[name] = k.group(1)
     if not op:
       args = line[m.end():].split('), ', 1)[0]
       operands[name] = re.findall(r'%([\w.\-]+)', args)
+  for name, callee in calls.items():
+    if heavy.get(callee):
+      out[name] = (out[name][0], min(heavy[callee])[1])
   for _ in range(4):  # chains of metadata-less instructions
     for name, ops in operands.items():
       if not out[name][1]:

@@ -12,12 +12,20 @@ HloModule jit_f
   ROOT %exp.1 = f32[4]{0} exponential(%param_0), metadata={op_name="jit(f)/DDQDETR/DDQDETR.forward_encoder/backbone/layer1_0/conv1/exp"}
 }
 
+%fused_computation.2 (param_0.1: f32[4], param_1.1: f32[4]) -> f32[4] {
+  %param_0.1 = f32[4]{0} parameter(0)
+  %param_1.1 = f32[4]{0} parameter(1)
+  %dot.1 = f32[4]{0} dot(%param_0.1, %param_1.1), metadata={op_name="jit(f)/DDQDETR/DDQDETR.forward_encoder/encoder/layers_0/ffn/layers_0_0/dot_general"}
+  ROOT %reduce.1 = f32[4]{0} add(%dot.1, %dot.1), metadata={op_name="jit(f)/DDQDETR/DDQDETR.forward_encoder/encoder/layers_0/norms_1/reduce_sum"}
+}
+
 ENTRY %main (x: f32[4], y: f32[2,3]) -> (f32[4], f32[2,3]) {
   %x = f32[4]{0} parameter(0), metadata={op_name="x"}
   %y = f32[2,3]{1,0} parameter(1)
   %conv.3 = f32[4]{0} convolution(%x, %x), dim_labels=b0f_0io->b0f, metadata={op_name="jit(f)/DDQDETR/DDQDETR.forward_encoder/neck/convs_0/conv/conv_general_dilated" source_file="a.py" source_line=3}
   %dot.7 = f32[2,3]{1,0} dot(%conv.3, %y), lhs_contracting_dims={0}
   %w = (s32[], f32[4]{0}) while(%t), condition=%c, body=%b, metadata={op_name="jit(f)/DDQDETR/DDQDETR.run_decoder/decoder/vmap()/while"}
+  %ynn_fusion.4 = f32[4]{0} fusion(%x, %x), kind=kCustom, calls=%fused_computation.2, metadata={op_name="jit(f)/DDQDETR/DDQDETR.forward_encoder/encoder/layers_0/norms_1/reduce_sum"}
   ROOT %tuple.9 = (f32[4]{0}, f32[2,3]{1,0}) tuple(%conv.3, %dot.7)
 }
 '''
@@ -32,6 +40,8 @@ def test_hlo_instructions():
   # no metadata: inherits its first operand's scope
   assert d['dot.7'] == ('dot', d['conv.3'][1])
   assert stage_of(d['conv.3'][1]) == 'neck'
+  # a fusion is named after its heaviest op (the FFN dot), not its root
+  assert d['ynn_fusion.4'][1].endswith('ffn/layers_0_0/dot_general')
   assert stage_of(d['exp.1'][1]) == 'backbone'
   assert stage_of(d['w'][1]) == 'decoder NMS loop'
 
