@@ -33,7 +33,8 @@ import jax.numpy as jnp
 
 from ddq_jax.ops import boxes as box_ops
 from ddq_jax.losses import match_costs as mc
-from ddq_jax.losses.dense_aux import (F32_EPS, dense_aux_loss, focal_cost,
+from ddq_jax.losses.dense_aux import (F32_EPS, as_gt_arrays, dense_aux_loss,
+                                      focal_cost, l1_cost,
                                       get_matcher,
                                       per_image_cost, reduce_mean,
                                       sigmoid_focal_elementwise)
@@ -91,6 +92,8 @@ def hungarian_cost_distinct(cls_logits, bbox_preds, *, gt_boxes, gt_labels,
   """HungarianAssigner cost of DINO/DDQ: FocalLossCost(2) + BBoxL1Cost(5,
   xywh, normalised) + IoUCost(giou, 2).  (..., B, Q, K), (..., B, Q, 4)
   sigmoid cxcywh -> (..., B, Q, G)."""
+  gt_boxes, gt_labels, gt_valid, img_shapes = as_gt_arrays(
+      gt_boxes, gt_labels, gt_valid, img_shapes)
   labels = jnp.where(gt_valid, gt_labels, 0).astype(jnp.int32)
 
   def one(c, bx, gb, gl, hw):
@@ -99,8 +102,9 @@ def hungarian_cost_distinct(cls_logits, bbox_preds, *, gt_boxes, gt_labels,
     px = box_ops.cxcywh_to_xyxy(bx) * f
     return (focal_cost(c, gl, weight=cfg.match_cls_weight,
                        alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
-            + mc.bbox_l1_cost_pixels(px, gb, img_hw=hw, box_format='xywh',
-                                     weight=cfg.match_bbox_weight)
+            + l1_cost(box_ops.xyxy_to_cxcywh(px) / f,
+                      box_ops.xyxy_to_cxcywh(gb) / f,
+                      weight=cfg.match_bbox_weight)
             + mc.iou_cost(px, gb, weight=cfg.match_iou_weight,
                           iou_mode='giou'))
   return per_image_cost(one, (cls_logits, bbox_preds), (gt_boxes, labels),
@@ -119,6 +123,8 @@ def set_loss(cls_logits, bbox_preds, assigned, *, query_mask, gt_boxes,
     query_mask (..., B, Q) bool: queries that exist for the loss.
   Returns: (loss_cls, loss_bbox, loss_iou), each of shape (...).
   """
+  gt_boxes, gt_labels, _, img_shapes = as_gt_arrays(
+      gt_boxes, gt_labels, False, img_shapes)
   k = cls_logits.shape[-1]
   pos = (assigned >= 0) & query_mask
   safe = jnp.maximum(assigned, 0)
@@ -182,10 +188,8 @@ def ddq_criterion(all_layers_cls_scores, all_layers_bbox_preds, *,
   Returns: dict reference-key -> scalar float32 (no total; see ``total_loss``).
   """
   match_fn = match_fn or get_matcher()
-  gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
-  gt_labels = jnp.asarray(gt_labels, jnp.int32)
-  gt_valid = jnp.asarray(gt_valid, bool)
-  img_shapes = jnp.asarray(img_shapes)
+  gt_boxes, gt_labels, gt_valid, img_shapes = as_gt_arrays(
+      gt_boxes, gt_labels, gt_valid, img_shapes)
   num_layers, batch = all_layers_cls_scores.shape[:2]
   qd = enc_cls_scores.shape[-2]
   d = all_layers_cls_scores.shape[2] - qd - num_dense

@@ -64,6 +64,22 @@ def focal_cost(cls_logits, gt_labels, *, weight=2.0, alpha=0.25, gamma=2.0,
   return (jnp.take(pos, labels, axis=-1) - jnp.take(neg, labels, axis=-1)) * weight
 
 
+def l1_cost(pred, gt, *, weight):
+  """``torch.cdist(p=1)`` of already-normalised boxes: (Q, 4) x (G, 4) ->
+  (Q, G), summed coordinate by coordinate (no (Q, G, 4) intermediate with
+  a minor axis of 4, which XLA:CPU handles poorly)."""
+  out = jnp.abs(pred[:, None, 0] - gt[None, :, 0])
+  for k in range(1, 4):
+    out = out + jnp.abs(pred[:, None, k] - gt[None, :, k])
+  return out * weight
+
+
+def _int_pow(x, e):
+  """x ** e with an integer exponent as repeated products (torch's pow with
+  an int exponent; much faster than exp/log pow on XLA:CPU)."""
+  return x ** int(e) if float(e).is_integer() else x ** e
+
+
 def per_image_cost(fn, preds, gts, *, img_shapes):
   """Applies a one-image cost ``fn(*preds, *gts, img_hw) -> (Q, G)`` to
   preds (..., B, Q, x) and gts (B, G, ...), img_shapes (B, 2) -> (..., B, Q, G)."""
@@ -108,6 +124,18 @@ def get_matcher() -> Callable:
 # --------------------------------------------------------------------------
 
 
+def as_gt_arrays(gt_boxes, gt_labels, gt_valid, img_shapes):
+  """numpy or jax inputs -> jnp (float32 boxes, int32 labels, bool valid)."""
+  return (jnp.asarray(gt_boxes, jnp.float32), jnp.asarray(gt_labels, jnp.int32),
+          jnp.asarray(gt_valid, bool), jnp.asarray(img_shapes))
+
+
+def _hw4(hw, dtype):
+  """(2,) (h, w) -> (4,) (w, h, w, h)."""
+  hw = hw.astype(dtype)
+  return jnp.stack([hw[1], hw[0], hw[1], hw[0]])
+
+
 def _factor(img_shapes, dtype):
   """(B, 2) (h, w) -> (B, 1, 4) (w, h, w, h)."""
   h = img_shapes[:, 0].astype(dtype)
@@ -128,6 +156,8 @@ def topk_hungarian_assign(probs, boxes_px, *, gt_boxes, gt_labels, gt_valid,
     norm_metrics (..., B, N) float (0 for background).
   """
   match_fn = match_fn or get_matcher()
+  gt_boxes, gt_labels, gt_valid, img_shapes = as_gt_arrays(
+      gt_boxes, gt_labels, gt_valid, img_shapes)
   probs = jax.lax.stop_gradient(probs)
   boxes_px = jax.lax.stop_gradient(boxes_px)
   n, g = probs.shape[-2], gt_boxes.shape[-2]
@@ -135,15 +165,15 @@ def topk_hungarian_assign(probs, boxes_px, *, gt_boxes, gt_labels, gt_valid,
   iou = box_ops.pairwise_iou(boxes_px, gt_boxes, eps=1e-6)      # (.., B, N, G)
   idx = jnp.broadcast_to(labels[:, None, :], probs.shape[:-1] + (g,))
   scores = jnp.take_along_axis(probs, idx, axis=-1)             # (.., B, N, G)
-  metrics = scores**alpha * iou**beta
+  metrics = _int_pow(scores, alpha) * _int_pow(iou, beta)
 
   def one(p, bx, gb, gl, hw):
     # FocalLossCost on the probabilities (sigmoid applied again, as the
     # reference), BBoxL1Cost xyxy / img_shape, IoUCost giou; sum in the
     # reference's order.
     return (focal_cost(p, gl, weight=2.0)
-            + mc.bbox_l1_cost_pixels(bx, gb, img_hw=hw, box_format='xyxy',
-                                     weight=5.0)
+            + l1_cost(bx / _hw4(hw, bx.dtype), gb / _hw4(hw, bx.dtype),
+                      weight=5.0)
             + mc.iou_cost(bx, gb, weight=2.0, iou_mode='giou'))
   cost = per_image_cost(one, (probs, boxes_px), (gt_boxes, labels),
                         img_shapes=img_shapes)                 # (.., B, N, G)
@@ -184,6 +214,8 @@ def dense_aux_loss(cls_logits, bbox_preds, *, gt_boxes, gt_labels, gt_valid,
   Returns: (loss_cls, loss_bbox), each of shape (...) (scalars without
     leading dims).
   """
+  gt_boxes, gt_labels, gt_valid, img_shapes = as_gt_arrays(
+      gt_boxes, gt_labels, gt_valid, img_shapes)
   probs = jax.nn.sigmoid(cls_logits)
   factor = _factor(img_shapes, bbox_preds.dtype)
   boxes_px = box_ops.cxcywh_to_xyxy(bbox_preds) * factor

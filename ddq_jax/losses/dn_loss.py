@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ddq_jax.ops import boxes as box_ops
-from ddq_jax.losses.dense_aux import (F32_EPS, reduce_mean,
+from ddq_jax.losses.dense_aux import (F32_EPS, as_gt_arrays, reduce_mean,
                                       sigmoid_focal_elementwise)
 
 
@@ -85,6 +85,8 @@ def dn_loss(dn_cls_scores, dn_bbox_preds, *, gt_boxes, gt_labels, gt_valid,
     num_groups: () int, default computed from gt_valid like the reference.
   Returns: (loss_cls, loss_bbox, loss_iou), each (L,).
   """
+  gt_boxes, gt_labels, gt_valid, img_shapes = as_gt_arrays(
+      gt_boxes, gt_labels, gt_valid, img_shapes)
   k = dn_cls_scores.shape[-1]
   d = dn_cls_scores.shape[-2]
   if num_groups is None:
