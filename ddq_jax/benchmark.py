@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
       prog='python -m ddq_jax.benchmark',
       description='Step time, compile time and hot spots (one JSON line).',
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  p.add_argument('--config', required=True, help='config name or path')
+  p.add_argument('--config', help='config name or path (required)')
   p.add_argument('--mode', choices=('infer', 'train'), default='infer',
                  help='infer: the jitted predict fn; train: value_and_grad of '
                  'the training objective + the optimizer update')
@@ -78,7 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                  'compile: minutes for R50 on CPU)')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                  help='config override (Python literal); repeatable')
-  p.add_argument('--trace-dir', help='keep the profiler trace here')
+  p.add_argument('--trace-dir', help='keep the profiler trace (and the '
+                 'compiled HLO text) here')
+  p.add_argument('--analyze', metavar='TRACE_DIR', help='only print the hot '
+                 'spots of a trace saved with --trace-dir (no run)')
   return p
 
 
@@ -127,10 +130,12 @@ def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
   for _ in range(4):  # chains of metadata-less instructions
     for name, ops in operands.items():
       if not out[name][1]:
-        for o in ops:
-          if o in out and out[o][1]:
-            out[name] = (out[name][0], out[o][1])
-            break
+        # an operand computed in the program beats a parameter (whose
+        # op_name is just the argument's name)
+        named = [out[o][1] for o in ops if o in out and out[o][1]]
+        traced = [n for n in named if n.startswith('jit(')]
+        if traced or named:
+          out[name] = (out[name][0], (traced or named)[0])
   return out
 
 
@@ -154,7 +159,7 @@ def stage_of(op_name: str, opcode: str = '') -> str:
     if not s:
       return 'unattributed'
     if not s.startswith('jit('):  # metadata = an argument's name
-      return 'param-named ops (optimizer updates, weight copies)'
+      return 'param-named ops (weight layout copies, optimizer)'
     return 'optimizer / other'
   if '/backbone/' in s:
     return pre + 'backbone'
@@ -247,7 +252,6 @@ def hot_spots(run_once, hlo_text: str, *, steps: int = 1, top: int = 8,
               trace_dir: str | None = None) -> dict:
   """Profiles ``run_once()`` ``steps`` times; hot ops and stage totals."""
   import jax  # pylint: disable=g-import-not-at-top
-  instrs = hlo_instructions(hlo_text)
   tmp = trace_dir or tempfile.mkdtemp(prefix='ddq_prof_')
   if trace_dir:
     os.makedirs(trace_dir, exist_ok=True)
@@ -256,7 +260,18 @@ def hot_spots(run_once, hlo_text: str, *, steps: int = 1, top: int = 8,
   with jax.profiler.trace(tmp, create_perfetto_trace=True):
     for _ in range(steps):
       run_once()
-  events = _trace_events(tmp)
+  return analyze(tmp, hlo_text, steps=steps, top=top)
+
+
+def analyze(trace_dir: str, hlo_text: str | None = None, *, steps: int = 1,
+            top: int = 8) -> dict:
+  """Hot ops, op groups and stages of a saved trace (``--trace-dir``; the
+  HLO text defaults to ``trace_dir/compiled_hlo.txt``)."""
+  if hlo_text is None:
+    with open(os.path.join(trace_dir, 'compiled_hlo.txt')) as f:
+      hlo_text = f.read()
+  instrs = hlo_instructions(hlo_text)
+  events = _trace_events(trace_dir)
   times = self_times(events, set(instrs))
   total = sum(times.values())
   if not total:
@@ -447,8 +462,14 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
-  args = _parser().parse_args(argv)
-  res = run(args)
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.analyze:
+    res = analyze(args.analyze, top=args.top)
+  elif not args.config:
+    parser.error('--config is required')
+  else:
+    res = run(args)
   print(json.dumps(res), flush=True)
   return res
 

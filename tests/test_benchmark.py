@@ -62,7 +62,7 @@ def test_stage_of():
       'loss: while loops (jax hungarian)'
   assert stage_of('jit(s)/mul') == 'optimizer / other'
   assert stage_of("params['neck']['convs_0']['conv']['kernel']") == \
-      'param-named ops (optimizer updates, weight copies)'
+      'param-named ops (weight layout copies, optimizer)'
   assert stage_of('jit(s)/DDQDETR/DDQDETR.select_distinct/vmap()/while') == \
       'pre_decoder NMS loop'
 
