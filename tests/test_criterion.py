@@ -265,3 +265,9 @@ def test_axis_name_averages_factors_across_devices(tiny_train, tiny_inputs):
   for key in ('enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'):
     exp = np.asarray(alone[key], np.float64) * n / n.mean()
     np.testing.assert_allclose(np.asarray(sharded[key]), exp, rtol=1e-5)
+
+
+def test_config_from_project_config(tiny_config):
+  cfg = C.CriterionConfig.from_config(tiny_config)
+  assert cfg == C.CriterionConfig(num_dn_queries=20, solver=cfg.solver)
+  assert cfg.solver in ('scipy', 'jax')
