@@ -253,6 +253,11 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
   pidx, pcount = jax.process_index(), jax.process_count()
   mesh = mesh_lib.make_mesh(config, devices)
   gbs = int(config.train.global_batch_size)
+  if (mesh.devices.size > 1 and
+      config.get('loss', {}).get('hungarian_solver', '') == 'scipy'):
+    log.warning("loss.hungarian_solver='scipy' on %d devices: the host "
+                'callback runs on one device (all-gather + serialised); '
+                "'jax' keeps matching on every device", mesh.devices.size)
   shd.local_batch_size(gbs, mesh)  # checks divisibility
 
   data = comps.make_iterator(0, pidx, pcount)
