@@ -34,10 +34,8 @@ import jax.numpy as jnp
 from ddq_jax.ops import boxes as box_ops
 from ddq_jax.losses import match_costs as mc
 from ddq_jax.losses.dense_aux import (F32_EPS, as_gt_arrays, dense_aux_loss,
-                                      focal_cost, l1_cost,
-                                      get_matcher,
-                                      per_image_cost, reduce_mean,
-                                      sigmoid_focal_elementwise)
+                                      get_matcher, per_image_cost,
+                                      reduce_mean, sigmoid_focal_elementwise)
 from ddq_jax.losses.dn_loss import box_losses, dn_loss
 
 
@@ -81,12 +79,6 @@ class CriterionConfig:
         solver=str(get('hungarian_solver', 'scipy')))
 
 
-def _factor(img_shapes, dtype):
-  h = img_shapes[:, 0].astype(dtype)
-  w = img_shapes[:, 1].astype(dtype)
-  return jnp.stack([w, h, w, h], -1)[:, None, :]
-
-
 def hungarian_cost_distinct(cls_logits, bbox_preds, *, gt_boxes, gt_labels,
                             gt_valid, img_shapes, cfg: CriterionConfig):
   """HungarianAssigner cost of DINO/DDQ: FocalLossCost(2) + BBoxL1Cost(5,
@@ -98,11 +90,11 @@ def hungarian_cost_distinct(cls_logits, bbox_preds, *, gt_boxes, gt_labels,
 
   def one(c, bx, gb, gl, hw):
     # = match_costs.hungarian_cost with the jit-safe focal cost.
-    f = jnp.stack([hw[1], hw[0], hw[1], hw[0]]).astype(bx.dtype)
+    f = mc.whwh(hw, bx.dtype)
     px = box_ops.cxcywh_to_xyxy(bx) * f
-    return (focal_cost(c, gl, weight=cfg.match_cls_weight,
-                       alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
-            + l1_cost(box_ops.xyxy_to_cxcywh(px) / f,
+    return (mc.focal_loss_cost(c, gl, weight=cfg.match_cls_weight,
+                               alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+            + mc.bbox_l1_cost(box_ops.xyxy_to_cxcywh(px) / f,
                       box_ops.xyxy_to_cxcywh(gb) / f,
                       weight=cfg.match_bbox_weight)
             + mc.iou_cost(px, gb, weight=cfg.match_iou_weight,
@@ -137,7 +129,7 @@ def set_loss(cls_logits, bbox_preds, assigned, *, query_mask, gt_boxes,
   num_pos = jnp.sum(pos, (-2, -1)).astype(cls_logits.dtype)
   avg = jnp.maximum(reduce_mean(num_pos, axis_name), 1.0)
   loss_cls = fl * cfg.cls_weight / (avg + F32_EPS)
-  factor = _factor(img_shapes, gt_boxes.dtype)
+  factor = mc.whwh(img_shapes, gt_boxes.dtype)[:, None, :]
   tgt = box_ops.xyxy_to_cxcywh(gt_boxes[b_idx, safe] / factor)
   tgt = jnp.where(pos[..., None], tgt, 0.0)
   loss_bbox, loss_iou = box_losses(bbox_preds, tgt, pos,

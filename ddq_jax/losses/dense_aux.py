@@ -50,30 +50,6 @@ def qfl_prob_rows(probs, labels, scores, *, beta=2.0):
   return out.reshape(labels.shape)
 
 
-def focal_cost(cls_logits, gt_labels, *, weight=2.0, alpha=0.25, gamma=2.0,
-               eps=1e-12):
-  """mmdet ``FocalLossCost``: (Q, K) logits x (G,) labels -> (Q, G).
-
-  Same as ``match_costs.focal_loss_cost`` but with ``log(max(1 - p, 0) +
-  eps)``: under jit XLA re-associates ``1 - p + eps`` into ``(1 + eps) - p``
-  (= 1 - p in float32), giving -inf (and a scipy error) where p == 1."""
-  p = jax.nn.sigmoid(cls_logits)
-  neg = -jnp.log(jnp.maximum(1 - p, 0.0) + eps) * (1 - alpha) * p**gamma
-  pos = -jnp.log(jnp.maximum(p, 0.0) + eps) * alpha * (1 - p)**gamma
-  labels = jnp.clip(gt_labels.astype(jnp.int32), 0, cls_logits.shape[-1] - 1)
-  return (jnp.take(pos, labels, axis=-1) - jnp.take(neg, labels, axis=-1)) * weight
-
-
-def l1_cost(pred, gt, *, weight):
-  """``torch.cdist(p=1)`` of already-normalised boxes: (Q, 4) x (G, 4) ->
-  (Q, G), summed coordinate by coordinate (no (Q, G, 4) intermediate with
-  a minor axis of 4, which XLA:CPU handles poorly)."""
-  out = jnp.abs(pred[:, None, 0] - gt[None, :, 0])
-  for k in range(1, 4):
-    out = out + jnp.abs(pred[:, None, k] - gt[None, :, k])
-  return out * weight
-
-
 def _int_pow(x, e):
   """x ** e with an integer exponent as repeated products (torch's pow with
   an int exponent; much faster than exp/log pow on XLA:CPU)."""
@@ -130,17 +106,9 @@ def as_gt_arrays(gt_boxes, gt_labels, gt_valid, img_shapes):
           jnp.asarray(gt_valid, bool), jnp.asarray(img_shapes))
 
 
-def _hw4(hw, dtype):
-  """(2,) (h, w) -> (4,) (w, h, w, h)."""
-  hw = hw.astype(dtype)
-  return jnp.stack([hw[1], hw[0], hw[1], hw[0]])
-
-
 def _factor(img_shapes, dtype):
   """(B, 2) (h, w) -> (B, 1, 4) (w, h, w, h)."""
-  h = img_shapes[:, 0].astype(dtype)
-  w = img_shapes[:, 1].astype(dtype)
-  return jnp.stack([w, h, w, h], -1)[:, None, :]
+  return mc.whwh(img_shapes, dtype)[:, None, :]
 
 
 def topk_hungarian_assign(probs, boxes_px, *, gt_boxes, gt_labels, gt_valid,
@@ -171,9 +139,10 @@ def topk_hungarian_assign(probs, boxes_px, *, gt_boxes, gt_labels, gt_valid,
     # FocalLossCost on the probabilities (sigmoid applied again, as the
     # reference), BBoxL1Cost xyxy / img_shape, IoUCost giou; sum in the
     # reference's order.
-    return (focal_cost(p, gl, weight=2.0)
-            + l1_cost(bx / _hw4(hw, bx.dtype), gb / _hw4(hw, bx.dtype),
-                      weight=5.0)
+    return (mc.focal_loss_cost(p, gl, weight=2.0)
+            + mc.bbox_l1_cost(bx / mc.whwh(hw, bx.dtype),
+                              gb / mc.whwh(hw, bx.dtype),
+                              weight=5.0)
             + mc.iou_cost(bx, gb, weight=2.0, iou_mode='giou'))
   cost = per_image_cost(one, (probs, boxes_px), (gt_boxes, labels),
                         img_shapes=img_shapes)                 # (.., B, N, G)

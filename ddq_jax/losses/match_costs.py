@@ -30,10 +30,14 @@ from ddq_jax.ops.boxes import pairwise_iou
 from ddq_jax.ops.boxes import xyxy_to_cxcywh
 
 
-def _factor(img_hw: jnp.ndarray, dtype) -> jnp.ndarray:
-  """(2,) (h, w) -> (4,) [w, h, w, h] as the reference's ``factor``."""
+def whwh(img_hw: jnp.ndarray, dtype) -> jnp.ndarray:
+  """(..., 2) (h, w) -> (..., 4) [w, h, w, h], the reference's ``factor``."""
   img_hw = jnp.asarray(img_hw).astype(dtype)
-  return jnp.stack([img_hw[1], img_hw[0], img_hw[1], img_hw[0]])
+  h, w = img_hw[..., 0], img_hw[..., 1]
+  return jnp.stack([w, h, w, h], -1)
+
+
+_factor = whwh
 
 
 def focal_loss_cost(cls_logits: jnp.ndarray, gt_labels: jnp.ndarray, *,
@@ -43,10 +47,14 @@ def focal_loss_cost(cls_logits: jnp.ndarray, gt_labels: jnp.ndarray, *,
 
   p = sigmoid(x); neg = -log(1 - p + eps) (1 - alpha) p^gamma;
   pos = -log(p + eps) alpha (1 - p)^gamma; cost = (pos - neg)[:, labels].
+
+  Written as ``log(max(1 - p, 0) + eps)``: under jit XLA re-associates
+  ``1 - p + eps`` into ``(1 + eps) - p`` (= 1 - p in float32), which gives
+  -inf where p == 1 and makes the host solver reject the matrix.
   """
   p = jax.nn.sigmoid(cls_logits)
-  neg = -jnp.log(1 - p + eps) * (1 - alpha) * jnp.power(p, gamma)
-  pos = -jnp.log(p + eps) * alpha * jnp.power(1 - p, gamma)
+  neg = -jnp.log(jnp.maximum(1 - p, 0.0) + eps) * (1 - alpha) * p**gamma
+  pos = -jnp.log(jnp.maximum(p, 0.0) + eps) * alpha * (1 - p)**gamma
   labels = jnp.clip(gt_labels.astype(jnp.int32), 0, cls_logits.shape[-1] - 1)
   cost = jnp.take(pos, labels, axis=-1) - jnp.take(neg, labels, axis=-1)
   return cost * weight
@@ -55,8 +63,14 @@ def focal_loss_cost(cls_logits: jnp.ndarray, gt_labels: jnp.ndarray, *,
 def bbox_l1_cost(pred_boxes: jnp.ndarray, gt_boxes: jnp.ndarray, *,
                  weight: float = 5.0) -> jnp.ndarray:
   """``BBoxL1Cost`` core: (Q, 4) x (G, 4) boxes, both already normalised
-  (and in the same format) -> (Q, G) weighted L1 distance."""
-  return jnp.abs(pred_boxes[:, None, :] - gt_boxes[None, :, :]).sum(-1) * weight
+  (and in the same format) -> (Q, G) weighted L1 distance.
+
+  Summed coordinate by coordinate: no (Q, G, 4) intermediate with a minor
+  axis of 4, which XLA:CPU handles poorly."""
+  out = jnp.abs(pred_boxes[:, None, 0] - gt_boxes[None, :, 0])
+  for k in range(1, 4):
+    out = out + jnp.abs(pred_boxes[:, None, k] - gt_boxes[None, :, k])
+  return out * weight
 
 
 def bbox_l1_cost_pixels(pred_xyxy: jnp.ndarray, gt_xyxy: jnp.ndarray, *,
