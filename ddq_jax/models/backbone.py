@@ -10,6 +10,12 @@ by the project's naming rule so a converted checkpoint loads as is:
     downsample_1}, layer1_1/..., layer4_2/...
 
 Input NHWC float32, outputs a list of NHWC maps, one per ``out_indices``.
+
+Init (mmdet ResNet with ``pretrained=None``, ``init_cfg=None``): every conv
+kaiming normal (fan_out, relu), every BN weight 1 / bias 0 (stats 0 / 1),
+and with ``zero_init_residual`` (the reference's default True) the last BN
+of each block (bn3 / bn2) weight 0, bias 0.  A real run loads the
+torchvision weights over this (``init_from``).
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ddq_jax.models import initializers as inits
 
 # depth -> (block type, blocks per stage); the reference's arch_settings.
 ARCH_SETTINGS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -45,7 +53,8 @@ def _conv(features: int, kernel: int, stride: int, padding: int,
   """torch Conv2d(bias=False) with explicit symmetric padding, HWIO kernel."""
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)),
-                 use_bias=False, name=name)
+                 use_bias=False, kernel_init=inits.kaiming_normal_fan_out,
+                 name=name)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -57,11 +66,14 @@ class FrozenBatchNorm(nn.Module):
   """
   eps: float = 1e-5
   affine_trainable: bool = False
+  zero_init: bool = False  # scale initialised to 0 (zero_init_residual)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    scale = self.param('scale',
+                       inits.zeros if self.zero_init else inits.ones, (c,),
+                       jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     mean = self.variable('batch_stats', 'mean',
                          lambda: jnp.zeros((c,), jnp.float32)).value
@@ -82,16 +94,17 @@ class BasicBlock(nn.Module):
   stride: int = 1
   with_downsample: bool = False
   bn_trainable: bool = False
+  zero_init_residual: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    bn = lambda name: FrozenBatchNorm(affine_trainable=self.bn_trainable,
-                                      name=name)
+    bn = lambda name, zero=False: FrozenBatchNorm(
+        affine_trainable=self.bn_trainable, zero_init=zero, name=name)
     identity = x
     out = _conv(self.planes, 3, self.stride, 1, 'conv1')(x)
     out = nn.relu(bn('bn1')(out))
     out = _conv(self.planes, 3, 1, 1, 'conv2')(out)
-    out = bn('bn2')(out)
+    out = bn('bn2', self.zero_init_residual)(out)
     if self.with_downsample:
       identity = _conv(self.planes, 1, self.stride, 0, 'downsample_0')(x)
       identity = bn('downsample_1')(identity)
@@ -104,18 +117,19 @@ class Bottleneck(nn.Module):
   stride: int = 1
   with_downsample: bool = False
   bn_trainable: bool = False
+  zero_init_residual: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    bn = lambda name: FrozenBatchNorm(affine_trainable=self.bn_trainable,
-                                      name=name)
+    bn = lambda name, zero=False: FrozenBatchNorm(
+        affine_trainable=self.bn_trainable, zero_init=zero, name=name)
     identity = x
     out = _conv(self.planes, 1, 1, 0, 'conv1')(x)
     out = nn.relu(bn('bn1')(out))
     out = _conv(self.planes, 3, self.stride, 1, 'conv2')(out)
     out = nn.relu(bn('bn2')(out))
     out = _conv(self.planes * 4, 1, 1, 0, 'conv3')(out)
-    out = bn('bn3')(out)
+    out = bn('bn3', self.zero_init_residual)(out)
     if self.with_downsample:
       identity = _conv(self.planes * 4, 1, self.stride, 0, 'downsample_0')(x)
       identity = bn('downsample_1')(identity)
@@ -133,6 +147,8 @@ class ResNet(nn.Module):
       outputs pass through ``stop_gradient``, so they get no gradient).
     bn_trainable: False (the reference's BN ``requires_grad=False``) stops
       the gradient of every BatchNorm's scale and bias.
+    zero_init_residual: init only: each block's last BN scale starts at 0
+      (the reference's default True; config.backbone.zero_init_residual).
   """
   depth: int = 50
   base_channels: int = 64
@@ -140,6 +156,7 @@ class ResNet(nn.Module):
   frozen_stages: int = 1
   bn_trainable: bool = False
   num_stages: int = 4
+  zero_init_residual: bool = True
 
   @classmethod
   def from_config(cls, config) -> 'ResNet':
@@ -148,7 +165,8 @@ class ResNet(nn.Module):
     b = config.backbone
     return cls(depth=int(b.depth), base_channels=int(b.base_channels),
                out_indices=tuple(int(i) for i in b.out_indices),
-               frozen_stages=int(b.frozen_stages))
+               frozen_stages=int(b.frozen_stages),
+               zero_init_residual=bool(b.get('zero_init_residual', True)))
 
   @property
   def out_channels(self) -> tuple[int, ...]:
@@ -186,6 +204,7 @@ class ResNet(nn.Module):
         with_ds = j == 0 and (s != 1 or inplanes != planes * expansion)
         x = block_cls(planes=planes, stride=s, with_downsample=with_ds,
                       bn_trainable=self.bn_trainable,
+                      zero_init_residual=self.zero_init_residual,
                       name=f'layer{i + 1}_{j}')(x)
         inplanes = planes * expansion
       if i + 1 <= self.frozen_stages:

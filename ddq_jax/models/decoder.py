@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddq_jax.models import initializers as inits
 from ddq_jax.models.deform_attn import MultiScaleDeformableAttention
 from ddq_jax.models.encoder import FFN
 from ddq_jax.ops.boxes import cxcywh_to_xyxy, inverse_sigmoid
@@ -96,7 +97,10 @@ class MultiheadAttention(nn.Module):
       logits = jnp.where(mask, jnp.finfo(logits.dtype).min, logits)
     weights = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, nq, c)
-    return nn.Dense(c, name='out_proj')(out)
+    # torch: out_proj bias 0 (MHA._reset_parameters), weight xavier (the
+    # detector's pass over the decoder's >1-dim parameters).
+    return nn.Dense(c, kernel_init=inits.xavier_uniform,
+                    bias_init=inits.zeros, name='out_proj')(out)
 
 
 class SelfAttention(nn.Module):
@@ -141,7 +145,8 @@ class DecoderLayer(nn.Module):
 
 
 class MLP(nn.Module):
-  """mmdet ``MLP``: Linear layers named layers_{i}, ReLU between."""
+  """mmdet ``MLP``: Linear layers named layers_{i}, ReLU between.  Init as
+  part of the decoder: weights xavier_uniform, biases torch's default."""
   hidden_dims: int
   output_dims: int
   num_layers: int
@@ -151,6 +156,8 @@ class MLP(nn.Module):
     for i in range(self.num_layers):
       last = i == self.num_layers - 1
       x = nn.Dense(self.output_dims if last else self.hidden_dims,
+                   kernel_init=inits.xavier_uniform,
+                   bias_init=inits.torch_linear_bias(x.shape[-1]),
                    name=f'layers_{i}')(x)
       if not last:
         x = jax.nn.relu(x)

@@ -4,6 +4,10 @@ Submodule names follow the torch module (value_proj, sampling_offsets,
 attention_weights, output_proj) so converted checkpoints load as they are.
 Dropout is omitted (DDQ's configs use 0.0; mmcv applies it to the output
 before the residual).
+
+Initialisation = mmcv ``init_weights``: sampling_offsets weight 0, bias the
+per-head direction grid scaled by point index; attention_weights 0 / 0;
+value_proj and output_proj xavier_uniform, bias 0.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddq_jax.models import initializers as inits
 from ddq_jax.ops.deform_attn import multi_scale_deformable_attention
 
 
@@ -69,15 +74,21 @@ class MultiScaleDeformableAttention(nn.Module):
     assert len(spatial_shapes) == l, (spatial_shapes, l)
 
     value_dims = int(self.embed_dims * self.value_proj_ratio)
-    value = nn.Dense(value_dims, dtype=self.dtype, name='value_proj')(value)
+    value = nn.Dense(value_dims, dtype=self.dtype,
+                     kernel_init=inits.xavier_uniform, bias_init=inits.zeros,
+                     name='value_proj')(value)
     if key_padding_mask is not None:
       value = jnp.where(key_padding_mask[..., None], 0.0, value)
     value = value.reshape(b, num_value, h, value_dims // h)
 
-    sampling_offsets = nn.Dense(h * l * p * 2, dtype=self.dtype,
-                                name='sampling_offsets')(query)
+    sampling_offsets = nn.Dense(
+        h * l * p * 2, dtype=self.dtype, kernel_init=inits.zeros,
+        bias_init=inits.sampling_offsets_bias(h, l, p),
+        name='sampling_offsets')(query)
     sampling_offsets = sampling_offsets.reshape(b, num_query, h, l, p, 2)
     attention_weights = nn.Dense(h * l * p, dtype=self.dtype,
+                                 kernel_init=inits.zeros,
+                                 bias_init=inits.zeros,
                                  name='attention_weights')(query)
     attention_weights = jax.nn.softmax(
         attention_weights.reshape(b, num_query, h, l * p), axis=-1)
@@ -102,5 +113,6 @@ class MultiScaleDeformableAttention(nn.Module):
         sampling_locations=sampling_locations,
         attention_weights=attention_weights)
     output = nn.Dense(self.embed_dims, dtype=self.dtype,
+                      kernel_init=inits.xavier_uniform, bias_init=inits.zeros,
                       name='output_proj')(output)
     return output + identity

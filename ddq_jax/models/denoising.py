@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddq_jax.models import initializers as inits
 from ddq_jax.ops import boxes as box_ops
 
 
@@ -169,7 +170,9 @@ class CdnQueryGenerator(nn.Module):
   box_noise_scale: float = 1.0
 
   def setup(self):
+    # torch nn.Embedding default init: N(0, 1).
     self.label_embedding = nn.Embed(self.num_classes, self.embed_dims,
+                                    embedding_init=inits.normal_std1,
                                     name='label_embedding')
 
   def embed_labels(self, labels: jnp.ndarray) -> jnp.ndarray:

@@ -26,6 +26,7 @@ from ddq_jax.models.decoder import LN_EPS, DDQDecoder
 from ddq_jax.models.denoising import CdnQueryGenerator
 from ddq_jax.models.encoder import DeformableEncoder
 from ddq_jax.models.head import DDQHead
+from ddq_jax.models import initializers as inits
 from ddq_jax.models.multiscale import prepare_multiscale_inputs
 from ddq_jax.models.neck import ChannelMapper
 from ddq_jax.models.postprocess import predict_by_feat
@@ -50,15 +51,22 @@ class DDQDETR(nn.Module):
     self.encoder = DeformableEncoder.from_config(c)
     self.decoder = DDQDecoder.from_config(c)
     self.bbox_head = DDQHead.from_config(c)
-    self.memory_trans_fc = nn.Dense(c.embed_dims)
+    # Init as DDQDETR.init_weights: memory_trans_fc weight xavier_uniform
+    # (bias torch default); query_map is never re-initialised (torch
+    # default Linear); level_embed normal_; the rest in the submodules.
+    self.memory_trans_fc = nn.Dense(
+        c.embed_dims, kernel_init=inits.xavier_uniform,
+        bias_init=inits.torch_linear_bias(c.embed_dims))
     self.memory_trans_norm = nn.LayerNorm(epsilon=LN_EPS)
-    self.query_map = nn.Dense(c.embed_dims)
+    self.query_map = nn.Dense(
+        c.embed_dims, kernel_init=inits.torch_linear_kernel,
+        bias_init=inits.torch_linear_bias(c.embed_dims))
     self.dn_query_generator = CdnQueryGenerator(
         num_classes=c.num_classes, embed_dims=c.embed_dims,
         num_dn_queries=c.dn.num_dn_queries,
         label_noise_scale=c.dn.label_noise_scale,
         box_noise_scale=c.dn.box_noise_scale)
-    self.level_embed = self.param('level_embed', nn.initializers.normal(1.0),
+    self.level_embed = self.param('level_embed', inits.normal_std1,
                                   (c.num_levels, c.embed_dims))
 
   @property

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from ddq_jax.models import initializers as inits
 from ddq_jax.models.deform_attn import MultiScaleDeformableAttention
 
 LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default
@@ -22,7 +23,11 @@ LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default
 
 class FFN(nn.Module):
   """mmcv.cnn.bricks.transformer.FFN with num_fcs=2, ReLU, no dropout,
-  add_identity=True: ``identity + layers_1(relu(layers_0_0(x)))``."""
+  add_identity=True: ``identity + layers_1(relu(layers_0_0(x)))``.
+
+  Init (inside the encoder / decoder): weights xavier_uniform (the
+  detector's pass over every >1-dim parameter), biases torch's Linear
+  default U(+-1/sqrt(fan_in))."""
   embed_dims: int = 256
   feedforward_channels: int = 1024
   dtype: Any = jnp.float32
@@ -34,9 +39,15 @@ class FFN(nn.Module):
     if identity is None:
       identity = x
     out = nn.Dense(self.feedforward_channels, dtype=self.dtype,
+                   kernel_init=inits.xavier_uniform,
+                   bias_init=inits.torch_linear_bias(x.shape[-1]),
                    name='layers_0_0')(x)
     out = nn.relu(out)
-    out = nn.Dense(self.embed_dims, dtype=self.dtype, name='layers_1')(out)
+    out = nn.Dense(self.embed_dims, dtype=self.dtype,
+                   kernel_init=inits.xavier_uniform,
+                   bias_init=inits.torch_linear_bias(
+                       self.feedforward_channels),
+                   name='layers_1')(out)
     return identity + out
 
 

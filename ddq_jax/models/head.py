@@ -10,6 +10,12 @@ Branches (L = decoder layers), named as the torch ModuleLists:
     encoder proposals)
   aux_cls_branches_{i}, aux_reg_branches_{i}_{0,2,4}  i in 0..L-1: the dense
     queries of every decoder layer.
+
+Init (``DeformableDETRHead._init_layers`` + ``DDQDETRHead.init_weights``):
+every branch is a deepcopy of one torch-default Linear / reg MLP, so all
+branches start identical (one fixed key per layer kind, drawn from the
+head's 'params' rng); class biases bias_init_with_prob(0.01) = -log(99);
+each reg branch's last Linear weight 0 and bias 0.
 """
 from __future__ import annotations
 
@@ -17,14 +23,39 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddq_jax.models import initializers as inits
 from ddq_jax.ops.boxes import inverse_sigmoid
 
 HEAD_INV_SIGMOID_EPS = 1e-5
+CLS_PRIOR_PROB = 0.01
 
 
-def _reg_branch(embed_dims: int):
-  return {'0': nn.Dense(embed_dims), '2': nn.Dense(embed_dims),
-          '4': nn.Dense(4)}
+def _torch_linear(features: int, fan_in: int, key: jax.Array, **kwargs):
+  """torch-default Linear whose weight and bias come from ``key`` (the
+  reference's deepcopies of one Linear)."""
+  kw, kb = jax.random.split(key)
+  return nn.Dense(features,
+                  kernel_init=inits.with_fixed_key(inits.torch_linear_kernel,
+                                                   kw),
+                  bias_init=inits.with_fixed_key(
+                      inits.torch_linear_bias(fan_in), kb), **kwargs)
+
+
+def _cls_branch(num_classes: int, embed_dims: int, key: jax.Array):
+  kw = jax.random.fold_in(key, 0)
+  return nn.Dense(num_classes,
+                  kernel_init=inits.with_fixed_key(inits.torch_linear_kernel,
+                                                   kw),
+                  bias_init=inits.constant(
+                      inits.bias_init_with_prob(CLS_PRIOR_PROB)))
+
+
+def _reg_branch(embed_dims: int, key: jax.Array):
+  return {'0': _torch_linear(embed_dims, embed_dims,
+                             jax.random.fold_in(key, 1)),
+          '2': _torch_linear(embed_dims, embed_dims,
+                             jax.random.fold_in(key, 2)),
+          '4': nn.Dense(4, kernel_init=inits.zeros, bias_init=inits.zeros)}
 
 
 def _apply_reg(branch, x):
@@ -50,10 +81,14 @@ class DDQHead(nn.Module):
 
   def setup(self):
     n, c, k = self.num_decoder_layers, self.embed_dims, self.num_classes
-    self.cls_branches = [nn.Dense(k) for _ in range(n + 2)]
-    self.reg_branches = [_reg_branch(c) for _ in range(n + 2)]
-    self.aux_cls_branches = [nn.Dense(k) for _ in range(n)]
-    self.aux_reg_branches = [_reg_branch(c) for _ in range(n)]
+    # One key shared by every branch (they start as copies of one another);
+    # outside init no parameter is created, so any key does.
+    key = (self.make_rng('params') if self.is_initializing()
+           else jax.random.key(0))
+    self.cls_branches = [_cls_branch(k, c, key) for _ in range(n + 2)]
+    self.reg_branches = [_reg_branch(c, key) for _ in range(n + 2)]
+    self.aux_cls_branches = [_cls_branch(k, c, key) for _ in range(n)]
+    self.aux_reg_branches = [_reg_branch(c, key) for _ in range(n)]
 
   def cls(self, i: int, x: jnp.ndarray) -> jnp.ndarray:
     return self.cls_branches[i](x)

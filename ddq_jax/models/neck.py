@@ -7,6 +7,10 @@ level i to ``out_channels`` with a ``kernel_size`` conv (padding
 stride-2 pad-1 conv on the BACKBONE's last output and ``extra_convs_{j>0}`` on
 the previous extra output.  Names: convs_{i}/conv, convs_{i}/gn,
 extra_convs_{j}/conv, extra_convs_{j}/gn.  NHWC in and out.
+
+Init: ChannelMapper's init_cfg Xavier(uniform) on every conv (the
+ConvModules' own kaiming init is overwritten; mmengine does not recurse into
+the plain ModuleLists to re-run it); GN weight 1, bias 0.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
+
+from ddq_jax.models import initializers as inits
 
 
 class ConvGN(nn.Module):
@@ -29,7 +35,8 @@ class ConvGN(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     k, p, s = self.kernel_size, self.padding, self.stride
     x = nn.Conv(self.features, (k, k), strides=(s, s),
-                padding=((p, p), (p, p)), use_bias=False, name='conv')(x)
+                padding=((p, p), (p, p)), use_bias=False,
+                kernel_init=inits.xavier_uniform, name='conv')(x)
     return nn.GroupNorm(num_groups=self.num_groups, epsilon=self.eps,
                         use_fast_variance=False, name='gn')(x)
 
