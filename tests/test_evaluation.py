@@ -192,12 +192,15 @@ def test_sharded_equals_single_device(cli_run):
     np.testing.assert_allclose(a['bbox'], b['bbox'], atol=1e-3)
     assert abs(a['score'] - b['score']) <= 1e-5
   assert metrics['num_images'] == N_IMAGES
+  assert metrics['num_compiles'] == 1 and metrics['compile_s'] > 0
+  assert metrics['images_per_s'] > 0
   # max_images: whole batches run, metrics cover exactly the first N images
   it = make_eval_iterator(config, batch_size=BATCH, dataset=src, num_workers=0)
   m3, d3 = evaluate_model(predict, variables, it, max_images=3,
                           mesh=data_mesh(jax.devices()[:1]), progress=False,
                           print_table=False)
   assert m3['num_images'] == 3
+  assert m3['num_compiles'] == 0  # same predict fn, same shapes
   ids3 = {d['image_id'] for d in d3}
   assert len(ids3) <= 3
   assert len(d3) == sum(d['image_id'] in ids3 for d in dets)

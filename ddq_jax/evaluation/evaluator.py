@@ -123,9 +123,10 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
   Returns:
     (metrics, detections): metrics has the 12 COCO numbers 'AP', 'AP50',
     'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl'
-    plus 'num_images', 'num_detections', 'seconds' (predict loop, compile
-    included) and 'images_per_s' (after the first batch, i.e. without
-    compilation); detections is the COCO results list (dataset image and
+    plus 'num_images', 'num_detections', 'seconds' (the loop, compilation
+    included), 'compile_s' / 'num_compiles' (one per canvas shape),
+    'data_wait_s' (time blocked on the iterator) and 'images_per_s'
+    (images / (seconds - compile_s)); detections is the COCO results list (dataset image and
     category ids, xywh original pixels), the same on every process.
   """
   source = dataset if dataset is not None else _source_of(data)
@@ -165,38 +166,47 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
   detections: list[dict] = []
   seen: list[int] = []
   pending = None
+  timing = dict(compile=0.0, data=0.0, compiles=0)
   t0 = time.perf_counter()
-  t_first = None
-  n_after_first = 0
+
+  def compiles() -> int:
+    fn = getattr(predict_fn, 'jitted', predict_fn)
+    if hasattr(predict_fn, 'trace_count'):
+      return int(predict_fn.trace_count())
+    return int(fn._cache_size()) if hasattr(fn, '_cache_size') else 0  # pylint: disable=protected-access
 
   def drain(item):
-    nonlocal t_first, n_after_first
     out, ids, valid = item
     host = {k: _to_host(v) for k, v in out.items()}
     detections.extend(detections_to_coco(
         host['boxes'], host['scores'], host['labels'], host['valid'],
         image_ids=ids, sample_valid=valid, category_ids=category_ids))
-    n = int(np.sum(valid & (ids >= 0)))
-    seen.extend(int(i) for i in ids[valid & (ids >= 0)])
-    if t_first is None:
-      t_first = time.perf_counter()
-    else:
-      n_after_first += n
+    ok = valid & (ids >= 0)
+    seen.extend(int(i) for i in ids[ok])
     if bar is not None:
-      bar.update(n)
-      el = time.perf_counter() - t_first
-      if n_after_first and el > 0:
-        bar.set_postfix_str(f'{n_after_first / el:.2f} img/s (after compile)')
+      bar.update(int(np.sum(ok)))
+      el = time.perf_counter() - t0 - timing['compile']
+      if el > 0:
+        bar.set_postfix_str(f'{len(seen) / el:.2f} img/s (excl. compile)')
 
   n_local = 0
+  it = iter(data)
   try:
-    for batch in data:
-      if max_images is not None and n_local >= max_images:
+    while max_images is None or n_local < max_images:
+      t = time.perf_counter()
+      try:
+        batch = next(it)
+      except StopIteration:
         break
+      timing['data'] += time.perf_counter() - t
       batch = pad_batch(batch, multiple)
       ids = _gather_meta(np.asarray(batch['image_ids'], np.int64))
       valid = _gather_meta(np.asarray(batch['sample_valid'], bool))
+      before, t = compiles(), time.perf_counter()
       out = predict_fn(variables, *_put_batch(batch, mesh))  # async dispatch
+      if compiles() != before:  # jit compiles synchronously at dispatch
+        timing['compile'] += time.perf_counter() - t
+        timing['compiles'] += compiles() - before
       n_local += int(np.sum(np.asarray(batch['sample_valid'])))
       if pending is not None:
         drain(pending)  # host work on batch k-1 overlaps batch k's compute
@@ -209,7 +219,6 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
     if hasattr(data, 'close'):
       data.close()
   seconds = time.perf_counter() - t0
-  rate_s = time.perf_counter() - t_first if t_first else 0.0
 
   if max_images is not None and len(seen) > max_images:
     seen = seen[:int(max_images)]
@@ -217,14 +226,20 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
     detections = [d for d in detections if d['image_id'] in keep]
   gt = source.coco_gt()
   metrics = coco_box_metrics(gt, detections, image_ids=seen)
-  ips = n_after_first / rate_s if rate_s > 0 and n_after_first else (
-      len(seen) / seconds if seconds > 0 else 0.0)
+  run_s = seconds - timing['compile']
+  ips = len(seen) / run_s if run_s > 0 else 0.0
   metrics.update(num_images=len(seen), num_detections=len(detections),
-                 seconds=round(seconds, 3), images_per_s=round(ips, 3))
+                 seconds=round(seconds, 3),
+                 compile_s=round(timing['compile'], 3),
+                 num_compiles=timing['compiles'],
+                 data_wait_s=round(timing['data'], 3),
+                 images_per_s=round(ips, 3))
   if print_table and main:
     print(format_table(metrics))
     print(f'{len(seen)} images, {len(detections)} detections, '
-          f'{seconds:.1f} s, {ips:.2f} images/s (after compile)')
+          f'{seconds:.1f} s ({timing["compile"]:.1f} s compiling '
+          f'{timing["compiles"]} shape(s), {timing["data"]:.1f} s waiting for '
+          f'data): {ips:.2f} images/s excluding compilation')
   return metrics, detections
 
 
