@@ -30,4 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 100        # and once more at the end
   c.train.checkpoint_every = 100
   c.optim.warmup_steps = 50
+  # From scratch (no torchvision weights): the reference's frozen stem,
+  # frozen BatchNorm affine and zero-initialised residual norms would leave
+  # most of the ResNet dead, so train every stage and the norm affines.
+  c.backbone.frozen_stages = -1
+  c.backbone.zero_init_residual = False
+  c.backbone.bn_trainable = True
   return c
