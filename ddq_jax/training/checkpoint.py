@@ -55,18 +55,22 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         # policy is ours (save_every / force): the manager saves when asked.
         save_interval_steps=1)
+    self._last_saved = None
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options, item_names=('state', 'meta'))
 
   # ---- saving -----------------------------------------------------------
-  def save(self, state: TrainState, *, config=None, extra: dict | None = None,
-           force: bool = False) -> bool:
+  def save(self, state: TrainState, *, step: int | None = None, config=None,
+           extra: dict | None = None, force: bool = False) -> bool:
     """Starts an (async) save of ``state`` at its step; returns whether it
-    did.  Every process must call it (multi-host)."""
-    step = int(jax.device_get(state.step))
+    did.  Every process must call it (multi-host).  Pass the host-side
+    ``step`` (== state.step) to avoid a device sync on steps that do not
+    save."""
+    if step is None:
+      step = int(jax.device_get(state.step))
     if not force and step % self.save_every:
       return False
-    if step in self.all_steps():
+    if step == self._last_saved or step in self.all_steps():
       return False
     meta = {'step': step, 'data_position': step,
             'process_count': jax.process_count(),
@@ -78,6 +82,7 @@ class Checkpointer:
                                       meta=ocp.args.JsonSave(meta)),
         force=True)
     if saved:
+      self._last_saved = step
       log.info('checkpoint: saving step %d to %s', step, self.directory)
     return bool(saved)
 

@@ -334,7 +334,7 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
                                 'lr': f"{last.get('lr', float(schedule(step - 1))):.2e}",
                                 'img/s': f"{last['images_per_s']:.1f}"})
           pending, t_log, n_log = [], time.time(), 0
-        ckpt.save(state, config=config)
+        ckpt.save(state, step=step, config=config)
         if eval_every > 0 and step % eval_every == 0 and step < total:
           run_eval(step)
         if (stop.agreed() if (pcount == 1 or step % log_every == 0)
@@ -343,7 +343,7 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
           break
     finally:
       try:  # a step that raised may have consumed (donated) the state
-        ckpt.save(state, config=config, force=True)
+        ckpt.save(state, step=step, config=config, force=True)
         ckpt.wait()
       except Exception as e:  # pylint: disable=broad-except
         log.error('final checkpoint failed: %s', e)
