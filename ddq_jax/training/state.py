@@ -114,7 +114,9 @@ def merge_variables(state: TrainState, loaded: dict, tx, *,
         report['missing'].append('/'.join((coll,) + key))
         return x
       report['loaded'] += 1
-      return jax.device_put(v.astype(x.dtype), x.sharding)
+      v = v.astype(x.dtype)  # every process holds the full array
+      return jax.make_array_from_callback(v.shape, x.sharding,
+                                          lambda idx, v=v: v[idx])
 
     new[coll] = jax.tree_util.tree_map_with_path(replace, cur)
     report['unexpected'] += ['/'.join((coll,) + k) for k in src if k not in used]
