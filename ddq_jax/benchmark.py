@@ -38,6 +38,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import statistics
 import sys
 import tempfile
@@ -452,6 +453,8 @@ def run(args) -> dict:
              images_per_s=round(args.batch / med, 3),
              images_per_s_best=round(args.batch / best, 3),
              jax=jax.__version__, host_cpus=os.cpu_count(),
+             peak_host_rss_gb=round(resource.getrusage(
+                 resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
              load_avg_1m=round(os.getloadavg()[0], 2))
   if args.mode == 'train':
     res['loss'] = float(np.asarray(out))
