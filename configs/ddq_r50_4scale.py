@@ -65,7 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.aux_num_pos = 4        # 1-to-k assignment of the dense queries
   c.loss.aux_alpha = 1.0
   c.loss.aux_beta = 6.0
-  c.loss.hungarian_solver = 'scipy'  # 'scipy' (host callback) or 'jax'
+  # 'auto': scipy (host callback) on one CPU device, the pure-JAX solver on
+  # accelerators and multi-device meshes; or force 'scipy' / 'jax'.
+  c.loss.hungarian_solver = 'auto'
   c.loss.max_gt = 100           # static ground-truth slots per image
 
   # ---- data ------------------------------------------------------------

@@ -76,7 +76,21 @@ class CriterionConfig:
         aux_alpha=float(get('aux_alpha', 1.0)),
         aux_beta=float(get('aux_beta', 6.0)),
         num_dn_queries=int(c.dn.num_dn_queries),
-        solver=str(get('hungarian_solver', 'scipy')))
+        solver=resolve_solver(str(get('hungarian_solver', 'auto'))))
+
+
+def resolve_solver(name: str, *, num_devices: int = 1) -> str:
+  """'auto' -> 'scipy' for a single-device step on the CPU (fastest to
+  compile, exact), 'jax' otherwise: on accelerators it avoids a host round
+  trip per step, and on a multi-device mesh the scipy callback would gather
+  every image's cost matrix onto one device and serialise the step."""
+  if name != 'auto':
+    if name not in ('scipy', 'jax'):
+      raise ValueError(f"loss.hungarian_solver={name!r}: expected 'auto', "
+                       "'scipy' or 'jax'")
+    return name
+  single_cpu = num_devices == 1 and jax.default_backend() == 'cpu'
+  return 'scipy' if single_cpu else 'jax'
 
 
 def hungarian_cost_distinct(cls_logits, bbox_preds, *, gt_boxes, gt_labels,

@@ -248,10 +248,16 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
   """Trains until ``train.max_steps`` (or ``optim.epochs``) or a stop
   signal.  Returns {'step', 'last_metrics', 'eval', 'compiles', 'stopped'}."""
   workdir = os.path.abspath(workdir)
+  mesh = mesh_lib.make_mesh(config, devices)
+  if config.get('loss', {}).get('hungarian_solver', '') == 'auto':
+    from ddq_jax.losses.criterion import resolve_solver  # pylint: disable=g-import-not-at-top
+    config = config.unlock() if hasattr(config, 'unlock') else config
+    config.loss.hungarian_solver = resolve_solver(
+        'auto', num_devices=int(mesh.devices.size))
+    log.info('Hungarian solver: %s', config.loss.hungarian_solver)
   _write_config(config, workdir)
   comps = components or default_components(config)
   pidx, pcount = jax.process_index(), jax.process_count()
-  mesh = mesh_lib.make_mesh(config, devices)
   gbs = int(config.train.global_batch_size)
   if (mesh.devices.size > 1 and
       config.get('loss', {}).get('hungarian_solver', '') == 'scipy'):
