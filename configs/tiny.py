@@ -3,22 +3,15 @@ tests and smoke runs.  Same architecture as R50 4-scale with smaller sizes:
 ResNet-50 layout at base width 16, 64-d transformer, 2 encoder / 3 decoder
 layers, 30 distinct queries (45 dense), 20 denoising queries.
 """
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _base():
-  path = os.path.join(os.path.dirname(__file__), 'ddq_r50_4scale.py')
-  spec = importlib.util.spec_from_file_location('ddq_r50_4scale', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from ddq_jax.config import load_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _base()
+  c = load_config('ddq_r50_4scale', config_dir=os.path.dirname(__file__))
   c.name = 'tiny'
   c.embed_dims = 64
   c.num_encoder_layers = 2

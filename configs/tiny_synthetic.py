@@ -5,22 +5,15 @@ with the classes of the synthetic data (8 shapes) and a short schedule that
 finishes on a laptop CPU in minutes, then evaluates COCO box AP on the
 held-out synthetic split.
 """
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _tiny():
-  path = os.path.join(os.path.dirname(__file__), 'tiny.py')
-  spec = importlib.util.spec_from_file_location('tiny', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from ddq_jax.config import load_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _tiny()
+  c = load_config('tiny', config_dir=os.path.dirname(__file__))
   c.name = 'tiny_synthetic'
   c.data.source = 'synthetic'
   c.num_classes = c.data.synthetic_num_classes

@@ -76,17 +76,6 @@ def _overrides(items, parser) -> dict:
   return out
 
 
-def _apply(config, overrides: dict) -> None:
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for part in parents:
-      node = node[part]
-    if leaf not in node:
-      raise KeyError(f'config has no field {key!r}')
-    node[leaf] = value
-
-
 def main(argv=None) -> dict:
   parser = _parser()
   args = parser.parse_args(argv)
@@ -105,7 +94,7 @@ def main(argv=None) -> dict:
   if args.max_images is not None and args.max_images < 1:
     parser.error('--max-images must be >= 1')
 
-  from ddq_jax.config import load_config  # pylint: disable=g-import-not-at-top
+  from ddq_jax.config import apply_overrides, load_config  # pylint: disable=g-import-not-at-top
   overrides = _overrides(args.set, parser)
   config = None
   if args.config:
@@ -129,7 +118,7 @@ def main(argv=None) -> dict:
                    f'{type(e).__name__}: {e}')
     if not args.config and overrides:
       try:
-        _apply(config, overrides)
+        apply_overrides(config, overrides)
       except KeyError as e:
         parser.error(f'--set: {e}')
   d = config.data

@@ -27,6 +27,24 @@ def box_area(boxes: jnp.ndarray) -> jnp.ndarray:
   return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
+def _overlaps(boxes1, boxes2, *, giou: bool, eps: float):
+  """IoU or GIoU of boxes that broadcast against each other: (..., 4)."""
+  area1, area2 = box_area(boxes1), box_area(boxes2)
+  lt = jnp.maximum(boxes1[..., :2], boxes2[..., :2])
+  rb = jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
+  wh = jnp.clip(rb - lt, 0)
+  overlap = wh[..., 0] * wh[..., 1]
+  union = jnp.maximum(area1 + area2 - overlap, eps)
+  ious = overlap / union
+  if not giou:
+    return ious
+  enclose_lt = jnp.minimum(boxes1[..., :2], boxes2[..., :2])
+  enclose_rb = jnp.maximum(boxes1[..., 2:], boxes2[..., 2:])
+  enclose_wh = jnp.clip(enclose_rb - enclose_lt, 0)
+  enclose_area = jnp.maximum(enclose_wh[..., 0] * enclose_wh[..., 1], eps)
+  return ious - (enclose_area - union) / enclose_area
+
+
 def pairwise_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, *,
                  eps: float = 1e-6) -> jnp.ndarray:
   """IoU of every pair: (..., N, 4) x (..., M, 4) xyxy -> (..., N, M).
@@ -34,14 +52,8 @@ def pairwise_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, *,
   Same arithmetic as mmdet's ``bbox_overlaps(mode='iou')`` (union clamped
   to ``eps``).
   """
-  area1 = box_area(boxes1)[..., :, None]
-  area2 = box_area(boxes2)[..., None, :]
-  lt = jnp.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-  rb = jnp.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-  wh = jnp.clip(rb - lt, 0)
-  overlap = wh[..., 0] * wh[..., 1]
-  union = jnp.maximum(area1 + area2 - overlap, eps)
-  return overlap / union
+  return _overlaps(boxes1[..., :, None, :], boxes2[..., None, :, :],
+                   giou=False, eps=eps)
 
 
 def pairwise_giou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, *,
@@ -50,37 +62,15 @@ def pairwise_giou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, *,
 
   Same arithmetic as mmdet's ``bbox_overlaps(mode='giou')``.
   """
-  area1 = box_area(boxes1)[..., :, None]
-  area2 = box_area(boxes2)[..., None, :]
-  lt = jnp.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-  rb = jnp.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-  wh = jnp.clip(rb - lt, 0)
-  overlap = wh[..., 0] * wh[..., 1]
-  union = jnp.maximum(area1 + area2 - overlap, eps)
-  ious = overlap / union
-  enclose_lt = jnp.minimum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-  enclose_rb = jnp.maximum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-  enclose_wh = jnp.clip(enclose_rb - enclose_lt, 0)
-  enclose_area = jnp.maximum(enclose_wh[..., 0] * enclose_wh[..., 1], eps)
-  return ious - (enclose_area - union) / enclose_area
+  return _overlaps(boxes1[..., :, None, :], boxes2[..., None, :, :],
+                   giou=True, eps=eps)
 
 
 def aligned_giou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, *,
                  eps: float = 1e-6) -> jnp.ndarray:
   """GIoU of matched pairs: (..., 4) x (..., 4) -> (...), as mmdet's
   ``bbox_overlaps(mode='giou', is_aligned=True)``."""
-  area1, area2 = box_area(boxes1), box_area(boxes2)
-  lt = jnp.maximum(boxes1[..., :2], boxes2[..., :2])
-  rb = jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
-  wh = jnp.clip(rb - lt, 0)
-  overlap = wh[..., 0] * wh[..., 1]
-  union = jnp.maximum(area1 + area2 - overlap, eps)
-  ious = overlap / union
-  enclose_lt = jnp.minimum(boxes1[..., :2], boxes2[..., :2])
-  enclose_rb = jnp.maximum(boxes1[..., 2:], boxes2[..., 2:])
-  enclose_wh = jnp.clip(enclose_rb - enclose_lt, 0)
-  enclose_area = jnp.maximum(enclose_wh[..., 0] * enclose_wh[..., 1], eps)
-  return ious - (enclose_area - union) / enclose_area
+  return _overlaps(boxes1, boxes2, giou=True, eps=eps)
 
 
 def inverse_sigmoid(x: jnp.ndarray, *, eps: float = 1e-5) -> jnp.ndarray:
