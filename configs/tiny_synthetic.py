@@ -19,10 +19,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_classes = c.data.synthetic_num_classes
   c.class_names = ('circle', 'square', 'triangle', 'cross', 'ring', 'diamond',
                    'hbar', 'star')[:c.num_classes]
-  c.train.max_steps = 300
-  c.train.eval_every = 100        # and once more at the end
+  # Measured (2-core CPU): AP 0.005 / 0.046 / 0.124 / 0.192 (AP50 0.39)
+  # after 100 / 200 / 300 / 400 steps; see benchmarks/RESULTS.md.
+  c.train.max_steps = 400
+  c.train.eval_every = 200        # and once more at the end
   c.train.checkpoint_every = 100
-  c.optim.warmup_steps = 50
+  c.optim.lr = 1e-3               # 5x the COCO recipe: a short schedule
+  c.optim.warmup_steps = 20
   # From scratch (no torchvision weights): the reference's frozen stem,
   # frozen BatchNorm affine and zero-initialised residual norms would leave
   # most of the ResNet dead, so train every stage and the norm affines.
