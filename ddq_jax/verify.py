@@ -176,6 +176,8 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
             continue
           train_dump[key] = g
         if key in train_dump:
+          if train_dump[key].size == ref[key].size:  # the reference's layout,
+            train_dump[key] = train_dump[key].reshape(ref[key].shape)  # e.g. (1,)
           results.append(compare(f'train:{key}' if not key.startswith(
               ('loss', 'grad')) else key, train_dump[key], ref[key]))
     dumped.update({(k if k.startswith(('loss', 'grad')) else f'train/{k}'): v
