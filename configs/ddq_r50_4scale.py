@@ -116,6 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.lr = 2e-4
   c.optim.weight_decay = 0.05
   c.optim.backbone_lr_mult = 0.1
+  # Frozen parameters (no update, no optimiser state): the stem and stages
+  # up to backbone.frozen_stages and, unless backbone.bn_trainable, every
+  # backbone norm; plus these regexes over parameter paths, e.g. '^neck/'.
+  c.optim.frozen_params = ()
   c.optim.clip_norm = 0.1
   c.optim.warmup_steps = 2000
   c.optim.warmup_factor = 1e-4

@@ -129,7 +129,7 @@ def cli_run(tmp_path_factory):
   args = ['--config', 'tiny', '--weights', TINY_PTH, '--out', out,
           '--batch-size', str(BATCH), '--no-progress']
   for o in OVERRIDES:
-    args += ['--set', o]
+    args.append(f'--config.{o}')
   evaluate.main(args)
   return out
 

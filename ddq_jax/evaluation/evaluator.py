@@ -102,7 +102,7 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
 
   Args:
     predict_fn: ``fn(variables, images, pad_mask, img_shapes, scale_factors)
-      -> dict(boxes, scores, labels, valid)`` (``make_predict_fn(model)``;
+      -> Detections`` (``make_predict_fn(model)``;
       a plain function is wrapped in ``jax.jit``).
     variables: {'params', 'batch_stats'} (host or device arrays); they are
       replicated over the mesh.
@@ -177,9 +177,9 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
 
   def drain(item):
     out, ids, valid = item
-    host = {k: _to_host(v) for k, v in out.items()}
+    host = jax.tree.map(_to_host, out)
     detections.extend(detections_to_coco(
-        host['boxes'], host['scores'], host['labels'], host['valid'],
+        host.boxes, host.scores, host.labels, host.valid,
         image_ids=ids, sample_valid=valid, category_ids=category_ids))
     ok = valid & (ids >= 0)
     seen.extend(int(i) for i in ids[ok])

@@ -19,6 +19,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from ddq_jax.models.outputs import Detections
 from ddq_jax.ops import boxes as box_ops
 
 
@@ -26,7 +27,7 @@ def predict_single(cls_logits: jnp.ndarray, bbox_preds: jnp.ndarray, *,
                    query_mask: Optional[jnp.ndarray],
                    img_shape: jnp.ndarray,
                    scale_factor: Optional[jnp.ndarray],
-                   max_per_img: int) -> dict:
+                   max_per_img: int) -> Detections:
   """One image.
 
   Args:
@@ -38,9 +39,10 @@ def predict_single(cls_logits: jnp.ndarray, bbox_preds: jnp.ndarray, *,
     scale_factor: (2,) (w, h) of img_shape over the original image, or None
       for no rescale.
     max_per_img: static number of detections.
-  Returns dict: bboxes (M, 4) xyxy, scores (M,), labels (M,) int32,
-    query_index (M,) int32, valid (M,) bool (False only when fewer than M
-    candidate entries exist; the reference would fail there).
+  Returns ``Detections`` of one image: boxes (M, 4) xyxy, scores (M,),
+    labels (M,) int32, query_index (M,) int32, valid (M,) bool (False only
+    when fewer than M candidate entries exist; the reference would fail
+    there).
   """
   q, k = cls_logits.shape
   scores = jax.nn.sigmoid(cls_logits)
@@ -57,39 +59,36 @@ def predict_single(cls_logits: jnp.ndarray, bbox_preds: jnp.ndarray, *,
   labels = idx % k
   qidx = jnp.minimum(idx // k, q - 1)
   boxes = box_ops.cxcywh_to_xyxy(bbox_preds[qidx])
-  h = jnp.asarray(img_shape[0]).astype(boxes.dtype)
-  w = jnp.asarray(img_shape[1]).astype(boxes.dtype)
-  whwh = jnp.stack([w, h, w, h])
-  boxes = boxes * whwh
-  boxes = jnp.clip(boxes, 0.0, whwh)
+  factor = box_ops.image_size_factor(img_shape, boxes.dtype)
+  boxes = jnp.clip(boxes * factor, 0.0, factor)
   if scale_factor is not None:
     sf = jnp.asarray(scale_factor).astype(boxes.dtype)
     boxes = boxes / jnp.concatenate([sf, sf])
-  return dict(bboxes=boxes, scores=jnp.where(valid, top, 0.0),
-              labels=labels, query_index=qidx, valid=valid)
+  return Detections(boxes=boxes, scores=jnp.where(valid, top, 0.0),
+                    labels=labels, valid=valid, query_index=qidx)
 
 
-def predict_by_feat(all_layers_cls_scores: jnp.ndarray,
-                    all_layers_bbox_preds: jnp.ndarray, *,
+def predict_by_feat(cls_logits: jnp.ndarray, bbox_preds: jnp.ndarray, *,
                     query_mask: Optional[jnp.ndarray],
                     img_shapes: jnp.ndarray,
                     scale_factors: Optional[jnp.ndarray],
-                    max_per_img: int) -> dict:
+                    max_per_img: int) -> Detections:
   """Batched predictions from the last decoder layer.
 
   Args:
-    all_layers_cls_scores: (L, B, Q, K) logits (or (B, Q, K): last layer).
-    all_layers_bbox_preds: (L, B, Q, 4) sigmoid cxcywh (or (B, Q, 4)).
+    cls_logits: (B, Q, K) logits of the last layer (or (L, B, Q, K): the
+      last layer is taken).
+    bbox_preds: (B, Q, 4) sigmoid cxcywh (or (L, B, Q, 4)).
     query_mask: (B, Q) bool, the last selection's head mask (the decoder's
       ``head_query_mask`` of the last selection; row-0 semantics by
       default), or None.
     img_shapes: (B, 2) (h, w); scale_factors: (B, 2) (w, h) or None
       (``rescale=False``).
     max_per_img: static M (config ``max_per_img``).
-  Returns dict of (B, M, 4) bboxes, (B, M) scores, labels, query_index, valid.
+  Returns ``Detections``: (B, M, 4) boxes, (B, M) scores, labels, valid,
+    query_index.
   """
-  cls = all_layers_cls_scores
-  box = all_layers_bbox_preds
+  cls, box = cls_logits, bbox_preds
   if cls.ndim == 4:
     cls, box = cls[-1], box[-1]
   b, q = cls.shape[:2]

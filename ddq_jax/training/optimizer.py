@@ -20,9 +20,13 @@ What this reproduces, and why:
   parameter whose ``.grad`` is None, weight decay included) and no state:
   the stem (conv1, bn1) and stages 1..frozen_stages (``ResNet._freeze_stages``)
   and every backbone BatchNorm affine (``norm_cfg=dict(type='BN',
-  requires_grad=False)``).  In JAX their gradient is zero (stop_gradient),
-  but AdamW would still decay them, so they are routed to ``set_to_zero``.
-  The ``batch_stats`` collection is never touched by the optimiser.
+  requires_grad=False)``).  Which parameters are frozen is decided here
+  only, by regular expressions over the parameter paths (big_vision style):
+  ``frozen_param_rules`` derives them from ``backbone.frozen_stages`` /
+  ``backbone.bn_trainable`` (the fields the backbone reads to stop its
+  gradients) and adds the config's ``optim.frozen_params``.  Frozen
+  parameters are routed to ``set_to_zero`` (AdamW would otherwise decay
+  them).  The ``batch_stats`` collection is never touched by the optimiser.
 * ``clip_grad_norm_``: ``g *= min(1, max_norm / (total_norm + 1e-6))`` over the
   trainable gradients (torch's epsilon, not optax's ``clip_by_global_norm``).
 * Schedule by iteration ``t`` (0-based index of the iteration being run;
@@ -42,7 +46,7 @@ import jax.numpy as jnp
 import optax
 
 FROZEN, BACKBONE, DEFAULT = 'frozen', 'backbone', 'default'
-_BN_NAME = re.compile(r'^(bn\d+|downsample_1|norm\d*)$')
+_BACKBONE = re.compile(r'(^|/)backbone(/|$)')
 
 
 def lr_factor(step, *, warmup_steps: int, warmup_factor: float,
@@ -73,7 +77,8 @@ def make_schedule(config, steps_per_epoch: int) -> Callable[[Any], jax.Array]:
   return schedule
 
 
-def _names(path) -> list[str]:
+def _path(path) -> str:
+  """A pytree path as 'backbone/layer1_0/conv1/kernel'."""
   out = []
   for k in path:
     if isinstance(k, jax.tree_util.DictKey):
@@ -84,51 +89,67 @@ def _names(path) -> list[str]:
       out.append(str(k.idx))
     else:
       out.append(str(k))
-  return out
+  return '/'.join(out)
 
 
-def param_label(names: list[str], *, frozen_stages: int,
-                bn_trainable: bool = False) -> str:
-  """'frozen' | 'backbone' | 'default' for a param path (without 'params')."""
-  if 'backbone' not in names:
-    return DEFAULT
-  sub = names[names.index('backbone') + 1:]
-  if not sub:
-    return BACKBONE
-  head = sub[0]
-  if frozen_stages >= 0 and head in ('conv1', 'bn1'):
-    return FROZEN
-  m = re.match(r'^layer(\d+)_\d+$', head)
-  if m and int(m.group(1)) <= frozen_stages:
-    return FROZEN
-  if not bn_trainable and any(_BN_NAME.match(n) for n in sub[:-1]):
-    return FROZEN
-  return BACKBONE
+def frozen_param_rules(config) -> tuple[str, ...]:
+  """Regular expressions (``re.search`` over 'a/b/kernel' paths, without
+  the 'params' collection) of the parameters the optimiser never updates.
+
+  From ``backbone.frozen_stages`` k >= 0: the stem (conv1, bn1) and
+  ``layer1..layer{k}``; unless ``backbone.bn_trainable``: every backbone
+  norm affine; plus ``optim.frozen_params`` (e.g. ``('^neck/',)``).
+  """
+  b = config.get('backbone', None)
+  frozen_stages = int(b.get('frozen_stages', -1)) if b else -1
+  rules = []
+  if frozen_stages >= 0:
+    rules.append(r'^backbone/(conv1|bn1)/')
+  if frozen_stages >= 1:
+    stages = '|'.join(str(i) for i in range(1, frozen_stages + 1))
+    rules.append(rf'^backbone/layer({stages})_\d+/')
+  if b and not bool(b.get('bn_trainable', False)):
+    rules.append(r'^backbone/(.+/)?(bn\d+|downsample_1|norm\d*)/')
+  optim = config.get('optim', None)
+  rules += list(optim.get('frozen_params', ()) or ()) if optim else []
+  return tuple(rules)
 
 
 def param_labels(params, config):
-  """A pytree of labels with the structure of ``params``."""
-  b = config.get('backbone', {})
-  frozen_stages = int(b.get('frozen_stages', -1)) if b else -1
-  bn_trainable = bool(b.get('bn_trainable', False)) if b else False
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: param_label(_names(p), frozen_stages=frozen_stages,
-                               bn_trainable=bn_trainable), params)
+  """A pytree of labels ('frozen' | 'backbone' | 'default') with the
+  structure of ``params``: frozen by ``frozen_param_rules``, else
+  'backbone' (lr x ``optim.backbone_lr_mult``, mmengine's ``custom_keys``)
+  for paths with a 'backbone' component."""
+  rules = [re.compile(r) for r in frozen_param_rules(config)]
+
+  def label(path, _):
+    name = _path(path)
+    if any(r.search(name) for r in rules):
+      return FROZEN
+    return BACKBONE if _BACKBONE.search(name) else DEFAULT
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 class ClipState(NamedTuple):
   pass
 
 
-def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
-  """torch.nn.utils.clip_grad_norm_: ``g * min(1, max / (norm + 1e-6))``."""
+def clip_by_global_norm_torch(max_norm: float, labels_fn=None
+                               ) -> optax.GradientTransformation:
+  """torch.nn.utils.clip_grad_norm_: ``g * min(1, max / (norm + 1e-6))``,
+  the norm over the parameters that have a gradient in torch (those not
+  labelled 'frozen' by ``labels_fn(tree)``, when given)."""
   def init_fn(params):
     del params
     return ClipState()
 
   def update_fn(updates, state, params=None):
     del params
-    norm = optax.tree.norm(updates)
+    counted = updates
+    if labels_fn is not None:
+      counted = jax.tree.map(lambda g, l: None if l == FROZEN else g,
+                             updates, labels_fn(updates))
+    norm = optax.tree.norm(counted)
     coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
     return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
   return optax.GradientTransformation(init_fn, update_fn)
@@ -157,30 +178,15 @@ def make_optimizer(config, steps_per_epoch: int, params=None):
   schedule = make_schedule(config, steps_per_epoch)
   mult = float(o.backbone_lr_mult)
   wd = float(o.weight_decay)
+  labels = lambda p: param_labels(p, config)  # noqa: E731
   tx = optax.multi_transform(
       {DEFAULT: _adamw(schedule, wd),
        BACKBONE: _adamw(lambda s: mult * schedule(s), wd),
-       FROZEN: optax.set_to_zero()},
-      lambda p: param_labels(p, config))
+       FROZEN: optax.set_to_zero()}, labels)
   if o.get('clip_norm', None) and float(o.clip_norm) > 0:
-    tx = optax.chain(_MaskFrozen(config), clip_by_global_norm_torch(
-        float(o.clip_norm)), tx)
+    tx = optax.chain(clip_by_global_norm_torch(float(o.clip_norm), labels),
+                     tx)
   return tx, schedule
-
-
-def _MaskFrozen(config) -> optax.GradientTransformation:  # noqa: N802
-  """Zeroes the gradients of frozen params before the norm is taken (torch
-  computes the clip norm over params with a gradient only)."""
-  def init_fn(params):
-    del params
-    return ClipState()
-
-  def update_fn(updates, state, params=None):
-    del params
-    labels = param_labels(updates, config)
-    return jax.tree.map(lambda g, l: jnp.zeros_like(g) if l == FROZEN else g,
-                        updates, labels), state
-  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def current_lrs(opt_state) -> dict[str, jax.Array]:
