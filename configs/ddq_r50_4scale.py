@@ -143,6 +143,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # -1: all devices on the data axis
   c.mesh.model = 1                # >1: shard large parameters on 'model'
+  # Partition rules for parameters and optimiser state (parallel/sharding.py):
+  # (regex over 'params/backbone/...', 'replicate' | 'largest_axis'), first
+  # match wins; 'largest_axis' splits leaves of >= min_shard_size elements
+  # on 'model'.
+  c.mesh.partition_rules = (('.*', 'largest_axis'),)
+  c.mesh.min_shard_size = 2 ** 14
 
   # ---- evaluation ------------------------------------------------------
   c.eval = ml_collections.ConfigDict()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import ml_collections
 
@@ -99,15 +99,3 @@ def override_or_fail(parser: argparse.ArgumentParser,
   except ConfigError as e:
     fail(parser, str(e))
   return config
-
-
-def config_from_args(parser: argparse.ArgumentParser, config_arg, overrides,
-                     *, with_weights: Optional[Callable] = None):
-  """The config of a command: ``--config`` (+ overrides) if given; else,
-  for commands with weights, ``with_weights()`` returns the stored one and
-  the overrides are applied to it."""
-  if config_arg:
-    return load_or_fail(parser, config_arg, overrides)
-  if overrides and with_weights is None:
-    fail(parser, '--config.KEY=VALUE needs --config')
-  return None

@@ -114,7 +114,8 @@ def main(argv=None) -> dict:
   except (FileNotFoundError, ValueError, OSError) as e:
     cli.fail(parser, f'cannot open the {d.source} {split!r} split: {e}')
 
-  from ddq_jax.evaluation import data_mesh, evaluate_model  # pylint: disable=g-import-not-at-top
+  from ddq_jax.evaluation import evaluate_model  # pylint: disable=g-import-not-at-top
+  from ddq_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
   from ddq_jax.models.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
   devices = jax.devices()  # every process's: the batch spans all hosts
   if args.devices:
@@ -124,13 +125,14 @@ def main(argv=None) -> dict:
       cli.fail(parser, f'--devices {args.devices}: only {len(devices)} local '
                    'devices')
     devices = devices[:args.devices]
-  mesh = data_mesh(devices)
+  mesh = make_mesh(config, devices)
   batch = int(args.batch_size or config.eval.batch_size)
   it = make_eval_iterator(config, batch_size=batch, dataset=source,
                           process_index=jax.process_index(),
                           process_count=jax.process_count())
   predict = make_predict_fn(build_model(config))
   metrics, dets = evaluate_model(predict, variables, it, mesh=mesh,
+                                 config=config,
                                  progress=not args.no_progress,
                                  max_images=args.max_images)
   metrics.update(config=str(config.get('name', args.config)),

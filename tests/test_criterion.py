@@ -1,11 +1,14 @@
 """DDQ-DETR criterion: parity with the reference's loss dict and gradients,
 padding invariance, masked == indexed, edge cases, one compile."""
+import dataclasses
+
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
+from ddq_jax.config import load_config
 from ddq_jax.losses import criterion as C
 from ddq_jax.losses import set_loss as S
 from ddq_jax.losses.config import CriterionConfig
@@ -15,7 +18,8 @@ from ddq_jax.models.denoising import dn_layout
 
 NUM_DENSE = 45
 NUM_DN_QUERIES = 20
-CFG = CriterionConfig()
+CFG = CriterionConfig.from_config(load_config('tiny', {
+    'loss.hungarian_solver': 'scipy'}))
 REL = 1e-4
 GT_KEYS = ('gt_boxes', 'gt_labels', 'gt_valid', 'img_shapes')
 
@@ -264,7 +268,7 @@ def test_one_compile_for_given_shapes(tiny_train, tiny_inputs):
 
 def test_jax_solver_matches_reference(tiny_train, tiny_inputs):
   """The on-device (pure JAX) Hungarian solver gives the same losses."""
-  cfg = CriterionConfig(solver='jax')
+  cfg = dataclasses.replace(CFG, solver='jax')
   c, b, a = _split(_args(tiny_train, tiny_inputs))
   out = jax.jit(lambda c, b, a: _criterion(c, b, a, cfg=cfg))(c, b, a)
   for k, v in out.items():
@@ -293,5 +297,10 @@ def test_axis_name_averages_factors_across_devices(tiny_train, tiny_inputs):
 
 def test_config_from_project_config(tiny_config):
   cfg = CriterionConfig.from_config(tiny_config)
-  assert cfg == CriterionConfig(solver=cfg.solver)
+  # the reference's DDQ-DETR loss settings, read from the config
+  assert cfg == CriterionConfig(
+      num_classes=80, focal_alpha=0.25, focal_gamma=2.0, cls_weight=1.0,
+      bbox_weight=5.0, iou_weight=2.0, match_cls_weight=2.0,
+      match_bbox_weight=5.0, match_iou_weight=2.0, aux_num_pos=4,
+      aux_alpha=1.0, aux_beta=6.0, solver=cfg.solver)
   assert cfg.solver in ('scipy', 'jax')

@@ -13,40 +13,40 @@ import dataclasses
 from ddq_jax.losses.hungarian import resolve_solver
 
 
+# Fields read from ``config.loss`` under the same name.
+_LOSS_FIELDS = ('focal_alpha', 'focal_gamma', 'cls_weight', 'bbox_weight',
+                'iou_weight', 'match_cls_weight', 'match_bbox_weight',
+                'match_iou_weight', 'aux_num_pos', 'aux_alpha', 'aux_beta')
+
+
 @dataclasses.dataclass(frozen=True)
 class CriterionConfig:
-  """Loss hyper-parameters (mmdet defaults for DDQ-DETR); hashable/static."""
-  num_classes: int = 80
-  focal_alpha: float = 0.25
-  focal_gamma: float = 2.0
-  cls_weight: float = 1.0
-  bbox_weight: float = 5.0
-  iou_weight: float = 2.0
-  match_cls_weight: float = 2.0
-  match_bbox_weight: float = 5.0
-  match_iou_weight: float = 2.0
-  aux_num_pos: int = 4
-  aux_alpha: float = 1.0
-  aux_beta: float = 6.0
-  solver: str = 'scipy'
+  """Loss hyper-parameters; hashable, so static under jit.  The values
+  live in the config files only (``configs/ddq_r50_4scale.py`` ``c.loss``:
+  focal alpha / gamma, the term weights cls / bbox (L1) / iou (GIoU), the
+  matching costs' weights, the dense 1-to-k assignment's k = aux_num_pos
+  and its alignment exponents aux_alpha / aux_beta)."""
+  num_classes: int
+  focal_alpha: float
+  focal_gamma: float
+  cls_weight: float
+  bbox_weight: float
+  iou_weight: float
+  match_cls_weight: float
+  match_bbox_weight: float
+  match_iou_weight: float
+  aux_num_pos: int
+  aux_alpha: float
+  aux_beta: float
+  solver: str
 
   @classmethod
   def from_config(cls, c, *, num_devices: int = 1) -> 'CriterionConfig':
     """From the project's ml_collections config (``c.loss``).  The Hungarian
     solver 'auto' is resolved here for a step over ``num_devices``."""
-    loss = c.loss
-    return cls(
-        num_classes=int(c.num_classes),
-        focal_alpha=float(loss.focal_alpha),
-        focal_gamma=float(loss.focal_gamma),
-        cls_weight=float(loss.cls_weight),
-        bbox_weight=float(loss.bbox_weight),
-        iou_weight=float(loss.iou_weight),
-        match_cls_weight=float(loss.match_cls_weight),
-        match_bbox_weight=float(loss.match_bbox_weight),
-        match_iou_weight=float(loss.match_iou_weight),
-        aux_num_pos=int(loss.aux_num_pos),
-        aux_alpha=float(loss.aux_alpha),
-        aux_beta=float(loss.aux_beta),
-        solver=resolve_solver(str(loss.hungarian_solver),
-                              num_devices=num_devices))
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    cast = {'int': int, 'float': float}
+    values = {k: cast[types[k]](c.loss[k]) for k in _LOSS_FIELDS}
+    return cls(num_classes=int(c.num_classes),
+               solver=resolve_solver(str(c.loss.hungarian_solver),
+                                     num_devices=num_devices), **values)

@@ -58,7 +58,7 @@ def _layer_prefix(i: int, num_layers: int) -> str:
 
 
 def ddq_criterion(outputs: DetectorOutputs, *, gt_boxes, gt_labels, gt_valid,
-                  img_shapes, cfg: CriterionConfig = CriterionConfig(),
+                  img_shapes, cfg: CriterionConfig,
                   axis_name: Optional[str] = None) -> Dict[str, jnp.ndarray]:
   """All DDQ-DETR training losses (``DDQDETRHead.loss``), static shapes.
 

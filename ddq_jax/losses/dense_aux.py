@@ -20,8 +20,6 @@ Elementary pieces: ddq_jax/losses/basic.py, match_costs.py, hungarian.py.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 

@@ -14,6 +14,7 @@ of the kept entries is unchanged; ties go to the lower index).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -23,18 +24,14 @@ from ddq_jax.models.outputs import Detections
 from ddq_jax.ops import boxes as box_ops
 
 
-def predict_single(cls_logits: jnp.ndarray, bbox_preds: jnp.ndarray, *,
-                   query_mask: Optional[jnp.ndarray],
-                   img_shape: jnp.ndarray,
-                   scale_factor: Optional[jnp.ndarray],
-                   max_per_img: int) -> Detections:
-  """One image.
+def _predict_one(cls_logits, bbox_preds, query_mask, img_shape, scale_factor,
+                 *, max_per_img: int) -> Detections:
+  """One image (``predict_by_feat`` vmaps it).
 
   Args:
     cls_logits: (Q, K) logits of the last decoder layer (distinct queries).
     bbox_preds: (Q, 4) sigmoid normalised cxcywh.
-    query_mask: (Q,) bool, queries that count (the head's distinct mask), or
-      None for all.
+    query_mask: (Q,) bool, queries that count (the head's distinct mask).
     img_shape: (2,) (h, w) of the network input image (before padding).
     scale_factor: (2,) (w, h) of img_shape over the original image, or None
       for no rescale.
@@ -45,9 +42,8 @@ def predict_single(cls_logits: jnp.ndarray, bbox_preds: jnp.ndarray, *,
     there).
   """
   q, k = cls_logits.shape
-  scores = jax.nn.sigmoid(cls_logits)
-  if query_mask is not None:
-    scores = jnp.where(query_mask[:, None], scores, -jnp.inf)
+  scores = jnp.where(query_mask[:, None], jax.nn.sigmoid(cls_logits),
+                     -jnp.inf)
   flat = scores.reshape(-1)
   m = int(max_per_img)
   if m > flat.shape[0]:
@@ -94,13 +90,7 @@ def predict_by_feat(cls_logits: jnp.ndarray, bbox_preds: jnp.ndarray, *,
   b, q = cls.shape[:2]
   if query_mask is None:
     query_mask = jnp.ones((b, q), bool)
-  if scale_factors is None:
-    fn = lambda c, x, mk, s: predict_single(  # noqa: E731
-        c, x, query_mask=mk, img_shape=s, scale_factor=None,
-        max_per_img=max_per_img)
-    return jax.vmap(fn)(cls, box, query_mask, jnp.asarray(img_shapes))
-  fn = lambda c, x, mk, s, f: predict_single(  # noqa: E731
-      c, x, query_mask=mk, img_shape=s, scale_factor=f,
-      max_per_img=max_per_img)
-  return jax.vmap(fn)(cls, box, query_mask, jnp.asarray(img_shapes),
-                      jnp.asarray(scale_factors))
+  if scale_factors is not None:  # None (no rescale) vmaps as an empty tree
+    scale_factors = jnp.asarray(scale_factors)
+  return jax.vmap(functools.partial(_predict_one, max_per_img=max_per_img))(
+      cls, box, query_mask, jnp.asarray(img_shapes), scale_factors)

@@ -56,9 +56,10 @@ class Components:
   evaluate_fn: Optional[Callable[[Any], dict]] = None
 
 
-def default_components(config, *, num_devices: int = 1) -> Components:
+def default_components(config, *, mesh=None) -> Components:
   """The real model (models.detector), objective (training.objective), data
-  (data.pipeline) and, when importable, evaluation."""
+  (data.pipeline) and, when importable, evaluation, for a step on ``mesh``
+  (default: one device)."""
   from ddq_jax.data.pipeline import build_dataset, make_train_iterator  # pylint: disable=g-import-not-at-top
   from ddq_jax.models.detector import build_model  # pylint: disable=g-import-not-at-top
   from ddq_jax.models.variables import init_variables  # pylint: disable=g-import-not-at-top
@@ -75,13 +76,17 @@ def default_components(config, *, num_devices: int = 1) -> Components:
 
   return Components(
       init_variables=lambda rng: init_variables(model, config, rng),
-      loss_fn=make_loss_fn(model, config, num_devices=num_devices),
+      loss_fn=make_loss_fn(
+          model, config,
+          num_devices=int(mesh.devices.size) if mesh is not None else 1),
       make_iterator=make_iterator,
-      evaluate_fn=default_evaluate_fn(config, model))
+      evaluate_fn=default_evaluate_fn(config, model, mesh=mesh))
 
 
-def default_evaluate_fn(config, model) -> Optional[Callable]:
-  """COCO evaluation via ddq_jax.evaluation, or None (logged) if absent."""
+def default_evaluate_fn(config, model, *, mesh=None) -> Optional[Callable]:
+  """COCO evaluation via ddq_jax.evaluation, or None (logged) if absent.
+  It runs on the training ``mesh`` and reads the state's parameters with
+  their training shardings (nothing is re-replicated)."""
   try:
     from ddq_jax.data.pipeline import build_dataset  # pylint: disable=g-import-not-at-top
     from ddq_jax.evaluation.evaluator import evaluate_model  # pylint: disable=g-import-not-at-top
@@ -98,7 +103,7 @@ def default_evaluate_fn(config, model) -> Optional[Callable]:
     metrics, _ = evaluate_model(
         cache['predict'], {'params': state.params,
                            'batch_stats': state.batch_stats},
-        cache['source'], config=config, progress=False,
+        cache['source'], config=config, mesh=mesh, progress=False,
         max_images=config.eval.get('max_images', None) or None)
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float, np.floating, np.integer))}
@@ -205,8 +210,7 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
   workdir = os.path.abspath(workdir)
   mesh = mesh_lib.make_mesh(config, devices)
   _write_config(config, workdir)
-  comps = components or default_components(
-      config, num_devices=int(mesh.devices.size))
+  comps = components or default_components(config, mesh=mesh)
   if hasattr(comps.loss_fn, 'criterion_config'):
     log.info('Hungarian solver: %s', comps.loss_fn.criterion_config.solver)
   pidx, pcount = jax.process_index(), jax.process_count()
@@ -226,8 +230,9 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
   total = _total_steps(config, spe)
   tx, schedule = opt_lib.make_optimizer(config, spe)
   rng = jax.random.PRNGKey(int(config.train.seed))
-  state, shardings = state_lib.init_train_state(comps.init_variables, tx, rng,
-                                                mesh)
+  rules, min_size = shd.rules_from_config(config)
+  state, shardings = state_lib.init_train_state(
+      comps.init_variables, tx, rng, mesh, min_size=min_size, rules=rules)
   ckpt = ckpt_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'),
       save_every=int(config.train.checkpoint_every),
