@@ -362,7 +362,7 @@ def build_step(config, mode: str, variables, batch: dict, mesh):
   batch = shd.shard_batch(batch, mesh)
   if mode == 'infer':
     from ddq_jax.models.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
-    variables = jax.device_put(variables, shd.tree_shardings(variables, mesh))
+    variables = shd.place_tree(variables, mesh, config)
     fn = make_predict_fn(model).jitted
     args = (variables, batch['images'], batch['pad_mask'],
             batch['img_shapes'], batch['scale_factors'])

@@ -148,9 +148,7 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
 
   ours, seconds = run_inference(model, variables, inputs)
   out(f'inference: {seconds:.1f} s (compile + run)')
-  for key, value in ours.items():
-    if isinstance(value, np.ndarray) or np.isscalar(value):
-      dumped[key] = np.asarray(value)
+  dumped.update((key, np.asarray(value)) for key, value in ours.items())
   ref_path = os.path.join(bundle, 'infer.npz')
   if os.path.isfile(ref_path):
     ref = _load_npz(ref_path)
@@ -165,19 +163,14 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
         model, config, variables, inputs)
     out(f'training forward + loss + gradients: {seconds:.1f} s')
     d_ref = int(inputs['dn_label_ids'].shape[1])
+    num_queries = tout['decoder_query_in'].shape[1]   # our Q = D + rest
     train_dump = {}
     for key, value in tout.items():
-      if not isinstance(value, np.ndarray):
-        continue
-      if key in ('hidden_states', 'references', 'all_layers_cls_scores',
-                 'all_layers_bbox_preds', 'decoder_query_in',
-                 'decoder_reference_in'):
-        value = _dn_slot_view(value, axis=value.ndim - 2, d_ref=d_ref,
-                              d_ours=d_ours)
-      elif key == 'self_attn_mask_in':
-        value = _dn_slot_view(_dn_slot_view(value, axis=0, d_ref=d_ref,
-                                            d_ours=d_ours),
-                              axis=1, d_ref=d_ref, d_ours=d_ours)
+      value = np.asarray(value)
+      # every query axis (size Q) in the reference's dn slot layout
+      for axis in range(value.ndim):
+        if value.shape[axis] == num_queries:
+          value = _dn_slot_view(value, axis=axis, d_ref=d_ref, d_ours=d_ours)
       train_dump[key] = value
     for key, value in losses.items():
       train_dump[f'loss/{key}'] = np.asarray(value)

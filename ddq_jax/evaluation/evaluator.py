@@ -125,9 +125,7 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
   multiple = max(1, n_data // jax.process_count())
   if not (hasattr(predict_fn, 'jitted') or hasattr(predict_fn, 'lower')):
     predict_fn = jax.jit(predict_fn)
-  rules, min_size = shd.rules_from_config(config)
-  variables = jax.device_put(variables, shd.tree_shardings(
-      variables, mesh, min_size=min_size, rules=rules))
+  variables = shd.place_tree(variables, mesh, config)
   category_ids = list(source.category_ids)
 
   total = None

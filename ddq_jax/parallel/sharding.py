@@ -89,6 +89,15 @@ def tree_shardings(tree: Any, mesh: Mesh, *, min_size: int = MIN_SHARD_SIZE,
   return jax.tree_util.tree_map_with_path(spec, tree)
 
 
+def place_tree(tree: Any, mesh: Mesh, config=None) -> Any:
+  """``tree`` (host or device arrays) on ``mesh`` under ``config.mesh``'s
+  partition rules.  Arrays already placed that way are not moved, so the
+  training state's parameters reach evaluation with their shardings."""
+  rules, min_size = rules_from_config(config)
+  return jax.device_put(tree, tree_shardings(tree, mesh, min_size=min_size,
+                                             rules=rules))
+
+
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
   """Process-local numpy batch -> global jax.Arrays sharded on 'data'.
 

@@ -107,8 +107,7 @@ class Checkpointer:
 
     Args:
       target: a TrainState whose leaves are ``jax.ShapeDtypeStruct`` with a
-        ``sharding`` (see ``state.abstract_with_shardings``) or live arrays
-        (their shardings are used).
+        ``sharding`` or live arrays (their shardings are used).
       step: default the latest.
 
     Returns:
@@ -125,15 +124,6 @@ class Checkpointer:
                                       meta=ocp.args.JsonRestore()))
     log.info('checkpoint: restored step %d from %s', step, self.directory)
     return out['state'], dict(out['meta'])
-
-
-def restore_or_keep(checkpointer: Checkpointer, state: TrainState
-                    ) -> tuple[TrainState, dict | None]:
-  """Resumes from the latest checkpoint if there is one, else returns
-  ``state`` unchanged (and None)."""
-  if checkpointer.latest_step() is None:
-    return state, None
-  return checkpointer.restore(state)
 
 
 def load_params_only(directory: str, step: int | None = None) -> dict:
