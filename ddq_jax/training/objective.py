@@ -40,7 +40,8 @@ def forward_and_losses(model, variables: dict, batch: dict, rng: jax.Array, *,
   out = model.apply(
       variables, images, batch['pad_mask'], img_shapes=batch['img_shapes'],
       train=True, gt_boxes=batch['gt_boxes'], gt_labels=batch['gt_labels'],
-      gt_valid=batch['gt_valid'], dn_inject=dn_inject, dn_rng=rng)
+      gt_valid=batch['gt_valid'], dn_inject=dn_inject, dn_rng=rng,
+      rngs={'dropout': jax.random.fold_in(rng, 1)})  # training: drop-path on
   cls = out['all_layers_cls_scores'].astype(jnp.float32)
   box = out['all_layers_bbox_preds'].astype(jnp.float32)
   losses = ddq_criterion(

@@ -111,6 +111,15 @@ def param_labels(params, config):
   b = config.get('backbone', {})
   frozen_stages = int(b.get('frozen_stages', -1)) if b else -1
   bn_trainable = bool(b.get('bn_trainable', False)) if b else False
+  if b and str(b.get('type', 'resnet')) == 'swin':  # its own frozen rule
+    from ddq_jax.models.backbones import is_frozen_backbone_param
+    def swin_label(names):
+      if 'backbone' not in names:
+        return DEFAULT
+      sub = names[names.index('backbone') + 1:]
+      return FROZEN if is_frozen_backbone_param(config, sub) else BACKBONE
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: swin_label(_names(p)), params)
   return jax.tree_util.tree_map_with_path(
       lambda p, _: param_label(_names(p), frozen_stages=frozen_stages,
                                bn_trainable=bn_trainable), params)
