@@ -134,8 +134,8 @@ def test_frozen_stages_get_no_gradient():
 def test_optimizer_labels_follow_swin_frozen_stages(config):
   from ddq_jax.training.optimizer import BACKBONE, DEFAULT, FROZEN, param_labels
   model = _tiny_swin()
-  params = {'backbone': model.init(jax.random.key(0),
-                                   jnp.zeros((1, 16, 16, 3)))['params'],
+  params = {'backbone': jax.eval_shape(model.init, jax.random.key(0),
+                                       jnp.zeros((1, 16, 16, 3)))['params'],
             'neck': {'w': jnp.zeros(())}}
   c = config.copy_and_resolve_references()
   labels = param_labels(params, c)  # frozen_stages -1: LayerNorms train
@@ -269,3 +269,36 @@ def test_swinl_manifest_maps_onto_the_real_model():
   n_params = sum(int(np.prod(s)) for s in want.values())
   assert n_params == sum(int(np.prod(s)) for k, (s, _) in tensors.items()
                          if k not in ignored)
+
+
+def test_init_from_official_checkpoint(monkeypatch, tmp_path, config,
+                                       swin_state_dict, swin_params):
+  """train.init_from=<official Swin .pth> gives the backbone subtree."""
+  from ddq_jax.conversion import torch_pickle
+  from ddq_jax.training.loop import load_pretrained
+  official = swin_conv.mmdet_to_official(swin_state_dict)
+  path = tmp_path / 'swin_official.pth'
+  path.write_bytes(b'')
+  monkeypatch.setattr(torch_pickle, 'load_torch_checkpoint',
+                      lambda p: {'model': official})
+  loaded = load_pretrained(str(path), config)
+  assert list(loaded['params']) == ['backbone']
+  np.testing.assert_array_equal(
+      loaded['params']['backbone']['stages_2']['downsample']['reduction']
+      ['kernel'], swin_params['stages_2']['downsample']['reduction']['kernel'])
+
+
+@pytest.mark.slow  # two gradient compiles
+def test_with_cp_changes_no_number():
+  x = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
+  one_stage = dict(depths=(2,), num_heads=(1,), strides=(4,),
+                   out_indices=(0,))
+  plain = _tiny_swin(**one_stage)
+  remat = _tiny_swin(with_cp=True, **one_stage)
+  params = jax.jit(plain.init)(jax.random.key(1), x)['params']
+  loss = lambda m: jax.jit(jax.value_and_grad(lambda p: sum(
+      jnp.sum(o ** 2) for o in m.apply({'params': p}, x))))(params)
+  (a, ga), (b, gb) = loss(plain), loss(remat)
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5,
+                                                       atol=1e-6), ga, gb)
