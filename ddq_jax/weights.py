@@ -114,6 +114,13 @@ def load_pretrained(path: str, config) -> dict:
     if weight_format(path, sd) == 'torchvision':
       log.info('init_from: torchvision ResNet %s (backbone only)', path)
       return torchvision_backbone_variables(sd, config)
+    from ddq_jax.conversion import swin as swin_conv  # pylint: disable=g-import-not-at-top
+    if swin_conv.is_official_swin(sd):
+      variables, rep = swin_conv.official_backbone_variables(sd, config)
+      log.info('init_from: official Swin %s (backbone only): %d tensors, '
+               'unused %s, kept at init %s', path, rep['loaded'],
+               rep['unused'], rep['not_in_checkpoint'])
+      return variables
   log.info('init_from: converted weights %s', path)
   variables, _ = load_weights(path, config)
   return variables

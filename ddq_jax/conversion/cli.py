@@ -73,8 +73,9 @@ def main(argv=None) -> int:
       extra={'source': args.checkpoint, 'kind': 'mmdet_ddq_detr',
              'converted_tensors': report.converted,
              'ignored': report.ignored})
+  reasons = '; '.join(sorted(set(report.ignored.values()))) or 'none'
   print(f'converted {report.converted} tensors '
-        f'({len(report.ignored)} deliberately ignored: BatchNorm counters) '
+        f'({len(report.ignored)} deliberately ignored: {reasons}) '
         f'for config {config.name!r} -> {args.out}')
   return 0
 

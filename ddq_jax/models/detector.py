@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddq_jax.models.backbone import ResNet
+from ddq_jax.models.backbones import build_backbone
 from ddq_jax.models.decoder import LN_EPS, DDQDecoder
 from ddq_jax.models.denoising import CdnQueryGenerator
 from ddq_jax.models.encoder import DeformableEncoder
@@ -57,7 +57,7 @@ class DDQDETR(nn.Module):
 
   def setup(self):
     c = self.config
-    self.backbone = ResNet.from_config(c)
+    self.backbone = build_backbone(c)
     self.neck = ChannelMapper.from_config(c)
     self.encoder = DeformableEncoder.from_config(c)
     self.decoder = DDQDecoder.from_config(c)

@@ -33,7 +33,8 @@ def forward_and_losses(model, variables: dict, batch: dict, rng: jax.Array, *,
   """
   kwargs = dict(img_shapes=batch['img_shapes'], train=True,
                 gt_boxes=batch['gt_boxes'], gt_labels=batch['gt_labels'],
-                gt_valid=batch['gt_valid'], dn_inject=dn_inject, dn_rng=rng)
+                gt_valid=batch['gt_valid'], dn_inject=dn_inject, dn_rng=rng,
+                rngs={'dropout': jax.random.fold_in(rng, 1)})  # drop-path on
   intermediates = None
   if capture_intermediates:
     out, state = model.apply(variables, batch['images'], batch['pad_mask'],

@@ -92,23 +92,38 @@ def _path(path) -> str:
   return '/'.join(out)
 
 
+def _is_swin(backbone_config) -> bool:
+  return bool(backbone_config) and str(
+      backbone_config.get('type', 'resnet')).lower() == 'swin'
+
+
 def frozen_param_rules(config) -> tuple[str, ...]:
   """Regular expressions (``re.search`` over 'a/b/kernel' paths, without
   the 'params' collection) of the parameters the optimiser never updates.
 
-  From ``backbone.frozen_stages`` k >= 0: the stem (conv1, bn1) and
-  ``layer1..layer{k}``; unless ``backbone.bn_trainable``: every backbone
-  norm affine; plus ``optim.frozen_params`` (e.g. ``('^neck/',)``).
+  From ``backbone.frozen_stages`` k >= 0, ResNet: the stem (conv1, bn1)
+  and ``layer1..layer{k}``, and unless ``backbone.bn_trainable`` every
+  backbone norm affine; Swin: the patch embedding and ``stages_i`` /
+  ``norm{i}`` for i < k.  Plus ``optim.frozen_params`` (e.g.
+  ``('^neck/',)``).
   """
   b = config.get('backbone', None)
   frozen_stages = int(b.get('frozen_stages', -1)) if b else -1
   rules = []
-  if frozen_stages >= 0:
+  if _is_swin(b):
+    # mmdet SwinTransformer._freeze_stages: the patch embedding, then
+    # stages_i and norm_i for i < frozen_stages; its LayerNorms train.
+    if frozen_stages >= 0:
+      rules.append(r'^backbone/(patch_embed|absolute_pos_embed)(/|$)')
+    if frozen_stages >= 1:
+      stages = '|'.join(str(i) for i in range(frozen_stages))
+      rules.append(rf'^backbone/(stages_|norm)({stages})/')
+  elif frozen_stages >= 0:
     rules.append(r'^backbone/(conv1|bn1)/')
-  if frozen_stages >= 1:
+  if frozen_stages >= 1 and not _is_swin(b):
     stages = '|'.join(str(i) for i in range(1, frozen_stages + 1))
     rules.append(rf'^backbone/layer({stages})_\d+/')
-  if b and not bool(b.get('bn_trainable', False)):
+  if b and not _is_swin(b) and not bool(b.get('bn_trainable', False)):
     rules.append(r'^backbone/(.+/)?(bn\d+|downsample_1|norm\d*)/')
   optim = config.get('optim', None)
   rules += list(optim.get('frozen_params', ()) or ()) if optim else []
