@@ -1,6 +1,8 @@
 """Prove a converted checkpoint reproduces the reference, tensor by tensor.
 
     python -m ddq_jax.verify BUNDLE_DIR [--train] [--dump OUT.npz]
+    python -m ddq_jax.verify BUNDLE_DIR --steps N [--dump OUT.npz] \\
+        [--config.KEY=VALUE ...]
 
 BUNDLE_DIR is laid out like shared/fixtures/tiny: ``checkpoint.pth`` (an
 mmdetection DDQ-DETR checkpoint), ``inputs.npz`` (images, pad_mask,
@@ -9,7 +11,9 @@ denoising queries dn_*), and optionally ``infer.npz`` / ``train.npz`` with
 the reference's tensors.  Every tensor we can compare is printed with its
 error against DESIGN.md's target; the exit status is 1 when a target is
 missed, 2 on bad input.  ``--dump`` writes what we computed under the
-fixture's key names and layouts.
+fixture's key names and layouts.  ``--steps N`` runs N steps of the
+training step and optimiser instead and compares them with the bundle's
+``trajectory.npz`` (see ddq_jax/trajectory.py).
 """
 from __future__ import annotations
 
@@ -207,15 +211,35 @@ def main(argv=None) -> int:
   parser.add_argument('--config', default=None,
                       help="use this config instead of the checkpoint's "
                       "meta['cfg']")
-  args = parser.parse_args(argv)
+  parser.add_argument('--steps', type=int, default=None, metavar='N',
+                      help='run N optimiser steps of the training step on '
+                      "the bundle's batch and compare with its "
+                      'trajectory.npz; --config.KEY=VALUE overrides config '
+                      'fields (after trajectory.json\'s settings)')
+  args, extra = parser.parse_known_args(argv)
+  if extra and args.steps is None:
+    parser.error(f'unrecognized arguments: {" ".join(extra)}')
   from ddq_jax.conversion.converter import ConversionError
   from ddq_jax.conversion.mmdet_config import ConfigParseError
   from ddq_jax.conversion.torch_pickle import CheckpointReadError
+  bad_input = (FileNotFoundError, CheckpointReadError, ConfigParseError,
+               ConversionError, KeyError)
+  if args.steps is not None:
+    from ddq_jax import trajectory
+    bad_input += (trajectory.TrajectoryInputError,)
+    try:
+      overrides = trajectory.parse_config_overrides(extra)
+    except trajectory.TrajectoryInputError as e:
+      parser.error(str(e))
   try:
-    ok = verify(args.bundle, train=args.train, dump=args.dump,
-                config_path=args.config)
-  except (FileNotFoundError, CheckpointReadError, ConfigParseError,
-          ConversionError, KeyError) as e:
+    if args.steps is not None:
+      ok = trajectory.verify_steps(args.bundle, steps=args.steps,
+                                   dump=args.dump, config_path=args.config,
+                                   overrides=overrides)
+    else:
+      ok = verify(args.bundle, train=args.train, dump=args.dump,
+                  config_path=args.config)
+  except bad_input as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0 if ok else 1
