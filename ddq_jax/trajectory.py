@@ -319,6 +319,29 @@ def compare_params(final: Mapping, start: Mapping, ref: Mapping, *,
   return out
 
 
+def ulp_summary(final: Mapping, ref: Mapping) -> list[str]:
+  """Per moved ``param/<name>``: entries bit-identical to the reference, the
+  largest difference in float32 ulps at the tensor's largest value, and
+  what one such ulp is relative to the largest change (the float32 floor
+  of the ``param`` target)."""
+  lines = []
+  for key in sorted(k for k in ref if k.startswith('param/')):
+    name = key[len('param/'):]
+    if name not in final or f'init/{name}' not in ref:
+      continue
+    want = np.asarray(ref[key], np.float32)
+    ours = np.asarray(final[name], np.float32)
+    change = float(np.abs(want.astype(np.float64) - ref[f'init/{name}']).max())
+    if change == 0.0:
+      continue
+    ulp = float(np.spacing(np.abs(want).max()))
+    err = float(np.abs(ours.astype(np.float64) - want).max())
+    lines.append(f'     {key}: {np.mean(ours == want):.1%} bit-identical, '
+                 f'max error {err / ulp:.2g} ulp of max |p|; that ulp is '
+                 f'{ulp / change:.2g} of the change')
+  return lines
+
+
 def frozen_unchanged(final, start, config) -> Comparison:
   """Every parameter the optimiser labels frozen, bit-identical to start."""
   import jax
@@ -427,6 +450,8 @@ def verify_steps(bundle: str, *, steps: int, overrides: Optional[dict] = None,
           f'grad_global_norm {row["grad_global_norm"]:.2e}')
     if steps == n_ref:
       results += compare_params(final, start, ref)
+      for line in ulp_summary(final, ref):
+        out(line)
     else:
       out(f'-- parameters not compared: the reference ran {n_ref} steps, '
           f'we ran {steps}')

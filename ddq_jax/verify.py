@@ -219,6 +219,8 @@ def main(argv=None) -> int:
   args, extra = parser.parse_known_args(argv)
   if extra and args.steps is None:
     parser.error(f'unrecognized arguments: {" ".join(extra)}')
+  if args.steps is not None and args.train:
+    parser.error('--steps and --train are separate runs: give one')
   from ddq_jax.conversion.converter import ConversionError
   from ddq_jax.conversion.mmdet_config import ConfigParseError
   from ddq_jax.conversion.torch_pickle import CheckpointReadError

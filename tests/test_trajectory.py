@@ -48,6 +48,7 @@ def test_six_steps_within_target(six_steps):
   assert any(l.startswith('ok   frozen params') for l in lines)
   assert any(l.startswith('ok   dn queries == ground truth') for l in lines)
   assert lines[-2].startswith('79 of 79'), lines[-2]
+  assert sum('bit-identical' in l for l in lines) == 7
 
 
 def test_dump_layout(six_steps, tiny_state_dict):
@@ -201,3 +202,5 @@ def test_cli_errors(tmp_path, capsys):
     verify.main([BUNDLE, '--config.optim.lr=1e-4'])  # needs --steps
   with pytest.raises(SystemExit):
     verify.main([BUNDLE, '--steps', '2', '--bogus'])
+  with pytest.raises(SystemExit):
+    verify.main([BUNDLE, '--steps', '2', '--train'])
