@@ -2,6 +2,8 @@
 
     python -m ddq_jax.verify BUNDLE_DIR [--train] [--dump OUT.npz]
         [--config PATH|NAME] [--config.KEY=VALUE ...]
+    python -m ddq_jax.verify BUNDLE_DIR --steps N [--dump OUT.npz] \\
+        [--config PATH|NAME] [--config.KEY=VALUE ...]
 
 BUNDLE_DIR is laid out like shared/fixtures/tiny: ``checkpoint.pth`` (an
 mmdetection DDQ-DETR checkpoint), ``inputs.npz`` (images, pad_mask,
@@ -10,7 +12,9 @@ denoising queries dn_*), and optionally ``infer.npz`` / ``train.npz`` with
 the reference's tensors.  Every tensor we can compare is printed with its
 error against DESIGN.md's target; the exit status is 1 when a target is
 missed, 2 on bad input.  ``--dump`` writes what we computed under the
-fixture's key names and layouts.
+fixture's key names and layouts.  ``--steps N`` runs N steps of the
+training step and optimiser instead and compares them with the bundle's
+``trajectory.npz`` (see ddq_jax/trajectory.py).
 """
 from __future__ import annotations
 
@@ -217,17 +221,33 @@ def main(argv=None) -> int:
                       help='write our tensors to this .npz (fixture key names)')
   cli.add_config_argument(parser, help_text="instead of the checkpoint's "
                           "meta['cfg'].")
+  parser.add_argument('--steps', type=int, default=None, metavar='N',
+                      help='run N optimiser steps of the training step on '
+                      "the bundle's batch and compare with its "
+                      'trajectory.npz; --config.KEY=VALUE overrides config '
+                      "fields (after trajectory.json's settings)")
   args, overrides = cli.parse_args(parser, argv)
+  if args.steps is not None and args.train:
+    parser.error('--steps and --train are separate runs: give one')
   config = (cli.load_or_fail(parser, args.config, overrides)
-            if args.config else None)
+            if args.config and args.steps is None else None)
   from ddq_jax.conversion.converter import ConversionError
   from ddq_jax.conversion.mmdet_config import ConfigParseError
   from ddq_jax.conversion.torch_pickle import CheckpointReadError
+  bad_input = (FileNotFoundError, CheckpointReadError, ConfigParseError,
+               ConversionError, KeyError, ValueError)
+  if args.steps is not None:
+    from ddq_jax import trajectory
+    bad_input += (trajectory.TrajectoryInputError,)
   try:
-    ok = verify(args.bundle, train=args.train, dump=args.dump,
-                config=config, overrides=overrides)
-  except (FileNotFoundError, CheckpointReadError, ConfigParseError,
-          ConversionError, KeyError, ValueError) as e:
+    if args.steps is not None:
+      ok = trajectory.verify_steps(args.bundle, steps=args.steps,
+                                   dump=args.dump, config_path=args.config,
+                                   overrides=overrides)
+    else:
+      ok = verify(args.bundle, train=args.train, dump=args.dump,
+                  config=config, overrides=overrides)
+  except bad_input as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0 if ok else 1
