@@ -194,8 +194,6 @@ def test_cli_errors(tmp_path, capsys):
   assert verify.main([str(tmp_path), '--steps', '2']) == 2
   assert 'checkpoint.pth' in capsys.readouterr().err
   with pytest.raises(SystemExit):
-    verify.main([BUNDLE, '--config.optim.lr=1e-4'])  # needs --steps
-  with pytest.raises(SystemExit):
     verify.main([BUNDLE, '--steps', '2', '--bogus'])
   with pytest.raises(SystemExit):
     verify.main([BUNDLE, '--steps', '2', '--train'])
