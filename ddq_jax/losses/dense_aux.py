@@ -4,9 +4,10 @@ Static shapes throughout: B images, N dense queries, G ground-truth slots
 (``gt_valid`` marks the real ones), K classes, ``topk`` = ``aux_num_pos``.
 
 Reference semantics reproduced (mmdet 3.3.0):
-- assignment on detached inputs; cost = FocalLossCost(w=2) applied to the
-  *probabilities* (the reference sigmoids them a second time) + BBoxL1Cost
-  (xyxy, normalised by img_shape, w=5) + IoUCost(giou, w=2);
+- assignment on detached inputs; cost = ``match_costs.hungarian_cost`` with
+  FocalLossCost applied to the *probabilities* (the reference sigmoids them
+  a second time) + BBoxL1Cost (xyxy, normalised by img_shape) +
+  IoUCost(giou); weights from config ``loss.match_*`` (2 / 5 / 2);
 - 1-to-k Hungarian: every gt repeated ``k = min(aux_num_pos, N // num_gt)``
   times (num_gt per image), column ``g * k + r`` -> gt ``g``;
 - alignment metric ``score[label]^alpha * IoU^beta`` (detached), normalised
