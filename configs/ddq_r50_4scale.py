@@ -32,6 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
   # 'kept_set': the head reads the set actually kept by each layer's NMS.
   c.distinct_mask_semantics = 'row0'
   c.max_per_img = 300         # detections kept after post-processing
+  # Inference (predict, evaluate, the training loop's periodic evaluation)
+  # gives each image its batch-1 unpadded result on any canvas: activations,
+  # GroupNorm statistics, level masks and the encoder's top-k are confined
+  # to the image's own extent.  False: the reference's batched padding
+  # (its outputs depend on the canvas and the other images of the batch).
+  # Training always follows the reference (docs/PADDING.md).
+  c.padding_invariant = True
 
   c.pos_temperature = 20.0    # sine encoding of the feature maps
   c.pos_offset = 0.0
