@@ -93,6 +93,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.crop_size = (384, 600)
   # Static canvases (h, w): every batch is padded to the smallest that fits.
   c.data.canvas_sizes = ((800, 1344), (1344, 800), (1344, 1344))
+  # Evaluation canvases (empty: canvas_sizes).  Every test-resized image
+  # (short side <= 800, long <= 1333) fits (800, 1333) or (1333, 800), so an
+  # evaluation compiles at most 3 shapes; (800, 1067) holds COCO's most
+  # common 4:3 landscape images exactly.  Padding overhead (canvas area /
+  # image area) on a COCO-like size mix: 1.09 (canvas_sizes: 1.20); see
+  # docs/PADDING.md.  With padding_invariant no stride needs to divide them.
+  c.data.eval_canvas_sizes = ((800, 1067), (800, 1333), (1333, 800))
   c.data.num_workers = 4
   c.data.synthetic_size = 256
   c.data.synthetic_num_train = 2000

@@ -4,8 +4,17 @@
       --coco-dir /data/coco --out runs/eval_r50
   python -m ddq_jax.evaluate --weights weights/ddq_r50 --tfds coco/2017 \\
       --tfds-data-dir ~/tensorflow_datasets --split validation --out runs/eval
+  python -m ddq_jax.evaluate --weights runs/r50 --ann-file val.json \\
+      --image-dir images/ --out runs/eval      # any COCO-format layout
   python -m ddq_jax.evaluate --config tiny --weights tests/data/tiny/checkpoint.pth \\
       --out /tmp/eval --max-images 16          # synthetic eval split
+
+By default each image gets its batch-1 unpadded result whatever canvas and
+neighbours it is batched with (config padding_invariant; --set
+padding_invariant=False gives the reference's batched padding), and the
+canvases (data.eval_canvas_sizes) keep COCO to at most 3 compiles.  Crowd
+regions stay in the ground truth the metrics see: ignore regions, as in
+pycocotools.
 
 Writes OUT/metrics.json (the 12 COCO box numbers AP ... ARl, plus image /
 detection counts, timing, devices) and OUT/detections.json (COCO results:
@@ -28,14 +37,16 @@ def _parser() -> argparse.ArgumentParser:
       'the eval split in static batches sharded over the local devices and '
       'computes the 12 COCO box metrics with faster-coco-eval.',
       epilog='Data source: --coco-dir (a COCO folder: val2017/ + '
-      'annotations/instances_val2017.json), --tfds (a prepared TFDS '
-      'dataset), or neither: the config\'s data.source (synthetic shapes by '
-      'default).',
+      'annotations/instances_val2017.json), --ann-file FILE --image-dir DIR '
+      '(any COCO-format layout), --tfds (a prepared TFDS dataset), or '
+      'none: the config\'s data.source (synthetic shapes by default).',
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--config', help='config name (configs/<name>.py) or path; '
                  'default: the config stored with converted weights')
-  p.add_argument('--weights', help='converted weights directory or an '
-                 'mmdetection .pth checkpoint (required unless --random-init)')
+  p.add_argument('--weights', help='converted weights directory, an '
+                 'mmdetection .pth checkpoint, a train.py workdir (its latest '
+                 'checkpoint) or one of its checkpoints/<step> directories '
+                 '(required unless --random-init)')
   p.add_argument('--random-init', action='store_true',
                  help='random weights (smoke runs; needs --config)')
   src = p.add_mutually_exclusive_group()
@@ -87,6 +98,12 @@ def main(argv=None) -> dict:
     parser.error(f'--weights {args.weights}: no such file or directory '
                  '(expected a converted weights directory or an mmdetection '
                  '.pth)')
+  if bool(args.ann_file) != bool(args.image_dir):
+    parser.error('--ann-file and --image-dir go together')
+  if args.ann_file and not os.path.isfile(args.ann_file):
+    parser.error(f'--ann-file {args.ann_file}: no such file')
+  if args.image_dir and not os.path.isdir(args.image_dir):
+    parser.error(f'--image-dir {args.image_dir}: no such directory')
   if args.coco_dir and not os.path.isdir(args.coco_dir):
     parser.error(f'--coco-dir {args.coco_dir}: no such directory')
   if args.tfds_data_dir and not os.path.isdir(args.tfds_data_dir):
@@ -122,7 +139,10 @@ def main(argv=None) -> dict:
       except KeyError as e:
         parser.error(f'--set: {e}')
   d = config.data
-  if args.coco_dir:
+  if args.ann_file:
+    d.source = 'coco_dir'
+    d.eval_ann_file, d.eval_image_dir = args.ann_file, args.image_dir
+  elif args.coco_dir:
     d.source, d.coco_dir = 'coco_dir', args.coco_dir
   elif args.tfds:
     d.source, d.tfds_name = 'tfds', args.tfds
