@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
                    'annotations/instances_<split>2017.json')
   src.add_argument('--tfds', metavar='NAME', help='TFDS dataset, e.g. '
                    'coco/2017 (prepared; see --tfds-data-dir)')
+  src.add_argument('--ann-file', metavar='FILE', help='a COCO instances '
+                   'JSON (any layout; with --image-dir)')
+  p.add_argument('--image-dir', metavar='DIR', help='the directory holding '
+                 "--ann-file's file_names")
   p.add_argument('--tfds-data-dir', help='TFDS data dir holding the '
                  'prepared dataset')
   p.add_argument('--split', help='split name (default config '

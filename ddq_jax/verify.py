@@ -1,6 +1,7 @@
 """Prove a converted checkpoint reproduces the reference, tensor by tensor.
 
     python -m ddq_jax.verify BUNDLE_DIR [--train] [--dump OUT.npz]
+    python -m ddq_jax.verify BUNDLE_DIR --padding-invariant [--canvas H W]
 
 BUNDLE_DIR is laid out like shared/fixtures/tiny: ``checkpoint.pth`` (an
 mmdetection DDQ-DETR checkpoint), ``inputs.npz`` (images, pad_mask,
@@ -10,6 +11,13 @@ the reference's tensors.  Every tensor we can compare is printed with its
 error against DESIGN.md's target; the exit status is 1 when a target is
 missed, 2 on bad input.  ``--dump`` writes what we computed under the
 fixture's key names and layouts.
+
+By default the model runs as the reference's batched padding (what a
+batch bundle such as tiny/ holds).  ``--padding-invariant`` runs inference
+with ``padding_invariant`` on, for a batch-1 reference bundle (such as
+tiny_single/a): ``--canvas H W`` places its images into a larger canvas
+first; token-indexed tensors are then compared over each image's valid
+region and detections up to reordering within score ties.
 """
 from __future__ import annotations
 
@@ -107,7 +115,9 @@ def _global_norm(tree):
 
 
 def verify(bundle: str, *, train: bool = False, dump: str | None = None,
-           config_path: str | None = None, out=print) -> bool:
+           config_path: str | None = None, out=print,
+           padding_invariant: bool = False,
+           canvas: tuple[int, int] | None = None) -> bool:
   from ddq_jax.config import load_config
   from ddq_jax.conversion.converter import convert_checkpoint
   from ddq_jax.models.detector import build_model
@@ -123,7 +133,12 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
   variables, config, report = convert_checkpoint(ckpt, config)
   out(f'converted {report.converted} tensors ({len(report.ignored)} ignored) '
       f'config {config.name}')
+  config.padding_invariant = bool(padding_invariant)
   inputs = _load_npz(inputs_path)
+  if canvas is not None:
+    from ddq_jax.canvas_parity import place_in_canvas  # pylint: disable=g-import-not-at-top
+    inputs = place_in_canvas(inputs, canvas=canvas)
+    out(f'images placed in a {canvas[0]}x{canvas[1]} canvas')
   model = build_model(config)
   dumped, results = {}, []
 
@@ -135,9 +150,15 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
   ref_path = os.path.join(bundle, 'infer.npz')
   if os.path.isfile(ref_path):
     ref = _load_npz(ref_path)
+    view = dumped
+    if padding_invariant:
+      from ddq_jax.canvas_parity import (tie_ordered_detections,  # pylint: disable=g-import-not-at-top
+                                         unpadded_view)
+      view = unpadded_view(dumped, ref)
+      view.update(tie_ordered_detections(view, ref))
     for key in sorted(ref):
-      if key in dumped:
-        results.append(compare(key, dumped[key], ref[key]))
+      if key in view:
+        results.append(compare(key, view[key], ref[key]))
       else:
         out(f'--   {key:<44s} not produced by us')
 
@@ -207,15 +228,26 @@ def main(argv=None) -> int:
   parser.add_argument('--config', default=None,
                       help="use this config instead of the checkpoint's "
                       "meta['cfg']")
+  parser.add_argument('--padding-invariant', action='store_true',
+                      help='run inference with config padding_invariant on '
+                      '(for a batch-1 reference bundle)')
+  parser.add_argument('--canvas', type=int, nargs=2, metavar=('H', 'W'),
+                      help='place the bundle\'s images into an H x W canvas '
+                      '(with --padding-invariant)')
   args = parser.parse_args(argv)
+  if args.canvas and not args.padding_invariant:
+    parser.error('--canvas needs --padding-invariant (the reference\'s '
+                 'batched padding depends on the canvas)')
   from ddq_jax.conversion.converter import ConversionError
   from ddq_jax.conversion.mmdet_config import ConfigParseError
   from ddq_jax.conversion.torch_pickle import CheckpointReadError
   try:
     ok = verify(args.bundle, train=args.train, dump=args.dump,
-                config_path=args.config)
+                config_path=args.config,
+                padding_invariant=args.padding_invariant,
+                canvas=tuple(args.canvas) if args.canvas else None)
   except (FileNotFoundError, CheckpointReadError, ConfigParseError,
-          ConversionError, KeyError) as e:
+          ConversionError, KeyError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0 if ok else 1
