@@ -284,8 +284,9 @@ class DDQDETR(nn.Module):
     out = {}
     invariant = padding_invariant
     if invariant is None:
+      # A config written before the switch existed gets the default (on).
       invariant = not train and bool(self.config.get('padding_invariant',
-                                                     False))
+                                                     True))
     enc = self.forward_encoder(images, pad_mask, out, invariant=invariant)
     output_memory, output_proposals = self.encoder_outputs(
         enc['memory'], enc['memory_mask'], enc['spatial_shapes'], out)
