@@ -164,3 +164,106 @@ def test_level_masks_from_extents_equal_nearest_when_strides_divide():
   nearest = level_masks(pad, spatial_shapes=shapes)
   assert [int((~m[0][:, 0]).sum()) for m in ours] == [7, 4, 2, 1]
   assert int((~nearest[2][0][:, 0]).sum()) == 3
+
+
+def test_predict_does_not_depend_on_the_other_images(tiny_dir):
+  """`predict` pads every image of a call to one canvas: an image's
+  detections are the same alone and next to a larger image."""
+  from ddq_jax import predict
+  sample = os.path.join(os.path.dirname(predict.__file__), 'assets',
+                        'sample.jpg')
+  other = os.path.join(os.path.dirname(__file__), 'data', 'coco_eval_tiny',
+                       'images', '000000100007.png')
+  weights = os.path.join(tiny_dir, 'checkpoint.pth')
+  kw = dict(weights=weights, config_path='tiny', score_threshold=0.0)
+  alone = predict.predict_files([sample], **kw)
+  together = predict.predict_files([other, sample], **kw)
+  mine = [r for r in together if r['image'] == sample]
+  assert len(mine) == len(alone) == 50
+  for a, b in zip(alone, mine):
+    assert abs(a['score'] - b['score']) <= 2e-5, (a, b)
+    if abs(a['score'] - b['score']) <= 1e-6:
+      continue  # a tie may swap two detections
+    assert a['category_id'] == b['category_id'], (a, b)
+    np.testing.assert_allclose(a['bbox'], b['bbox'], atol=0.011)
+
+
+def test_weights_from_a_train_workdir(tmp_path, tiny_variables, tiny_config):
+  """--weights accepts a train.py workdir (latest step) or a step dir."""
+  import json
+  from ddq_jax.training.checkpoint import Checkpointer
+  from ddq_jax.weights import load_weights
+  workdir = tmp_path / 'run'
+  (workdir).mkdir()
+  (workdir / 'config.json').write_text(tiny_config.to_json_best_effort())
+  ck = Checkpointer(str(workdir / 'checkpoints'), async_save=False)
+  import optax
+  from ddq_jax.training.state import create_train_state
+  state = create_train_state(jax.tree.map(np.asarray, tiny_variables),
+                             optax.sgd(0.0), jax.random.key_data(
+                                 jax.random.key(0)))
+  for step in (3, 7):
+    ck.save(state.replace(step=np.int32(step)), step=step,
+            config=tiny_config, force=True)
+  ck.close()
+  for path in (workdir, workdir / 'checkpoints', workdir / 'checkpoints' / '7'):
+    variables, config = load_weights(str(path))
+    assert config.embed_dims == tiny_config.embed_dims
+    a = variables['params']['level_embed']
+    np.testing.assert_array_equal(np.asarray(a),
+                                  tiny_variables['params']['level_embed'])
+  assert json.loads((workdir / 'config.json').read_text())['name'] == 'tiny'
+
+
+def test_verify_padding_invariant_on_a_larger_canvas(tiny_dir, tmp_path):
+  """`verify BUNDLE --padding-invariant --canvas H W` on a batch-1 bundle."""
+  from ddq_jax import verify
+  bundle = tmp_path / 'a'
+  bundle.mkdir()
+  for name in ('inputs.npz', 'infer.npz', 'config.json'):
+    os.symlink(os.path.join(SINGLE, 'a', name), bundle / name)
+  os.symlink(os.path.join(tiny_dir, 'checkpoint.pth'),
+             bundle / 'checkpoint.pth')
+  lines = []
+  assert verify.verify(str(bundle), padding_invariant=True, canvas=(97, 150),
+                       out=lines.append), '\n'.join(lines)
+  text = '\n'.join(lines)
+  assert 'FAIL' not in text and 'hidden_states' in text
+  assert 'topk_indices' in text and 'det_bboxes' in text
+
+
+def test_verify_canvas_needs_padding_invariant(capsys):
+  from ddq_jax import verify
+  with pytest.raises(SystemExit):
+    verify.main([SINGLE + '/a', '--canvas', '100', '200'])
+  assert '--padding-invariant' in capsys.readouterr().err
+
+
+# A COCO-like mix of original (h, w) sizes and their shares (docs/PADDING.md).
+COCO_LIKE_MIX = (((480, 640), .36), ((427, 640), .24), ((425, 640), .04),
+                 ((428, 640), .03), ((360, 640), .03), ((512, 640), .02),
+                 ((640, 640), .03), ((640, 480), .12), ((640, 427), .09),
+                 ((640, 425), .02), ((640, 360), .01), ((375, 500), .01))
+
+
+def test_default_eval_canvases_hold_every_test_resized_image():
+  """At most 3 canvases, every test-resized size fits one (so a COCO
+  evaluation compiles at most 3 shapes), and the padding overhead on a
+  COCO-like mix is lower than with the training canvases."""
+  from ddq_jax.data import transforms as T
+  from ddq_jax.data.batching import eval_canvases, fits_any, padding_overhead
+  c = load_config('ddq_r50_4scale')
+  canvases = eval_canvases(c.data)
+  assert len(canvases) <= 3
+  rng = np.random.default_rng(0)
+  for h, w in rng.integers(16, 4000, size=(2000, 2)):
+    shape = T.rescale_size(size_hw=(int(h), int(w)),
+                           scale=tuple(c.data.test_scale))[0]
+    assert fits_any(shape, canvases), shape
+  shapes = [T.rescale_size(size_hw=s, scale=tuple(c.data.test_scale))[0]
+            for s, _ in COCO_LIKE_MIX]
+  weights = [f for _, f in COCO_LIKE_MIX]
+  ours = padding_overhead(shapes, canvas_sizes=canvases, weights=weights)
+  train = padding_overhead(shapes, canvas_sizes=c.data.canvas_sizes,
+                           weights=weights)
+  assert ours == pytest.approx(1.09, abs=0.005) and ours < train
