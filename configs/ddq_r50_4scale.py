@@ -32,6 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
   # 'kept_set': the head reads the set actually kept by each layer's NMS.
   c.distinct_mask_semantics = 'row0'
   c.max_per_img = 300         # detections kept after post-processing
+  # Inference (predict, evaluate, the training loop's periodic evaluation)
+  # gives each image its batch-1 unpadded result on any canvas: activations,
+  # GroupNorm statistics, level masks and the encoder's top-k are confined
+  # to the image's own extent.  False: the reference's batched padding
+  # (its outputs depend on the canvas and the other images of the batch).
+  # Training always follows the reference (docs/PADDING.md).
+  c.padding_invariant = True
 
   c.pos_temperature = 20.0    # sine encoding of the feature maps
   c.pos_offset = 0.0
@@ -86,6 +93,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.crop_size = (384, 600)
   # Static canvases (h, w): every batch is padded to the smallest that fits.
   c.data.canvas_sizes = ((800, 1344), (1344, 800), (1344, 1344))
+  # Evaluation canvases (empty: canvas_sizes).  Every test-resized image
+  # (short side <= 800, long <= 1333) fits (800, 1333) or (1333, 800), so an
+  # evaluation compiles at most 3 shapes; (800, 1067) holds COCO's most
+  # common 4:3 landscape images exactly.  Padding overhead (canvas area /
+  # image area) on a COCO-like size mix: 1.09 (canvas_sizes: 1.20); see
+  # docs/PADDING.md.  With padding_invariant no stride needs to divide them.
+  c.data.eval_canvas_sizes = ((800, 1067), (800, 1333), (1333, 800))
   c.data.num_workers = 4
   c.data.synthetic_size = 256
   c.data.synthetic_num_train = 2000

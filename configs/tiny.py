@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.crop_scales = ((96, 200), (112, 200), (128, 200))
   c.data.crop_size = (64, 96)
   c.data.canvas_sizes = ((128, 128), (128, 160), (160, 128))
+  c.data.eval_canvas_sizes = ()  # evaluation uses canvas_sizes
   c.data.num_workers = 2
   c.data.synthetic_size = 128
   c.data.synthetic_num_train = 512

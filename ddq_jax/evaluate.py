@@ -4,8 +4,17 @@
       --coco-dir /data/coco --out runs/eval_r50
   python -m ddq_jax.evaluate --weights weights/ddq_r50 --tfds coco/2017 \\
       --tfds-data-dir ~/tensorflow_datasets --split validation --out runs/eval
+  python -m ddq_jax.evaluate --weights runs/r50 --ann-file val.json \\
+      --image-dir images/ --out runs/eval      # any COCO-format layout
   python -m ddq_jax.evaluate --config tiny --weights tests/data/tiny/checkpoint.pth \\
       --out runs/eval_tiny --max-images 16 --config.eval.batch_size=4
+
+By default each image gets its batch-1 unpadded result whatever canvas and
+neighbours it is batched with (config padding_invariant;
+--config.padding_invariant=False gives the reference's batched padding), and the
+canvases (data.eval_canvas_sizes) keep COCO to at most 3 compiles.  Crowd
+regions stay in the ground truth the metrics see: ignore regions, as in
+pycocotools.
 
 Writes OUT/metrics.json (the 12 COCO box numbers AP ... ARl, plus image /
 detection counts, timing, devices) and OUT/detections.json (COCO results:
@@ -29,14 +38,16 @@ def _parser() -> argparse.ArgumentParser:
       'the eval split in static batches sharded over the local devices and '
       'computes the 12 COCO box metrics with faster-coco-eval.',
       epilog='Data source: --coco-dir (a COCO folder: val2017/ + '
-      'annotations/instances_val2017.json), --tfds (a prepared TFDS '
-      'dataset), or neither: the config\'s data.source (synthetic shapes by '
-      'default).',
+      'annotations/instances_val2017.json), --ann-file FILE --image-dir DIR '
+      '(any COCO-format layout), --tfds (a prepared TFDS dataset), or '
+      'none: the config\'s data.source (synthetic shapes by default).',
       formatter_class=argparse.RawDescriptionHelpFormatter)
   cli.add_config_argument(p, help_text='default: the config stored with '
                           'the weights.')
-  p.add_argument('--weights', help='converted weights directory or an '
-                 'mmdetection .pth checkpoint (required unless --random-init)')
+  p.add_argument('--weights', help='converted weights directory, an '
+                 'mmdetection .pth checkpoint, a train.py workdir (its latest '
+                 'checkpoint) or one of its checkpoints/<step> directories '
+                 '(required unless --random-init)')
   p.add_argument('--random-init', action='store_true',
                  help='random weights (smoke runs; needs --config)')
   src = p.add_mutually_exclusive_group()
@@ -44,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                    'annotations/instances_<split>2017.json')
   src.add_argument('--tfds', metavar='NAME', help='TFDS dataset, e.g. '
                    'coco/2017 (prepared; see --tfds-data-dir)')
+  src.add_argument('--ann-file', metavar='FILE', help='a COCO instances '
+                   'JSON (any layout; with --image-dir)')
+  p.add_argument('--image-dir', metavar='DIR', help='the directory holding '
+                 "--ann-file's file_names")
   p.add_argument('--tfds-data-dir', help='TFDS data dir holding the '
                  'prepared dataset')
   p.add_argument('--split', help='split name (default config '
@@ -72,6 +87,12 @@ def main(argv=None) -> dict:
     cli.fail(parser, f'--weights {args.weights}: no such file or directory '
                  '(expected a converted weights directory or an mmdetection '
                  '.pth)')
+  if bool(args.ann_file) != bool(args.image_dir):
+    parser.error('--ann-file and --image-dir go together')
+  if args.ann_file and not os.path.isfile(args.ann_file):
+    parser.error(f'--ann-file {args.ann_file}: no such file')
+  if args.image_dir and not os.path.isdir(args.image_dir):
+    parser.error(f'--image-dir {args.image_dir}: no such directory')
   if args.coco_dir and not os.path.isdir(args.coco_dir):
     cli.fail(parser, f'--coco-dir {args.coco_dir}: no such directory')
   if args.tfds_data_dir and not os.path.isdir(args.tfds_data_dir):
@@ -98,7 +119,10 @@ def main(argv=None) -> dict:
     if not args.config:
       cli.override_or_fail(parser, config, overrides)
   d = config.data
-  if args.coco_dir:
+  if args.ann_file:
+    d.source = 'coco_dir'
+    d.eval_ann_file, d.eval_image_dir = args.ann_file, args.image_dir
+  elif args.coco_dir:
     d.source, d.coco_dir = 'coco_dir', args.coco_dir
   elif args.tfds:
     d.source, d.tfds_name = 'tfds', args.tfds

@@ -4,6 +4,7 @@
         [--config PATH|NAME] [--config.KEY=VALUE ...]
     python -m ddq_jax.verify BUNDLE_DIR --steps N [--dump OUT.npz] \\
         [--config PATH|NAME] [--config.KEY=VALUE ...]
+    python -m ddq_jax.verify BUNDLE_DIR --padding-invariant [--canvas H W]
 
 BUNDLE_DIR is laid out like shared/fixtures/tiny: ``checkpoint.pth`` (an
 mmdetection DDQ-DETR checkpoint), ``inputs.npz`` (images, pad_mask,
@@ -15,6 +16,13 @@ missed, 2 on bad input.  ``--dump`` writes what we computed under the
 fixture's key names and layouts.  ``--steps N`` runs N steps of the
 training step and optimiser instead and compares them with the bundle's
 ``trajectory.npz`` (see ddq_jax/trajectory.py).
+
+By default the model runs as the reference's batched padding (what a
+batch bundle such as tiny/ holds).  ``--padding-invariant`` runs inference
+with ``padding_invariant`` on, for a batch-1 reference bundle (such as
+tiny_single/a): ``--canvas H W`` places its images into a larger canvas
+first; token-indexed tensors are then compared over each image's valid
+region and detections up to reordering within score ties.
 """
 from __future__ import annotations
 
@@ -125,7 +133,9 @@ def _global_norm(tree):
 
 
 def verify(bundle: str, *, train: bool = False, dump: str | None = None,
-           config=None, overrides: dict | None = None, out=print) -> bool:
+           config=None, overrides: dict | None = None, out=print,
+           padding_invariant: bool = False,
+           canvas: tuple[int, int] | None = None) -> bool:
   """Runs the bundle's checks; True when every tensor is within target.
   ``config``: instead of the checkpoint's ``meta['cfg']`` (which then takes
   ``overrides``)."""
@@ -146,7 +156,12 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
     apply_overrides(config, overrides or {})
   out(f'converted {report.converted} tensors ({len(report.ignored)} ignored) '
       f'config {config.name}')
+  config.padding_invariant = bool(padding_invariant)
   inputs = _load_npz(inputs_path)
+  if canvas is not None:
+    from ddq_jax.canvas_parity import place_in_canvas  # pylint: disable=g-import-not-at-top
+    inputs = place_in_canvas(inputs, canvas=canvas)
+    out(f'images placed in a {canvas[0]}x{canvas[1]} canvas')
   model = build_model(config)
   dumped, results = {}, []
 
@@ -156,9 +171,15 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
   ref_path = os.path.join(bundle, 'infer.npz')
   if os.path.isfile(ref_path):
     ref = _load_npz(ref_path)
+    view = dumped
+    if padding_invariant:
+      from ddq_jax.canvas_parity import (tie_ordered_detections,  # pylint: disable=g-import-not-at-top
+                                         unpadded_view)
+      view = unpadded_view(dumped, ref)
+      view.update(tie_ordered_detections(view, ref))
     for key in sorted(ref):
-      if key in dumped:
-        results.append(compare(key, dumped[key], ref[key]))
+      if key in view:
+        results.append(compare(key, view[key], ref[key]))
       else:
         out(f'--   {key:<44s} not produced by us')
 
@@ -226,9 +247,20 @@ def main(argv=None) -> int:
                       "the bundle's batch and compare with its "
                       'trajectory.npz; --config.KEY=VALUE overrides config '
                       "fields (after trajectory.json's settings)")
+  parser.add_argument('--padding-invariant', action='store_true',
+                      help='run inference with config padding_invariant on '
+                      '(for a batch-1 reference bundle)')
+  parser.add_argument('--canvas', type=int, nargs=2, metavar=('H', 'W'),
+                      help='place the bundle\'s images into an H x W canvas '
+                      '(with --padding-invariant)')
   args, overrides = cli.parse_args(parser, argv)
   if args.steps is not None and args.train:
     parser.error('--steps and --train are separate runs: give one')
+  if args.canvas and not args.padding_invariant:
+    parser.error('--canvas needs --padding-invariant (the reference\'s '
+                 'batched padding depends on the canvas)')
+  if args.steps is not None and args.padding_invariant:
+    parser.error('--steps and --padding-invariant are separate runs')
   config = (cli.load_or_fail(parser, args.config, overrides)
             if args.config and args.steps is None else None)
   from ddq_jax.conversion.converter import ConversionError
@@ -246,7 +278,9 @@ def main(argv=None) -> int:
                                    overrides=overrides)
     else:
       ok = verify(args.bundle, train=args.train, dump=args.dump,
-                  config=config, overrides=overrides)
+                  config=config, overrides=overrides,
+                  padding_invariant=args.padding_invariant,
+                  canvas=tuple(args.canvas) if args.canvas else None)
   except bad_input as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

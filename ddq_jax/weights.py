@@ -3,13 +3,16 @@
     variables, config = load_weights('weights/ddq_r50')          # converted
     variables, config = load_weights('ddq_r50.pth')              # converted now
     variables, config = load_weights('x.pth', config=my_config)  # explicit arch
+    variables, config = load_weights('runs/r50')                 # train.py workdir
+    variables, config = load_weights('runs/r50/checkpoints/4000')  # one step
     variables = load_pretrained('resnet50.pth', config)          # train init
 
 Formats (``weight_format``):
   'converted'        a directory written by ``convert_weights.py``
                      (variables.msgpack + config.json);
-  'train_checkpoint' a training run's directory (``<workdir>`` or
-                     ``<workdir>/checkpoints`` with numbered steps);
+  'train_checkpoint' a training run's directory (``<workdir>``,
+                     ``<workdir>/checkpoints`` with numbered steps, or one
+                     ``checkpoints/<step>``);
   'mmdet'            an mmdetection DDQ-DETR ``.pth`` (converted on load);
   'torchvision'      a bare torchvision ResNet ``.pth`` (backbone only).
 """
@@ -67,10 +70,14 @@ def weight_format(path: str, state_dict: dict | None = None) -> str:
 
 def load_weights(path: str, config: ml_collections.ConfigDict | None = None
                  ) -> tuple[dict, ml_collections.ConfigDict]:
-  """(variables, config) of a whole detector ('converted' or 'mmdet').
+  """(variables, config) of a whole detector ('converted', a training
+  checkpoint, or 'mmdet').
   The config stored with the weights wins unless one is given.  Errors
   name the path and what was expected."""
   if os.path.isdir(path):
+    trained = load_train_checkpoint(path, config)
+    if trained is not None:
+      return trained
     fmt = weight_format(path)
     if fmt != 'converted':
       raise ValueError(f'{path}: a {fmt} directory; expected converted '
@@ -124,3 +131,41 @@ def load_pretrained(path: str, config) -> dict:
   log.info('init_from: converted weights %s', path)
   variables, _ = load_weights(path, config)
   return variables
+
+
+def load_train_checkpoint(path: str,
+                          config: ml_collections.ConfigDict | None = None):
+  """(variables, config) of a model trained by ``train.py``, or None when
+  ``path`` is no training checkpoint.
+
+  ``path``: a workdir (``config.json`` + ``checkpoints/<step>/``: its latest
+  step), its ``checkpoints/`` directory (latest step), or one step directory
+  ``checkpoints/<step>/`` (holding ``state/`` and ``meta/``).  Only the
+  parameters and BatchNorm statistics are read (no optimiser state).  The
+  config is the given one, else the workdir's ``config.json``.
+  """
+  path = os.path.abspath(path)
+  is_step = lambda d: (os.path.basename(d).isdigit()
+                       and os.path.isdir(os.path.join(d, 'state')))
+  if is_step(path):
+    ckpt_dir, step = os.path.dirname(path), int(os.path.basename(path))
+  else:
+    ckpt_dir = (os.path.join(path, 'checkpoints')
+                if os.path.isdir(os.path.join(path, 'checkpoints')) else path)
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir)
+                   if is_step(os.path.join(ckpt_dir, d)))
+    if not steps:
+      if ckpt_dir != path:
+        raise FileNotFoundError(f'{path}: a train.py workdir without any '
+                                'complete checkpoint under checkpoints/')
+      return None
+    step = steps[-1]
+  if config is None:
+    workdir = os.path.dirname(ckpt_dir)
+    cfg_path = os.path.join(workdir, weights_io.CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+      raise ValueError(f'{path}: training checkpoint step {step} but no '
+                       f'config.json in {workdir}; pass --config')
+    config = weights_io.load_config_json(cfg_path)
+  from ddq_jax.training.checkpoint import load_params_only  # pylint: disable=g-import-not-at-top
+  return load_params_only(ckpt_dir, step), config

@@ -33,6 +33,36 @@ def select_canvas(shapes: Sequence[Sequence[int]], *,
   return min(fits)[2]
 
 
+def fits_any(shape: Sequence[int], canvases: Sequence[Sequence[int]]) -> bool:
+  """Whether some canvas holds an (h, w) image."""
+  return any(int(h) >= int(shape[0]) and int(w) >= int(shape[1])
+             for h, w in canvases)
+
+
+def eval_canvases(data_cfg) -> list[tuple[int, int]]:
+  """The evaluation canvases: ``data.eval_canvas_sizes`` when set, else the
+  training ``data.canvas_sizes``."""
+  sizes = (data_cfg.eval_canvas_sizes if 'eval_canvas_sizes' in data_cfg
+           else None) or data_cfg.canvas_sizes
+  return [(int(h), int(w)) for h, w in sizes]
+
+
+def padding_overhead(shapes: Sequence[Sequence[int]], *,
+                     canvas_sizes: Sequence[Sequence[int]],
+                     weights: Sequence[float] | None = None) -> float:
+  """Canvas area over image area, summed over images (each on the smallest
+  canvas that holds it alone, as batches grouped by canvas get): the
+  compute spent per useful pixel.  ``weights``: optional frequency of each
+  shape.  Raises ValueError when a shape fits no canvas."""
+  w = np.ones(len(shapes)) if weights is None else np.asarray(weights, float)
+  canvas_area = image_area = 0.0
+  for (h, wd), f in zip(shapes, w):
+    ch, cw = select_canvas([(h, wd)], canvas_sizes=canvas_sizes)
+    canvas_area += f * ch * cw
+    image_area += f * int(h) * int(wd)
+  return canvas_area / image_area
+
+
 def collate(samples: Sequence[dict], *, canvas: Sequence[int], max_gt: int,
             mean: Sequence[float], std: Sequence[float],
             valid: Sequence[bool] | None = None) -> dict:

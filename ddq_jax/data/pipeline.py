@@ -25,7 +25,8 @@ import numpy as np
 
 from ddq_jax.data import transforms as T
 from ddq_jax.data.base import DetectionSource, log
-from ddq_jax.data.batching import collate, select_canvas
+from ddq_jax.data.batching import (collate, eval_canvases, fits_any,
+                                   select_canvas)
 
 _BIG = 2 ** 62
 _COCO_SPLITS = {'train': 'train2017', 'validation': 'val2017',
@@ -373,18 +374,22 @@ class EvalBatchFn:
     self.scale = tuple(data_cfg.test_scale)
     self.exact = _cfg(data_cfg, 'eval_canvas', 'static') == 'exact'
     self.divisor = max(1, int(_cfg(data_cfg, 'pad_size_divisor', 1)))
-    self.canvases = [tuple(c) for c in data_cfg.canvas_sizes]
+    self.canvases = eval_canvases(data_cfg)
     self.mean, self.std = tuple(data_cfg.mean), tuple(data_cfg.std)
     n = len(source)
     self.sizes = source.sizes
     self.gb = self.b * process_count
     if self.sizes is not None:
-      # Landscape batches, then portrait ones, each group padded (-1) to
-      # whole global batches, so no batch mixes orientations.
+      # Images grouped by the canvas each needs alone (in canvas order),
+      # each group padded (-1) to whole global batches: no batch is padded
+      # to a larger canvas because of a neighbour.
       self.shapes = [T.rescale_size(size_hw=s, scale=self.scale)[0]
                      for s in self.sizes]
-      portrait = np.asarray([int(w < h) for h, w in self.shapes], bool)
-      groups = [np.nonzero(~portrait)[0], np.nonzero(portrait)[0]]
+      own = np.asarray([self.canvases.index(select_canvas(
+          [s], canvas_sizes=self.canvases)) if fits_any(s, self.canvases)
+                        else len(self.canvases) for s in self.shapes])
+      groups = [np.nonzero(own == c)[0]
+                for c in range(len(self.canvases) + 1)]
       self.order = np.concatenate(
           [np.pad(g, (0, -len(g) % self.gb), constant_values=-1)
            for g in groups]).astype(np.int64)

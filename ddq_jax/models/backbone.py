@@ -11,6 +11,12 @@ by the project's naming rule so a converted checkpoint loads as is:
 
 Input NHWC float32, outputs a list of NHWC maps, one per ``out_indices``.
 
+Padding invariance (``extents`` given): the input of every layer that mixes
+space (7x7 stem, max-pool, each 3x3 conv) is zeroed outside the image's own
+extent at that resolution (``models/extents.py``), so a padded canvas gives
+the unpadded image's maps in its top-left block.  ``extents=None`` is the
+reference's batched padding (activations outside the image leak in).
+
 Init (mmdet ResNet with ``pretrained=None``, ``init_cfg=None``): every conv
 kaiming normal (fan_out, relu), every BN weight 1 / bias 0 (stats 0 / 1),
 and with ``zero_init_residual`` (the reference's default True) the last BN
@@ -26,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from ddq_jax.models import initializers as inits
+from ddq_jax.models.extents import extent_valid, zero_outside
 
 # depth -> (block type, blocks per stage); the reference's arch_settings.
 ARCH_SETTINGS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -55,6 +62,14 @@ def _conv(features: int, kernel: int, stride: int, padding: int,
                  padding=((padding, padding), (padding, padding)),
                  use_bias=False, kernel_init=inits.kaiming_normal_fan_out,
                  name=name)
+
+
+def _valid(extents, stride, x):
+  """(B, h, w) extent mask of an NHWC map at ``stride``, None without
+  extents."""
+  if extents is None:
+    return None
+  return extent_valid(extents, stride=stride, shape=x.shape[1:3])
 
 
 class FrozenBatchNorm(nn.Module):
@@ -95,14 +110,20 @@ class BasicBlock(nn.Module):
   with_downsample: bool = False
   bn_trainable: bool = False
   zero_init_residual: bool = True
+  in_stride: int = 1  # stride of the block's input (padding invariance)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, extents: jax.Array | None = None
+               ) -> jax.Array:
+    """extents: optional (B, 2) image (h, w): zero outside it before every
+    3x3 conv (x's stride is ``in_stride``)."""
     bn = lambda name, zero=False: FrozenBatchNorm(
         affine_trainable=self.bn_trainable, zero_init=zero, name=name)
+    x = zero_outside(x, _valid(extents, self.in_stride, x))
     identity = x
     out = _conv(self.planes, 3, self.stride, 1, 'conv1')(x)
     out = nn.relu(bn('bn1')(out))
+    out = zero_outside(out, _valid(extents, self.in_stride * self.stride, out))
     out = _conv(self.planes, 3, 1, 1, 'conv2')(out)
     out = bn('bn2', self.zero_init_residual)(out)
     if self.with_downsample:
@@ -118,14 +139,19 @@ class Bottleneck(nn.Module):
   with_downsample: bool = False
   bn_trainable: bool = False
   zero_init_residual: bool = True
+  in_stride: int = 1  # stride of the block's input (padding invariance)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, extents: jax.Array | None = None
+               ) -> jax.Array:
+    """extents: optional (B, 2) image (h, w): zero outside it before every
+    3x3 conv (x's stride is ``in_stride``)."""
     bn = lambda name, zero=False: FrozenBatchNorm(
         affine_trainable=self.bn_trainable, zero_init=zero, name=name)
     identity = x
     out = _conv(self.planes, 1, 1, 0, 'conv1')(x)
     out = nn.relu(bn('bn1')(out))
+    out = zero_outside(out, _valid(extents, self.in_stride, out))
     out = _conv(self.planes, 3, self.stride, 1, 'conv2')(out)
     out = nn.relu(bn('bn2')(out))
     out = _conv(self.planes * 4, 1, 1, 0, 'conv3')(out)
@@ -175,9 +201,20 @@ class ResNet(nn.Module):
                                base_channels=self.base_channels,
                                out_indices=self.out_indices)
 
+  @property
+  def out_strides(self) -> tuple[int, ...]:
+    """Stride of each output (stage i: 4 * 2**i)."""
+    return tuple(4 * 2**i for i in self.out_indices)
+
   @nn.compact
-  def __call__(self, x: jax.Array) -> list[jax.Array]:
-    """x: (B, H, W, 3) NHWC -> [(B, h_i, w_i, C_i) for i in out_indices]."""
+  def __call__(self, x: jax.Array, extents: jax.Array | None = None
+               ) -> list[jax.Array]:
+    """x: (B, H, W, 3) NHWC -> [(B, h_i, w_i, C_i) for i in out_indices].
+
+    extents: optional (B, 2) int (h, w) of each image on the canvas
+    (``extents.image_extents``): padding-invariant mode."""
+    valid = lambda y, stride: _valid(extents, stride, y)
+
     if self.depth not in ARCH_SETTINGS:
       raise KeyError(f'invalid depth {self.depth} for resnet')
     if not 1 <= self.num_stages <= 4 or max(self.out_indices) >= self.num_stages:
@@ -187,9 +224,13 @@ class ResNet(nn.Module):
     block_cls = BasicBlock if kind == 'basic' else Bottleneck
     expansion = EXPANSION[kind]
 
+    x = zero_outside(x, valid(x, 1))
     x = _conv(self.base_channels, 7, 2, 3, 'conv1')(x)
     x = FrozenBatchNorm(affine_trainable=self.bn_trainable, name='bn1')(x)
     x = nn.relu(x)
+    # Valid values are >= 0 after the ReLU: zeros outside the image never
+    # win the max, as the -inf of the unpadded image's border.
+    x = zero_outside(x, valid(x, 2))
     # MaxPool2d(3, 2, padding=1): pads with -inf, as torch does.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if self.frozen_stages >= 0:
@@ -197,6 +238,7 @@ class ResNet(nn.Module):
 
     outs = []
     inplanes = self.base_channels
+    stride_now = 4
     for i, num_blocks in enumerate(stage_blocks[:self.num_stages]):
       planes = self.base_channels * 2**i
       stride = 1 if i == 0 else 2
@@ -206,10 +248,12 @@ class ResNet(nn.Module):
         x = block_cls(planes=planes, stride=s, with_downsample=with_ds,
                       bn_trainable=self.bn_trainable,
                       zero_init_residual=self.zero_init_residual,
-                      name=f'layer{i + 1}_{j}')(x)
+                      in_stride=stride_now,
+                      name=f'layer{i + 1}_{j}')(x, extents)
+        stride_now *= s
         inplanes = planes * expansion
       if i + 1 <= self.frozen_stages:
         x = jax.lax.stop_gradient(x)
       if i in self.out_indices:
-        outs.append(x)
+        outs.append(zero_outside(x, valid(x, stride_now)))
     return outs

@@ -212,7 +212,8 @@ class DDQDecoder(nn.Module):
                aux_reg_fn: Optional[Callable] = None,
                dis_start: int = 0, num_dis: Optional[int] = None,
                num_dense: int = 0,
-               distinct_mask_semantics: Optional[str] = None) -> dict:
+               distinct_mask_semantics: Optional[str] = None,
+               image_normalized_pos: bool = False) -> dict:
     """Runs all decoder layers.
 
     Args:
@@ -227,6 +228,10 @@ class DDQDecoder(nn.Module):
         (default 0, Q - num_dense).
       num_dense: static number of dense queries at the end (training).
       distinct_mask_semantics: overrides the attribute ('row0'/'kept_set').
+      image_normalized_pos: the query positional encoding reads the
+        reference points themselves (what an unpadded image gives: valid
+        ratios 1) instead of the canvas-scaled ones (the reference's
+        batched padding): padding-invariant mode.
 
     Returns dict:
       hidden_states (L, B, Q, C) after the decoder norm;
@@ -258,7 +263,8 @@ class DDQDecoder(nn.Module):
     for l in range(self.num_layers):
       ref_input = reference_points[:, :, None] * vr4[:, None]
       query_pos = ref_point_head(coordinate_to_encoding(
-          ref_input[:, :, 0], num_feats=c // 2))
+          reference_points if image_normalized_pos else ref_input[:, :, 0],
+          num_feats=c // 2))
       query = DecoderLayer(c, self.num_heads, self.num_levels,
                            self.num_points, self.ffn_dims,
                            name=f'layers_{l}')(

@@ -15,6 +15,14 @@ post-processing.  Returns a ``models.outputs.DetectorOutputs``; the parity
 intermediates go to the ``'intermediates'`` collection (``sow``) under the
 reference fixtures' names, for callers that apply with
 ``mutable=['intermediates']``.
+
+Padding invariance (``config.padding_invariant``, inference only unless
+asked for explicitly): each image's own extent is taken from ``pad_mask``
+(top-left placement), the backbone zeroes activations outside it before
+every space-mixing layer, the neck's GroupNorm counts only the extent,
+level masks come from the unpadded map sizes, and padded positions do not
+enter the encoder's top-k / NMS; an image on any canvas then gives its
+batch-1 unpadded result (see docs/PADDING.md).
 """
 from __future__ import annotations
 
@@ -30,7 +38,9 @@ from ddq_jax.models.denoising import CdnQueryGenerator
 from ddq_jax.models.encoder import DeformableEncoder
 from ddq_jax.models.head import DDQHead
 from ddq_jax.models import initializers as inits
-from ddq_jax.models.multiscale import prepare_multiscale_inputs
+from ddq_jax.models.extents import extent_valid, image_extents
+from ddq_jax.models.multiscale import (level_masks_from_extents,
+                                       prepare_multiscale_inputs)
 from ddq_jax.models.neck import ChannelMapper
 from ddq_jax.models import outputs as O
 from ddq_jax.models.postprocess import predict_by_feat
@@ -94,19 +104,39 @@ class DDQDETR(nn.Module):
         dense_topk_ratio=self.config.dense_topk_ratio)
 
   # ---- stages ------------------------------------------------------------
-  def forward_encoder(self, images: jnp.ndarray, pad_mask: jnp.ndarray
-                      ) -> dict:
-    """Backbone, neck, flatten, encoder: the multi-scale inputs + memory."""
-    feats = self.backbone(images)
+  def level_strides(self) -> tuple[int, ...]:
+    """Stride of every transformer level: the backbone outputs', then x2
+    per extra neck level."""
+    strides = list(self.backbone.out_strides)
+    while len(strides) < self.config.num_levels:
+      strides.append(strides[-1] * 2)
+    return tuple(strides)
+
+  def forward_encoder(self, images: jnp.ndarray, pad_mask: jnp.ndarray, *,
+                      invariant: bool = False) -> dict:
+    """Backbone, neck, flatten, encoder: the multi-scale inputs + memory.
+    ``invariant``: padding-invariant mode."""
+    masks = None
+    if invariant:
+      extents = image_extents(pad_mask)
+      strides = self.level_strides()
+      feats = self.backbone(images, extents)
+      neck = self.neck(feats, lambda lvl, shape: extent_valid(
+          extents, stride=strides[lvl], shape=shape))
+      masks = level_masks_from_extents(
+          extents, strides=strides,
+          spatial_shapes=[f.shape[1:3] for f in neck])
+    else:
+      feats = self.backbone(images)
+      neck = self.neck(feats)
     self.record(**{f'backbone_feat_{i}': _nhwc_to_nchw(f)
                    for i, f in enumerate(feats)})
-    neck = self.neck(feats)
     self.record(**{f'neck_feat_{i}': _nhwc_to_nchw(f)
                    for i, f in enumerate(neck)})
     ms = prepare_multiscale_inputs(
         neck, pad_mask=pad_mask, level_embed=self.level_embed,
         temperature=self.config.pos_temperature,
-        offset=self.config.pos_offset)
+        offset=self.config.pos_offset, masks=masks)
     memory = self.encoder(
         ms.feat_flatten, query_pos=ms.lvl_pos_embed_flatten,
         key_padding_mask=ms.mask_flatten, spatial_shapes=ms.spatial_shapes,
@@ -132,7 +162,7 @@ class DDQDETR(nn.Module):
 
   def run_decoder(self, query, reference_points, enc, *,
                   layout: O.QueryLayout, self_attn_mask=None,
-                  semantics=None):
+                  semantics=None, invariant=False):
     """The decoder with the head's branches, then the head forward:
     (cls_logits (L, B, Q, K), boxes (L, B, Q, 4), distinct masks)."""
     num_dense = layout.num_dense
@@ -144,7 +174,8 @@ class DDQDETR(nn.Module):
         cls_fn=self.bbox_head.cls,
         aux_reg_fn=self.bbox_head.aux_reg if num_dense else None,
         dis_start=layout.num_dn, num_dis=layout.num_distinct,
-        num_dense=num_dense, distinct_mask_semantics=semantics)
+        num_dense=num_dense, distinct_mask_semantics=semantics,
+        image_normalized_pos=invariant)
     cls, box = self.bbox_head(dec['hidden_states'], dec['references'],
                               num_dense=num_dense)
     self.record(hidden_states=dec['hidden_states'],
@@ -164,17 +195,20 @@ class DDQDETR(nn.Module):
     return (self.bbox_head.cls(i, output_memory),
             self.bbox_head.reg(i, output_memory) + output_proposals)
 
-  def select_distinct(self, memory, output_memory, output_proposals):
+  def select_distinct(self, memory, output_memory, output_proposals, *,
+                      valid=None):
     """Inference ``pre_decoder``: the encoder heads score every position,
     class-agnostic NMS keeps the first ``num_queries`` survivors
-    (zero-padded); content = query_map(memory) at those positions."""
+    (zero-padded); content = query_map(memory) at those positions.
+    ``valid`` (B, N) bool: positions allowed in (default all, as the
+    reference's batched padding)."""
     c = self.config
     enc_class, enc_coord_unact = self.encoder_branches(output_memory,
                                                        output_proposals)
     sel = query_selection.pre_decoder(
         enc_class, enc_coord_unact, memory, query_map=self.query_map,
         num_queries=c.num_queries, iou_threshold=c.nms_iou_threshold,
-        pre_topk=c.nms_pre_topk)
+        pre_topk=c.nms_pre_topk, valid=valid)
     self.record(topk_indices=sel['topk_indices'],
                 num_kept_after_nms=sel['num_kept_after_nms'],
                 decoder_query_in=sel['query'],
@@ -183,7 +217,7 @@ class DDQDETR(nn.Module):
 
   def training_queries(self, memory, output_memory, output_proposals, *,
                        gt_boxes, gt_labels, gt_valid, img_shapes,
-                       dn_inject=None, dn_rng=None):
+                       dn_inject=None, dn_rng=None, valid=None):
     """Training ``pre_decoder``: distinct (NMS) + dense (top-k by score)
     encoder queries, the denoising queries in front, and the full
     self-attention mask [dn (D static slots) | distinct | dense].
@@ -210,7 +244,7 @@ class DDQDETR(nn.Module):
         dense_enc_outputs_coord_unact=dense_unact,
         dense_topk_ratio=c.dense_topk_ratio,
         dn_label_query=dn['dn_label_query'],
-        dn_bbox_query=dn['dn_bbox_query'])
+        dn_bbox_query=dn['dn_bbox_query'], valid=valid)
     meta = dn['dn_meta']
     layout = O.QueryLayout(num_dn=int(meta['num_dn_slots']),
                            num_distinct=int(c.num_queries),
@@ -245,7 +279,9 @@ class DDQDETR(nn.Module):
                train: bool = False, gt_boxes=None, gt_labels=None,
                gt_valid=None, dn_inject: Optional[dict] = None,
                dn_rng: Optional[jax.Array] = None,
-               semantics: Optional[str] = None) -> O.DetectorOutputs:
+               semantics: Optional[str] = None,
+               padding_invariant: Optional[bool] = None
+               ) -> O.DetectorOutputs:
     """Inference (``train=False``) or the training forward.
 
     Args:
@@ -264,22 +300,30 @@ class DDQDETR(nn.Module):
         otherwise noise is drawn from ``dn_rng``.
       semantics: override config.distinct_mask_semantics ('row0' /
         'kept_set').
+      padding_invariant: override; default ``config.padding_invariant``
+        for inference and the reference's batched padding for training.
 
     Returns:
       ``DetectorOutputs``.  Inference: the distinct block only, and
       ``detections``; training: [dn | distinct | dense] with ``encoder`` and
       ``denoising`` filled.
     """
-    enc = self.forward_encoder(images, pad_mask)
+    invariant = padding_invariant
+    if invariant is None:
+      # A config written before the switch existed gets the default (on).
+      invariant = not train and bool(self.config.get('padding_invariant',
+                                                     True))
+    enc = self.forward_encoder(images, pad_mask, invariant=invariant)
     output_memory, output_proposals = self.encoder_outputs(
         enc['memory'], enc['memory_mask'], enc['spatial_shapes'])
+    valid = ~enc['memory_mask'] if invariant else None
     if not train:
       sel = self.select_distinct(enc['memory'], output_memory,
-                                 output_proposals)
+                                 output_proposals, valid=valid)
       layout = O.QueryLayout(num_distinct=int(self.config.num_queries))
       cls, box, masks = self.run_decoder(
           sel['query'], sel['reference_points'], enc, layout=layout,
-          semantics=semantics)
+          semantics=semantics, invariant=invariant)
       out = O.DetectorOutputs(cls_logits=cls, boxes=box,
                               distinct_masks=masks, layout=layout)
       if img_shapes is not None:  # scale_factors None: no rescale
@@ -298,10 +342,12 @@ class DDQDETR(nn.Module):
     query, refs, attn_mask, layout, encoder, denoising = self.training_queries(
         enc['memory'], output_memory, output_proposals,
         gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
-        img_shapes=img_shapes, dn_inject=dn_inject, dn_rng=dn_rng)
+        img_shapes=img_shapes, dn_inject=dn_inject, dn_rng=dn_rng,
+        valid=valid)
     cls, box, masks = self.run_decoder(query, refs, enc, layout=layout,
                                        self_attn_mask=attn_mask,
-                                       semantics=semantics)
+                                       semantics=semantics,
+                                       invariant=invariant)
     return O.DetectorOutputs(cls_logits=cls, boxes=box, distinct_masks=masks,
                              layout=layout, encoder=encoder,
                              denoising=denoising)

@@ -4,16 +4,22 @@ Turns the neck's maps, the image padding mask and the level embedding into
 the flattened sequences the encoder consumes.  Pure; shapes are static.
 When no image is padded the reference passes no mask; an all-False mask
 gives the same positions, masks and valid ratios (tested).
+
+Level masks: the reference resizes the image mask to each level by nearest
+neighbour (``level_masks``, batched padding).  Padding-invariant mode builds
+them from each image's unpadded map sizes (``level_masks_from_extents``):
+when a stride does not divide the canvas the two differ.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ddq_jax.models.extents import extent_valid
 from ddq_jax.models.positional_encoding import (interpolate_mask_nearest,
                                                 sine_positional_encoding,
                                                 valid_ratio)
@@ -46,6 +52,16 @@ def level_masks(pad_mask: jax.Array, *,
   return [interpolate_mask_nearest(pad_mask, size=s) for s in spatial_shapes]
 
 
+def level_masks_from_extents(extents: jax.Array, *,
+                             strides: Sequence[int],
+                             spatial_shapes: Sequence[tuple[int, int]]
+                             ) -> list[jax.Array]:
+  """(B, 2) image (h, w) -> [(B, h_l, w_l) bool, True = padding]: outside
+  ceil((h, w) / stride_l), the size of level l at batch 1 unpadded."""
+  return [~extent_valid(extents, stride=s, shape=shape)
+          for s, shape in zip(strides, spatial_shapes)]
+
+
 def prepare_multiscale_inputs(feats: Sequence[jax.Array], *,
                               pad_mask: jax.Array,
                               level_embed: jax.Array,
@@ -53,7 +69,9 @@ def prepare_multiscale_inputs(feats: Sequence[jax.Array], *,
                               offset: float = 0.,
                               normalize: bool = True,
                               scale: float = 2 * math.pi,
-                              eps: float = 1e-6) -> MultiScaleInputs:
+                              eps: float = 1e-6,
+                              masks: Optional[Sequence[jax.Array]] = None
+                              ) -> MultiScaleInputs:
   """The reference's pre_transformer, NHWC in.
 
   Args:
@@ -62,6 +80,8 @@ def prepare_multiscale_inputs(feats: Sequence[jax.Array], *,
     level_embed: (L, C) learned level embedding.
     temperature, offset, normalize, scale, eps: SinePositionalEncoding
       settings (num_feats = C // 2); DDQ uses temperature 20, offset 0.
+    masks: optional [(B, h_l, w_l) bool] level masks (True = padding), e.g.
+      ``level_masks_from_extents``; default: nearest resize of pad_mask.
   Returns:
     MultiScaleInputs (N = sum_l h_l * w_l).
   """
@@ -70,7 +90,8 @@ def prepare_multiscale_inputs(feats: Sequence[jax.Array], *,
   for h, w in spatial_shapes:
     starts.append(n)
     n += h * w
-  masks = level_masks(pad_mask, spatial_shapes=spatial_shapes)
+  if masks is None:
+    masks = level_masks(pad_mask, spatial_shapes=spatial_shapes)
   feat_flat, pos_flat, mask_flat, ratios = [], [], [], []
   for lvl, (feat, mask) in enumerate(zip(feats, masks)):
     b, h, w, c = feat.shape
