@@ -45,4 +45,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.backbone_lr_mult = 0.05
   c.optim.epochs = 30
   c.optim.decay_epochs = (20, 26)
+  # Padding-invariant inference is ResNet-only for now (models/backbones.py).
+  c.padding_invariant = False
   return c

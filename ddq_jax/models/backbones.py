@@ -46,3 +46,10 @@ def backbone_out_channels(config) -> tuple[int, ...]:
                              base_channels=int(b.base_channels),
                              out_indices=tuple(b.out_indices))
 
+
+def supports_padding_invariance(config) -> bool:
+  """Whether the backbone can zero activations outside each image's extent
+  (``config.padding_invariant``).  ResNet can; Swin's shifted windows would
+  also need per-image attention masks from the extents, which it does not
+  build yet, so a Swin model runs with the reference's batched padding."""
+  return backbone_type(config) == 'resnet'

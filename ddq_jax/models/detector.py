@@ -26,13 +26,14 @@ batch-1 unpadded result (see docs/PADDING.md).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddq_jax.models.backbones import build_backbone
+from ddq_jax.models.backbones import build_backbone, supports_padding_invariance
 from ddq_jax.models.decoder import LN_EPS, DDQDecoder
 from ddq_jax.models.denoising import CdnQueryGenerator
 from ddq_jax.models.encoder import DeformableEncoder
@@ -311,8 +312,13 @@ class DDQDETR(nn.Module):
     invariant = padding_invariant
     if invariant is None:
       # A config written before the switch existed gets the default (on).
-      invariant = not train and bool(self.config.get('padding_invariant',
-                                                     True))
+      invariant = (not train and bool(self.config.get('padding_invariant',
+                                                      True))
+                   and supports_padding_invariance(self.config))
+    elif invariant and not supports_padding_invariance(self.config):
+      raise ValueError(f'padding_invariant=True: backbone type '
+                       f'{self.config.backbone.get("type", "resnet")!r} does '
+                       'not support padding-invariant inference yet')
     enc = self.forward_encoder(images, pad_mask, invariant=invariant)
     output_memory, output_proposals = self.encoder_outputs(
         enc['memory'], enc['memory_mask'], enc['spatial_shapes'])
@@ -368,4 +374,10 @@ def postprocess(config, out: O.DetectorOutputs, img_shapes,
 
 def build_model(config) -> DDQDETR:
   """The detector for a config (``ddq_jax.config.load_config(...)``)."""
+  if config.get('padding_invariant', True) and not \
+      supports_padding_invariance(config):
+    logging.getLogger('ddq_jax.models').warning(
+        'padding_invariant is on, but the %s backbone does not support it '
+        'yet: inference uses the reference\'s batched padding (evaluate at '
+        'batch 1 for the reference\'s numbers)', config.backbone.get('type'))
   return DDQDETR(config)
