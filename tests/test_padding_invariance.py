@@ -17,7 +17,7 @@ from ddq_jax.canvas_parity import (place_in_canvas, tie_ordered_detections,
                                    unpadded_view)
 from ddq_jax.config import load_config
 from ddq_jax.models.backbone import ResNet
-from ddq_jax.models.detector import build_model
+from ddq_jax.models.detector import INTERMEDIATES, build_model
 from ddq_jax.models.extents import extent_valid, image_extents
 from ddq_jax.models.multiscale import level_masks, level_masks_from_extents
 from ddq_jax.parity import compare
@@ -45,8 +45,9 @@ def invariant_apply(tiny_variables):
   config = load_config('tiny', {'padding_invariant': True})
   model = build_model(config)
   fn = jax.jit(lambda v, *a: model.apply(v, a[0], a[1], img_shapes=a[2],
-                                         scale_factors=a[3]))
-  return lambda *a: jax.device_get(fn(tiny_variables, *a))
+                                         scale_factors=a[3],
+                                         mutable=[INTERMEDIATES])[1])
+  return lambda *a: dict(jax.device_get(fn(tiny_variables, *a))[INTERMEDIATES])
 
 
 def _batch(bundles, order, canvas):
@@ -119,11 +120,13 @@ def test_batched_reference_mode_depends_on_canvas(bundles, tiny_variables,
   not give the unpadded result on a canvas with padding at every level."""
   assert not tiny_config.padding_invariant
   model = build_model(tiny_config)
-  out = jax.device_get(jax.jit(
+  out = dict(jax.device_get(jax.jit(
       lambda v, *a: model.apply(v, a[0], a[1], img_shapes=a[2],
-                                scale_factors=a[3]))(
+                                scale_factors=a[3],
+                                mutable=[INTERMEDIATES])[1])(
                                     tiny_variables,
-                                    *_batch(bundles, 'ab', CANVASES[0])))
+                                    *_batch(bundles, 'ab', CANVASES[0])))[
+                                        INTERMEDIATES])
   res = worst_errors(_image(out, 0), bundles['a'][1])
   assert not res['hidden_states'].ok
 
@@ -175,7 +178,7 @@ def test_predict_does_not_depend_on_the_other_images(tiny_dir):
   other = os.path.join(os.path.dirname(__file__), 'data', 'coco_eval_tiny',
                        'images', '000000100007.png')
   weights = os.path.join(tiny_dir, 'checkpoint.pth')
-  kw = dict(weights=weights, config_path='tiny', score_threshold=0.0)
+  kw = dict(weights=weights, config=load_config('tiny'), score_threshold=0.0)
   alone = predict.predict_files([sample], **kw)
   together = predict.predict_files([other, sample], **kw)
   mine = [r for r in together if r['image'] == sample]
