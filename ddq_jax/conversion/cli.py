@@ -4,6 +4,12 @@ Examples:
   python convert_weights.py ddq-detr-4scale_r50.pth --out weights/ddq_r50
   python convert_weights.py ckpt.pth --config configs/ddq_r50_4scale.py --out w/
   python convert_weights.py resnet50-0676ba61.pth --torchvision --out w/r50
+
+--out must be a new or empty directory, or a previous conversion (replaced
+atomically).  A non-empty directory holding other files, or an existing
+file, is refused before any work (exit 2) unless --overwrite, which writes
+variables.msgpack / config.json / conversion.json into it and keeps every
+other file.  The input checkpoint is never modified or removed.
 """
 from __future__ import annotations
 
@@ -27,13 +33,16 @@ def _parser() -> argparse.ArgumentParser:
                  'torch is not needed to read it')
   p.add_argument('--out', required=True,
                  help='output directory (variables.msgpack + config.json), '
-                 'written atomically')
+                 'written atomically: new, empty or a previous conversion')
   p.add_argument('--config', default=None,
                  help="our config (name or path) to use instead of the "
                  "checkpoint's own meta['cfg'] text")
   p.add_argument('--torchvision', action='store_true',
                  help='the file is a torchvision ResNet state_dict: write '
                  'backbone-only variables for initialising training')
+  p.add_argument('--overwrite', action='store_true',
+                 help='write into a non-empty --out that is not a previous '
+                 'conversion (only our three files are replaced)')
   p.add_argument('--no-check', action='store_true',
                  help='skip the comparison with the shapes the model expects')
   return p
@@ -41,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  save = dict(overwrite=args.overwrite, inputs=(args.checkpoint,))
   try:
+    # Refuse a bad --out before the (slow) conversion.
+    weights_io.check_output_dir(args.out, **save)
     if args.torchvision:
       from ddq_jax.conversion.torchvision import torchvision_resnet_to_variables
       config = load_config(args.config or 'ddq_r50_4scale')
@@ -50,22 +62,22 @@ def main(argv=None) -> int:
       variables = torchvision_resnet_to_variables(state_dict)
       weights_io.save_converted(args.out, variables, config,
                                 extra={'source': args.checkpoint,
-                                       'kind': 'torchvision_backbone'})
+                                       'kind': 'torchvision_backbone'}, **save)
       print(f'wrote backbone variables ({len(state_dict)} tensors read) '
             f'to {args.out}')
       return 0
     config = load_config(args.config) if args.config else None
     variables, config, report = convert_checkpoint(
         args.checkpoint, config, check=not args.no_check)
+    weights_io.save_converted(
+        args.out, variables, config,
+        extra={'source': args.checkpoint, 'kind': 'mmdet_ddq_detr',
+               'converted_tensors': report.converted,
+               'ignored': report.ignored}, **save)
   except (CheckpointReadError, ConfigParseError, ConversionError,
-          FileNotFoundError, KeyError, ValueError) as e:
+          FileNotFoundError, KeyError, ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  weights_io.save_converted(
-      args.out, variables, config,
-      extra={'source': args.checkpoint, 'kind': 'mmdet_ddq_detr',
-             'converted_tensors': report.converted,
-             'ignored': report.ignored})
   print(f'converted {report.converted} tensors '
         f'({len(report.ignored)} deliberately ignored: BatchNorm counters) '
         f'for config {config.name!r} -> {args.out}')
