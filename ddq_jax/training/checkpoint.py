@@ -201,7 +201,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       first = str(e).strip().splitlines()[0] if str(e).strip() else ''
       raise DamagedCheckpointError(
-          step, f'unreadable ({type(e).__name__}: {first[:300]})') from e
+          step, f'unreadable ({type(e).__name__}: {first[:200]})') from e
     checksums, finite = integrity.state_fingerprint(state)
     if 'checksums' in meta:
       bad = integrity.checksum_mismatches(meta['checksums'], checksums)
