@@ -43,7 +43,8 @@ def build_dataset(config, split: str) -> DetectionSource:
   images, otherwise synthetic_num_eval). 'coco_dir': CocoFolderSource over
   ``coco_dir/<split>2017`` + ``coco_dir/annotations/instances_<split>2017.json``
   (train -> train2017, validation/val -> val2017), unless
-  data.{train,eval}_image_dir / _ann_file are set.  'tfds': TfdsSource over
+  data.{train,eval}_image_dir / _ann_file are set; its categories are
+  checked against (or mapped by name onto) the model's classes.  'tfds': TfdsSource over
   the prepared ``tfds_data_dir``.
   """
   d = config.data
@@ -58,6 +59,7 @@ def build_dataset(config, split: str) -> DetectionSource:
                         config.num_classes),
         max_objects=_cfg(d, 'synthetic_max_objects', 6))
   if d.source == 'coco_dir':
+    from ddq_jax.class_names import class_names_for  # pylint: disable=g-import-not-at-top
     from ddq_jax.data.coco_folder import CocoFolderSource  # pylint: disable=g-import-not-at-top
     sub = _COCO_SPLITS.get(split, split)
     prefix = 'train' if is_train else 'eval'
@@ -67,7 +69,8 @@ def build_dataset(config, split: str) -> DetectionSource:
         d.coco_dir, 'annotations', f'instances_{sub}.json')
     return CocoFolderSource(image_dir=image_dir, ann_file=ann,
                             min_size=_cfg(d, 'train_min_size', 32)
-                            if is_train else 0)
+                            if is_train else 0,
+                            model_class_names=class_names_for(config))
   if d.source == 'tfds':
     from ddq_jax.data.tfds_source import TfdsSource, open_tfds_source  # pylint: disable=g-import-not-at-top
     records, names = open_tfds_source(data_dir=d.tfds_data_dir,
