@@ -294,3 +294,48 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
     survived += 1
     print(f'trial {trial}: {kills} kill -9, resumed, losses identical')
   assert survived == TRIALS
+
+
+def _children(pid):
+  out = []
+  for d in os.listdir('/proc'):
+    if d.isdigit():
+      try:
+        with open(f'/proc/{d}/stat') as f:
+          if int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+            out.append(int(d))
+      except (OSError, IndexError, ValueError):
+        pass
+  return out
+
+
+def _running(pid):
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      return 'State:\tZ' not in f.read()
+  except OSError:
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='needs /proc')
+def test_loader_workers_die_with_a_killed_trainer():
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests',
+                                                     'loader_child.py')],
+                       env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL)
+  try:
+    assert p.stdout.readline().startswith(b'ready')
+    workers = _children(p.pid)
+    assert len(workers) >= 2, workers
+  finally:
+    p.kill()
+    p.wait()
+  deadline = time.time() + 15
+  while time.time() < deadline and any(_running(w) for w in workers):
+    time.sleep(0.2)
+  alive = [w for w in workers if _running(w)]
+  for w in alive:  # leave nothing behind even when failing
+    os.kill(w, signal.SIGKILL)
+  assert not alive, f'loader workers {alive} outlived the trainer'

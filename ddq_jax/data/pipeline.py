@@ -16,9 +16,11 @@ from a step reproduces the stream exactly.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -265,8 +267,38 @@ def _blank(canvas, mean) -> dict:
               scale_factor=(1.0, 1.0), orig_size=tuple(canvas), image_id=-1)
 
 
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def die_with_parent(parent_pid: int, worker_index: int = 0,
+                    worker_count: int = 0, *, poll_s: float = 0.5) -> None:
+  """Loader-worker init: a daemon thread ends this process as soon as the
+  process that started the loader (``parent_pid``) is gone (its parent pid
+  changes, or ``parent_pid`` no longer exists), so a trainer killed with
+  SIGKILL leaves no orphaned workers behind.  (A watchdog rather than
+  PR_SET_PDEATHSIG, which fires when the creating *thread* exits.)"""
+  del worker_index, worker_count
+  initial = os.getppid()
+
+  def watch():
+    while os.getppid() == initial and _alive(parent_pid):
+      time.sleep(poll_s)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True,
+                   name='ddq-loader-parent-watchdog').start()
+
+
 class _Iterator:
-  """Runs ``fn`` over ``range(start, stop)`` (grain workers if > 0)."""
+  """Runs ``fn`` over ``range(start, stop)`` (grain workers if > 0; they
+  exit when this process dies, see ``die_with_parent``)."""
 
   def __init__(self, fn, *, start: int, stop: int, num_workers: int):
     self.fn, self.stop, self.num_workers = fn, stop, num_workers
@@ -288,7 +320,8 @@ class _Iterator:
     ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=2, prefetch_buffer_size=2)).mp_prefetch(
         grain.MultiprocessingOptions(num_workers=self.num_workers,
-                                     per_worker_buffer_size=2))
+                                     per_worker_buffer_size=2),
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()))
     self._it = iter(ds)
 
   def __iter__(self):
