@@ -146,3 +146,15 @@ def test_categories_vs_model_classes(tmp_path, caplog):
   same = CocoFolderSource(image_dir=d, ann_file=_write(tmp_path, data),
                           model_class_names=('x', 'y'))
   assert same.category_ids == [1, 2]  # same count: by category id rank
+
+
+def test_drawing_names_are_unique_and_never_overwrite(tmp_path):
+  from ddq_jax.predict import drawing_paths
+  d = tmp_path / 'draw'
+  d.mkdir()
+  (d / 'b.png').write_bytes(b'earlier drawing')
+  got = drawing_paths(['x/a.jpg', 'y/a.png', 'a.jpeg', 'b.jpg', 'z/b.jpg'],
+                      str(d))
+  assert [os.path.basename(p) for p in got] == [
+      'a.png', 'a-2.png', 'a-3.png', 'b-2.png', 'b-3.png']
+  assert (d / 'b.png').read_bytes() == b'earlier drawing'
