@@ -339,3 +339,14 @@ def test_loader_workers_die_with_a_killed_trainer():
   for w in alive:  # leave nothing behind even when failing
     os.kill(w, signal.SIGKILL)
   assert not alive, f'loader workers {alive} outlived the trainer'
+
+
+@pytest.mark.parametrize('solver', ['scipy', 'jax'])
+def test_hungarian_survives_non_finite_costs(solver):
+  """A diverged step's NaN / inf costs neither crash the host solver nor
+  stall the JAX one (the step is then not applied)."""
+  import jax.numpy as jnp
+  from ddq_jax.losses.hungarian import hungarian_match
+  cost = jnp.array([[np.nan, 1.0], [np.inf, -np.inf], [0.5, 2.0]])
+  out = np.asarray(jax.jit(lambda c: hungarian_match(c, solver=solver))(cost))
+  assert sorted(out[out >= 0].tolist()) == [0, 1]
