@@ -197,16 +197,25 @@ def test_resume_with_another_config_stops_before_writing(tmp_path):
   before = (wd / 'config.json').read_text()
   cfg = fault_driver.make_config(max_steps=4)
   cfg.optim.lr = 0.5
-  cfg.model_width = 128  # a model-size key the checkpoint does not have
+  cfg.backbone.frozen_stages = 0  # a model key
   with pytest.raises(loop.ConfigMismatchError) as e:
     loop.train(cfg, str(wd), components=fault_driver.components())
   msg = str(e.value)
   assert 'optim.lr: 0.001 in the checkpoint, 0.5 now' in msg
-  assert 'model_width' in msg and '2 keys differ' in msg
+  assert 'backbone.frozen_stages: 1 in the checkpoint, 0 now' in msg
+  assert '2 keys differ' in msg
   assert (wd / 'config.json').read_text() == before
   assert _ckpt_steps(wd) == [2]
-  # allowed explicitly: resumes
-  cfg.train.resume_may_change = ('optim.lr', 'model_width')
+  # allowing a key that changes the state's arrays: a clear error, the
+  # intact checkpoint stays
+  cfg.train.resume_may_change = ('optim.lr', 'backbone.')
+  with pytest.raises(ckpt_lib.StateMismatchError, match='intact but holds '
+                     'another state'):
+    loop.train(cfg, str(wd), components=fault_driver.components())
+  assert _ckpt_steps(wd) == [2]
+  # allowed explicitly, same arrays: resumes
+  cfg.backbone.frozen_stages = 1
+  cfg.train.resume_may_change = ('optim.lr',)
   assert loop.train(cfg, str(wd),
                     components=fault_driver.components())['step'] == 4
 
@@ -350,3 +359,35 @@ def test_hungarian_survives_non_finite_costs(solver):
   cost = jnp.array([[np.nan, 1.0], [np.inf, -np.inf], [0.5, 2.0]])
   out = np.asarray(jax.jit(lambda c: hungarian_match(c, solver=solver))(cost))
   assert sorted(out[out >= 0].tolist()) == [0, 1]
+
+
+def test_load_params_only_skips_a_damaged_newest(tmp_path, caplog):
+  wd = tmp_path / 'run'
+  _train(wd, max_steps=4)
+  d = str(wd / 'checkpoints')
+  good = ckpt_lib.load_params_only(d, step=2)
+  _damage(os.path.join(d, '4'), 'checksum_edited')  # a batch_stats array
+  with caplog.at_level('ERROR', logger='ddq_jax'):
+    got = ckpt_lib.load_params_only(d)
+  assert 'checkpoint step 4' in caplog.text and 'checksum mismatch' in caplog.text
+  for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ckpt_lib.CheckpointError):
+    ckpt_lib.load_params_only(d, step=4)
+
+
+def test_intact_checkpoint_of_another_state_is_not_set_aside(tmp_path):
+  """A shape change that slipped past the config check (allowed keys) is
+  a clear error, and the intact checkpoints stay where they are."""
+  wd = tmp_path / 'run'
+  _train(wd, max_steps=2)
+  s = standin.setup(standin.config(), jax.devices())
+  other = s['state'].replace(params=dict(
+      s["state"].params, extra=jax.numpy.zeros((3,), jax.numpy.float32)))
+  ck = ckpt_lib.Checkpointer(str(wd / 'checkpoints'))
+  with pytest.raises(ckpt_lib.StateMismatchError,
+                     match=r'step 2 .* intact but holds another state: 1 '
+                     r'arrays differ \(params/extra: absent saved'):
+    ck.restore_latest_good(other)
+  assert _ckpt_steps(wd) == [2]
+  assert not os.path.exists(str(wd / 'checkpoints') + '.damaged')

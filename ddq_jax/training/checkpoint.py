@@ -51,6 +51,17 @@ class DamagedCheckpointError(CheckpointError):
     self.step, self.reason = step, reason
 
 
+class StateMismatchError(CheckpointError):
+  """An intact checkpoint whose arrays do not fit the target state (another
+  model / optimiser configuration): not damage, nothing is moved."""
+
+
+def array_specs(tree) -> dict[str, list]:
+  """{leaf path: [shape, dtype name]} of a pytree of arrays / structs."""
+  return {p: [list(x.shape), str(x.dtype)] for p, x in
+          zip(integrity.leaf_paths(tree), jax.tree.leaves(tree))}
+
+
 def check_directory(directory: str) -> None:
   """Creates ``directory`` if absent and checks it is a writable directory.
 
@@ -122,7 +133,8 @@ class Checkpointer:
     meta = {'step': step, 'data_position': step,
             'process_count': jax.process_count(),
             'config': _config_json(config),
-            'checksum_algo': integrity.CHECKSUM_ALGO, 'checksums': checksums}
+            'checksum_algo': integrity.CHECKSUM_ALGO, 'checksums': checksums,
+            'arrays': array_specs(state)}
     if extra:
       meta.update(extra)
     try:
@@ -185,6 +197,8 @@ class Checkpointer:
     Raises:
       FileNotFoundError: no checkpoint.
       DamagedCheckpointError: unreadable, checksum mismatch, non-finite.
+      StateMismatchError: intact, but its arrays' paths / shapes / dtypes
+        are not the target's.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -192,6 +206,23 @@ class Checkpointer:
     abstract = jax.tree.map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
         jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    try:
+      saved = self.read_meta(step).get('arrays')
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(
+          step, f'metadata unreadable ({type(e).__name__})') from e
+    if saved is not None:
+      want = array_specs(abstract)
+      diff = sorted(k for k in set(saved) | set(want)
+                    if saved.get(k) != want.get(k))
+      if diff:
+        shown = '; '.join(f'{k}: {saved.get(k, "absent")} saved, '
+                          f'{want.get(k, "absent")} expected'
+                          for k in diff[:4])
+        raise StateMismatchError(
+            f'checkpoint step {step} in {self.directory} is intact but holds '
+            f'another state: {len(diff)} arrays differ ({shown}); was it '
+            'written with another model / optimiser config?')
     try:
       out = self._mngr.restore(
           step, args=ocp.args.Composite(
@@ -272,13 +303,49 @@ def restore_or_keep(checkpointer: Checkpointer, state: TrainState
 
 def load_params_only(directory: str, step: int | None = None) -> dict:
   """{'params', 'batch_stats'} (numpy) of a TrainState checkpoint, without
-  the optimiser state (e.g. for evaluation / fine-tuning)."""
+  the optimiser state (e.g. for evaluation / fine-tuning).
+
+  Their checksums are verified; with ``step`` None a damaged newest
+  checkpoint is reported and the next older one is read (nothing is moved:
+  the directory may be another run's).
+
+  Raises:
+    CheckpointError: no checkpoint, or none intact.
+  """
   mngr = ocp.CheckpointManager(os.path.abspath(directory),
                                item_names=('state', 'meta'))
-  step = mngr.latest_step() if step is None else step
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
-  st = restored['state']
-  get = (lambda k: st[k]) if isinstance(st, dict) else (lambda k: getattr(st, k))
-  return {'params': jax.device_get(get('params')),
-          'batch_stats': jax.device_get(get('batch_stats'))}
+  steps = ([step] if step is not None else
+           sorted(mngr.all_steps(), reverse=True))
+  if not steps:
+    raise CheckpointError(f'no checkpoint in {directory}')
+  problems = []
+  for s in steps:
+    try:
+      restored = mngr.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+      st = restored['state']
+      get = ((lambda k: st[k]) if isinstance(st, dict) else
+             (lambda k: getattr(st, k)))  # pylint: disable=cell-var-from-loop
+      out = {'params': jax.device_get(get('params')),
+             'batch_stats': jax.device_get(get('batch_stats'))}
+      expected = {k: v for k, v in dict(restored['meta']).get(
+          'checksums', {}).items() if k.startswith(('params/',
+                                                    'batch_stats/'))}
+      if expected:
+        got, _ = integrity.state_fingerprint(out)
+        bad = integrity.checksum_mismatches(expected, got)
+        if bad:
+          raise DamagedCheckpointError(
+              s, f'checksum mismatch in {len(bad)} arrays (first: '
+              f'{", ".join(bad[:3])})')
+      if not integrity.host_all_finite(out):
+        raise DamagedCheckpointError(s, 'holds non-finite values')
+      return out
+    except Exception as e:  # pylint: disable=broad-except
+      msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
+      log.error('checkpoint step %d in %s is damaged (%s: %s)%s', s,
+                directory, type(e).__name__, msg,
+                '; trying the previous one' if s != steps[-1] else '')
+      problems.append(f'step {s}: {msg}')
+  raise CheckpointError(f'no intact checkpoint in {directory}: '
+                        + '; '.join(problems))

@@ -120,18 +120,20 @@ def config_differences(saved: dict, current: dict, *,
                        may_change: Iterable[str] = RESUME_MAY_CHANGE
                        ) -> list[tuple[str, Any, Any]]:
   """Dotted keys whose values differ between two configs (JSON dicts),
-  except those starting with one of ``may_change``.  Absent keys read as
-  '<absent>'.  Returns [(key, saved value, current value)], sorted."""
+  except those starting with one of ``may_change``.  Keys present on one
+  side only are left out (``config_keys_added_or_removed``: a newer
+  version's new keys must not block a resume).  Returns [(key, saved
+  value, current value)], sorted."""
   a, b = _flatten(saved or {}), _flatten(current or {})
   may_change = tuple(may_change)
-  out = []
-  for k in sorted(set(a) | set(b)):
-    if k.startswith(may_change):
-      continue
-    va, vb = a.get(k, '<absent>'), b.get(k, '<absent>')
-    if va != vb:
-      out.append((k, va, vb))
-  return out
+  return [(k, a[k], b[k]) for k in sorted(set(a) & set(b))
+          if not k.startswith(may_change) and a[k] != b[k]]
+
+
+def config_keys_added_or_removed(saved: dict, current: dict) -> list[str]:
+  """Dotted keys present in only one of two configs (JSON dicts)."""
+  a, b = _flatten(saved or {}), _flatten(current or {})
+  return sorted(set(a) ^ set(b))
 
 
 def host_all_finite(tree) -> bool:

@@ -254,9 +254,14 @@ def check_resume_config(checkpointer: ckpt_lib.Checkpointer, config) -> None:
     if saved is None:
       return
     extra = tuple(config.train.get('resume_may_change', ()) or ())
+    current = integrity.config_to_dict(config)
     diffs = integrity.config_differences(
-        saved, integrity.config_to_dict(config),
-        may_change=integrity.RESUME_MAY_CHANGE + extra)
+        saved, current, may_change=integrity.RESUME_MAY_CHANGE + extra)
+    other = integrity.config_keys_added_or_removed(saved, current)
+    if other:
+      log.warning('resume: %d config keys exist only in the checkpoint or '
+                  'only now (not compared): %s', len(other),
+                  ', '.join(other[:10]))
     if diffs:
       shown = '; '.join(f'{k}: {a!r} in the checkpoint, {b!r} now'
                         for k, a, b in diffs[:12])
@@ -307,7 +312,8 @@ class _Logger:
       self.jsonl.flush()
     if self.tb is not None:
       for k, v in values.items():
-        self.tb.add_scalar(prefix + k, float(v), step)
+        if np.isfinite(float(v)):  # non-finite steps: logged, in the jsonl
+          self.tb.add_scalar(prefix + k, float(v), step)
       self.tb.flush()
 
   def update(self, n, postfix=None):

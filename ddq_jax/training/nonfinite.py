@@ -59,10 +59,14 @@ class NonFiniteGuard:
     terms = {k: v for k, v in metrics.items()
              if k not in ('nonfinite',) and not math.isfinite(float(v))}
     if self.in_a_row <= _LOGGED_PER_STREAK:
+      first = [k for k in ('loss', 'grad_norm') if k in terms] + sorted(
+          k for k in terms if k not in ('loss', 'grad_norm'))
+      shown = ', '.join(f'{k}={terms[k]}' for k in first[:6])
+      if len(first) > 6:
+        shown += f' (+{len(first) - 6} more terms)'
       log.warning('step %d: non-finite %s; update NOT applied (%d in a row, '
-                  '%d in this run)', step,
-                  ', '.join(f'{k}={v}' for k, v in sorted(terms.items()))
-                  or 'values', self.in_a_row, self.total)
+                  '%d in this run)', step, shown or 'values', self.in_a_row,
+                  self.total)
     if 0 < self.max_in_a_row <= self.in_a_row:
       raise NonFiniteError(
           f'{self.in_a_row} non-finite steps in a row (steps '
