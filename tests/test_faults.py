@@ -391,3 +391,21 @@ def test_intact_checkpoint_of_another_state_is_not_set_aside(tmp_path):
     ck.restore_latest_good(other)
   assert _ckpt_steps(wd) == [2]
   assert not os.path.exists(str(wd / 'checkpoints') + '.damaged')
+
+
+def test_checksum_host_and_in_graph_paths_agree():
+  """A checkpoint written by one process verifies under many (and back)."""
+  import jax.numpy as jnp
+  from ddq_jax.training import integrity
+  r = np.random.default_rng(0)
+  leaves = [jnp.asarray(r.normal(size=(5, 7)).astype(np.float32)),
+            jnp.asarray(r.normal(size=(9,))).astype(jnp.bfloat16),
+            jnp.arange(6, dtype=jnp.int32), jnp.array([True, False]),
+            jax.random.PRNGKey(3)]
+  host = [integrity._host_leaf_stats(np.asarray(x)) for x in leaves]  # pylint: disable=protected-access
+  dev = [(int(s), bool(f)) for s, f in
+         (integrity._leaf_stats(x) for x in leaves)]  # pylint: disable=protected-access
+  assert host == dev
+  bumped = np.asarray(leaves[0]).copy()
+  bumped.view(np.uint32)[3, 4] ^= 1  # one flipped bit
+  assert integrity._host_leaf_stats(bumped)[0] != host[0][0]  # pylint: disable=protected-access

@@ -63,10 +63,38 @@ def _leaf_finite(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
+def _leaf_stats(x):
+  # One small jit per leaf shape (cached), not one program over the whole
+  # tree: a tree-wide jit of ~2k reductions takes minutes to compile.
+  return _leaf_checksum(x), _leaf_finite(x)
+
+
+def _host_leaf_stats(x: np.ndarray) -> tuple[int, bool]:
+  """_leaf_stats in numpy (same uint32 wrap-around arithmetic)."""
+  x = np.ascontiguousarray(x).reshape(-1)
+  if x.dtype == np.bool_:
+    bits = x.astype(np.uint32)
+  else:
+    size = x.dtype.itemsize
+    view = {4: np.uint32, 2: np.uint16, 1: np.uint8, 8: np.uint32}[size]
+    bits = x.view(view).astype(np.uint32)
+  pos = np.arange(bits.shape[0], dtype=np.uint32)
+  with np.errstate(over='ignore'):
+    s = np.sum(bits * (pos * np.uint32(2654435761) + np.uint32(1)),
+               dtype=np.uint32)
+  finite = (not np.issubdtype(x.dtype, np.inexact)) or bool(
+      np.all(np.isfinite(x)))
+  return int(s), finite
+
+
 def _fingerprint(leaves):
-  sums = [_leaf_checksum(x) for x in leaves]
-  finite = jnp.all(jnp.stack([_leaf_finite(x) for x in leaves]))
-  return sums, finite
+  if all(getattr(x, 'is_fully_addressable', True) for x in leaves):
+    # one process holds everything: numpy, no compilation
+    stats = [_host_leaf_stats(np.asarray(x)) for x in jax.device_get(leaves)]
+    return [s for s, _ in stats], all(f for _, f in stats)
+  stats = [_leaf_stats(x) for x in leaves]  # multi-host: in-graph
+  return ([int(s) for s, _ in jax.device_get(stats)],
+          all(bool(f) for _, f in jax.device_get(stats)))
 
 
 def leaf_paths(tree) -> list[str]:
@@ -82,11 +110,14 @@ def state_fingerprint(state) -> tuple[dict[str, int], bool]:
   Args:
     state: any pytree of (possibly sharded, multi-process) arrays.
   Returns:
-    ({leaf path: uint32 checksum as int}, all floats finite).  One small
-    device-to-host transfer (a few bytes per leaf).
+    ({leaf path: uint32 checksum as int}, all floats finite).  When one
+    process holds every array they are copied to the host and summed in
+    numpy (R50 4-scale params + AdamW moments, 146M values: ~1 s, no
+    compilation); otherwise one small jit per leaf shape computes the same
+    numbers in-graph.
   """
   leaves = jax.tree.leaves(state)
-  sums, finite = jax.device_get(_fingerprint(leaves))
+  sums, finite = _fingerprint(leaves)
   return ({p: int(s) for p, s in zip(leaf_paths(state), sums)},
           bool(finite))
 
