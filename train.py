@@ -1,6 +1,6 @@
 """Train DDQ-DETR.
 
-    python train.py --config configs/tiny.py --workdir /tmp/run \\
+    python train.py --config configs/tiny.py --workdir runs/tiny \\
         [--config.train.max_steps=100 --config.optim.lr=1e-4 ...]
 
 Multi-host: every process runs the same command plus either
@@ -14,39 +14,52 @@ SIGINT, each after saving a checkpoint (re-run to resume); 2 the workdir's
 checkpoint has another config; 3 too many non-finite steps in a row; 4 a
 checkpoint could not be written or none could be read (ddq_jax.training.loop).
 """
+import argparse
 import logging
 import os
 import sys
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
 
-config_flags.DEFINE_config_file('config', None, 'config file (get_config())',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'checkpoints, tb logs, config.json')
-flags.DEFINE_bool('multihost', False, 'jax.distributed.initialize() (auto)')
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0')
-flags.DEFINE_integer('num_processes', None, 'number of processes')
-flags.DEFINE_integer('process_id', None, 'this process')
-flags.DEFINE_string('cpu_collectives', None, "e.g. 'gloo' for CPU multi-process")
-flags.mark_flags_as_required(['config', 'workdir'])
-FLAGS = flags.FLAGS
+def _parser() -> argparse.ArgumentParser:
+  from ddq_jax import cli  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(
+      prog='python train.py', description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  cli.add_config_argument(p, required=True)
+  p.add_argument('--workdir', required=True,
+                 help='checkpoints, TensorBoard logs and config.json; '
+                 're-running with the same workdir resumes')
+  p.add_argument('--multihost', action='store_true',
+                 help='jax.distributed.initialize() with auto-detection')
+  p.add_argument('--coordinator_address', metavar='HOST:PORT',
+                 help='address of process 0 (explicit multi-process run)')
+  p.add_argument('--num_processes', type=int, help='number of processes')
+  p.add_argument('--process_id', type=int, help='this process')
+  p.add_argument('--cpu_collectives', metavar='IMPL',
+                 help="e.g. 'gloo' for CPU multi-process runs")
+  return p
 
 
-def main(argv):
-  del argv
+def main(argv=None) -> int:
+  from ddq_jax import cli  # pylint: disable=g-import-not-at-top
+  parser = _parser()
+  args, overrides = cli.parse_args(parser, argv)
+  config = cli.load_or_fail(parser, args.config, overrides)
+  if args.coordinator_address and (args.num_processes is None or
+                                   args.process_id is None):
+    cli.fail(parser, '--coordinator_address needs --num_processes and '
+             '--process_id')
   import jax  # pylint: disable=g-import-not-at-top
-  if FLAGS.cpu_collectives:
+  if args.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation',
-                      FLAGS.cpu_collectives)
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id)
-  elif FLAGS.multihost or os.environ.get('JAX_COORDINATOR_ADDRESS'):
+                      args.cpu_collectives)
+  if args.coordinator_address:
+    jax.distributed.initialize(args.coordinator_address, args.num_processes,
+                               args.process_id)
+  elif args.multihost or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize()
-  # absl's handler prints; orbax's per-save INFO chatter is silenced.
-  logging.getLogger('absl').setLevel(logging.WARNING)
+  logging.basicConfig(level=logging.WARNING,
+                      format='%(asctime)s %(name)s %(levelname)s %(message)s')
   logging.getLogger('ddq_jax').setLevel(
       logging.INFO if jax.process_index() == 0 else logging.WARNING)
   from ddq_jax.training.loop import exit_code_for, train  # pylint: disable=g-import-not-at-top
@@ -54,8 +67,9 @@ def main(argv):
       'process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
       jax.process_count(), jax.local_device_count(), jax.device_count(),
       jax.devices()[0].platform)
+  config.lock()
   try:
-    result = train(FLAGS.config, FLAGS.workdir)
+    result = train(config, args.workdir)
   except Exception as e:  # pylint: disable=broad-except
     code = exit_code_for(e)
     if code is None:
@@ -72,4 +86,4 @@ def main(argv):
 
 if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  app.run(main)
+  sys.exit(main())

@@ -116,6 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.lr = 2e-4
   c.optim.weight_decay = 0.05
   c.optim.backbone_lr_mult = 0.1
+  # Frozen parameters (no update, no optimiser state): the stem and stages
+  # up to backbone.frozen_stages and, unless backbone.bn_trainable, every
+  # backbone norm; plus these regexes over parameter paths, e.g. '^neck/'.
+  c.optim.frozen_params = ()
   c.optim.clip_norm = 0.1
   c.optim.warmup_steps = 2000
   c.optim.warmup_factor = 1e-4
@@ -142,6 +146,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # -1: all devices on the data axis
   c.mesh.model = 1                # >1: shard large parameters on 'model'
+  # Partition rules for parameters and optimiser state (parallel/sharding.py):
+  # (regex over 'params/backbone/...', 'replicate' | 'largest_axis'), first
+  # match wins; 'largest_axis' splits leaves of >= min_shard_size elements
+  # on 'model'.
+  c.mesh.partition_rules = (('.*', 'largest_axis'),)
+  c.mesh.min_shard_size = 2 ** 14
 
   # ---- evaluation ------------------------------------------------------
   c.eval = ml_collections.ConfigDict()

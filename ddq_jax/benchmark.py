@@ -54,10 +54,12 @@ def _parser() -> argparse.ArgumentParser:
       prog='python -m ddq_jax.benchmark',
       description='Step time, compile time and hot spots (one JSON line).',
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  p.add_argument('--config', help='config name or path (required)')
+  from ddq_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.add_config_argument(p, help_text='required unless --analyze.')
   p.add_argument('--mode', choices=('infer', 'train'), default='infer',
-                 help='infer: the jitted predict fn; train: value_and_grad of '
-                 'the training objective + the optimizer update')
+                 help='infer: the jitted predict fn; train: the training '
+                 'step (training/step.py: forward, losses, gradients, '
+                 'optimizer update)')
   p.add_argument('--batch', type=int, default=1, help='global batch size')
   p.add_argument('--size', type=int, nargs=2, default=(800, 1333),
                  metavar=('H', 'W'), help='canvas height and width')
@@ -77,8 +79,6 @@ def _parser() -> argparse.ArgumentParser:
                  'kernels, unit scales / BN var, zero biases / BN mean); '
                  'flax = init_variables under jit (a training-forward '
                  'compile: minutes for R50 on CPU)')
-  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='config override (Python literal); repeatable')
   p.add_argument('--trace-dir', help='keep the profiler trace (and the '
                  'compiled HLO text) here')
   p.add_argument('--analyze', metavar='TRACE_DIR', help='only print the hot '
@@ -351,59 +351,53 @@ def random_variables(config, seed: int = 0) -> dict:
 
 
 def build_step(config, mode: str, variables, batch: dict, mesh):
-  """(jitted fn, args tuple, step(args) -> (new args, output to block on))."""
+  """(jitted fn, args tuple, step(args) -> (new args, output to block on)).
+
+  Shardings come from ``parallel/`` (the mesh of ``config.mesh``); train
+  mode runs the real training step of ``training/step.py``."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from ddq_jax.models.detector import build_model  # pylint: disable=g-import-not-at-top
+  from ddq_jax.parallel import sharding as shd  # pylint: disable=g-import-not-at-top
   model = build_model(config)
-  rep = NamedSharding(mesh, P())
-  data = NamedSharding(mesh, P('data'))
-  variables = jax.device_put(variables, rep)
-  batch = {k: jax.device_put(v, data) for k, v in batch.items()}
+  batch = shd.shard_batch(batch, mesh)
   if mode == 'infer':
     from ddq_jax.models.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
+    variables = shd.place_tree(variables, mesh, config)
     fn = make_predict_fn(model).jitted
     args = (variables, batch['images'], batch['pad_mask'],
             batch['img_shapes'], batch['scale_factors'])
     return fn, args, lambda a, out_fn: (a, out_fn(*a))
-  import optax  # pylint: disable=g-import-not-at-top
+  from ddq_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from ddq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   from ddq_jax.training.objective import make_loss_fn  # pylint: disable=g-import-not-at-top
   from ddq_jax.training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
-  loss_fn = make_loss_fn(model, config)
+  loss_fn = make_loss_fn(model, config, num_devices=int(mesh.devices.size))
   tx, _ = make_optimizer(config, steps_per_epoch=1000)
-
-  def train_step(params, opt_state, batch_stats, batch, rng):
-    rng, sub = jax.random.split(rng)
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats, batch, sub)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, rng, loss
-
-  params = variables['params']
-  opt_state = jax.jit(tx.init, out_shardings=rep)(params)
-  fn = jax.jit(train_step, donate_argnums=(0, 1))
-  args = (params, opt_state, variables.get('batch_stats', {}), batch,
-          jax.device_put(jax.random.key(0), rep))
+  make = lambda v: state_lib.create_train_state(  # noqa: E731
+      v, tx, jax.random.PRNGKey(0))
+  shardings = state_lib.state_shardings(jax.eval_shape(make, variables), mesh)
+  state = jax.jit(make, out_shardings=shardings)(variables)
+  fn = step_lib.jit_train_step(
+      step_lib.make_train_step(loss_fn, tx, compute_dtype=str(
+          config.train.compute_dtype)), mesh, shardings)
 
   def step(a, out_fn):
-    p, o, r, loss = out_fn(*a)
-    return (p, o, a[2], a[3], r), loss
-  return fn, args, step
+    new_state, metrics = out_fn(*a)
+    return (new_state, a[1]), metrics['loss']
+  return fn, (state, batch), step
 
 
 def run(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddq_jax.config import load_config  # pylint: disable=g-import-not-at-top
-  from ddq_jax.evaluation.evaluator import data_mesh  # pylint: disable=g-import-not-at-top
   from ddq_jax.models.detector import build_model  # pylint: disable=g-import-not-at-top
-  from ddq_jax.evaluate import _overrides  # pylint: disable=g-import-not-at-top
-  config = load_config(args.config, _overrides(args.set, _parser()))
+  from ddq_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  config = args.config_dict
   devices = jax.devices()[:args.devices] if args.devices else jax.devices()
-  if args.batch % len(devices):
-    raise SystemExit(f'--batch {args.batch} is not divisible by '
-                     f'{len(devices)} devices')
-  mesh = data_mesh(devices)
+  mesh = make_mesh(config, devices)
+  if args.batch % int(mesh.shape['data']):
+    raise SystemExit(f'--batch {args.batch} is not divisible by the '
+                     f"{int(mesh.shape['data'])} devices of the data axis")
   t = time.perf_counter()
   if args.weights:
     from ddq_jax.weights import load_weights  # pylint: disable=g-import-not-at-top
@@ -465,13 +459,15 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
+  from ddq_jax import cli  # pylint: disable=g-import-not-at-top
   parser = _parser()
-  args = parser.parse_args(argv)
+  args, overrides = cli.parse_args(parser, argv)
   if args.analyze:
     res = analyze(args.analyze, top=args.top)
   elif not args.config:
-    parser.error('--config is required')
+    cli.fail(parser, '--config is required')
   else:
+    args.config_dict = cli.load_or_fail(parser, args.config, overrides)
     res = run(args)
   print(json.dumps(res), flush=True)
   return res

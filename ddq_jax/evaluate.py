@@ -5,7 +5,7 @@
   python -m ddq_jax.evaluate --weights weights/ddq_r50 --tfds coco/2017 \\
       --tfds-data-dir ~/tensorflow_datasets --split validation --out runs/eval
   python -m ddq_jax.evaluate --config tiny --weights tests/data/tiny/checkpoint.pth \\
-      --out /tmp/eval --max-images 16          # synthetic eval split
+      --out runs/eval_tiny --max-images 16 --config.eval.batch_size=4
 
 Writes OUT/metrics.json (the 12 COCO box numbers AP ... ARl, plus image /
 detection counts, timing, devices) and OUT/detections.json (COCO results:
@@ -14,11 +14,12 @@ image_id, category_id, bbox [x, y, w, h] in original pixels, score).
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
 import time
+
+from ddq_jax import cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,8 +33,8 @@ def _parser() -> argparse.ArgumentParser:
       'dataset), or neither: the config\'s data.source (synthetic shapes by '
       'default).',
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--config', help='config name (configs/<name>.py) or path; '
-                 'default: the config stored with converted weights')
+  cli.add_config_argument(p, help_text='default: the config stored with '
+                          'the weights.')
   p.add_argument('--weights', help='converted weights directory or an '
                  'mmdetection .pth checkpoint (required unless --random-init)')
   p.add_argument('--random-init', action='store_true',
@@ -56,52 +57,30 @@ def _parser() -> argparse.ArgumentParser:
                  '(default all devices of all processes)')
   p.add_argument('--num-workers', type=int, help='data loader processes '
                  '(default config data.num_workers)')
-  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='config override, e.g. --set num_queries=300 (Python '
-                 'literal values); repeatable')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
   return p
 
 
-def _overrides(items, parser) -> dict:
-  out = {}
-  for item in items:
-    if '=' not in item:
-      parser.error(f'--set {item!r}: expected KEY=VALUE')
-    k, v = item.split('=', 1)
-    try:
-      out[k.strip()] = ast.literal_eval(v.strip())
-    except (ValueError, SyntaxError):
-      out[k.strip()] = v.strip()
-  return out
-
-
 def main(argv=None) -> dict:
   parser = _parser()
-  args = parser.parse_args(argv)
+  args, overrides = cli.parse_args(parser, argv)
   if not args.weights and not args.random_init:
-    parser.error('--weights is required (or --random-init for a smoke run)')
+    cli.fail(parser, '--weights is required (or --random-init for a smoke run)')
   if args.random_init and not args.config:
-    parser.error('--random-init needs --config')
+    cli.fail(parser, '--random-init needs --config')
   if args.weights and not os.path.exists(args.weights):
-    parser.error(f'--weights {args.weights}: no such file or directory '
+    cli.fail(parser, f'--weights {args.weights}: no such file or directory '
                  '(expected a converted weights directory or an mmdetection '
                  '.pth)')
   if args.coco_dir and not os.path.isdir(args.coco_dir):
-    parser.error(f'--coco-dir {args.coco_dir}: no such directory')
+    cli.fail(parser, f'--coco-dir {args.coco_dir}: no such directory')
   if args.tfds_data_dir and not os.path.isdir(args.tfds_data_dir):
-    parser.error(f'--tfds-data-dir {args.tfds_data_dir}: no such directory')
+    cli.fail(parser, f'--tfds-data-dir {args.tfds_data_dir}: no such directory')
   if args.max_images is not None and args.max_images < 1:
-    parser.error('--max-images must be >= 1')
+    cli.fail(parser, '--max-images must be >= 1')
 
-  from ddq_jax.config import apply_overrides, load_config  # pylint: disable=g-import-not-at-top
-  overrides = _overrides(args.set, parser)
-  config = None
-  if args.config:
-    try:
-      config = load_config(args.config, overrides)
-    except (FileNotFoundError, KeyError) as e:
-      parser.error(f'--config / --set: {e}')
+  config = (cli.load_or_fail(parser, args.config, overrides)
+            if args.config else None)
 
   import jax  # pylint: disable=g-import-not-at-top
   from ddq_jax.models.detector import build_model  # pylint: disable=g-import-not-at-top
@@ -114,13 +93,10 @@ def main(argv=None) -> dict:
     try:
       variables, config = load_weights(args.weights, config)
     except Exception as e:  # pylint: disable=broad-except
-      parser.error(f'--weights {args.weights}: cannot load: '
+      cli.fail(parser, f'--weights {args.weights}: cannot load: '
                    f'{type(e).__name__}: {e}')
-    if not args.config and overrides:
-      try:
-        apply_overrides(config, overrides)
-      except KeyError as e:
-        parser.error(f'--set: {e}')
+    if not args.config:
+      cli.override_or_fail(parser, config, overrides)
   d = config.data
   if args.coco_dir:
     d.source, d.coco_dir = 'coco_dir', args.coco_dir
@@ -136,25 +112,27 @@ def main(argv=None) -> dict:
   try:
     source = build_dataset(config, split)
   except (FileNotFoundError, ValueError, OSError) as e:
-    parser.error(f'cannot open the {d.source} {split!r} split: {e}')
+    cli.fail(parser, f'cannot open the {d.source} {split!r} split: {e}')
 
-  from ddq_jax.evaluation import data_mesh, evaluate_model  # pylint: disable=g-import-not-at-top
+  from ddq_jax.evaluation import evaluate_model  # pylint: disable=g-import-not-at-top
+  from ddq_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
   from ddq_jax.models.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
   devices = jax.devices()  # every process's: the batch spans all hosts
   if args.devices:
     if jax.process_count() > 1:
-      parser.error('--devices is for single-process runs')
+      cli.fail(parser, '--devices is for single-process runs')
     if args.devices > len(devices):
-      parser.error(f'--devices {args.devices}: only {len(devices)} local '
+      cli.fail(parser, f'--devices {args.devices}: only {len(devices)} local '
                    'devices')
     devices = devices[:args.devices]
-  mesh = data_mesh(devices)
+  mesh = make_mesh(config, devices)
   batch = int(args.batch_size or config.eval.batch_size)
   it = make_eval_iterator(config, batch_size=batch, dataset=source,
                           process_index=jax.process_index(),
                           process_count=jax.process_count())
   predict = make_predict_fn(build_model(config))
   metrics, dets = evaluate_model(predict, variables, it, mesh=mesh,
+                                 config=config,
                                  progress=not args.no_progress,
                                  max_images=args.max_images)
   metrics.update(config=str(config.get('name', args.config)),

@@ -1,6 +1,7 @@
 """Detect objects in images with a DDQ-DETR checkpoint.
 
     python -m ddq_jax.predict --weights WEIGHTS IMAGE [IMAGE ...] [--draw DIR]
+        [--config PATH|NAME] [--config.KEY=VALUE ...]
 
 WEIGHTS is a directory written by convert_weights.py (its config.json gives
 the architecture) or an mmdetection .pth (converted on the fly).  Images are
@@ -18,6 +19,8 @@ import os
 import sys
 
 import numpy as np
+
+from ddq_jax import cli
 
 
 def _load_images(paths, config):
@@ -98,30 +101,36 @@ def drawing_paths(paths, draw_dir: str) -> list[str]:
   return out
 
 
-def predict_files(paths, *, weights: str, config_path: str | None = None,
+def predict_files(paths, *, weights: str, config=None,
+                  overrides: dict | None = None,
                   score_threshold: float = 0.3, draw_dir: str | None = None
                   ) -> list[dict]:
+  """Detections (COCO-style records) of image files.  ``config``: the
+  architecture, default the one stored with the weights (then
+  ``overrides`` apply to it)."""
+  import jax
   from ddq_jax.class_names import class_names_for
-  from ddq_jax.config import load_config
+  from ddq_jax.config import apply_overrides
   from ddq_jax.models.detector import build_model
   from ddq_jax.models.inference import make_predict_fn
   from ddq_jax.weights import load_weights
 
-  config = load_config(config_path) if config_path else None
+  given = config is not None
   variables, config = load_weights(weights, config)
+  if not given:
+    apply_overrides(config, overrides or {})
   names = class_names_for(config)
   samples = _load_images(paths, config)
   predict = make_predict_fn(build_model(config))
-  out = predict(variables, *_batch(samples, config))
-  out = {k: np.asarray(v) for k, v in out.items()}
+  out = jax.tree.map(np.asarray, predict(variables, *_batch(samples, config)))
   records = []
   if draw_dir:
     os.makedirs(draw_dir, exist_ok=True)
     drawings = drawing_paths(paths, draw_dir)
   for i, path in enumerate(paths):
     dets = []
-    for box, score, label, valid in zip(out['boxes'][i], out['scores'][i],
-                                        out['labels'][i], out['valid'][i]):
+    for box, score, label, valid in zip(out.boxes[i], out.scores[i],
+                                        out.labels[i], out.valid[i]):
       if not valid or score < score_threshold:
         continue
       x1, y1, x2, y2 = (float(v) for v in box)
@@ -144,9 +153,8 @@ def main(argv=None) -> int:
   parser.add_argument('images', nargs='+', help='image files')
   parser.add_argument('--weights', required=True,
                       help='converted weights directory or mmdetection .pth')
-  parser.add_argument('--config', default=None,
-                      help='config name or path (default: the one stored '
-                      'with the weights)')
+  cli.add_config_argument(parser, help_text='default: the one stored with '
+                          'the weights.')
   parser.add_argument('--score-threshold', type=float, default=0.3,
                       help='drop detections below this score (default 0.3)')
   parser.add_argument('--draw', default=None, metavar='DIR',
@@ -155,10 +163,12 @@ def main(argv=None) -> int:
                       'nothing is overwritten)')
   parser.add_argument('--out', default=None,
                       help='write the JSON here instead of standard output')
-  args = parser.parse_args(argv)
+  args, overrides = cli.parse_args(parser, argv)
+  config = (cli.load_or_fail(parser, args.config, overrides)
+            if args.config else None)
   try:
     records = predict_files(args.images, weights=args.weights,
-                            config_path=args.config,
+                            config=config, overrides=overrides,
                             score_threshold=args.score_threshold,
                             draw_dir=args.draw)
   except (ValueError, TypeError, FileNotFoundError, OSError) as e:

@@ -1,6 +1,9 @@
 """Prove a converted checkpoint reproduces the reference, tensor by tensor.
 
     python -m ddq_jax.verify BUNDLE_DIR [--train] [--dump OUT.npz]
+        [--config PATH|NAME] [--config.KEY=VALUE ...]
+    python -m ddq_jax.verify BUNDLE_DIR --steps N [--dump OUT.npz] \\
+        [--config PATH|NAME] [--config.KEY=VALUE ...]
 
 BUNDLE_DIR is laid out like shared/fixtures/tiny: ``checkpoint.pth`` (an
 mmdetection DDQ-DETR checkpoint), ``inputs.npz`` (images, pad_mask,
@@ -9,7 +12,9 @@ denoising queries dn_*), and optionally ``infer.npz`` / ``train.npz`` with
 the reference's tensors.  Every tensor we can compare is printed with its
 error against DESIGN.md's target; the exit status is 1 when a target is
 missed, 2 on bad input.  ``--dump`` writes what we computed under the
-fixture's key names and layouts.
+fixture's key names and layouts.  ``--steps N`` runs N steps of the
+training step and optimiser instead and compares them with the bundle's
+``trajectory.npz`` (see ddq_jax/trajectory.py).
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import sys
 import time
 
 import numpy as np
+
+from ddq_jax import cli
 
 
 def _load_npz(path):
@@ -37,21 +44,29 @@ def _dn_slot_view(x, *, axis, d_ref, d_ours):
 
 
 def run_inference(model, variables, inputs):
+  """The inference forward's intermediates (fixture names -> numpy)."""
   import jax
-  fn = jax.jit(lambda v, *a: model.apply(v, a[0], a[1], img_shapes=a[2],
-                                         scale_factors=a[3]))
+  from ddq_jax.models.detector import INTERMEDIATES
+
+  def fn(v, *a):
+    _, state = model.apply(v, a[0], a[1], img_shapes=a[2],
+                           scale_factors=a[3], mutable=[INTERMEDIATES])
+    return state[INTERMEDIATES]
   args = (inputs['images'].astype(np.float32), inputs['pad_mask'].astype(bool),
           inputs['img_shapes'].astype(np.int32),
           inputs['scale_factors'].astype(np.float32))
   t0 = time.perf_counter()
-  out = jax.device_get(fn(variables, *args))
-  return out, time.perf_counter() - t0
+  out = jax.device_get(jax.jit(fn)(variables, *args))
+  return dict(out), time.perf_counter() - t0
 
 
 def run_training(model, config, variables, inputs):
-  """Training forward + every loss + gradients, with the injected dn queries."""
+  """Training forward + every loss + gradients, with the injected dn
+  queries.  Returns (total, intermediates, losses, grads, num_dn_slots,
+  seconds)."""
   import jax
-  from ddq_jax.losses.criterion import CriterionConfig, total_loss
+  from ddq_jax.losses.config import CriterionConfig
+  from ddq_jax.losses.criterion import total_loss
   from ddq_jax.training.objective import forward_and_losses
   cfg = CriterionConfig.from_config(config)
   batch = dict(images=inputs['images'].astype(np.float32),
@@ -61,20 +76,23 @@ def run_training(model, config, variables, inputs):
                gt_labels=inputs['gt_labels'].astype(np.int32),
                gt_valid=inputs['gt_valid'].astype(bool))
   inject = dict(label_ids=inputs['dn_label_ids'],
-                reference_points=inputs['dn_reference_points'],
-                num_groups=inputs['dn_num_groups'])
+                reference_points=inputs['dn_reference_points'])
+  num_dn_slots = []
 
   def objective(params):
-    out, losses = forward_and_losses(
+    losses, out, inter = forward_and_losses(
         model, {'params': params, 'batch_stats': variables['batch_stats']},
-        batch, jax.random.key(0), cfg=cfg, dn_inject=inject)
-    return total_loss(losses), (out, losses)
+        batch, jax.random.key(0), cfg=cfg, dn_inject=inject,
+        capture_intermediates=True)
+    num_dn_slots.append(out.layout.num_dn)
+    return total_loss(losses), (inter, losses)
 
   t0 = time.perf_counter()
   (loss, (out, losses)), grads = jax.device_get(
       jax.jit(jax.value_and_grad(objective, has_aux=True))(
           variables['params']))
-  return loss, out, losses, grads, time.perf_counter() - t0
+  return (loss, dict(out), losses, grads, num_dn_slots[-1],
+          time.perf_counter() - t0)
 
 
 def _grad_of(grads, torch_name, ref):
@@ -107,8 +125,11 @@ def _global_norm(tree):
 
 
 def verify(bundle: str, *, train: bool = False, dump: str | None = None,
-           config_path: str | None = None, out=print) -> bool:
-  from ddq_jax.config import load_config
+           config=None, overrides: dict | None = None, out=print) -> bool:
+  """Runs the bundle's checks; True when every tensor is within target.
+  ``config``: instead of the checkpoint's ``meta['cfg']`` (which then takes
+  ``overrides``)."""
+  from ddq_jax.config import apply_overrides
   from ddq_jax.conversion.converter import convert_checkpoint
   from ddq_jax.models.detector import build_model
   from ddq_jax.parity import compare
@@ -119,8 +140,10 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path}: missing; a bundle holds checkpoint.pth '
                               'and inputs.npz (optionally infer.npz, train.npz)')
-  config = load_config(config_path) if config_path else None
+  given = config is not None
   variables, config, report = convert_checkpoint(ckpt, config)
+  if not given:
+    apply_overrides(config, overrides or {})
   out(f'converted {report.converted} tensors ({len(report.ignored)} ignored) '
       f'config {config.name}')
   inputs = _load_npz(inputs_path)
@@ -129,9 +152,7 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
 
   ours, seconds = run_inference(model, variables, inputs)
   out(f'inference: {seconds:.1f} s (compile + run)')
-  for key, value in ours.items():
-    if isinstance(value, np.ndarray) or np.isscalar(value):
-      dumped[key] = np.asarray(value)
+  dumped.update((key, np.asarray(value)) for key, value in ours.items())
   ref_path = os.path.join(bundle, 'infer.npz')
   if os.path.isfile(ref_path):
     ref = _load_npz(ref_path)
@@ -142,24 +163,18 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
         out(f'--   {key:<44s} not produced by us')
 
   if train:
-    loss, tout, losses, grads, seconds = run_training(model, config, variables,
-                                                      inputs)
+    loss, tout, losses, grads, d_ours, seconds = run_training(
+        model, config, variables, inputs)
     out(f'training forward + loss + gradients: {seconds:.1f} s')
-    d_ours = int(tout['num_dn_slots'])
     d_ref = int(inputs['dn_label_ids'].shape[1])
+    num_queries = tout['decoder_query_in'].shape[1]   # our Q = D + rest
     train_dump = {}
     for key, value in tout.items():
-      if not isinstance(value, np.ndarray):
-        continue
-      if key in ('hidden_states', 'references', 'all_layers_cls_scores',
-                 'all_layers_bbox_preds', 'decoder_query_in',
-                 'decoder_reference_in'):
-        value = _dn_slot_view(value, axis=value.ndim - 2, d_ref=d_ref,
-                              d_ours=d_ours)
-      elif key == 'self_attn_mask_in':
-        value = _dn_slot_view(_dn_slot_view(value, axis=0, d_ref=d_ref,
-                                            d_ours=d_ours),
-                              axis=1, d_ref=d_ref, d_ours=d_ours)
+      value = np.asarray(value)
+      # every query axis (size Q) in the reference's dn slot layout
+      for axis in range(value.ndim):
+        if value.shape[axis] == num_queries:
+          value = _dn_slot_view(value, axis=axis, d_ref=d_ref, d_ours=d_ours)
       train_dump[key] = value
     for key, value in losses.items():
       train_dump[f'loss/{key}'] = np.asarray(value)
@@ -204,18 +219,35 @@ def main(argv=None) -> int:
                       'the gradients, and compare with train.npz')
   parser.add_argument('--dump', default=None,
                       help='write our tensors to this .npz (fixture key names)')
-  parser.add_argument('--config', default=None,
-                      help="use this config instead of the checkpoint's "
-                      "meta['cfg']")
-  args = parser.parse_args(argv)
+  cli.add_config_argument(parser, help_text="instead of the checkpoint's "
+                          "meta['cfg'].")
+  parser.add_argument('--steps', type=int, default=None, metavar='N',
+                      help='run N optimiser steps of the training step on '
+                      "the bundle's batch and compare with its "
+                      'trajectory.npz; --config.KEY=VALUE overrides config '
+                      "fields (after trajectory.json's settings)")
+  args, overrides = cli.parse_args(parser, argv)
+  if args.steps is not None and args.train:
+    parser.error('--steps and --train are separate runs: give one')
+  config = (cli.load_or_fail(parser, args.config, overrides)
+            if args.config and args.steps is None else None)
   from ddq_jax.conversion.converter import ConversionError
   from ddq_jax.conversion.mmdet_config import ConfigParseError
   from ddq_jax.conversion.torch_pickle import CheckpointReadError
+  bad_input = (FileNotFoundError, CheckpointReadError, ConfigParseError,
+               ConversionError, KeyError, ValueError)
+  if args.steps is not None:
+    from ddq_jax import trajectory
+    bad_input += (trajectory.TrajectoryInputError,)
   try:
-    ok = verify(args.bundle, train=args.train, dump=args.dump,
-                config_path=args.config)
-  except (FileNotFoundError, CheckpointReadError, ConfigParseError,
-          ConversionError, KeyError) as e:
+    if args.steps is not None:
+      ok = trajectory.verify_steps(args.bundle, steps=args.steps,
+                                   dump=args.dump, config_path=args.config,
+                                   overrides=overrides)
+    else:
+      ok = verify(args.bundle, train=args.train, dump=args.dump,
+                  config=config, overrides=overrides)
+  except bad_input as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0 if ok else 1

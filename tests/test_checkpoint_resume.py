@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import standin  # noqa: E402
 
 from ddq_jax.parallel import sharding as shd  # noqa: E402
+from ddq_jax import weights  # noqa: E402
 from ddq_jax.training.checkpoint import Checkpointer, load_params_only  # noqa: E402
 
 
@@ -160,9 +161,9 @@ def test_init_from_pretrained(tiny_config, tiny_state_dict, tiny_variables,
   tv = {k[len('backbone.'):]: v for k, v in tiny_state_dict.items()
         if k.startswith('backbone.')}
   tv['fc.weight'] = np.zeros((10, 4), np.float32)
-  assert loop.is_torchvision_resnet(tv)
-  assert not loop.is_torchvision_resnet(tiny_state_dict)
-  bb = loop.torchvision_backbone_variables(tv, tiny_config)
+  assert weights.is_torchvision_resnet(tv)
+  assert not weights.is_torchvision_resnet(tiny_state_dict)
+  bb = weights.torchvision_backbone_variables(tv, tiny_config)
   s2, rep = state_lib.merge_variables(state, bb, tx)
   n_bb = len(jax.tree.leaves(tiny_variables['params']['backbone'])) + len(
       jax.tree.leaves(tiny_variables['batch_stats']['backbone']))

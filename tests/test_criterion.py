@@ -1,17 +1,47 @@
 """DDQ-DETR criterion: parity with the reference's loss dict and gradients,
 padding invariance, masked == indexed, edge cases, one compile."""
+import dataclasses
+
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
+from ddq_jax.config import load_config
 from ddq_jax.losses import criterion as C
-from ddq_jax.losses.dense_aux import get_matcher
+from ddq_jax.losses import set_loss as S
+from ddq_jax.losses.config import CriterionConfig
+from ddq_jax.losses.hungarian import hungarian_match_batched
+from ddq_jax.models import outputs as O
+from ddq_jax.models.denoising import dn_layout
 
 NUM_DENSE = 45
-CFG = C.CriterionConfig(num_dn_queries=20)
+NUM_DN_QUERIES = 20
+CFG = CriterionConfig.from_config(load_config('tiny', {
+    'loss.hungarian_solver': 'scipy'}))
 REL = 1e-4
+GT_KEYS = ('gt_boxes', 'gt_labels', 'gt_valid', 'img_shapes')
+
+
+def _criterion(c, b, a, *, cfg=CFG, axis_name=None):
+  """The production criterion on fixture arrays: the head outputs as the
+  detector hands them over (``DetectorOutputs``), the denoising layout from
+  the production ``dn_layout``."""
+  qd = a['enc_cls_scores'].shape[-2]
+  d = c.shape[2] - qd - NUM_DENSE
+  outputs = O.DetectorOutputs(
+      cls_logits=c, boxes=b, distinct_masks=a['distinct_masks'],
+      layout=O.QueryLayout(num_dn=d, num_distinct=qd, num_dense=NUM_DENSE),
+      encoder=O.EncoderPredictions(
+          cls_logits=a['enc_cls_scores'], boxes=a['enc_bbox_preds'],
+          dense_cls_logits=a['aux_enc_cls_scores'],
+          dense_boxes=a['aux_enc_bbox_preds']),
+      denoising=O.DenoisingTargets.from_layout(dn_layout(
+          jnp.asarray(a['gt_valid']), num_dn_queries=NUM_DN_QUERIES,
+          num_slots=d)))
+  return C.ddq_criterion(outputs, cfg=cfg, axis_name=axis_name,
+                         **{k: a[k] for k in GT_KEYS})
 
 
 def _args(t, i):
@@ -40,7 +70,7 @@ _TRACES = []
 def _losses_and_grads(c, b, a):
   _TRACES.append(c.shape)
   def total(c, b):
-    losses = C.ddq_criterion(c, b, num_dense=NUM_DENSE, cfg=CFG, **a)
+    losses = _criterion(c, b, a)
     return C.total_loss(losses), losses
   (_, losses), grads = jax.value_and_grad(total, (0, 1), has_aux=True)(c, b)
   return losses, grads
@@ -141,13 +171,13 @@ def test_padding_gt_and_dn_slots_is_invisible(tiny_train, tiny_inputs,
 
 
 def _distinct_only(cls, box, mask, gt_boxes, gt_labels, gt_valid, img_shapes):
-  match = get_matcher()
-  cost = C.hungarian_cost_distinct(
+  cost = S.distinct_match_cost(
       cls, box, gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
       img_shapes=img_shapes, cfg=CFG)
-  assigned = match(cost, row_valid=mask, col_valid=gt_valid, solver=CFG.solver)
+  assigned = hungarian_match_batched(cost, row_valid=mask, col_valid=gt_valid,
+                                     solver=CFG.solver)
   assigned = jnp.where(mask, assigned, -1)
-  return np.array(C.set_loss(cls, box, assigned, query_mask=mask,
+  return np.array(S.set_loss(cls, box, assigned, query_mask=mask,
                              gt_boxes=gt_boxes, gt_labels=gt_labels,
                              img_shapes=img_shapes, cfg=CFG))
 
@@ -238,10 +268,9 @@ def test_one_compile_for_given_shapes(tiny_train, tiny_inputs):
 
 def test_jax_solver_matches_reference(tiny_train, tiny_inputs):
   """The on-device (pure JAX) Hungarian solver gives the same losses."""
-  cfg = C.CriterionConfig(num_dn_queries=20, solver='jax')
+  cfg = dataclasses.replace(CFG, solver='jax')
   c, b, a = _split(_args(tiny_train, tiny_inputs))
-  out = jax.jit(lambda c, b, a: C.ddq_criterion(
-      c, b, num_dense=NUM_DENSE, cfg=cfg, **a))(c, b, a)
+  out = jax.jit(lambda c, b, a: _criterion(c, b, a, cfg=cfg))(c, b, a)
   for k, v in out.items():
     ref = float(np.ravel(tiny_train['loss/' + k])[0])
     assert _rel(float(v), ref) < REL, (k, float(v), ref)
@@ -256,8 +285,7 @@ def test_axis_name_averages_factors_across_devices(tiny_train, tiny_inputs):
   split = lambda x, ax: np.stack(np.split(x, 2, axis=ax))
   cd, bd = split(c, 1), split(b, 1)
   ad = {k: split(v, 1 if k == 'distinct_masks' else 0) for k, v in a.items()}
-  fn = lambda c, b, a, ax: C.ddq_criterion(c, b, num_dense=NUM_DENSE, cfg=CFG,
-                                           axis_name=ax, **a)
+  fn = lambda c, b, a, ax: _criterion(c, b, a, axis_name=ax)
   sharded = jax.jit(jax.vmap(lambda c, b, a: fn(c, b, a, 'dev'),
                              axis_name='dev'))(cd, bd, ad)
   alone = jax.jit(jax.vmap(lambda c, b, a: fn(c, b, a, None)))(cd, bd, ad)
@@ -268,6 +296,11 @@ def test_axis_name_averages_factors_across_devices(tiny_train, tiny_inputs):
 
 
 def test_config_from_project_config(tiny_config):
-  cfg = C.CriterionConfig.from_config(tiny_config)
-  assert cfg == C.CriterionConfig(num_dn_queries=20, solver=cfg.solver)
+  cfg = CriterionConfig.from_config(tiny_config)
+  # the reference's DDQ-DETR loss settings, read from the config
+  assert cfg == CriterionConfig(
+      num_classes=80, focal_alpha=0.25, focal_gamma=2.0, cls_weight=1.0,
+      bbox_weight=5.0, iou_weight=2.0, match_cls_weight=2.0,
+      match_bbox_weight=5.0, match_iou_weight=2.0, aux_num_pos=4,
+      aux_alpha=1.0, aux_beta=6.0, solver=cfg.solver)
   assert cfg.solver in ('scipy', 'jax')

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
-from ddq_jax.models.detector import build_model
+from ddq_jax.models.detector import INTERMEDIATES, build_model
 from ddq_jax.models.inference import make_predict_fn, validate_predict_inputs
+from ddq_jax.models.outputs import Detections
 
 EXACT = ('feat_mask', 'memory_mask', 'topk_indices', 'num_kept_after_nms',
          'distinct_keep_0', 'distinct_keep_1', 'head_query_mask_0',
@@ -41,13 +42,35 @@ def model(tiny_config):
   return build_model(tiny_config)
 
 
+def _apply_with_intermediates(model, v, x, **kwargs):
+  """(DetectorOutputs, the sown intermediates under the fixtures' names)."""
+  out, state = model.apply(v, x['images'], x['pad_mask'],
+                           mutable=[INTERMEDIATES], **kwargs)
+  return out, dict(state[INTERMEDIATES])
+
+
 @pytest.fixture(scope='module')
-def infer_out(model, tiny_variables, tiny_inputs):
-  fn = jax.jit(lambda v, x: model.apply(
-      v, x['images'], x['pad_mask'], img_shapes=x['img_shapes'],
+def infer_run(model, tiny_variables, tiny_inputs):
+  fn = jax.jit(lambda v, x: _apply_with_intermediates(
+      model, v, x, img_shapes=x['img_shapes'],
       scale_factors=x['scale_factors']))
   out = fn(tiny_variables, {k: tiny_inputs[k] for k in INFER_INPUTS})
   return jax.tree.map(np.asarray, out)
+
+
+@pytest.fixture(scope='module')
+def infer_out(infer_run):
+  return infer_run[1]
+
+
+def test_outputs_are_the_intermediates(infer_run):
+  """The typed outputs hold the same arrays as the sown intermediates."""
+  out, inter = infer_run
+  np.testing.assert_array_equal(out.cls_logits, inter['all_layers_cls_scores'])
+  np.testing.assert_array_equal(out.boxes, inter['all_layers_bbox_preds'])
+  np.testing.assert_array_equal(out.detections.boxes, inter['det_bboxes'])
+  np.testing.assert_array_equal(out.detections.labels, inter['det_labels'])
+  assert out.distinct_masks.shape[0] == 2 and out.encoder is None
 
 
 def test_inference_matches_every_fixture_tensor(infer_out, tiny_infer):
@@ -60,8 +83,8 @@ def test_inference_matches_every_fixture_tensor(infer_out, tiny_infer):
 
 def test_kept_set_semantics_changes_only_image0_predictions(
     model, tiny_variables, tiny_inputs, infer_out, tiny_infer):
-  out = jax.jit(lambda v, x: model.apply(
-      v, x['images'], x['pad_mask'], img_shapes=x['img_shapes'],
+  _, out = jax.jit(lambda v, x: _apply_with_intermediates(
+      model, v, x, img_shapes=x['img_shapes'],
       scale_factors=x['scale_factors'], semantics='kept_set'))(
           tiny_variables, {k: tiny_inputs[k] for k in INFER_INPUTS})
   out = jax.tree.map(np.asarray, out)
@@ -88,12 +111,12 @@ def test_predict_fn_compiles_once(model, tiny_variables, tiny_inputs,
   predict = make_predict_fn(model)
   args = [tiny_inputs[k] for k in INFER_INPUTS]
   dets = predict(tiny_variables, *args)
-  assert set(dets) == {'boxes', 'scores', 'labels', 'valid'}
-  assert np.abs(np.asarray(dets['boxes']) - tiny_infer['det_bboxes']).max() \
+  assert isinstance(dets, Detections)
+  assert np.abs(np.asarray(dets.boxes) - tiny_infer['det_bboxes']).max() \
       <= 1e-3
-  assert np.abs(np.asarray(dets['scores']) - tiny_infer['det_scores']).max() \
+  assert np.abs(np.asarray(dets.scores) - tiny_infer['det_scores']).max() \
       <= 1e-5
-  np.testing.assert_array_equal(dets['labels'], tiny_infer['det_labels'])
+  np.testing.assert_array_equal(dets.labels, tiny_infer['det_labels'])
   # New values, same shapes: no retrace.
   images = np.ascontiguousarray(args[0][::-1])
   dets2 = predict(tiny_variables, images, args[1][::-1], args[2][::-1],
@@ -141,34 +164,30 @@ TRAIN_INPUTS = ('images', 'pad_mask', 'img_shapes', 'gt_boxes', 'gt_labels',
 def train_run(model, tiny_config, tiny_variables, tiny_inputs):
   """One compile: training forward + criterion, value_and_grad over every
   parameter.  Returns (total, losses, forward outputs, grads), numpy."""
-  from ddq_jax.losses.criterion import (CriterionConfig, ddq_criterion,
-                                        total_loss)
+  from ddq_jax.losses.criterion import ddq_criterion, total_loss
+  from ddq_jax.losses.config import CriterionConfig
   cfg = CriterionConfig.from_config(tiny_config)
+  layouts = []
 
   def loss_fn(params, x):
-    out = model.apply(
-        {'params': params, 'batch_stats': tiny_variables['batch_stats']},
-        x['images'], x['pad_mask'], img_shapes=x['img_shapes'], train=True,
+    out, inter = _apply_with_intermediates(
+        model, {'params': params, 'batch_stats': tiny_variables['batch_stats']},
+        x, img_shapes=x['img_shapes'], train=True,
         gt_boxes=x['gt_boxes'], gt_labels=x['gt_labels'],
         gt_valid=x['gt_valid'],
         dn_inject=dict(label_ids=x['dn_label_ids'],
                        reference_points=x['dn_reference_points']))
+    layouts.append(out.layout)
     losses = ddq_criterion(
-        out['all_layers_cls_scores'], out['all_layers_bbox_preds'],
-        distinct_masks=out['head_query_mask'],
-        enc_cls_scores=out['head_in_enc_outputs_class'],
-        enc_bbox_preds=out['head_in_enc_outputs_coord'],
-        aux_enc_cls_scores=out['head_in_aux_enc_outputs_class'],
-        aux_enc_bbox_preds=out['head_in_aux_enc_outputs_coord'],
-        gt_boxes=x['gt_boxes'], gt_labels=x['gt_labels'],
-        gt_valid=x['gt_valid'], img_shapes=x['img_shapes'],
-        num_dense=out['num_dense_queries'],
-        dn_num_groups=out['dn_meta_num_denoising_groups'], cfg=cfg)
-    return total_loss(losses), (losses, out)
+        out, gt_boxes=x['gt_boxes'], gt_labels=x['gt_labels'],
+        gt_valid=x['gt_valid'], img_shapes=x['img_shapes'], cfg=cfg)
+    return total_loss(losses), (losses, inter)
 
   x = {k: tiny_inputs[k] for k in TRAIN_INPUTS}
   (total, (losses, out)), grads = jax.jit(jax.value_and_grad(
       loss_fn, has_aux=True))(tiny_variables['params'], x)
+  out = dict(out, num_dn_slots=layouts[-1].num_dn,
+             num_dense_queries=layouts[-1].num_dense)
   return jax.tree.map(np.asarray, (total, losses, out, grads))
 
 

@@ -129,7 +129,7 @@ def cli_run(tmp_path_factory):
   args = ['--config', 'tiny', '--weights', TINY_PTH, '--out', out,
           '--batch-size', str(BATCH), '--no-progress']
   for o in OVERRIDES:
-    args += ['--set', o]
+    args.append(f'--config.{o}')
   evaluate.main(args)
   return out
 
@@ -166,7 +166,8 @@ def test_sharded_equals_single_device(cli_run):
   import jax
   from ddq_jax.config import load_config
   from ddq_jax.data import build_dataset, make_eval_iterator
-  from ddq_jax.evaluation import data_mesh, evaluate_model
+  from ddq_jax.evaluation import evaluate_model
+  from ddq_jax.parallel.mesh import make_mesh
   from ddq_jax.models.detector import build_model
   from ddq_jax.models.inference import make_predict_fn
   from ddq_jax.weights import load_weights
@@ -177,7 +178,7 @@ def test_sharded_equals_single_device(cli_run):
   it = make_eval_iterator(config, batch_size=BATCH, dataset=src, num_workers=0)
   predict = make_predict_fn(build_model(config))
   metrics, dets = evaluate_model(predict, variables, it,
-                                 mesh=data_mesh(jax.devices()[:1]),
+                                 mesh=make_mesh(None, jax.devices()[:1]),
                                  progress=False, print_table=False)
   with open(os.path.join(cli_run, 'metrics.json')) as f:
     sharded = json.load(f)
@@ -197,7 +198,7 @@ def test_sharded_equals_single_device(cli_run):
   # max_images: whole batches run, metrics cover exactly the first N images
   it = make_eval_iterator(config, batch_size=BATCH, dataset=src, num_workers=0)
   m3, d3 = evaluate_model(predict, variables, it, max_images=3,
-                          mesh=data_mesh(jax.devices()[:1]), progress=False,
+                          mesh=make_mesh(None, jax.devices()[:1]), progress=False,
                           print_table=False)
   assert m3['num_images'] == 3
   assert m3['num_compiles'] == 0  # same predict fn, same shapes

@@ -209,7 +209,7 @@ def test_initial_class_scores_near_prior(setup):
   images = jnp.asarray(rng.normal(size=(1, size, size, 3)), jnp.float32)
   pad_mask = jnp.zeros((1, size, size), bool)
   out = jax.jit(lambda v, x, m: model.apply(v, x, m))(v, images, pad_mask)
-  scores = jax.nn.sigmoid(out['all_layers_cls_scores'])
+  scores = jax.nn.sigmoid(out.cls_logits)
   mean = float(scores.mean())
   assert 0.005 < mean < 0.03, mean
   assert float(scores.max()) < 0.5

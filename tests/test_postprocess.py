@@ -19,14 +19,14 @@ def test_predict_matches_fixture(tiny_config, tiny_infer, tiny_inputs):
   mask = fx[f'head_query_mask_{last}']
   assert mask[0].all() and not mask[1].all()  # both semantics exercised
   out = _run(tiny_config, fx, tiny_inputs, mask)
-  np.testing.assert_array_equal(np.asarray(out['labels']), fx['det_labels'])
-  err_s = np.abs(np.asarray(out['scores']) - fx['det_scores']).max()
-  err_b = np.abs(np.asarray(out['bboxes']) - fx['det_bboxes']).max()
+  np.testing.assert_array_equal(np.asarray(out.labels), fx['det_labels'])
+  err_s = np.abs(np.asarray(out.scores) - fx['det_scores']).max()
+  err_b = np.abs(np.asarray(out.boxes) - fx['det_bboxes']).max()
   assert err_s <= 1e-5, err_s
   assert err_b <= 1e-3, err_b
-  assert np.asarray(out['valid']).all()
+  assert np.asarray(out.valid).all()
   # excluded queries never appear
-  qi = np.asarray(out['query_index'])
+  qi = np.asarray(out.query_index)
   assert mask[1][qi[1]].all()
 
 
@@ -42,8 +42,8 @@ def test_predict_reference_indexing(tiny_config, tiny_infer, tiny_inputs):
     box = fx['all_layers_bbox_preds'][-1, i][mask[i]]
     s = 1 / (1 + np.exp(-cls.astype(np.float64)))
     order = np.argsort(-s.reshape(-1), kind='stable')[:tiny_config.max_per_img]
-    np.testing.assert_array_equal(np.asarray(out['labels'][i]), order % k)
-    np.testing.assert_array_equal(np.asarray(out['query_index'][i]),
+    np.testing.assert_array_equal(np.asarray(out.labels[i]), order % k)
+    np.testing.assert_array_equal(np.asarray(out.query_index[i]),
                                   np.nonzero(mask[i])[0][order // k])
     b = box[order // k]
     h, w = tiny_inputs['img_shapes'][i]
@@ -51,4 +51,4 @@ def test_predict_reference_indexing(tiny_config, tiny_infer, tiny_inputs):
                           -1) * [w, h, w, h]
     xyxy = np.clip(xyxy, 0, [w, h, w, h]) / np.tile(
         tiny_inputs['scale_factors'][i], 2)
-    assert np.abs(np.asarray(out['bboxes'][i]) - xyxy).max() < 1e-3
+    assert np.abs(np.asarray(out.boxes[i]) - xyxy).max() < 1e-3

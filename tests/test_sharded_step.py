@@ -72,6 +72,29 @@ def test_mesh_shapes():
   assert shd.leaf_spec((5, 7), 2, min_size=1) == P()
 
 
+def test_partition_rules_from_config_and_eval_placement():
+  """Rules are data in config.mesh; placing a tree that training already
+  sharded on 'model' (as the periodic evaluation does) keeps its sharding."""
+  c = standin.config()
+  c.mesh.model = 2
+  c.mesh.partition_rules = (('^neck/', 'replicate'), ('.*', 'largest_axis'))
+  c.mesh.min_shard_size = 100
+  mesh = mesh_lib.make_mesh(c)
+  tree = {'neck': {'kernel': np.ones((64, 256), np.float32)},
+          'head': {'kernel': np.ones((64, 256), np.float32)}}
+  rules, min_size = shd.rules_from_config(c)
+  sh = shd.tree_shardings(tree, mesh, min_size=min_size, rules=rules)
+  assert sh['neck']['kernel'].spec == P()
+  assert sh['head']['kernel'].spec == P(None, 'model')
+  placed = shd.place_tree(tree, mesh, c)
+  assert placed['head']['kernel'].sharding.spec == P(None, 'model')
+  again = shd.place_tree(placed, mesh, c)
+  assert again['head']['kernel'].sharding == placed['head']['kernel'].sharding
+  c.mesh.partition_rules = (('.*', 'shard_everything'),)
+  with pytest.raises(ValueError, match='partition_rules'):
+    shd.rules_from_config(c)
+
+
 def test_data_parallel_8_devices(single):
   assert single['compiles'] == 1
   dp = _run(standin.config(), jax.devices())

@@ -4,6 +4,7 @@ Examples:
   python convert_weights.py ddq-detr-4scale_r50.pth --out weights/ddq_r50
   python convert_weights.py ckpt.pth --config configs/ddq_r50_4scale.py --out w/
   python convert_weights.py resnet50-0676ba61.pth --torchvision --out w/r50
+  python convert_weights.py ckpt.pth --out w/ --config.num_queries=300
 
 --out must be a new or empty directory, or a previous conversion (replaced
 atomically).  A non-empty directory holding other files, or an existing
@@ -16,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddq_jax.config import load_config
+from ddq_jax import cli
+from ddq_jax.config import apply_overrides
 from ddq_jax.conversion import weights_io
 from ddq_jax.conversion.converter import ConversionError, convert_checkpoint
 from ddq_jax.conversion.mmdet_config import ConfigParseError
@@ -34,12 +36,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--out', required=True,
                  help='output directory (variables.msgpack + config.json), '
                  'written atomically: new, empty or a previous conversion')
-  p.add_argument('--config', default=None,
-                 help="our config (name or path) to use instead of the "
-                 "checkpoint's own meta['cfg'] text")
+  cli.add_config_argument(p, help_text="instead of the checkpoint's own "
+                          "meta['cfg'] text.")
   p.add_argument('--torchvision', action='store_true',
                  help='the file is a torchvision ResNet state_dict: write '
-                 'backbone-only variables for initialising training')
+                 'backbone-only variables for initialising training (a bare '
+                 'ResNet state_dict is recognised without this flag)')
   p.add_argument('--overwrite', action='store_true',
                  help='write into a non-empty --out that is not a previous '
                  'conversion (only our three files are replaced)')
@@ -49,14 +51,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args, overrides = cli.parse_args(parser, argv)
+  given = (cli.load_or_fail(parser, args.config, overrides)
+           if args.config else None)
   save = dict(overwrite=args.overwrite, inputs=(args.checkpoint,))
   try:
     # Refuse a bad --out before the (slow) conversion.
     weights_io.check_output_dir(args.out, **save)
-    if args.torchvision:
+    from ddq_jax.weights import weight_format
+    if args.torchvision or weight_format(args.checkpoint) == 'torchvision':
       from ddq_jax.conversion.torchvision import torchvision_resnet_to_variables
-      config = load_config(args.config or 'ddq_r50_4scale')
+      config = given or cli.load_or_fail(parser, 'ddq_r50_4scale', overrides)
       state_dict = state_dict_of(load_torch_checkpoint(args.checkpoint),
                                  args.checkpoint)
       variables = torchvision_resnet_to_variables(state_dict)
@@ -66,9 +72,10 @@ def main(argv=None) -> int:
       print(f'wrote backbone variables ({len(state_dict)} tensors read) '
             f'to {args.out}')
       return 0
-    config = load_config(args.config) if args.config else None
     variables, config, report = convert_checkpoint(
-        args.checkpoint, config, check=not args.no_check)
+        args.checkpoint, given, check=not args.no_check)
+    if given is None:
+      apply_overrides(config, overrides)
     weights_io.save_converted(
         args.out, variables, config,
         extra={'source': args.checkpoint, 'kind': 'mmdet_ddq_detr',
@@ -78,8 +85,9 @@ def main(argv=None) -> int:
           FileNotFoundError, KeyError, ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  reasons = '; '.join(sorted(set(report.ignored.values()))) or 'none'
   print(f'converted {report.converted} tensors '
-        f'({len(report.ignored)} deliberately ignored: BatchNorm counters) '
+        f'({len(report.ignored)} deliberately ignored: {reasons}) '
         f'for config {config.name!r} -> {args.out}')
   return 0
 

@@ -88,6 +88,8 @@ def convert_state_dict_checked(
     state_dict: dict[str, np.ndarray], config: ml_collections.ConfigDict,
     *, check: bool = True) -> tuple[dict, ConversionReport]:
   variables, ignored, unmapped = mapping.convert_state_dict(state_dict)
+  # Both collections always present (a Swin backbone has no BatchNorm).
+  variables.setdefault('batch_stats', {})
   report = ConversionReport(converted=sum(1 for _ in _flatten(variables)),
                             ignored=ignored, unmapped=sorted(unmapped))
   if check:

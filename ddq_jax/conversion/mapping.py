@@ -42,6 +42,11 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule(r'^(?P<m>.*)\.num_batches_tracked$', None,
          why='BatchNorm step counter; unused with frozen statistics'),
+    # Swin window attention: the index is a constant the model rebuilds.
+    Rule(r'^(?P<m>.*)\.relative_position_index$', None,
+         why='Swin relative position index; a constant of the window size'),
+    Rule(r'^(?P<m>.*)\.relative_position_bias_table$', 'params',
+         'relative_position_bias_table'),
     Rule(r'^(?P<m>.*)\.running_mean$', 'batch_stats', 'mean'),
     Rule(r'^(?P<m>.*)\.running_var$', 'batch_stats', 'var'),
     # nn.MultiheadAttention packs q/k/v as one (3C, C) projection.

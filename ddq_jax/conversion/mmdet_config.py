@@ -85,11 +85,13 @@ def config_from_mmdet(text: str,
     raise ConfigParseError(
         f"checkpoint is a {model.get('type')!r} model; expected 'DDQDETR'")
   backbone = model.get('backbone') or {}
-  if backbone.get('type') != 'ResNet':
+  if backbone.get('type') not in ('ResNet', 'SwinTransformer'):
     raise ConfigParseError(
         f"backbone {backbone.get('type')!r} is not supported; expected "
-        "'ResNet' (Swin-L checkpoints are not supported yet)")
-  if backbone.get('style', 'pytorch') != 'pytorch':
+        "'ResNet' or 'SwinTransformer'")
+  if backbone.get('type') == 'SwinTransformer':
+    base = 'ddq_swinl_4scale' if base == 'ddq_r50_4scale' else base
+  elif backbone.get('style', 'pytorch') != 'pytorch':
     raise ConfigParseError(f"ResNet style {backbone.get('style')!r}; expected "
                            "'pytorch'")
   c = load_config(base)
@@ -118,11 +120,18 @@ def config_from_mmdet(text: str,
   if 2 * int(pos_feats) != c.embed_dims:
     raise ConfigParseError(f'positional num_feats {pos_feats} must be half of '
                            f'embed_dims {c.embed_dims}')
-  c.backbone.depth = int(backbone.get('depth', 50))
-  c.backbone.base_channels = int(backbone.get('base_channels', 64))
-  c.backbone.out_indices = tuple(int(i) for i in
-                                 backbone.get('out_indices', (1, 2, 3)))
-  c.backbone.frozen_stages = int(backbone.get('frozen_stages', 1))
+  if backbone.get('type') == 'SwinTransformer':
+    from ddq_jax.conversion.swin import swin_backbone_config
+    try:
+      swin_backbone_config(backbone, c.backbone)
+    except ValueError as e:
+      raise ConfigParseError(str(e)) from None
+  else:
+    c.backbone.depth = int(backbone.get('depth', 50))
+    c.backbone.base_channels = int(backbone.get('base_channels', 64))
+    c.backbone.out_indices = tuple(int(i) for i in
+                                   backbone.get('out_indices', (1, 2, 3)))
+    c.backbone.frozen_stages = int(backbone.get('frozen_stages', 1))
   c.neck.num_groups = int(_get(model, 'neck.norm_cfg.num_groups', 32))
   c.neck.kernel_size = int(_get(model, 'neck.kernel_size', 1))
   c.dn.num_dn_queries = int(_get(model, 'dn_cfg.group_cfg.num_dn_queries', 100))

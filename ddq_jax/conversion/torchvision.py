@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddq_jax.conversion.mapping import convert_state_dict
-from ddq_jax.conversion.torch_pickle import load_torch_checkpoint, state_dict_of
 from ddq_jax.models.backbone import ResNet
 
 _PREFIX = 'backbone.'
@@ -99,11 +98,3 @@ def torchvision_resnet_to_variables(state_dict: dict[str, np.ndarray], *,
     raise ValueError('\n'.join(lines))
   return {'params': variables.get('params', {}).get('backbone', {}),
           'batch_stats': variables.get('batch_stats', {}).get('backbone', {})}
-
-
-def load_torchvision_resnet(path: str, *, depth: int = 50,
-                            base_channels: int = 64) -> dict[str, dict]:
-  """Reads a torchvision ``resnet50-*.pth`` (no torch needed) and converts it."""
-  sd = state_dict_of(load_torch_checkpoint(path), path)
-  return torchvision_resnet_to_variables(sd, depth=depth,
-                                         base_channels=base_channels)

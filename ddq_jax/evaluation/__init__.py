@@ -6,8 +6,7 @@
 """
 from ddq_jax.evaluation.coco_metrics import (METRIC_NAMES, coco_box_metrics,
                                              detections_to_coco, format_table)
-from ddq_jax.evaluation.evaluator import (data_mesh, evaluate_model,
-                                          evaluate_on_split)
+from ddq_jax.evaluation.evaluator import evaluate_model, evaluate_on_split
 
 __all__ = ['METRIC_NAMES', 'coco_box_metrics', 'detections_to_coco',
-           'format_table', 'data_mesh', 'evaluate_model', 'evaluate_on_split']
+           'format_table', 'evaluate_model', 'evaluate_on_split']

@@ -1,5 +1,6 @@
 """Model evaluation: the jitted predict step over static eval batches,
-sharded over the local devices, COCO box metrics on the host.
+sharded over the mesh's 'data' axis (``parallel/``: the same mesh and
+partition rules as training), COCO box metrics on the host.
 
     predict = make_predict_fn(build_model(config))
     metrics, dets = evaluate_model(predict, variables, dataset, config=config)
@@ -11,26 +12,21 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from ddq_jax.evaluation.coco_metrics import (coco_box_metrics,
                                              detections_to_coco, format_table)
+from ddq_jax.parallel import mesh as mesh_lib
+from ddq_jax.parallel import sharding as shd
+from ddq_jax.parallel.mesh import DATA
 
 log = logging.getLogger('ddq_jax.evaluation')
 
-DATA = 'data'
 _INPUTS = ('images', 'pad_mask', 'img_shapes', 'scale_factors')
-
-
-def data_mesh(devices=None) -> Mesh:
-  """A 1-D mesh ('data',) over ``devices`` (default: all devices)."""
-  devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,),
-                       devices=devices)
 
 
 def _data_axis_size(mesh: Mesh) -> int:
@@ -57,30 +53,10 @@ def pad_batch(batch: dict, multiple: int) -> dict:
 
 def _put_batch(batch: dict, mesh: Mesh) -> tuple:
   """Process-local numpy inputs -> global jax.Arrays split on 'data'."""
-  sharding = NamedSharding(mesh, P(DATA))
-  out = []
-  for k in _INPUTS:
-    x = np.asarray(batch[k])
-    if k == 'scale_factors':
-      x = x.astype(np.float32)
-    shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-    out.append(jax.make_array_from_process_local_data(sharding, x, shape))
-  return tuple(out)
-
-
-def _to_host(x) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
-def _gather_meta(x: np.ndarray) -> np.ndarray:
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(np.asarray(x),
-                                                      tiled=True))
+  inputs = {k: np.asarray(batch[k]) for k in _INPUTS}
+  inputs['scale_factors'] = inputs['scale_factors'].astype(np.float32)
+  put = shd.shard_batch(inputs, mesh)
+  return tuple(put[k] for k in _INPUTS)
 
 
 def _source_of(data) -> Any:
@@ -102,7 +78,7 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
 
   Args:
     predict_fn: ``fn(variables, images, pad_mask, img_shapes, scale_factors)
-      -> dict(boxes, scores, labels, valid)`` (``make_predict_fn(model)``;
+      -> Detections`` (``make_predict_fn(model)``;
       a plain function is wrapped in ``jax.jit``).
     variables: {'params', 'batch_stats'} (host or device arrays); they are
       replicated over the mesh.
@@ -111,8 +87,10 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
       (``make_eval_iterator``; every batch the same static B, the last one
       padded, padding rows have ``sample_valid`` False).
     config: the full config (data.*, eval.batch_size); only for a source.
-    mesh: a mesh with a 'data' axis; default: every device on 'data'.  The
-      batch is split over 'data' (B is padded to a multiple of its size).
+    mesh: the ('data', 'model') mesh (``parallel.mesh.make_mesh``); default:
+      every device on 'data'.  The batch is split over 'data' (B is padded
+      to a multiple of its size); the variables take the partition rules of
+      ``config.mesh`` (arrays already placed that way are not moved).
     progress: tqdm bar (images/s) on process 0.
     max_images: stop after about this many images (whole batches; metrics
       cover exactly the images that were run).
@@ -142,12 +120,12 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
     data = make_eval_iterator(config, batch_size=bs, dataset=source,
                               process_index=jax.process_index(),
                               process_count=jax.process_count())
-  mesh = mesh if mesh is not None else data_mesh()
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh(config)
   n_data = _data_axis_size(mesh)
   multiple = max(1, n_data // jax.process_count())
   if not (hasattr(predict_fn, 'jitted') or hasattr(predict_fn, 'lower')):
     predict_fn = jax.jit(predict_fn)
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  variables = shd.place_tree(variables, mesh, config)
   category_ids = list(source.category_ids)
 
   total = None
@@ -177,9 +155,9 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
 
   def drain(item):
     out, ids, valid = item
-    host = {k: _to_host(v) for k, v in out.items()}
+    host = shd.to_host(out)
     detections.extend(detections_to_coco(
-        host['boxes'], host['scores'], host['labels'], host['valid'],
+        host.boxes, host.scores, host.labels, host.valid,
         image_ids=ids, sample_valid=valid, category_ids=category_ids))
     ok = valid & (ids >= 0)
     seen.extend(int(i) for i in ids[ok])
@@ -200,8 +178,8 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
         break
       timing['data'] += time.perf_counter() - t
       batch = pad_batch(batch, multiple)
-      ids = _gather_meta(np.asarray(batch['image_ids'], np.int64))
-      valid = _gather_meta(np.asarray(batch['sample_valid'], bool))
+      ids = shd.host_allgather(np.asarray(batch['image_ids'], np.int64))
+      valid = shd.host_allgather(np.asarray(batch['sample_valid'], bool))
       before, t = compiles(), time.perf_counter()
       out = predict_fn(variables, *_put_batch(batch, mesh))  # async dispatch
       if compiles() != before:  # jit compiles synchronously at dispatch

@@ -171,6 +171,13 @@ def quality_focal_loss(pred: jnp.ndarray, labels: jnp.ndarray,
   return loss
 
 
+def as_gt_arrays(gt_boxes, gt_labels, gt_valid, img_shapes):
+  """numpy or jax ground truth -> jnp (float32 boxes, int32 labels, bool
+  valid, img_shapes as given)."""
+  return (jnp.asarray(gt_boxes, jnp.float32), jnp.asarray(gt_labels, jnp.int32),
+          jnp.asarray(gt_valid, bool), jnp.asarray(img_shapes))
+
+
 def avg_factor(value: jnp.ndarray, *, axis_name: Optional[str] = None,
                min_value: float = 1.0) -> jnp.ndarray:
   """mmdet's ``reduce_mean(value).clamp(min=min_value)``: the mean over the

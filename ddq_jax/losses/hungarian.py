@@ -261,24 +261,43 @@ def hungarian_match_batched(cost: jnp.ndarray, *, row_valid: jnp.ndarray = None,
                             col_valid: jnp.ndarray = None,
                             solver: str = 'scipy',
                             sequential: bool = False) -> jnp.ndarray:
-  """``hungarian_match`` over a batch: (B, Q, G), (B, Q), (B, G) -> (B, Q).
+  """``hungarian_match`` over leading dims: (..., Q, G), (..., Q), (..., G)
+  -> (..., Q); ``row_valid`` / ``col_valid`` broadcast against them.
 
-  ``vmap`` (one host callback for 'scipy'; for 'jax' the images' loops run
-  in lock-step, good on GPU). ``sequential=True`` runs the 'jax' solver
-  image after image with ``lax.map`` instead (less work on CPU).
+  ``vmap`` (one host callback for 'scipy' whatever the leading dims; for
+  'jax' the loops run in lock-step, good on GPU).  ``sequential=True`` runs
+  the 'jax' solver matrix after matrix with ``lax.map`` instead (less work
+  on CPU).
   """
-  b, q, g = cost.shape
-  row_valid = (jnp.ones((b, q), bool) if row_valid is None
-               else jnp.asarray(row_valid, bool))
-  col_valid = (jnp.ones((b, g), bool) if col_valid is None
-               else jnp.asarray(col_valid, bool))
+  lead = cost.shape[:-2]
+  q, g = cost.shape[-2:]
+  row_valid = (jnp.ones(lead + (q,), bool) if row_valid is None
+               else jnp.broadcast_to(jnp.asarray(row_valid, bool), lead + (q,)))
+  col_valid = (jnp.ones(lead + (g,), bool) if col_valid is None
+               else jnp.broadcast_to(jnp.asarray(col_valid, bool), lead + (g,)))
+  flat = (cost.reshape((-1, q, g)), row_valid.reshape((-1, q)),
+          col_valid.reshape((-1, g)))
   fn = lambda c, r, v: hungarian_match(c, row_valid=r, col_valid=v,
                                        solver=solver)
   if sequential and solver == 'jax':
-    return jax.lax.map(lambda a: fn(*a), (cost, row_valid, col_valid))
-  return jax.vmap(fn)(cost, row_valid, col_valid)
+    out = jax.lax.map(lambda a: fn(*a), flat)
+  else:
+    out = jax.vmap(fn)(*flat)
+  return out.reshape(lead + (q,))
 
 
-def matched_mask(gt_index_for_row: jnp.ndarray) -> jnp.ndarray:
-  """(..., Q) int32 -> (..., Q) bool, True where a row got a gt."""
-  return gt_index_for_row >= 0
+def resolve_solver(name: str, *, num_devices: int = 1) -> str:
+  """The one place ``loss.hungarian_solver`` is resolved.
+
+  'auto' -> 'scipy' for a single-device step on the CPU (fastest to
+  compile, exact), 'jax' otherwise: on accelerators it avoids a host round
+  trip per step, and on a multi-device mesh the scipy callback would gather
+  every image's cost matrix onto one device and serialise the step.
+  """
+  if name not in ('auto', 'scipy', 'jax'):
+    raise ValueError(f"loss.hungarian_solver={name!r}: expected 'auto', "
+                     "'scipy' or 'jax'")
+  if name != 'auto':
+    return name
+  single_cpu = num_devices == 1 and jax.default_backend() == 'cpu'
+  return 'scipy' if single_cpu else 'jax'

@@ -9,8 +9,10 @@ multiplied by its weight*, exactly as the reference classes do:
 - ``bbox_l1_cost``     = ``BBoxL1Cost`` (``torch.cdist(p=1)`` on boxes that
   were divided by ``[w, h, w, h]`` of ``img_shape``).
 - ``iou_cost``         = ``IoUCost`` (``-bbox_overlaps(mode)``, xyxy pixels).
-- ``hungarian_cost``   = the sum the DETR ``HungarianAssigner`` builds from
-  the three, with the box conversions of ``DETRHead._get_targets_single``.
+- ``hungarian_cost``   = the sum the DETR ``HungarianAssigner`` (and DDQ's
+  ``TopkHungarianAssigner``, with ``box_format='xyxy'``) builds from the
+  three, with the box conversions of ``DETRHead._get_targets_single``.
+  The criterion and the dense auxiliary loss both call it.
 
 Padded ground truth: the costs are computed for every column; make padded
 columns unmatchable with ``col_valid`` in ``hungarian.hungarian_match``.
@@ -25,19 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from ddq_jax.ops.boxes import cxcywh_to_xyxy
+from ddq_jax.ops.boxes import image_size_factor
 from ddq_jax.ops.boxes import pairwise_giou
 from ddq_jax.ops.boxes import pairwise_iou
 from ddq_jax.ops.boxes import xyxy_to_cxcywh
-
-
-def whwh(img_hw: jnp.ndarray, dtype) -> jnp.ndarray:
-  """(..., 2) (h, w) -> (..., 4) [w, h, w, h], the reference's ``factor``."""
-  img_hw = jnp.asarray(img_hw).astype(dtype)
-  h, w = img_hw[..., 0], img_hw[..., 1]
-  return jnp.stack([w, h, w, h], -1)
-
-
-_factor = whwh
 
 
 def focal_loss_cost(cls_logits: jnp.ndarray, gt_labels: jnp.ndarray, *,
@@ -83,7 +76,7 @@ def bbox_l1_cost_pixels(pred_xyxy: jnp.ndarray, gt_xyxy: jnp.ndarray, *,
     gt_xyxy = xyxy_to_cxcywh(gt_xyxy)
   elif box_format != 'xyxy':
     raise ValueError(box_format)
-  f = _factor(img_hw, pred_xyxy.dtype)
+  f = image_size_factor(img_hw, pred_xyxy.dtype)
   return bbox_l1_cost(pred_xyxy / f, gt_xyxy / f, weight=weight)
 
 
@@ -100,11 +93,13 @@ def iou_cost(pred_xyxy: jnp.ndarray, gt_xyxy: jnp.ndarray, *,
 
 
 def hungarian_cost(*, cls_logits: jnp.ndarray,
-                   boxes_cxcywh_norm: jnp.ndarray,
                    gt_labels: jnp.ndarray,
-                   gt_boxes_cxcywh_norm: Optional[jnp.ndarray] = None,
                    img_hw: jnp.ndarray,
+                   boxes_cxcywh_norm: Optional[jnp.ndarray] = None,
+                   pred_xyxy: Optional[jnp.ndarray] = None,
+                   gt_boxes_cxcywh_norm: Optional[jnp.ndarray] = None,
                    gt_boxes_xyxy: Optional[jnp.ndarray] = None,
+                   box_format: str = 'xywh',
                    cls_weight: float = 2.0, l1_weight: float = 5.0,
                    iou_weight: float = 2.0, alpha: float = 0.25,
                    gamma: float = 2.0, eps: float = 1e-12,
@@ -112,20 +107,26 @@ def hungarian_cost(*, cls_logits: jnp.ndarray,
   """One-to-one DETR matching cost of one image, (Q, G).
 
   Args:
-    cls_logits: (Q, K) class logits.
-    boxes_cxcywh_norm: (Q, 4) predicted sigmoid cxcywh (normalised).
+    cls_logits: (Q, K) class logits (``FocalLossCost`` applies a sigmoid;
+      DDQ's 1-to-k assigner passes probabilities here, as the reference).
     gt_labels: (G,) int labels.
+    img_hw: (2,) the image's real (h, w) = ``img_meta['img_shape']``.
+    boxes_cxcywh_norm: (Q, 4) predicted sigmoid cxcywh (normalised); or
+      instead ``pred_xyxy`` (Q, 4) in ``img_shape`` pixels.
     gt_boxes_cxcywh_norm: (G, 4) gt in normalised cxcywh; or instead
       ``gt_boxes_xyxy`` (G, 4) in ``img_shape`` pixels (the reference's own
       input; bit-closer because no round trip).
-    img_hw: (2,) the image's real (h, w) = ``img_meta['img_shape']``.
+    box_format: ``BBoxL1Cost``'s: 'xywh' (``HungarianAssigner`` of DINO /
+      DDQ) or 'xyxy' (``TopkHungarianAssigner``).
 
   Same arithmetic as the reference: predictions -> xyxy * factor (pixels);
-  FocalLossCost on the logits; BBoxL1Cost(box_format='xywh') on
-  cxcywh(pixels) / factor; IoUCost(giou) on the pixel boxes.
+  FocalLossCost on the logits; BBoxL1Cost on the (converted) pixel boxes /
+  factor; IoUCost on the pixel boxes.
   """
-  f = _factor(img_hw, boxes_cxcywh_norm.dtype)
-  pred_xyxy = cxcywh_to_xyxy(boxes_cxcywh_norm) * f
+  dtype = (boxes_cxcywh_norm if pred_xyxy is None else pred_xyxy).dtype
+  f = image_size_factor(img_hw, dtype)
+  if pred_xyxy is None:
+    pred_xyxy = cxcywh_to_xyxy(boxes_cxcywh_norm) * f
   if gt_boxes_xyxy is None:
     if gt_boxes_cxcywh_norm is None:
       raise ValueError('give gt_boxes_cxcywh_norm or gt_boxes_xyxy')
@@ -133,8 +134,21 @@ def hungarian_cost(*, cls_logits: jnp.ndarray,
   c_cls = focal_loss_cost(cls_logits, gt_labels, weight=cls_weight,
                           alpha=alpha, gamma=gamma, eps=eps)
   c_l1 = bbox_l1_cost_pixels(pred_xyxy, gt_boxes_xyxy, img_hw=img_hw,
-                             box_format='xywh', weight=l1_weight)
+                             box_format=box_format, weight=l1_weight)
   c_iou = iou_cost(pred_xyxy, gt_boxes_xyxy, weight=iou_weight,
                    iou_mode=iou_mode)
   # torch.stack(cost_list).sum(0): ((cls + l1) + iou)
   return c_cls + c_l1 + c_iou
+
+
+def batched_cost(fn, preds, gts, *, img_shapes):
+  """Applies a one-image cost ``fn(*preds, *gts, img_hw) -> (Q, G)`` to
+  preds (..., B, Q, x) and gts (B, G, ...), img_shapes (B, 2) ->
+  (..., B, Q, G) (leading dims such as decoder layers share the gts)."""
+  lead = preds[0].shape[:-2]                       # (..., B)
+  p_flat = [p.reshape((-1,) + p.shape[-2:]) for p in preds]
+  g_flat = [jnp.broadcast_to(g, lead + g.shape[1:]).reshape((-1,) + g.shape[1:])
+            for g in gts]
+  hw = jnp.broadcast_to(img_shapes, lead + (2,)).reshape(-1, 2)
+  out = jax.vmap(fn)(*p_flat, *g_flat, hw)
+  return out.reshape(lead + out.shape[1:])

@@ -136,9 +136,7 @@ def noisy_dn_targets(key: jax.Array, *, gt_boxes: jnp.ndarray,
   labels = jnp.where(p < label_noise_scale * 0.5, new_labels, labels)
   labels = jnp.where(has_gt, labels, -1)
   # box noise on normalised xyxy corners
-  h = img_shapes[:, 0].astype(jnp.float32)
-  w = img_shapes[:, 1].astype(jnp.float32)
-  factor = jnp.stack([w, h, w, h], axis=-1)[:, None, :]        # (B, 1, 4)
+  factor = box_ops.image_size_factor(img_shapes)[:, None, :]   # (B, 1, 4)
   boxes = jnp.take_along_axis(gt_boxes.astype(jnp.float32),
                               col[..., None], axis=1) / factor  # (B, D, 4)
   sign = jax.random.randint(k_sign, (b, d, 4), 0, 2).astype(jnp.float32)

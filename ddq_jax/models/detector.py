@@ -11,7 +11,10 @@ level embed, masks, valid ratios) -> deformable encoder -> pre_decoder
 (two-stage proposals, class-agnostic NMS picks ``num_queries`` distinct
 queries; in training also the dense top-k and the denoising queries) ->
 DDQ decoder (per-layer distinct-query NMS) -> head forward -> (inference)
-post-processing.
+post-processing.  Returns a ``models.outputs.DetectorOutputs``; the parity
+intermediates go to the ``'intermediates'`` collection (``sow``) under the
+reference fixtures' names, for callers that apply with
+``mutable=['intermediates']``.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddq_jax.models.backbone import ResNet
+from ddq_jax.models.backbones import build_backbone
 from ddq_jax.models.decoder import LN_EPS, DDQDecoder
 from ddq_jax.models.denoising import CdnQueryGenerator
 from ddq_jax.models.encoder import DeformableEncoder
@@ -29,14 +32,22 @@ from ddq_jax.models.head import DDQHead
 from ddq_jax.models import initializers as inits
 from ddq_jax.models.multiscale import prepare_multiscale_inputs
 from ddq_jax.models.neck import ChannelMapper
+from ddq_jax.models import outputs as O
 from ddq_jax.models.postprocess import predict_by_feat
 from ddq_jax.models import query_selection
 from ddq_jax.models.proposals import gen_encoder_output_proposals
 
 
+INTERMEDIATES = 'intermediates'
+
 
 def _nhwc_to_nchw(x):
   return jnp.transpose(x, (0, 3, 1, 2))
+
+
+def _keep_last(_, value):
+  """``sow`` reduce: store the value itself (not a tuple of calls)."""
+  return value
 
 
 class DDQDETR(nn.Module):
@@ -46,7 +57,7 @@ class DDQDETR(nn.Module):
 
   def setup(self):
     c = self.config
-    self.backbone = ResNet.from_config(c)
+    self.backbone = build_backbone(c)
     self.neck = ChannelMapper.from_config(c)
     self.encoder = DeformableEncoder.from_config(c)
     self.decoder = DDQDecoder.from_config(c)
@@ -69,22 +80,29 @@ class DDQDETR(nn.Module):
     self.level_embed = self.param('level_embed', inits.normal_std1,
                                   (c.num_levels, c.embed_dims))
 
+  def record(self, **tensors) -> None:
+    """Sows parity intermediates under the fixtures' names (a no-op unless
+    the caller made ``'intermediates'`` mutable)."""
+    for name, value in tensors.items():
+      self.sow(INTERMEDIATES, name, value, reduce_fn=_keep_last,
+               init_fn=lambda: None)
+
   @property
   def num_dense_queries(self) -> int:
-    return int(self.config.num_queries * self.config.dense_topk_ratio)
+    return query_selection.num_dense_queries(
+        num_queries=self.config.num_queries,
+        dense_topk_ratio=self.config.dense_topk_ratio)
 
   # ---- stages ------------------------------------------------------------
-  def forward_encoder(self, images: jnp.ndarray, pad_mask: jnp.ndarray,
-                      out: dict) -> dict:
-    """Backbone, neck, flatten, encoder.  Fills ``out`` with the
-    intermediates (feature maps NCHW, as the fixtures) and returns the
-    multi-scale inputs + memory."""
+  def forward_encoder(self, images: jnp.ndarray, pad_mask: jnp.ndarray
+                      ) -> dict:
+    """Backbone, neck, flatten, encoder: the multi-scale inputs + memory."""
     feats = self.backbone(images)
-    for i, f in enumerate(feats):
-      out[f'backbone_feat_{i}'] = _nhwc_to_nchw(f)
+    self.record(**{f'backbone_feat_{i}': _nhwc_to_nchw(f)
+                   for i, f in enumerate(feats)})
     neck = self.neck(feats)
-    for i, f in enumerate(neck):
-      out[f'neck_feat_{i}'] = _nhwc_to_nchw(f)
+    self.record(**{f'neck_feat_{i}': _nhwc_to_nchw(f)
+                   for i, f in enumerate(neck)})
     ms = prepare_multiscale_inputs(
         neck, pad_mask=pad_mask, level_embed=self.level_embed,
         temperature=self.config.pos_temperature,
@@ -93,28 +111,31 @@ class DDQDETR(nn.Module):
         ms.feat_flatten, query_pos=ms.lvl_pos_embed_flatten,
         key_padding_mask=ms.mask_flatten, spatial_shapes=ms.spatial_shapes,
         valid_ratios=ms.valid_ratios)
-    out.update(feat_mask=ms.mask_flatten, feat_pos=ms.lvl_pos_embed_flatten,
-               valid_ratios=ms.valid_ratios, memory_mask=ms.mask_flatten,
-               memory=memory,
-               spatial_shapes=jnp.asarray(ms.spatial_shapes, jnp.int32),
-               level_start_index=jnp.asarray(ms.level_start_index,
-                                             jnp.int32))
+    self.record(feat_mask=ms.mask_flatten, feat_pos=ms.lvl_pos_embed_flatten,
+                valid_ratios=ms.valid_ratios, memory_mask=ms.mask_flatten,
+                memory=memory,
+                spatial_shapes=jnp.asarray(ms.spatial_shapes, jnp.int32),
+                level_start_index=jnp.asarray(ms.level_start_index,
+                                              jnp.int32))
     return dict(memory=memory, memory_mask=ms.mask_flatten,
                 spatial_shapes=ms.spatial_shapes,
                 valid_ratios=ms.valid_ratios)
 
-  def encoder_outputs(self, memory, memory_mask, spatial_shapes, out):
-    """gen_encoder_output_proposals + memory_trans_fc/norm + the encoder
-    heads (index L, and the dense branch L + 1)."""
+  def encoder_outputs(self, memory, memory_mask, spatial_shapes):
+    """gen_encoder_output_proposals + memory_trans_fc/norm."""
     output_memory, output_proposals = gen_encoder_output_proposals(
         memory, memory_mask=memory_mask, spatial_shapes=spatial_shapes)
     output_memory = self.memory_trans_norm(self.memory_trans_fc(output_memory))
-    out.update(output_memory=output_memory, output_proposals=output_proposals)
+    self.record(output_memory=output_memory,
+                output_proposals=output_proposals)
     return output_memory, output_proposals
 
-  def run_decoder(self, query, reference_points, enc, *, self_attn_mask=None,
-                  dis_start=0, num_dense=0, semantics=None):
-    """The decoder with the head's branches, then the head forward."""
+  def run_decoder(self, query, reference_points, enc, *,
+                  layout: O.QueryLayout, self_attn_mask=None,
+                  semantics=None):
+    """The decoder with the head's branches, then the head forward:
+    (cls_logits (L, B, Q, K), boxes (L, B, Q, 4), distinct masks)."""
+    num_dense = layout.num_dense
     dec = self.decoder(
         query, value=enc['memory'], key_padding_mask=enc['memory_mask'],
         self_attn_mask=self_attn_mask, reference_points=reference_points,
@@ -122,19 +143,17 @@ class DDQDETR(nn.Module):
         valid_ratios=enc['valid_ratios'], reg_fn=self.bbox_head.reg,
         cls_fn=self.bbox_head.cls,
         aux_reg_fn=self.bbox_head.aux_reg if num_dense else None,
-        dis_start=dis_start, num_dis=self.config.num_queries,
+        dis_start=layout.num_dn, num_dis=layout.num_distinct,
         num_dense=num_dense, distinct_mask_semantics=semantics)
     cls, box = self.bbox_head(dec['hidden_states'], dec['references'],
                               num_dense=num_dense)
-    out = dict(hidden_states=dec['hidden_states'],
-               references=dec['references'], all_layers_cls_scores=cls,
-               all_layers_bbox_preds=box,
-               distinct_keep=dec['distinct_keep'],
-               head_query_mask=dec['head_query_mask'])
+    self.record(hidden_states=dec['hidden_states'],
+                references=dec['references'], all_layers_cls_scores=cls,
+                all_layers_bbox_preds=box)
     for l in range(dec['distinct_keep'].shape[0]):
-      out[f'distinct_keep_{l}'] = dec['distinct_keep'][l]
-      out[f'head_query_mask_{l}'] = dec['head_query_mask'][l]
-    return out
+      self.record(**{f'distinct_keep_{l}': dec['distinct_keep'][l],
+                     f'head_query_mask_{l}': dec['head_query_mask'][l]})
+    return cls, box, dec['head_query_mask']
 
   # ---- pre_decoder -------------------------------------------------------
   def encoder_branches(self, output_memory, output_proposals, *,
@@ -156,11 +175,10 @@ class DDQDETR(nn.Module):
         enc_class, enc_coord_unact, memory, query_map=self.query_map,
         num_queries=c.num_queries, iou_threshold=c.nms_iou_threshold,
         pre_topk=c.nms_pre_topk)
-    sel['outputs'] = dict(
-        topk_indices=sel['topk_indices'],
-        num_kept_after_nms=sel['num_kept_after_nms'],
-        decoder_query_in=sel['query'],
-        decoder_reference_in=sel['reference_points'])
+    self.record(topk_indices=sel['topk_indices'],
+                num_kept_after_nms=sel['num_kept_after_nms'],
+                decoder_query_in=sel['query'],
+                decoder_reference_in=sel['reference_points'])
     return sel
 
   def training_queries(self, memory, output_memory, output_proposals, *,
@@ -168,7 +186,10 @@ class DDQDETR(nn.Module):
                        dn_inject=None, dn_rng=None):
     """Training ``pre_decoder``: distinct (NMS) + dense (top-k by score)
     encoder queries, the denoising queries in front, and the full
-    self-attention mask [dn (D static slots) | distinct | dense]."""
+    self-attention mask [dn (D static slots) | distinct | dense].
+
+    Returns (query, reference_points, self_attn_mask, layout, encoder
+    predictions, denoising targets)."""
     c = self.config
     num_dense = min(self.num_dense_queries, memory.shape[1])
     enc_class, enc_unact = self.encoder_branches(output_memory,
@@ -191,25 +212,31 @@ class DDQDETR(nn.Module):
         dn_label_query=dn['dn_label_query'],
         dn_bbox_query=dn['dn_bbox_query'])
     meta = dn['dn_meta']
-    outputs = dict(
+    layout = O.QueryLayout(num_dn=int(meta['num_dn_slots']),
+                           num_distinct=int(c.num_queries),
+                           num_dense=num_dense)
+    encoder = O.EncoderPredictions(
+        cls_logits=sel['enc_outputs_class'],
+        boxes=sel['enc_outputs_coord'],
+        dense_cls_logits=sel['aux_enc_outputs_class'],
+        dense_boxes=sel['aux_enc_outputs_coord'])
+    denoising = O.DenoisingTargets.from_layout(meta)
+    self.record(
         topk_indices=sel['topk_indices'],
         num_kept_after_nms=sel['num_kept_after_nms'],
         dense_topk_indices=sel['dense_topk_indices'],
         decoder_query_in=sel['query'],
         decoder_reference_in=sel['reference_points'],
         self_attn_mask_in=dn['attn_mask'],
-        head_in_enc_outputs_class=sel['enc_outputs_class'],
-        head_in_enc_outputs_coord=sel['enc_outputs_coord'],
-        head_in_aux_enc_outputs_class=sel['aux_enc_outputs_class'],
-        head_in_aux_enc_outputs_coord=sel['aux_enc_outputs_coord'],
-        dn_meta=meta,
-        dn_meta_num_denoising_queries=meta['num_denoising_queries'],
-        dn_meta_num_denoising_groups=meta['num_groups'],
+        head_in_enc_outputs_class=encoder.cls_logits,
+        head_in_enc_outputs_coord=encoder.boxes,
+        head_in_aux_enc_outputs_class=encoder.dense_cls_logits,
+        head_in_aux_enc_outputs_coord=encoder.dense_boxes,
+        dn_meta_num_denoising_queries=denoising.num_queries,
+        dn_meta_num_denoising_groups=denoising.num_groups,
         dn_meta_num_dense_queries=jnp.asarray(num_dense, jnp.int32))
-    return dict(query=sel['query'], reference_points=sel['reference_points'],
-                self_attn_mask=dn['attn_mask'],
-                num_dn_slots=int(meta['num_dn_slots']),
-                num_dense=num_dense, outputs=outputs)
+    return (sel['query'], sel['reference_points'], dn['attn_mask'], layout,
+            encoder, denoising)
 
   # ---- entry points ------------------------------------------------------
   def __call__(self, images: jnp.ndarray, pad_mask: jnp.ndarray, *,
@@ -218,7 +245,7 @@ class DDQDETR(nn.Module):
                train: bool = False, gt_boxes=None, gt_labels=None,
                gt_valid=None, dn_inject: Optional[dict] = None,
                dn_rng: Optional[jax.Array] = None,
-               semantics: Optional[str] = None) -> dict:
+               semantics: Optional[str] = None) -> O.DetectorOutputs:
     """Inference (``train=False``) or the training forward.
 
     Args:
@@ -226,36 +253,41 @@ class DDQDETR(nn.Module):
       pad_mask: (B, H, W) bool, True = padding.
       img_shapes: (B, 2) real (h, w) of each image on the canvas; scale_factors
         (B, 2) (w, h) of img_shapes over the original image.  Inference:
-        given img_shapes, the output has det_bboxes / det_scores /
-        det_labels / det_valid (in original-image pixels when scale_factors
-        is given, else in img_shapes pixels).
+        given img_shapes, the output has ``detections`` (in original-image
+        pixels when scale_factors is given, else in img_shapes pixels).
         Training: img_shapes normalises the ground truth.
       train: training forward (dense + denoising queries).
       gt_boxes (B, G, 4) xyxy pixels, gt_labels (B, G) int, gt_valid (B, G)
         bool: padded ground truth (training).
       dn_inject: optional injected denoising queries (the reference's slot
-        layout): {'label_ids' (B, D), 'reference_points' (B, D, 4),
-        'num_groups' ()}; otherwise noise is drawn from ``dn_rng``.
+        layout): {'label_ids' (B, D), 'reference_points' (B, D, 4)};
+        otherwise noise is drawn from ``dn_rng``.
       semantics: override config.distinct_mask_semantics ('row0' /
         'kept_set').
 
     Returns:
-      A dict of every intermediate under the fixtures' key names (feature
-      maps NCHW), plus detections (inference) or the head's loss inputs
-      (training: see ``training_queries``).
+      ``DetectorOutputs``.  Inference: the distinct block only, and
+      ``detections``; training: [dn | distinct | dense] with ``encoder`` and
+      ``denoising`` filled.
     """
-    out = {}
-    enc = self.forward_encoder(images, pad_mask, out)
+    enc = self.forward_encoder(images, pad_mask)
     output_memory, output_proposals = self.encoder_outputs(
-        enc['memory'], enc['memory_mask'], enc['spatial_shapes'], out)
+        enc['memory'], enc['memory_mask'], enc['spatial_shapes'])
     if not train:
       sel = self.select_distinct(enc['memory'], output_memory,
                                  output_proposals)
-      out.update(sel['outputs'])
-      out.update(self.run_decoder(sel['query'], sel['reference_points'], enc,
-                                  semantics=semantics))
+      layout = O.QueryLayout(num_distinct=int(self.config.num_queries))
+      cls, box, masks = self.run_decoder(
+          sel['query'], sel['reference_points'], enc, layout=layout,
+          semantics=semantics)
+      out = O.DetectorOutputs(cls_logits=cls, boxes=box,
+                              distinct_masks=masks, layout=layout)
       if img_shapes is not None:  # scale_factors None: no rescale
-        out.update(postprocess(self.config, out, img_shapes, scale_factors))
+        out = out.replace(detections=postprocess(
+            self.config, out, img_shapes, scale_factors))
+        d = out.detections
+        self.record(det_bboxes=d.boxes, det_scores=d.scores,
+                    det_labels=d.labels, det_valid=d.valid)
       return out
     missing = [n for n, x in (('gt_boxes', gt_boxes), ('gt_labels', gt_labels),
                               ('gt_valid', gt_valid),
@@ -263,37 +295,29 @@ class DDQDETR(nn.Module):
     if missing:
       raise ValueError(f'train=True needs {missing} (padded ground truth '
                        'and the real (h, w) of each image)')
-    dn_in = self.training_queries(
+    query, refs, attn_mask, layout, encoder, denoising = self.training_queries(
         enc['memory'], output_memory, output_proposals,
         gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
         img_shapes=img_shapes, dn_inject=dn_inject, dn_rng=dn_rng)
-    out.update(dn_in['outputs'])
-    out.update(self.run_decoder(
-        dn_in['query'], dn_in['reference_points'], enc,
-        self_attn_mask=dn_in['self_attn_mask'],
-        dis_start=dn_in['num_dn_slots'], num_dense=dn_in['num_dense'],
-        semantics=semantics))
-    out['num_dense_queries'] = dn_in['num_dense']
-    out['num_dn_slots'] = dn_in['num_dn_slots']
-    return out
+    cls, box, masks = self.run_decoder(query, refs, enc, layout=layout,
+                                       self_attn_mask=attn_mask,
+                                       semantics=semantics)
+    return O.DetectorOutputs(cls_logits=cls, boxes=box, distinct_masks=masks,
+                             layout=layout, encoder=encoder,
+                             denoising=denoising)
 
 
-def postprocess(config, out, img_shapes, scale_factors):
+def postprocess(config, out: O.DetectorOutputs, img_shapes,
+                scale_factors) -> O.Detections:
   """Detections from the last decoder layer (``models/postprocess.py``),
-  over the queries of the head's last distinct mask.
-
-  Returns det_bboxes (B, M, 4) xyxy in original-image pixels, det_scores
-  (B, M), det_labels (B, M) int32, det_valid (B, M) bool (False only when
-  fewer than M (query, class) pairs were distinct).
-  """
-  masks = out['head_query_mask']
-  det = predict_by_feat(
-      out['all_layers_cls_scores'], out['all_layers_bbox_preds'],
+  over the distinct queries of the head's last distinct mask."""
+  masks = out.distinct_masks
+  sl = out.layout.distinct
+  return predict_by_feat(
+      out.cls_logits[-1][:, sl], out.boxes[-1][:, sl],
       query_mask=masks[-1] if masks.shape[0] else None,
       img_shapes=img_shapes, scale_factors=scale_factors,
       max_per_img=config.max_per_img)
-  return dict(det_bboxes=det['bboxes'], det_scores=det['scores'],
-              det_labels=det['labels'], det_valid=det['valid'])
 
 
 def build_model(config) -> DDQDETR:

@@ -75,9 +75,9 @@ class DDQHead(nn.Module):
   num_decoder_layers: int = 6
 
   @classmethod
-  def from_config(cls, config, **kwargs) -> 'DDQHead':
+  def from_config(cls, config) -> 'DDQHead':
     return cls(num_classes=config.num_classes, embed_dims=config.embed_dims,
-               num_decoder_layers=config.num_decoder_layers, **kwargs)
+               num_decoder_layers=config.num_decoder_layers)
 
   def setup(self):
     n, c, k = self.num_decoder_layers, self.embed_dims, self.num_classes
@@ -101,15 +101,6 @@ class DDQHead(nn.Module):
 
   def aux_reg(self, i: int, x: jnp.ndarray) -> jnp.ndarray:
     return _apply_reg(self.aux_reg_branches[i], x)
-
-  def init_all(self, x: jnp.ndarray) -> jnp.ndarray:
-    """Touches every branch (for ``init``); x (..., C)."""
-    out = 0.
-    for i in range(self.num_decoder_layers + 2):
-      out = out + self.cls(i, x).sum() + self.reg(i, x).sum()
-    for i in range(self.num_decoder_layers):
-      out = out + self.aux_cls(i, x).sum() + self.aux_reg(i, x).sum()
-    return out
 
   def __call__(self, hidden_states: jnp.ndarray, references: jnp.ndarray, *,
                num_dense: int = 0):

@@ -4,8 +4,8 @@ input shape and no host round trip inside.
     model = build_model(config)
     predict = make_predict_fn(model)
     dets = predict(variables, images, pad_mask, img_shapes, scale_factors)
-    dets['boxes'] (B, M, 4) xyxy in original-image pixels, dets['scores']
-    (B, M), dets['labels'] (B, M) int32, dets['valid'] (B, M) bool.
+    dets.boxes (B, M, 4) xyxy in original-image pixels, dets.scores (B, M),
+    dets.labels (B, M) int32, dets.valid (B, M) bool (``Detections``).
 
 Inputs are checked on the host *before* tracing (dtype / rank / shape only:
 nothing is copied off the device), with errors that name the bad input.
@@ -64,7 +64,7 @@ def validate_predict_inputs(images, pad_mask, img_shapes,
 
 def make_predict_fn(model, *, semantics: Optional[str] = None) -> Callable:
   """A jitted ``fn(variables, images, pad_mask, img_shapes, scale_factors)``
-  -> dict(boxes, scores, labels, valid).
+  -> ``models.outputs.Detections``.
 
   ``model``: a ``DDQDETR``.  ``semantics``: optional override of
   ``config.distinct_mask_semantics``.  The returned function has
@@ -75,10 +75,9 @@ def make_predict_fn(model, *, semantics: Optional[str] = None) -> Callable:
 
   def _predict(variables, images, pad_mask, img_shapes, scale_factors):
     traces[0] += 1  # runs at trace time only
-    out = model.apply(variables, images, pad_mask, img_shapes=img_shapes,
-                      scale_factors=scale_factors, semantics=semantics)
-    return dict(boxes=out['det_bboxes'], scores=out['det_scores'],
-                labels=out['det_labels'], valid=out['det_valid'])
+    return model.apply(variables, images, pad_mask, img_shapes=img_shapes,
+                       scale_factors=scale_factors,
+                       semantics=semantics).detections
 
   jitted = jax.jit(_predict)
 

@@ -14,38 +14,36 @@ of the kept entries is unchanged; ties go to the lower index).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from ddq_jax.models.outputs import Detections
 from ddq_jax.ops import boxes as box_ops
 
 
-def predict_single(cls_logits: jnp.ndarray, bbox_preds: jnp.ndarray, *,
-                   query_mask: Optional[jnp.ndarray],
-                   img_shape: jnp.ndarray,
-                   scale_factor: Optional[jnp.ndarray],
-                   max_per_img: int) -> dict:
-  """One image.
+def _predict_one(cls_logits, bbox_preds, query_mask, img_shape, scale_factor,
+                 *, max_per_img: int) -> Detections:
+  """One image (``predict_by_feat`` vmaps it).
 
   Args:
     cls_logits: (Q, K) logits of the last decoder layer (distinct queries).
     bbox_preds: (Q, 4) sigmoid normalised cxcywh.
-    query_mask: (Q,) bool, queries that count (the head's distinct mask), or
-      None for all.
+    query_mask: (Q,) bool, queries that count (the head's distinct mask).
     img_shape: (2,) (h, w) of the network input image (before padding).
     scale_factor: (2,) (w, h) of img_shape over the original image, or None
       for no rescale.
     max_per_img: static number of detections.
-  Returns dict: bboxes (M, 4) xyxy, scores (M,), labels (M,) int32,
-    query_index (M,) int32, valid (M,) bool (False only when fewer than M
-    candidate entries exist; the reference would fail there).
+  Returns ``Detections`` of one image: boxes (M, 4) xyxy, scores (M,),
+    labels (M,) int32, query_index (M,) int32, valid (M,) bool (False only
+    when fewer than M candidate entries exist; the reference would fail
+    there).
   """
   q, k = cls_logits.shape
-  scores = jax.nn.sigmoid(cls_logits)
-  if query_mask is not None:
-    scores = jnp.where(query_mask[:, None], scores, -jnp.inf)
+  scores = jnp.where(query_mask[:, None], jax.nn.sigmoid(cls_logits),
+                     -jnp.inf)
   flat = scores.reshape(-1)
   m = int(max_per_img)
   if m > flat.shape[0]:
@@ -57,51 +55,42 @@ def predict_single(cls_logits: jnp.ndarray, bbox_preds: jnp.ndarray, *,
   labels = idx % k
   qidx = jnp.minimum(idx // k, q - 1)
   boxes = box_ops.cxcywh_to_xyxy(bbox_preds[qidx])
-  h = jnp.asarray(img_shape[0]).astype(boxes.dtype)
-  w = jnp.asarray(img_shape[1]).astype(boxes.dtype)
-  whwh = jnp.stack([w, h, w, h])
-  boxes = boxes * whwh
-  boxes = jnp.clip(boxes, 0.0, whwh)
+  factor = box_ops.image_size_factor(img_shape, boxes.dtype)
+  boxes = jnp.clip(boxes * factor, 0.0, factor)
   if scale_factor is not None:
     sf = jnp.asarray(scale_factor).astype(boxes.dtype)
     boxes = boxes / jnp.concatenate([sf, sf])
-  return dict(bboxes=boxes, scores=jnp.where(valid, top, 0.0),
-              labels=labels, query_index=qidx, valid=valid)
+  return Detections(boxes=boxes, scores=jnp.where(valid, top, 0.0),
+                    labels=labels, valid=valid, query_index=qidx)
 
 
-def predict_by_feat(all_layers_cls_scores: jnp.ndarray,
-                    all_layers_bbox_preds: jnp.ndarray, *,
+def predict_by_feat(cls_logits: jnp.ndarray, bbox_preds: jnp.ndarray, *,
                     query_mask: Optional[jnp.ndarray],
                     img_shapes: jnp.ndarray,
                     scale_factors: Optional[jnp.ndarray],
-                    max_per_img: int) -> dict:
+                    max_per_img: int) -> Detections:
   """Batched predictions from the last decoder layer.
 
   Args:
-    all_layers_cls_scores: (L, B, Q, K) logits (or (B, Q, K): last layer).
-    all_layers_bbox_preds: (L, B, Q, 4) sigmoid cxcywh (or (B, Q, 4)).
+    cls_logits: (B, Q, K) logits of the last layer (or (L, B, Q, K): the
+      last layer is taken).
+    bbox_preds: (B, Q, 4) sigmoid cxcywh (or (L, B, Q, 4)).
     query_mask: (B, Q) bool, the last selection's head mask (the decoder's
       ``head_query_mask`` of the last selection; row-0 semantics by
       default), or None.
     img_shapes: (B, 2) (h, w); scale_factors: (B, 2) (w, h) or None
       (``rescale=False``).
     max_per_img: static M (config ``max_per_img``).
-  Returns dict of (B, M, 4) bboxes, (B, M) scores, labels, query_index, valid.
+  Returns ``Detections``: (B, M, 4) boxes, (B, M) scores, labels, valid,
+    query_index.
   """
-  cls = all_layers_cls_scores
-  box = all_layers_bbox_preds
+  cls, box = cls_logits, bbox_preds
   if cls.ndim == 4:
     cls, box = cls[-1], box[-1]
   b, q = cls.shape[:2]
   if query_mask is None:
     query_mask = jnp.ones((b, q), bool)
-  if scale_factors is None:
-    fn = lambda c, x, mk, s: predict_single(  # noqa: E731
-        c, x, query_mask=mk, img_shape=s, scale_factor=None,
-        max_per_img=max_per_img)
-    return jax.vmap(fn)(cls, box, query_mask, jnp.asarray(img_shapes))
-  fn = lambda c, x, mk, s, f: predict_single(  # noqa: E731
-      c, x, query_mask=mk, img_shape=s, scale_factor=f,
-      max_per_img=max_per_img)
-  return jax.vmap(fn)(cls, box, query_mask, jnp.asarray(img_shapes),
-                      jnp.asarray(scale_factors))
+  if scale_factors is not None:  # None (no rescale) vmaps as an empty tree
+    scale_factors = jnp.asarray(scale_factors)
+  return jax.vmap(functools.partial(_predict_one, max_per_img=max_per_img))(
+      cls, box, query_mask, jnp.asarray(img_shapes), scale_factors)

@@ -22,6 +22,14 @@ def xyxy_to_cxcywh(boxes: jnp.ndarray) -> jnp.ndarray:
                          axis=-1)
 
 
+def image_size_factor(img_hw: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
+  """(..., 2) (h, w) -> (..., 4) [w, h, w, h]: the reference's ``factor``
+  that maps normalised boxes to ``img_shape`` pixels."""
+  img_hw = jnp.asarray(img_hw).astype(dtype)
+  h, w = img_hw[..., 0], img_hw[..., 1]
+  return jnp.stack([w, h, w, h], -1)
+
+
 def box_area(boxes: jnp.ndarray) -> jnp.ndarray:
   """(..., 4) xyxy -> (...) area (negative extents are not clamped)."""
   return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])

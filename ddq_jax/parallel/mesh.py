@@ -16,8 +16,9 @@ DATA, MODEL = 'data', 'model'
 
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int]:
-  """(data, model) sizes for ``num_devices`` devices."""
-  m = config.get('mesh', None)
+  """(data, model) sizes for ``num_devices`` devices (config None: every
+  device on 'data')."""
+  m = config.get('mesh', None) if config is not None else None
   data = int(m.get('data', -1)) if m is not None else -1
   model = int(m.get('model', 1)) if m is not None else 1
   if model < 1 or num_devices % model:
@@ -29,9 +30,11 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int]:
   return data, model
 
 
-def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(config=None, devices: Sequence[jax.Device] | None = None
+              ) -> Mesh:
   """A 2-D mesh ('data', 'model') over ``devices`` (default: all, every
-  process's).  Device order follows ``jax.make_mesh`` (topology aware)."""
+  process's).  Device order follows ``jax.make_mesh`` (topology aware).
+  Training, evaluation and the benchmark all run on such a mesh."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(config, len(devices))
   return jax.make_mesh(shape, (DATA, MODEL),

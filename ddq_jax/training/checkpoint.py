@@ -188,8 +188,7 @@ class Checkpointer:
 
     Args:
       target: a TrainState whose leaves are ``jax.ShapeDtypeStruct`` with a
-        ``sharding`` (see ``state.abstract_with_shardings``) or live arrays
-        (their shardings are used).
+        ``sharding`` or live arrays (their shardings are used).
       step: default the latest.
 
     Returns:
@@ -292,13 +291,6 @@ class Checkpointer:
     raise CheckpointError(
         f'no intact checkpoint in {self.directory} (all moved to '
         f'{self.directory}.damaged/): ' + '; '.join(damaged))
-
-
-def restore_or_keep(checkpointer: Checkpointer, state: TrainState
-                    ) -> tuple[TrainState, dict | None]:
-  """Resumes from the latest checkpoint if there is one, else returns
-  ``state`` unchanged (and None)."""
-  return checkpointer.restore_latest_good(state)
 
 
 def load_params_only(directory: str, step: int | None = None) -> dict:

@@ -49,6 +49,7 @@ from ddq_jax.training import nonfinite
 from ddq_jax.training import optimizer as opt_lib
 from ddq_jax.training import state as state_lib
 from ddq_jax.training import step as step_lib
+from ddq_jax.weights import load_pretrained
 
 log = logging.getLogger('ddq_jax.train')
 
@@ -93,19 +94,17 @@ class Components:
   make_iterator: (start_step, process_index, process_count) -> iterator of
     host batches with ``.steps_per_epoch`` (and ideally ``set_state``).
   evaluate_fn: optional (state) -> {name: float}.
-  loss_casts_dtype: True if loss_fn applies config.train.compute_dtype
-    itself (the real objective does); else the step casts.
   """
   init_variables: Callable[[jax.Array], dict]
   loss_fn: Callable
   make_iterator: Callable[[int, int, int], Iterator[dict]]
   evaluate_fn: Optional[Callable[[Any], dict]] = None
-  loss_casts_dtype: bool = False
 
 
-def default_components(config) -> Components:
+def default_components(config, *, mesh=None) -> Components:
   """The real model (models.detector), objective (training.objective), data
-  (data.pipeline) and, when importable, evaluation."""
+  (data.pipeline) and, when importable, evaluation, for a step on ``mesh``
+  (default: one device)."""
   from ddq_jax.data.pipeline import build_dataset, make_train_iterator  # pylint: disable=g-import-not-at-top
   from ddq_jax.models.detector import build_model  # pylint: disable=g-import-not-at-top
   from ddq_jax.models.variables import init_variables  # pylint: disable=g-import-not-at-top
@@ -122,12 +121,17 @@ def default_components(config) -> Components:
 
   return Components(
       init_variables=lambda rng: init_variables(model, config, rng),
-      loss_fn=make_loss_fn(model, config), make_iterator=make_iterator,
-      evaluate_fn=default_evaluate_fn(config, model), loss_casts_dtype=True)
+      loss_fn=make_loss_fn(
+          model, config,
+          num_devices=int(mesh.devices.size) if mesh is not None else 1),
+      make_iterator=make_iterator,
+      evaluate_fn=default_evaluate_fn(config, model, mesh=mesh))
 
 
-def default_evaluate_fn(config, model) -> Optional[Callable]:
-  """COCO evaluation via ddq_jax.evaluation, or None (logged) if absent."""
+def default_evaluate_fn(config, model, *, mesh=None) -> Optional[Callable]:
+  """COCO evaluation via ddq_jax.evaluation, or None (logged) if absent.
+  It runs on the training ``mesh`` and reads the state's parameters with
+  their training shardings (nothing is re-replicated)."""
   try:
     from ddq_jax.data.pipeline import build_dataset  # pylint: disable=g-import-not-at-top
     from ddq_jax.evaluation.evaluator import evaluate_model  # pylint: disable=g-import-not-at-top
@@ -144,55 +148,11 @@ def default_evaluate_fn(config, model) -> Optional[Callable]:
     metrics, _ = evaluate_model(
         cache['predict'], {'params': state.params,
                            'batch_stats': state.batch_stats},
-        cache['source'], config=config, progress=False,
+        cache['source'], config=config, mesh=mesh, progress=False,
         max_images=config.eval.get('max_images', None) or None)
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float, np.floating, np.integer))}
   return evaluate
-
-
-# ---------------------------------------------------------------- init from
-def load_pretrained(path: str, config) -> dict:
-  """{'params': {...}, 'batch_stats': {...}} (numpy, full paths) from a
-  converted dir / mmdet .pth / torchvision ResNet .pth / run checkpoint dir."""
-  if os.path.isdir(path):
-    ck = os.path.join(path, 'checkpoints')
-    for d in (path, ck):
-      if os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)):
-        log.info('init_from: TrainState checkpoint %s', d)
-        return ckpt_lib.load_params_only(d)
-  if os.path.isfile(path) and path.endswith(('.pth', '.pt')):
-    from ddq_jax.conversion.torch_pickle import load_torch_checkpoint, state_dict_of  # pylint: disable=g-import-not-at-top
-    sd = state_dict_of(load_torch_checkpoint(path), path)
-    if is_torchvision_resnet(sd):
-      log.info('init_from: torchvision ResNet %s (backbone only)', path)
-      return torchvision_backbone_variables(sd, config)
-  from ddq_jax.weights import load_weights  # pylint: disable=g-import-not-at-top
-  log.info('init_from: converted weights %s', path)
-  variables, _ = load_weights(path, config)
-  return variables
-
-
-def is_torchvision_resnet(state_dict: dict) -> bool:
-  """A bare torchvision ResNet state dict (no detector parts)?"""
-  names = [k[len('module.'):] if k.startswith('module.') else k
-           for k in state_dict]
-  return 'layer1.0.conv1.weight' in names and not any(
-      n.startswith(('backbone.', 'encoder.', 'decoder.', 'neck.', 'bbox_head.'))
-      for n in names)
-
-
-def torchvision_backbone_variables(state_dict: dict, config) -> dict:
-  """torchvision ResNet tensors -> {'params': {'backbone': ...},
-  'batch_stats': {'backbone': ...}} (the classifier ``fc`` is dropped)."""
-  from ddq_jax.conversion.torchvision import torchvision_resnet_to_variables  # pylint: disable=g-import-not-at-top
-  sd = {k: v for k, v in state_dict.items()
-        if not k.startswith(('fc.', 'module.fc.'))}
-  bb = torchvision_resnet_to_variables(
-      sd, depth=int(config.backbone.depth),
-      base_channels=int(config.backbone.base_channels))
-  return {'params': {'backbone': bb['params']},
-          'batch_stats': {'backbone': bb['batch_stats']}}
 
 
 # -------------------------------------------------------------------- stop
@@ -343,12 +303,6 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
   """
   workdir = os.path.abspath(workdir)
   mesh = mesh_lib.make_mesh(config, devices)
-  if config.get('loss', {}).get('hungarian_solver', '') == 'auto':
-    from ddq_jax.losses.criterion import resolve_solver  # pylint: disable=g-import-not-at-top
-    config = config.unlock() if hasattr(config, 'unlock') else config
-    config.loss.hungarian_solver = resolve_solver(
-        'auto', num_devices=int(mesh.devices.size))
-    log.info('Hungarian solver: %s', config.loss.hungarian_solver)
   # Checkpoint directory usable, and a resume's config matches, before
   # anything is written.
   ckpt = ckpt_lib.Checkpointer(
@@ -357,7 +311,9 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
       keep=int(config.train.keep_checkpoints) or None)
   check_resume_config(ckpt, config)
   _write_config(config, workdir)
-  comps = components or default_components(config)
+  comps = components or default_components(config, mesh=mesh)
+  if hasattr(comps.loss_fn, 'criterion_config'):
+    log.info('Hungarian solver: %s', comps.loss_fn.criterion_config.solver)
   pidx, pcount = jax.process_index(), jax.process_count()
   gbs = int(config.train.global_batch_size)
   if (mesh.devices.size > 1 and
@@ -375,8 +331,9 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
   total = _total_steps(config, spe)
   tx, schedule = opt_lib.make_optimizer(config, spe)
   rng = jax.random.PRNGKey(int(config.train.seed))
-  state, shardings = state_lib.init_train_state(comps.init_variables, tx, rng,
-                                                mesh)
+  rules, min_size = shd.rules_from_config(config)
+  state, shardings = state_lib.init_train_state(
+      comps.init_variables, tx, rng, mesh, min_size=min_size, rules=rules)
   start = 0
   state, meta = ckpt.restore_latest_good(state)
   if meta is not None:
@@ -394,8 +351,7 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
     else:
       data = comps.make_iterator(start, pidx, pcount)
 
-  compute_dtype = ('float32' if comps.loss_casts_dtype else
-                   config.train.get('compute_dtype', 'float32'))
+  compute_dtype = config.train.get('compute_dtype', 'float32')
   step_fn = step_lib.jit_train_step(
       step_lib.make_train_step(comps.loss_fn, tx, compute_dtype=compute_dtype),
       mesh, shardings)

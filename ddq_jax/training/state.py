@@ -38,14 +38,18 @@ def create_train_state(variables: dict, tx, rng) -> TrainState:
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh, *,
-                    min_size: int = shd.MIN_SHARD_SIZE) -> TrainState:
-  """NamedShardings for every leaf (scalars, rng: replicated)."""
-  return shd.tree_shardings(abstract_state, mesh, min_size=min_size)
+                    min_size: int = shd.MIN_SHARD_SIZE,
+                    rules=shd.DEFAULT_RULES) -> TrainState:
+  """NamedShardings for every leaf under the partition rules (scalars and
+  the rng are too small to shard: replicated)."""
+  return shd.tree_shardings(abstract_state, mesh, min_size=min_size,
+                            rules=rules)
 
 
 def init_train_state(init_variables: Callable[[jax.Array], dict], tx,
                      rng: jax.Array, mesh: Mesh, *,
-                     min_size: int = shd.MIN_SHARD_SIZE
+                     min_size: int = shd.MIN_SHARD_SIZE,
+                     rules=shd.DEFAULT_RULES
                      ) -> tuple[TrainState, TrainState]:
   """Initialises the state directly into its shardings (no host copy).
 
@@ -62,16 +66,9 @@ def init_train_state(init_variables: Callable[[jax.Array], dict], tx,
     return create_train_state(init_variables(k_init), tx, k_state)
 
   abstract = jax.eval_shape(make, rng)
-  shardings = state_shardings(abstract, mesh, min_size=min_size)
+  shardings = state_shardings(abstract, mesh, min_size=min_size, rules=rules)
   state = jax.jit(make, out_shardings=shardings)(rng)
   return state, shardings
-
-
-def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying target shardings (for restore)."""
-  return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, shardings)
 
 
 def _flat(tree, prefix=()):

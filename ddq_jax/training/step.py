@@ -1,5 +1,10 @@
 """The train step: one jax.jit with explicit shardings and a donated state.
 
+Mixed precision lives here and only here: ``compute_dtype='bfloat16'``
+(config ``train.compute_dtype``) casts the parameters and the images inside
+the differentiated function; master parameters, gradients, optimiser state
+and the loss stay float32 (the criterion reads its inputs in float32).
+
 ``loss_fn(params, batch_stats, batch, rng) -> (loss, metrics)`` sees the
 *global* batch (jit works on global arrays), so its mean over images is the
 same whatever the mesh; the gradient all-reduce is inserted by XLA.

@@ -1,0 +1,497 @@
+"""Swin Transformer backbone: mmdet 3.3.0 ``backbones/swin.py``.
+
+The reference as DDQ-DETR's Swin-L setting uses it (patch size 4, strides
+(4, 2, 2, 2), LayerNorm eps 1e-5, exact-erf GELU, no absolute position
+embedding), with mmcv's FFN / DropPath semantics.  NHWC in, a list of NHWC
+maps out (one per ``out_indices``, after that stage's ``norm{i}``).
+
+Module tree (the torch names under the naming rule, so a converted
+checkpoint loads as is):
+
+    patch_embed/{projection, norm}
+    stages_{i}/blocks_{j}/{norm1, attn/w_msa/{qkv, proj,
+        relative_position_bias_table}, norm2, ffn/{layers_0_0, layers_1}}
+    stages_{i}/downsample/{norm, reduction}      (i < num_stages - 1)
+    norm{i}                                      (i in out_indices)
+
+What the reference does and this reproduces:
+  * PatchEmbed pads the image bottom/right with zeros to a multiple of the
+    patch size (AdaptivePadding 'corner'), conv k=s=4, then LayerNorm.
+  * Each block pads its (normed) map bottom/right with zeros to whole
+    windows; the padded tokens take part in the attention as keys (no mask
+    hides them), and are cropped afterwards.
+  * Odd blocks shift by window // 2 (cyclic roll) with the -100 attention
+    mask of the shifted regions, computed on the padded map.
+  * PatchMerging pads to even sizes, gathers 2x2 neighbours in nn.Unfold's
+    channel order (c * 4 + kh * 2 + kw), LayerNorm(4C), Linear(4C, 2C)
+    without bias.
+  * Stochastic depth: rate ``linspace(0, drop_path_rate, sum(depths))`` per
+    block, once on the attention branch and once on the FFN branch, per
+    sample, ``x / keep * floor(keep + U)``.  Dropout and drop-path are active
+    only in training: when the module is applied with a ``'dropout'`` rng
+    (Flax's convention); without one (evaluation, ``init``) they are off.
+  * Frozen stages (``frozen_stages`` = k >= 0): patch_embed, stages 0..k-1
+    and their output norms get no gradient (stop_gradient) and run in eval
+    mode (no drop-path), as ``_freeze_stages`` sets ``requires_grad=False``
+    and ``.eval()``.  ``is_frozen_param`` names them for the optimiser.
+
+Init (``init_cfg=None``): Linear weights truncated normal std 0.02 and
+biases 0, LayerNorm 1 / 0, the relative position bias tables zeros (the
+reference never re-initialises them: its ``init_weights`` does not recurse),
+the patch-embedding conv torch's default.  A real run loads the ImageNet
+weights over this (``train.init_from``, ``ddq_jax/conversion/swin.py``).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LN_EPS = 1e-5  # mmcv build_norm_layer(dict(type='LN')): torch's default
+_DROP_RNG = 'dropout'
+
+_trunc_normal_02 = nn.initializers.truncated_normal(0.02, lower=-100.0,
+                                                    upper=100.0)
+# torch Conv2d default: kaiming_uniform(a=sqrt(5)) -> U(+-1/sqrt(fan_in)).
+_torch_conv_kernel = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in',
+                                                      'uniform')
+
+
+def _torch_conv_bias(fan_in: int):
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def _layer_norm(name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name)
+
+
+def _dense(features: int, name: str, use_bias: bool = True) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, kernel_init=_trunc_normal_02,
+                  bias_init=nn.initializers.zeros, name=name)
+
+
+# ---------------------------------------------------------------- pure parts
+def swin_out_channels(*, embed_dims: int, out_indices: Sequence[int]
+                      ) -> tuple[int, ...]:
+  """Channels of the backbone's outputs (the neck's ``in_channels``)."""
+  return tuple(int(embed_dims * 2**i) for i in out_indices)
+
+
+def drop_path_rates(drop_path_rate: float, depths: Sequence[int]
+                    ) -> list[float]:
+  """Per-block stochastic depth rates: torch.linspace(0, rate, sum(depths))
+  in float32, as the reference's ``dpr``."""
+  total = int(sum(depths))
+  return [float(x) for x in
+          np.linspace(0.0, drop_path_rate, total, dtype=np.float32)]
+
+
+def relative_position_index(window: int) -> np.ndarray:
+  """(w*w, w*w) int32 index into the (2w-1)^2 bias table, built as the
+  reference's ``WindowMSA`` does (double_step_seq, then flip(1))."""
+  seq1 = np.arange(0, (2 * window - 1) * window, 2 * window - 1)
+  seq2 = np.arange(0, window, 1)
+  coords = (seq1[:, None] + seq2[None, :]).reshape(1, -1)
+  return np.ascontiguousarray((coords + coords.T)[:, ::-1]).astype(np.int32)
+
+
+def window_partition(x, window: int):
+  """(B, H, W, C) -> (B * nW, window, window, C), windows row-major."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // window, window, w // window, window, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c)
+
+
+def window_reverse(windows, h: int, w: int):
+  """(B * nW, window, window, C) -> (B, H, W, C)."""
+  window = windows.shape[1]
+  c = windows.shape[-1]
+  b = windows.shape[0] // ((h // window) * (w // window))
+  x = windows.reshape(b, h // window, w // window, window, window, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+
+
+def shifted_window_mask(h_pad: int, w_pad: int, *, window: int,
+                        shift: int) -> np.ndarray:
+  """(nW, N, N) float32 additive mask of SW-MSA on the padded map: 0 within
+  a region, -100 across regions (the reference's value, not -inf)."""
+  img_mask = np.zeros((1, h_pad, w_pad, 1), np.float32)
+  slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+  cnt = 0
+  for hs in slices:
+    for ws in slices:
+      img_mask[:, hs, ws, :] = cnt
+      cnt += 1
+  windows = window_partition(img_mask, window).reshape(-1, window * window)
+  diff = windows[:, None, :] - windows[:, :, None]
+  return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
+
+
+def pad_bottom_right(x, multiple: int):
+  """(B, H, W, C) zero-padded at the bottom / right to multiples of
+  ``multiple`` (AdaptivePadding 'corner' with kernel = stride)."""
+  h, w = x.shape[1], x.shape[2]
+  pad_h, pad_w = (-h) % multiple, (-w) % multiple
+  if pad_h or pad_w:
+    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  return x
+
+
+def unfold_2x2(x):
+  """(B, H, W, C), H and W even -> (B, H/2, W/2, 4C) in nn.Unfold's order:
+  channel c * 4 + kh * 2 + kw."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // 2, 2, w // 2, 2, c)
+  return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, 4 * c)
+
+
+def drop_path(x, *, rate: float, rng: Optional[jax.Array]):
+  """mmcv drop_path: per sample (axis 0) ``x / keep * floor(keep + U)``;
+  identity when ``rng`` is None or the rate is 0."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  random = keep + jax.random.uniform(rng, shape, x.dtype)
+  return x / keep * jnp.floor(random)
+
+
+def is_frozen_param(names: Sequence[str], *, frozen_stages: int) -> bool:
+  """Does the backbone parameter at ``names`` (its path below ``backbone``)
+  have ``requires_grad=False`` under the reference's ``_freeze_stages``?"""
+  if frozen_stages < 0 or not names:
+    return False
+  head = names[0]
+  if head in ('patch_embed', 'absolute_pos_embed'):
+    return True
+  m = re.match(r'^(?:stages_|norm)(\d+)$', head)
+  return bool(m) and int(m.group(1)) < frozen_stages
+
+
+# ------------------------------------------------------------------ modules
+class WindowMSA(nn.Module):
+  """Window multi-head self-attention with the relative position bias."""
+  embed_dims: int
+  num_heads: int
+  window_size: int
+  qkv_bias: bool = True
+  qk_scale: float = 0.0   # 0 (or None): head_dim ** -0.5, as the reference
+  attn_drop_rate: float = 0.0
+  proj_drop_rate: float = 0.0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    """x (B*nW, N, C); mask (nW, N, N) additive or None -> (B*nW, N, C)."""
+    bn, n, c = x.shape
+    h = self.num_heads
+    w = self.window_size
+    table = self.param('relative_position_bias_table', nn.initializers.zeros,
+                       ((2 * w - 1) * (2 * w - 1), h), jnp.float32)
+    qkv = _dense(3 * c, 'qkv', self.qkv_bias)(x)
+    qkv = qkv.reshape(bn, n, 3, h, c // h).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    scale = self.qk_scale or (c // h) ** -0.5
+    attn = jnp.einsum('bhnd,bhmd->bhnm', q * scale, k)
+    index = relative_position_index(w).reshape(-1)
+    bias = table[index].reshape(n, n, h).transpose(2, 0, 1)
+    attn = attn + bias[None].astype(attn.dtype)
+    if mask is not None:
+      nw = mask.shape[0]
+      attn = attn.reshape(bn // nw, nw, h, n, n) + jnp.asarray(
+          mask, attn.dtype)[None, :, None]
+      attn = attn.reshape(bn, h, n, n)
+    attn = jax.nn.softmax(attn, axis=-1)
+    attn = nn.Dropout(self.attn_drop_rate, deterministic=self.deterministic,
+                      rng_collection=_DROP_RNG)(attn)
+    out = jnp.einsum('bhnm,bhmd->bnhd', attn, v).reshape(bn, n, c)
+    out = _dense(c, 'proj')(out)
+    return nn.Dropout(self.proj_drop_rate, deterministic=self.deterministic,
+                      rng_collection=_DROP_RNG)(out)
+
+
+class ShiftWindowMSA(nn.Module):
+  """(S)W-MSA on a (B, H, W, C) map, with window padding and drop-path."""
+  embed_dims: int
+  num_heads: int
+  window_size: int
+  shift_size: int = 0
+  qkv_bias: bool = True
+  qk_scale: float = 0.0
+  attn_drop_rate: float = 0.0
+  proj_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    ws, s = self.window_size, self.shift_size
+    if not 0 <= s < ws:
+      raise ValueError(f'shift_size {s} must be in [0, window {ws})')
+    x = pad_bottom_right(x, ws)
+    h_pad, w_pad = x.shape[1], x.shape[2]
+    mask = None
+    if s > 0:
+      x = jnp.roll(x, shift=(-s, -s), axis=(1, 2))
+      mask = shifted_window_mask(h_pad, w_pad, window=ws, shift=s)
+    windows = window_partition(x, ws).reshape(-1, ws * ws, c)
+    windows = WindowMSA(
+        embed_dims=self.embed_dims, num_heads=self.num_heads, window_size=ws,
+        qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
+        attn_drop_rate=self.attn_drop_rate,
+        proj_drop_rate=self.proj_drop_rate, deterministic=self.deterministic,
+        name='w_msa')(windows, mask)
+    x = window_reverse(windows.reshape(-1, ws, ws, c), h_pad, w_pad)
+    if s > 0:
+      x = jnp.roll(x, shift=(s, s), axis=(1, 2))
+    x = x[:, :h, :w, :]
+    rng = None if self.deterministic else self.make_rng(_DROP_RNG)
+    return drop_path(x, rate=self.drop_path_rate, rng=rng)
+
+
+class SwinFFN(nn.Module):
+  """mmcv FFN(num_fcs=2, GELU, add_identity) with DropPath on the branch."""
+  embed_dims: int
+  feedforward_channels: int
+  ffn_drop: float = 0.0
+  drop_path_rate: float = 0.0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, identity):
+    drop = lambda y: nn.Dropout(self.ffn_drop, deterministic=self.deterministic,
+                                rng_collection=_DROP_RNG)(y)
+    out = _dense(self.feedforward_channels, 'layers_0_0')(x)
+    out = drop(jax.nn.gelu(out, approximate=False))
+    out = drop(_dense(self.embed_dims, 'layers_1')(out))
+    rng = None if self.deterministic else self.make_rng(_DROP_RNG)
+    return identity + drop_path(out, rate=self.drop_path_rate, rng=rng)
+
+
+class SwinBlock(nn.Module):
+  """norm1 -> (S)W-MSA -> + x -> norm2 -> FFN -> + x, on (B, H, W, C)."""
+  embed_dims: int
+  num_heads: int
+  feedforward_channels: int
+  window_size: int = 7
+  shift: bool = False
+  qkv_bias: bool = True
+  qk_scale: float = 0.0
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    identity = x
+    x = _layer_norm('norm1')(x)
+    x = ShiftWindowMSA(
+        embed_dims=self.embed_dims, num_heads=self.num_heads,
+        window_size=self.window_size,
+        shift_size=self.window_size // 2 if self.shift else 0,
+        qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
+        attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.drop_rate,
+        drop_path_rate=self.drop_path_rate, deterministic=self.deterministic,
+        name='attn')(x)
+    x = x + identity
+    return SwinFFN(
+        embed_dims=self.embed_dims,
+        feedforward_channels=self.feedforward_channels,
+        ffn_drop=self.drop_rate, drop_path_rate=self.drop_path_rate,
+        deterministic=self.deterministic, name='ffn')(_layer_norm('norm2')(x),
+                                                      x)
+
+
+class PatchMerging(nn.Module):
+  """2x2 unfold (padding to even sizes) -> LayerNorm(4C) -> Linear(2C)."""
+  out_channels: int
+  patch_norm: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    x = unfold_2x2(pad_bottom_right(x, 2))
+    if self.patch_norm:
+      x = _layer_norm('norm')(x)
+    return _dense(self.out_channels, 'reduction', use_bias=False)(x)
+
+
+class PatchEmbed(nn.Module):
+  """Zero pad to the patch size -> conv k=s=patch -> LayerNorm."""
+  embed_dims: int
+  patch_size: int = 4
+  patch_norm: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.patch_size
+    fan_in = p * p * x.shape[-1]
+    x = pad_bottom_right(x, p)
+    x = nn.Conv(self.embed_dims, (p, p), strides=(p, p), padding='VALID',
+                kernel_init=_torch_conv_kernel,
+                bias_init=_torch_conv_bias(fan_in), name='projection')(x)
+    if self.patch_norm:
+      x = _layer_norm('norm')(x)
+    return x
+
+
+class SwinStage(nn.Module):
+  """SwinBlockSequence: ``depth`` blocks (odd ones shifted), then the
+  optional PatchMerging.  Returns (input of the next stage, this stage's
+  output before its norm)."""
+  embed_dims: int
+  num_heads: int
+  depth: int
+  feedforward_channels: int
+  window_size: int = 7
+  qkv_bias: bool = True
+  qk_scale: float = 0.0
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rates: Sequence[float] = ()
+  downsample: bool = True
+  patch_norm: bool = True
+  deterministic: bool = True
+  with_cp: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    block_cls = nn.remat(SwinBlock) if self.with_cp else SwinBlock
+    rates = tuple(self.drop_path_rates) or (0.0,) * self.depth
+    for j in range(self.depth):
+      x = block_cls(
+          embed_dims=self.embed_dims, num_heads=self.num_heads,
+          feedforward_channels=self.feedforward_channels,
+          window_size=self.window_size, shift=j % 2 == 1,
+          qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
+          drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate,
+          drop_path_rate=rates[j], deterministic=self.deterministic,
+          name=f'blocks_{j}')(x)
+    if not self.downsample:
+      return x, x
+    down = PatchMerging(2 * self.embed_dims, self.patch_norm,
+                        name='downsample')(x)
+    return down, x
+
+
+class SwinTransformer(nn.Module):
+  """mmdet SwinTransformer (patch size 4, strides (4, 2, 2, 2)).
+
+  Attributes mirror the reference's arguments; ``frozen_stages`` -1 freezes
+  nothing.  ``with_cp`` re-materialises every block in the backward pass
+  (the reference's torch.utils.checkpoint); the numbers do not change.
+  """
+  embed_dims: int = 96
+  depths: Sequence[int] = (2, 2, 6, 2)
+  num_heads: Sequence[int] = (3, 6, 12, 24)
+  window_size: int = 7
+  mlp_ratio: float = 4
+  patch_size: int = 4
+  strides: Sequence[int] = (4, 2, 2, 2)
+  out_indices: Sequence[int] = (0, 1, 2, 3)
+  qkv_bias: bool = True
+  qk_scale: float = 0.0
+  patch_norm: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.1
+  frozen_stages: int = -1
+  with_cp: bool = False
+
+  @classmethod
+  def from_config(cls, config) -> 'SwinTransformer':
+    """Builds from ``config.backbone`` (type 'swin')."""
+    b = config.backbone
+    if bool(b.get('use_abs_pos_embed', False)):
+      raise ValueError('backbone.use_abs_pos_embed=True is not supported '
+                       '(DDQ-DETR Swin configs use False)')
+    return cls(embed_dims=int(b.embed_dims),
+               depths=tuple(int(d) for d in b.depths),
+               num_heads=tuple(int(h) for h in b.num_heads),
+               window_size=int(b.window_size),
+               mlp_ratio=float(b.get('mlp_ratio', 4)),
+               patch_size=int(b.get('patch_size', 4)),
+               strides=tuple(int(s) for s in b.get('strides', (4, 2, 2, 2))),
+               out_indices=tuple(int(i) for i in b.out_indices),
+               qkv_bias=bool(b.get('qkv_bias', True)),
+               qk_scale=float(b.get('qk_scale', 0.0) or 0.0),
+               patch_norm=bool(b.get('patch_norm', True)),
+               drop_rate=float(b.get('drop_rate', 0.0)),
+               attn_drop_rate=float(b.get('attn_drop_rate', 0.0)),
+               drop_path_rate=float(b.get('drop_path_rate', 0.0)),
+               frozen_stages=int(b.get('frozen_stages', -1)),
+               with_cp=bool(b.get('with_cp', False)))
+
+  @property
+  def out_channels(self) -> tuple[int, ...]:
+    return swin_out_channels(embed_dims=self.embed_dims,
+                             out_indices=self.out_indices)
+
+  def _check(self):
+    n = len(self.depths)
+    if len(self.num_heads) != n or len(self.strides) != n:
+      raise ValueError(f'depths {tuple(self.depths)}, num_heads '
+                       f'{tuple(self.num_heads)} and strides '
+                       f'{tuple(self.strides)} must have the same length')
+    if self.strides[0] != self.patch_size:
+      raise ValueError(f'strides[0] {self.strides[0]} must equal patch_size '
+                       f'{self.patch_size} (non-overlapping patch embed)')
+    if any(s != 2 for s in self.strides[1:]):
+      raise ValueError(f'patch merging strides {tuple(self.strides[1:])}: '
+                       'only 2 is supported')
+    if not self.out_indices or max(self.out_indices) >= n:
+      raise ValueError(f'out_indices {tuple(self.out_indices)} out of range '
+                       f'for {n} stages')
+    for i, h in enumerate(self.num_heads):
+      if (self.embed_dims * 2**i) % h:
+        raise ValueError(f'stage {i}: {self.embed_dims * 2**i} channels not '
+                         f'divisible by {h} heads')
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    """x: (B, H, W, 3) NHWC -> [(B, h_i, w_i, embed * 2**i) for i in
+    out_indices], h_0 = ceil(H / 4), h_{i+1} = ceil(h_i / 2)."""
+    self._check()
+    training = self.has_rng(_DROP_RNG) and not self.is_initializing()
+    frozen = self.frozen_stages
+    x = PatchEmbed(self.embed_dims, self.patch_size, self.patch_norm,
+                   name='patch_embed')(x)
+    if training and frozen < 0:  # drop_after_pos (eval when frozen)
+      x = nn.Dropout(self.drop_rate, deterministic=False,
+                     rng_collection=_DROP_RNG)(x)
+    if frozen >= 0:
+      x = jax.lax.stop_gradient(x)
+    dpr = drop_path_rates(self.drop_path_rate, self.depths)
+    outs = []
+    channels = self.embed_dims
+    for i, depth in enumerate(self.depths):
+      stage_frozen = i < frozen
+      first = sum(self.depths[:i])
+      x, out = SwinStage(
+          embed_dims=channels, num_heads=self.num_heads[i], depth=depth,
+          feedforward_channels=int(self.mlp_ratio * channels),
+          window_size=self.window_size, qkv_bias=self.qkv_bias,
+          qk_scale=self.qk_scale, drop_rate=self.drop_rate,
+          attn_drop_rate=self.attn_drop_rate,
+          drop_path_rates=tuple(dpr[first:first + depth]),
+          downsample=i < len(self.depths) - 1, patch_norm=self.patch_norm,
+          deterministic=not training or stage_frozen, with_cp=self.with_cp,
+          name=f'stages_{i}')(x)
+      if stage_frozen:
+        x = jax.lax.stop_gradient(x)
+        out = jax.lax.stop_gradient(out)
+      channels = x.shape[-1]
+      if i in self.out_indices:
+        out = _layer_norm(f'norm{i}')(out)
+        outs.append(jax.lax.stop_gradient(out) if stage_frozen else out)
+    return outs

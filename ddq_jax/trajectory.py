@@ -1,0 +1,464 @@
+"""Several optimiser steps against the reference: ``verify BUNDLE --steps N``.
+
+Runs N steps of the project's own training step (``training/step.py``'s
+jitted ``train_step`` over ``training/objective.py``'s loss and
+``training/optimizer.py``'s optimiser, exactly as ``train.py`` builds them)
+on the bundle's fixed batch, from its converted checkpoint, and compares
+the run with the reference's ``trajectory.npz`` when the bundle holds one.
+
+Bundle: ``checkpoint.pth`` + ``inputs.npz`` (as ``verify``'s), optionally
+``trajectory.npz`` (the reference's run: ``loss/<key>``, ``loss_total``,
+``grad_global_norm`` per step, ``init/<name>`` and ``param/<name>``) and
+``trajectory.json`` (its settings: lr, warm-up, denoising noise scales,
+the mmengine ``optim_wrapper``).  When the checkpoint or the inputs are
+not in the bundle, they are taken from the sibling folder named by
+``trajectory.json``'s ``variant`` (``../tiny`` for ``tiny_trajectory``).
+
+Settings applied to the config, in order: the checkpoint's own config (or
+``--config``), then ``trajectory.json`` (see ``settings_overrides``), then
+the command line's ``--config.KEY=VALUE``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Mapping, Optional
+
+import numpy as np
+
+from ddq_jax.parity import Comparison
+
+TRAJECTORY_NPZ = 'trajectory.npz'
+TRAJECTORY_JSON = 'trajectory.json'
+
+
+class TrajectoryInputError(ValueError):
+  """Bad settings, overrides or step count (the message names them)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+  """The issue's targets (relative errors)."""
+  loss_first: float = 1e-4   # total loss and every term at step 1
+  loss_later: float = 1e-3   # ... at every later step
+  grad_norm: float = 1e-3    # pre-clip global gradient norm, every step
+  param: float = 1e-3        # max |ours - ref| / max |ref - start|, last step
+
+
+# ------------------------------------------------------------ bundle / config
+def bundle_files(bundle: str) -> dict:
+  """Paths of the bundle's files and its settings.
+
+  Returns {'checkpoint', 'inputs', 'trajectory' (or None), 'settings' (the
+  parsed trajectory.json, {} if absent)}.
+  Raises FileNotFoundError naming what is missing.
+  """
+  if not os.path.isdir(bundle):
+    raise FileNotFoundError(f'{bundle}: not a directory (a bundle holds '
+                            'checkpoint.pth and inputs.npz)')
+  settings = {}
+  json_path = os.path.join(bundle, TRAJECTORY_JSON)
+  if os.path.isfile(json_path):
+    with open(json_path) as f:
+      settings = json.load(f)
+  out = {'settings': settings}
+  for key, name in (('checkpoint', 'checkpoint.pth'), ('inputs', 'inputs.npz')):
+    candidates = [os.path.join(bundle, name)]
+    if settings.get('variant'):
+      candidates.append(os.path.join(os.path.dirname(os.path.abspath(bundle)),
+                                     str(settings['variant']), name))
+    found = [p for p in candidates if os.path.isfile(p)]
+    if not found:
+      raise FileNotFoundError(
+          f'{candidates[0]}: missing (looked in {candidates}); a bundle holds '
+          'checkpoint.pth and inputs.npz, or names in trajectory.json the '
+          "sibling 'variant' folder that does")
+    out[key] = found[0]
+  traj = os.path.join(bundle, TRAJECTORY_NPZ)
+  out['trajectory'] = traj if os.path.isfile(traj) else None
+  return out
+
+
+def settings_overrides(settings: Mapping) -> dict:
+  """trajectory.json -> dotted config overrides.
+
+  Reads ``lr``, ``warmup`` (null: none), ``dn_label_noise_scale``,
+  ``dn_box_noise_scale`` and ``optim_wrapper`` (mmengine's: AdamW lr /
+  weight_decay, clip_grad max_norm with norm_type 2, paramwise_cfg
+  custom_keys {'backbone': {'lr_mult'}}).  The lr is constant over the run
+  (no epoch milestones).  Anything the optimiser cannot express is a
+  TrajectoryInputError naming it.
+  """
+  if not settings:
+    return {}
+  o = {'optim.decay_epochs': ()}
+  wrapper = dict(settings.get('optim_wrapper') or {})
+  opt = dict(wrapper.get('optimizer') or {})
+  if opt:
+    if opt.get('type') != 'AdamW':
+      raise TrajectoryInputError(f"optim_wrapper.optimizer.type {opt.get('type')!r}: "
+                       "only 'AdamW' is supported")
+    if 'lr' in opt:
+      o['optim.lr'] = float(opt['lr'])
+    if 'weight_decay' in opt:
+      o['optim.weight_decay'] = float(opt['weight_decay'])
+  clip = wrapper.get('clip_grad')
+  if clip:
+    if int(clip.get('norm_type', 2)) != 2:
+      raise TrajectoryInputError(f"clip_grad.norm_type {clip['norm_type']}: only 2 is "
+                       'supported')
+    o['optim.clip_norm'] = float(clip['max_norm'])
+  elif 'clip_grad' in wrapper:
+    o['optim.clip_norm'] = 0.0
+  keys = dict((wrapper.get('paramwise_cfg') or {}).get('custom_keys') or {})
+  for key, value in keys.items():
+    if key != 'backbone' or set(value) - {'lr_mult'}:
+      raise TrajectoryInputError(f'paramwise_cfg.custom_keys {key!r}: {value}: only '
+                       "{'backbone': {'lr_mult': x}} is supported")
+    o['optim.backbone_lr_mult'] = float(value['lr_mult'])
+  if 'lr' in settings:
+    o['optim.lr'] = float(settings['lr'])
+  if settings.get('warmup'):
+    raise TrajectoryInputError(f"warmup {settings['warmup']!r}: only null (no warm-up) "
+                     'is supported')
+  o['optim.warmup_steps'] = 0
+  for src, dst in (('dn_label_noise_scale', 'dn.label_noise_scale'),
+                   ('dn_box_noise_scale', 'dn.box_noise_scale')):
+    if src in settings:
+      o[dst] = float(settings[src])
+  return o
+
+
+def fixed_batch(inputs: Mapping) -> dict:
+  """The bundle's batch in the training step's contract (no augmentation)."""
+  return dict(images=np.asarray(inputs['images'], np.float32),
+              pad_mask=np.asarray(inputs['pad_mask'], bool),
+              img_shapes=np.asarray(inputs['img_shapes'], np.int32),
+              scale_factors=np.asarray(inputs['scale_factors'], np.float32),
+              gt_boxes=np.asarray(inputs['gt_boxes'], np.float32),
+              gt_labels=np.asarray(inputs['gt_labels'], np.int32),
+              gt_valid=np.asarray(inputs['gt_valid'], bool))
+
+
+# ---------------------------------------------------------------- the run
+def dn_noise_check(config, batch: Mapping, keys) -> dict:
+  """Whether the denoising draws of these keys equal the ground truth.
+
+  Runs the generator's own ``noisy_dn_targets`` with the config's noise
+  scales and with zero noise (the ground truth itself, as the reference's
+  queries are at scales 1e-12) on each key.
+  Returns {'label_mismatches': int, 'box_max_abs': float} over all keys.
+  """
+  import jax
+  from ddq_jax.models.denoising import dn_layout, noisy_dn_targets, num_dn_slots
+  g = batch['gt_valid'].shape[1]
+  layout = dn_layout(jax.numpy.asarray(batch['gt_valid']),
+                     num_dn_queries=int(config.dn.num_dn_queries),
+                     num_slots=num_dn_slots(
+                         num_dn_queries=int(config.dn.num_dn_queries),
+                         max_gt=g))
+  common = dict(gt_boxes=batch['gt_boxes'], gt_labels=batch['gt_labels'],
+                img_shapes=batch['img_shapes'], layout=layout,
+                num_classes=int(config.num_classes))
+  mismatches, box_err = 0, 0.0
+  for key in keys:
+    lab, box = noisy_dn_targets(
+        key, label_noise_scale=float(config.dn.label_noise_scale),
+        box_noise_scale=float(config.dn.box_noise_scale), **common)
+    lab0, box0 = noisy_dn_targets(key, label_noise_scale=0.0,
+                                  box_noise_scale=0.0, **common)
+    mismatches += int(np.sum(np.asarray(lab) != np.asarray(lab0)))
+    box_err = max(box_err, float(np.max(np.abs(np.asarray(box, np.float64)
+                                               - np.asarray(box0)))))
+  return {'label_mismatches': mismatches, 'box_max_abs': box_err}
+
+
+def run_steps(model, config, variables: Mapping, batch: Mapping, *,
+              steps: int, seed: int = 0,
+              on_step: Optional[Callable[[int, dict, float], None]] = None
+              ) -> dict:
+  """N steps of the training step ``train.py`` runs, on one fixed batch.
+
+  Args:
+    model, config: the detector and its config (optim, dn, loss sections).
+    variables: {'params', 'batch_stats'} numpy (the converted checkpoint).
+    batch: ``fixed_batch`` of the bundle.
+    steps: N.
+    seed: the train state's PRNG seed (the denoising draws).
+    on_step: called after each step with (step, host metrics, seconds).
+
+  Returns {'metrics': [host metrics per step] ('loss', 'grad_norm' before
+  clipping, 'lr', 'lr_backbone', every loss term), 'params' (numpy, after
+  the last step), 'dn_keys' (the denoising key of each step), 'compiles'}.
+  """
+  import jax
+  from ddq_jax.parallel import mesh as mesh_lib
+  from ddq_jax.parallel import sharding as shd
+  from ddq_jax.training import optimizer as opt_lib
+  from ddq_jax.training import state as state_lib
+  from ddq_jax.training import step as step_lib
+  from ddq_jax.training.loop import TRAIN_KEYS
+  from ddq_jax.training.objective import make_loss_fn
+
+  mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
+  tx, _ = opt_lib.make_optimizer(config, steps_per_epoch=1)
+  state = state_lib.create_train_state(
+      {'params': variables['params'],
+       'batch_stats': variables.get('batch_stats', {})}, tx,
+      jax.random.PRNGKey(seed))
+  shardings = state_lib.state_shardings(jax.eval_shape(lambda: state), mesh)
+  state = jax.device_put(state, shardings)
+  step_fn = step_lib.jit_train_step(
+      step_lib.make_train_step(make_loss_fn(model, config), tx), mesh,
+      shardings)
+  device_batch = shd.shard_batch({k: batch[k] for k in TRAIN_KEYS
+                                  if k in batch}, mesh)
+  history, keys = [], []
+  for i in range(steps):
+    keys.append(jax.random.split(state.rng)[1])  # the step's dn key
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, device_batch)
+    metrics = shd.to_host(metrics)
+    history.append({k: float(v) for k, v in metrics.items()})
+    if on_step is not None:
+      on_step(i + 1, history[-1], time.perf_counter() - t0)
+  return {'metrics': history, 'params': shd.to_host(state.params),
+          'dn_keys': keys, 'compiles': step_lib.compile_count(step_fn)}
+
+
+def history_arrays(metrics: list[dict]) -> dict[str, np.ndarray]:
+  """Per-step metrics -> the fixture's arrays: ``loss/<key>``, ``loss_total``,
+  ``grad_global_norm``, each (N,)."""
+  skip = {'loss', 'grad_norm', 'lr', 'lr_backbone'}
+  keys = [k for k in metrics[0] if k not in skip and not k.startswith('lr_')]
+  out = {f'loss/{k}': np.array([m[k] for m in metrics]) for k in keys}
+  out['loss_total'] = np.array([m['loss'] for m in metrics])
+  out['grad_global_norm'] = np.array([m['grad_norm'] for m in metrics])
+  return out
+
+
+# ------------------------------------------------------------- comparison
+def _rel(ours, ref) -> np.ndarray:
+  ours = np.asarray(ours, np.float64)
+  ref = np.asarray(ref, np.float64)
+  return np.abs(ours - ref) / np.maximum(np.abs(ref), 1e-12)
+
+
+def step_errors(ours: Mapping, ref: Mapping, *, steps: int) -> list[dict]:
+  """Per step: {'step', 'loss_total', 'worst_term', 'worst_term_key',
+  'grad_global_norm'} relative errors over the first ``steps`` steps."""
+  terms = sorted(k for k in ref if k.startswith('loss/'))
+  rows = []
+  for i in range(steps):
+    errs = {k: float(_rel(ours[k][i], ref[k][i])) for k in terms if k in ours}
+    worst = max(errs, key=errs.get) if errs else ''
+    rows.append(dict(
+        step=i + 1,
+        loss_total=float(_rel(ours['loss_total'][i], ref['loss_total'][i])),
+        worst_term=errs.get(worst, 0.0), worst_term_key=worst,
+        grad_global_norm=float(_rel(ours['grad_global_norm'][i],
+                                    ref['grad_global_norm'][i]))))
+  return rows
+
+
+def compare_history(ours: Mapping, ref: Mapping, *, steps: int,
+                    targets: Targets = Targets()) -> list[Comparison]:
+  """Loss total, every term and the grad norm over the first ``steps``
+  steps: step 1 within ``loss_first``, later steps within ``loss_later``."""
+  out = []
+  keys = ['loss_total'] + sorted(k for k in ref if k.startswith('loss/'))
+  for key in keys:
+    if key not in ours:
+      out.append(Comparison(f'{key} (not produced by us)', np.inf, 0.0, 'rel'))
+      continue
+    err = _rel(ours[key][:steps], ref[key][:steps])
+    out.append(Comparison(f'{key} step 1', float(err[0]), targets.loss_first,
+                          'rel'))
+    if steps > 1:
+      out.append(Comparison(f'{key} steps 2-{steps}', float(err[1:].max()),
+                            targets.loss_later, 'rel'))
+  err = _rel(ours['grad_global_norm'][:steps], ref['grad_global_norm'][:steps])
+  out.append(Comparison(f'grad_global_norm steps 1-{steps}', float(err.max()),
+                        targets.grad_norm, 'rel'))
+  return out
+
+
+def compare_params(final: Mapping, start: Mapping, ref: Mapping, *,
+                   targets: Targets = Targets()) -> list[Comparison]:
+  """``param/<name>`` after the last step against the reference's.
+
+  Args:
+    final, start: our params in reference names (after the run / before).
+    ref: the reference's trajectory arrays (``init/<name>``, ``param/<name>``).
+  A parameter the reference did not move must be bit-identical to its
+  start; the others are within ``targets.param`` of the reference relative
+  to the reference's change (max |ours - ref| / max |ref - init|).  Our start
+  must equal the reference's ``init/`` exactly.
+  """
+  out = []
+  for key in sorted(k for k in ref if k.startswith('param/')):
+    name = key[len('param/'):]
+    if name not in final:
+      out.append(Comparison(f'{key} (no such parameter)', np.inf, 0.0, 'rel'))
+      continue
+    want = np.asarray(ref[key], np.float64)
+    init = np.asarray(ref.get(f'init/{name}', start[name]), np.float64)
+    if f'init/{name}' in ref:
+      out.append(Comparison(f'init/{name}', float(np.sum(
+          np.asarray(start[name]) != ref[f'init/{name}'])), 0.0, 'mismatches'))
+    change = float(np.abs(want - init).max())
+    if change == 0.0:
+      out.append(Comparison(f'{key} (frozen)', float(np.sum(
+          np.asarray(final[name]) != np.asarray(start[name]))), 0.0,
+                            'mismatches'))
+      continue
+    err = float(np.abs(np.asarray(final[name], np.float64) - want).max())
+    out.append(Comparison(key, err / change, targets.param, 'rel'))
+  return out
+
+
+def ulp_summary(final: Mapping, ref: Mapping) -> list[str]:
+  """Per moved ``param/<name>``: entries bit-identical to the reference, the
+  largest difference in float32 ulps at the tensor's largest value, and
+  what one such ulp is relative to the largest change (the float32 floor
+  of the ``param`` target)."""
+  lines = []
+  for key in sorted(k for k in ref if k.startswith('param/')):
+    name = key[len('param/'):]
+    if name not in final or f'init/{name}' not in ref:
+      continue
+    want = np.asarray(ref[key], np.float32)
+    ours = np.asarray(final[name], np.float32)
+    change = float(np.abs(want.astype(np.float64) - ref[f'init/{name}']).max())
+    if change == 0.0:
+      continue
+    ulp = float(np.spacing(np.abs(want).max()))
+    err = float(np.abs(ours.astype(np.float64) - want).max())
+    lines.append(f'     {key}: {np.mean(ours == want):.1%} bit-identical, '
+                 f'max error {err / ulp:.2g} ulp of max |p|; that ulp is '
+                 f'{ulp / change:.2g} of the change')
+  return lines
+
+
+def frozen_unchanged(final, start, config) -> Comparison:
+  """Every parameter the optimiser labels frozen, bit-identical to start."""
+  import jax
+  from ddq_jax.training.optimizer import FROZEN, param_labels
+  labels = param_labels(start, config)
+  changed = jax.tree.map(
+      lambda a, b, l: int(np.sum(np.asarray(a) != np.asarray(b)))
+      if l == FROZEN else 0, final, start, labels)
+  n = sum(1 for l in jax.tree.leaves(labels) if l == FROZEN)
+  return Comparison(f'frozen params ({n} tensors) moved entries',
+                    float(sum(jax.tree.leaves(changed))), 0.0, 'mismatches')
+
+
+# --------------------------------------------------------------- entry point
+def _format_terms(metrics: Mapping) -> str:
+  skip = {'loss', 'grad_norm', 'lr', 'lr_backbone'}
+  parts = [f'{k}={v:.6g}' for k, v in metrics.items() if k not in skip]
+  lines, cur = [], '   '
+  for p in parts:
+    if len(cur) + len(p) > 96:
+      lines.append(cur)
+      cur = '   '
+    cur += ' ' + p
+  return '\n'.join(lines + [cur])
+
+
+def verify_steps(bundle: str, *, steps: int, overrides: Optional[dict] = None,
+                 dump: Optional[str] = None, config_path: Optional[str] = None,
+                 seed: int = 0, out=print) -> bool:
+  """``verify BUNDLE --steps N``: run, print, compare, dump.
+
+  Returns True when every target holds (or there is nothing to compare).
+  Raises FileNotFoundError / TrajectoryInputError on bad input (the
+  message names it).
+  """
+  from ddq_jax.config import apply_overrides, load_config
+  from ddq_jax.conversion.converter import convert_checkpoint
+  from ddq_jax.conversion.export import to_reference_names
+  from ddq_jax.conversion.torch_pickle import load_torch_checkpoint, state_dict_of
+  from ddq_jax.models.detector import build_model
+
+  if steps < 1:
+    raise TrajectoryInputError(f'--steps {steps}: expected a positive step count')
+  files = bundle_files(bundle)
+  config = load_config(config_path) if config_path else None
+  variables, config, report = convert_checkpoint(files['checkpoint'], config)
+  for source, values in (('trajectory.json', settings_overrides(
+      files['settings'])), ('--config', dict(overrides or {}))):
+    try:
+      apply_overrides(config, values)
+    except (KeyError, TypeError, ValueError) as e:
+      raise TrajectoryInputError(f'{source} overrides {values}: {e}') from e
+  o = config.optim
+  out(f'converted {report.converted} tensors from {files["checkpoint"]}; '
+      f'config {config.name}')
+  out(f'optimiser: AdamW lr {o.lr:g} (backbone x{o.backbone_lr_mult:g}), '
+      f'weight decay {o.weight_decay:g}, clip {o.clip_norm:g}, warm-up '
+      f'{int(o.warmup_steps)} steps; dn noise label '
+      f'{config.dn.label_noise_scale:g} box {config.dn.box_noise_scale:g}')
+  with np.load(files['inputs'], allow_pickle=False) as f:
+    batch = fixed_batch({k: f[k] for k in f.files})
+  ref = None
+  if files['trajectory']:
+    with np.load(files['trajectory'], allow_pickle=False) as f:
+      ref = {k: f[k] for k in f.files}
+  model = build_model(config)
+
+  def on_step(i, m, seconds):
+    out(f'step {i}/{steps}: loss_total {m["loss"]:.6f}  grad_norm '
+        f'{m["grad_norm"]:.6f} (before clipping)  lr {m.get("lr", 0):.3g}  '
+        f'{seconds:.1f} s')
+    out(_format_terms(m))
+
+  t0 = time.perf_counter()
+  run = run_steps(model, config, variables, batch, steps=steps, seed=seed,
+                  on_step=on_step)
+  out(f'{steps} steps in {time.perf_counter() - t0:.1f} s; the train step '
+      f'compiled {run["compiles"]} time(s)')
+  ours = history_arrays(run['metrics'])
+  sd = state_dict_of(load_torch_checkpoint(files['checkpoint']),
+                     files['checkpoint'])
+  names = {k: np.ndim(v) for k, v in sd.items()}
+  final = to_reference_names({'params': run['params']}, names,
+                             collections=('params',))
+  start = to_reference_names(variables, names, collections=('params',))
+
+  results = [frozen_unchanged(run['params'], variables['params'], config)]
+  dn = dn_noise_check(config, batch, run['dn_keys'])
+  out(f'denoising queries vs the ground truth over {steps} draws: '
+      f'{dn["label_mismatches"]} label mismatches, boxes max |diff| '
+      f'{dn["box_max_abs"]:.3g}')
+  if ref is not None:
+    n_ref = int(ref['loss_total'].shape[0])
+    n = min(steps, n_ref)
+    results.append(Comparison('dn queries == ground truth (label mismatches)',
+                              float(dn['label_mismatches']), 0.0,
+                              'mismatches'))
+    results += compare_history(ours, ref, steps=n)
+    out('per-step relative errors:')
+    for row in step_errors(ours, ref, steps=n):
+      out(f'  step {row["step"]}: loss_total {row["loss_total"]:.2e}  worst '
+          f'term {row["worst_term"]:.2e} ({row["worst_term_key"]})  '
+          f'grad_global_norm {row["grad_global_norm"]:.2e}')
+    if steps == n_ref:
+      results += compare_params(final, start, ref)
+      for line in ulp_summary(final, ref):
+        out(line)
+    else:
+      out(f'-- parameters not compared: the reference ran {n_ref} steps, '
+          f'we ran {steps}')
+  for r in results:
+    out(r.line())
+  failed = [r for r in results if not r.ok]
+  out(f'{len(results) - len(failed)} of {len(results)} checks within target')
+  if dump:
+    arrays = dict(ours)
+    arrays.update({f'param/{k}': v for k, v in final.items()})
+    np.savez(dump, **arrays)
+    out(f'wrote {len(arrays)} arrays to {dump}')
+  return not failed
