@@ -8,6 +8,11 @@ Multi-host: every process runs the same command plus either
 ``--multihost`` (jax.distributed.initialize() auto-detection: SLURM, TPU,
 JAX_COORDINATOR_ADDRESS...).  ``--cpu_collectives=gloo`` for CPU-only
 multi-process runs.  Re-running with the same workdir resumes.
+
+Exit status: 0 finished; 143 stopped by SIGTERM (preemption) and 130 by
+SIGINT, each after saving a checkpoint (re-run to resume); 2 the workdir's
+checkpoint has another config; 3 too many non-finite steps in a row; 4 a
+checkpoint could not be written or none could be read (ddq_jax.training.loop).
 """
 import argparse
 import logging
@@ -57,19 +62,26 @@ def main(argv=None) -> int:
                       format='%(asctime)s %(name)s %(levelname)s %(message)s')
   logging.getLogger('ddq_jax').setLevel(
       logging.INFO if jax.process_index() == 0 else logging.WARNING)
-  from ddq_jax.training.loop import train  # pylint: disable=g-import-not-at-top
+  from ddq_jax.training.loop import exit_code_for, train  # pylint: disable=g-import-not-at-top
   logging.getLogger('ddq_jax').info(
       'process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
       jax.process_count(), jax.local_device_count(), jax.device_count(),
       jax.devices()[0].platform)
   config.lock()
-  result = train(config, args.workdir)
+  try:
+    result = train(config, args.workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    code = exit_code_for(e)
+    if code is None:
+      raise
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return code
   if jax.process_index() == 0:
     print({k: result[k] for k in ('step', 'compiles', 'stopped')},
           result['last_metrics'], result['eval'] or '', flush=True)
   if jax.process_count() > 1:
     jax.distributed.shutdown()
-  return 0
+  return exit_code_for(result=result)  # 143 / 130 when stopped by a signal
 
 
 if __name__ == '__main__':

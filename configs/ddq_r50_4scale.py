@@ -152,6 +152,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = -1         # -1: once per epoch
   c.train.init_from = ''          # converted checkpoint dir, or torchvision .pth
   c.train.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay fp32)
+  c.train.max_nonfinite_steps = 10   # stop (exit 3) after this many in a row
+  c.train.inject_nan_at_steps = ()   # test hook: NaN images at these steps
+  c.train.resume_may_change = ()     # extra config keys a resume may change
 
   # ---- parallelism -----------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

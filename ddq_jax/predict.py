@@ -79,6 +79,28 @@ def draw_detections(image: np.ndarray, dets: list[dict],
     raise OSError(f'could not write {path}')
 
 
+def drawing_paths(paths, draw_dir: str) -> list[str]:
+  """One PNG path in ``draw_dir`` per image: ``<stem>.png``, or
+  ``<stem>-2.png``, ``-3``... when another image of this call has the same
+  stem or the file already exists; no drawing ever overwrites a file.
+
+  Args:
+    paths: the input image paths, in order.
+  Returns:
+    list of output paths, all distinct and not existing yet.
+  """
+  taken, out = set(), []
+  for path in paths:
+    stem = os.path.splitext(os.path.basename(path))[0] or 'image'
+    n, name = 1, os.path.join(draw_dir, f'{stem}.png')
+    while name in taken or os.path.lexists(name):
+      n += 1
+      name = os.path.join(draw_dir, f'{stem}-{n}.png')
+    taken.add(name)
+    out.append(name)
+  return out
+
+
 def predict_files(paths, *, weights: str, config=None,
                   overrides: dict | None = None,
                   score_threshold: float = 0.3, draw_dir: str | None = None
@@ -102,6 +124,9 @@ def predict_files(paths, *, weights: str, config=None,
   predict = make_predict_fn(build_model(config))
   out = jax.tree.map(np.asarray, predict(variables, *_batch(samples, config)))
   records = []
+  if draw_dir:
+    os.makedirs(draw_dir, exist_ok=True)
+    drawings = drawing_paths(paths, draw_dir)
   for i, path in enumerate(paths):
     dets = []
     for box, score, label, valid in zip(out.boxes[i], out.scores[i],
@@ -116,10 +141,8 @@ def predict_files(paths, *, weights: str, config=None,
                        score=round(float(score), 5)))
     records += dets
     if draw_dir:
-      os.makedirs(draw_dir, exist_ok=True)
-      stem = os.path.splitext(os.path.basename(path))[0]
-      draw_detections(samples[i]['orig'], dets,
-                      os.path.join(draw_dir, f'{stem}.png'))
+      draw_detections(samples[i]['orig'], dets, drawings[i])
+      print(f'drawing: {path} -> {drawings[i]}', file=sys.stderr)
   return records
 
 
@@ -135,7 +158,9 @@ def main(argv=None) -> int:
   parser.add_argument('--score-threshold', type=float, default=0.3,
                       help='drop detections below this score (default 0.3)')
   parser.add_argument('--draw', default=None, metavar='DIR',
-                      help='also write DIR/<image>.png with the boxes drawn')
+                      help='also write DIR/<image stem>.png with the boxes '
+                      'drawn (<stem>-2.png ... when the name is taken: '
+                      'nothing is overwritten)')
   parser.add_argument('--out', default=None,
                       help='write the JSON here instead of standard output')
   args, overrides = cli.parse_args(parser, argv)

@@ -5,6 +5,12 @@ Examples:
   python convert_weights.py ckpt.pth --config configs/ddq_r50_4scale.py --out w/
   python convert_weights.py resnet50-0676ba61.pth --torchvision --out w/r50
   python convert_weights.py ckpt.pth --out w/ --config.num_queries=300
+
+--out must be a new or empty directory, or a previous conversion (replaced
+atomically).  A non-empty directory holding other files, or an existing
+file, is refused before any work (exit 2) unless --overwrite, which writes
+variables.msgpack / config.json / conversion.json into it and keeps every
+other file.  The input checkpoint is never modified or removed.
 """
 from __future__ import annotations
 
@@ -29,13 +35,16 @@ def _parser() -> argparse.ArgumentParser:
                  'torch is not needed to read it')
   p.add_argument('--out', required=True,
                  help='output directory (variables.msgpack + config.json), '
-                 'written atomically')
+                 'written atomically: new, empty or a previous conversion')
   cli.add_config_argument(p, help_text="instead of the checkpoint's own "
                           "meta['cfg'] text.")
   p.add_argument('--torchvision', action='store_true',
                  help='the file is a torchvision ResNet state_dict: write '
                  'backbone-only variables for initialising training (a bare '
                  'ResNet state_dict is recognised without this flag)')
+  p.add_argument('--overwrite', action='store_true',
+                 help='write into a non-empty --out that is not a previous '
+                 'conversion (only our three files are replaced)')
   p.add_argument('--no-check', action='store_true',
                  help='skip the comparison with the shapes the model expects')
   return p
@@ -46,7 +55,10 @@ def main(argv=None) -> int:
   args, overrides = cli.parse_args(parser, argv)
   given = (cli.load_or_fail(parser, args.config, overrides)
            if args.config else None)
+  save = dict(overwrite=args.overwrite, inputs=(args.checkpoint,))
   try:
+    # Refuse a bad --out before the (slow) conversion.
+    weights_io.check_output_dir(args.out, **save)
     from ddq_jax.weights import weight_format
     if args.torchvision or weight_format(args.checkpoint) == 'torchvision':
       from ddq_jax.conversion.torchvision import torchvision_resnet_to_variables
@@ -56,7 +68,7 @@ def main(argv=None) -> int:
       variables = torchvision_resnet_to_variables(state_dict)
       weights_io.save_converted(args.out, variables, config,
                                 extra={'source': args.checkpoint,
-                                       'kind': 'torchvision_backbone'})
+                                       'kind': 'torchvision_backbone'}, **save)
       print(f'wrote backbone variables ({len(state_dict)} tensors read) '
             f'to {args.out}')
       return 0
@@ -64,15 +76,15 @@ def main(argv=None) -> int:
         args.checkpoint, given, check=not args.no_check)
     if given is None:
       apply_overrides(config, overrides)
+    weights_io.save_converted(
+        args.out, variables, config,
+        extra={'source': args.checkpoint, 'kind': 'mmdet_ddq_detr',
+               'converted_tensors': report.converted,
+               'ignored': report.ignored}, **save)
   except (CheckpointReadError, ConfigParseError, ConversionError,
-          FileNotFoundError, KeyError, ValueError) as e:
+          FileNotFoundError, KeyError, ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  weights_io.save_converted(
-      args.out, variables, config,
-      extra={'source': args.checkpoint, 'kind': 'mmdet_ddq_detr',
-             'converted_tensors': report.converted,
-             'ignored': report.ignored})
   reasons = '; '.join(sorted(set(report.ignored.values()))) or 'none'
   print(f'converted {report.converted} tensors '
         f'({len(report.ignored)} deliberately ignored: {reasons}) '

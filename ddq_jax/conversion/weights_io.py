@@ -4,7 +4,9 @@
     OUT/config.json         the model config (ml_collections, JSON)
 
 Written atomically: everything goes to a temporary sibling directory that is
-renamed into place, so a crash never leaves a half-written checkpoint.
+renamed into place, so a crash never leaves a half-written checkpoint.  A
+non-empty directory that is not a previous conversion, or an existing file,
+is refused (no user file is ever deleted; see ``check_output_dir``).
 """
 from __future__ import annotations
 
@@ -21,11 +23,74 @@ VARIABLES_FILE = 'variables.msgpack'
 CONFIG_FILE = 'config.json'
 
 
+OUR_FILES = (VARIABLES_FILE, CONFIG_FILE, 'conversion.json')
+
+
+class OutputExistsError(ValueError):
+  """``--out`` holds something a conversion must not replace."""
+
+
+def _is_previous_conversion(path: str) -> bool:
+  names = set(os.listdir(path))
+  return VARIABLES_FILE in names and names <= set(OUR_FILES)
+
+
+def check_output_dir(out_dir: str, *, overwrite: bool = False,
+                     inputs=()) -> str:
+  """Decides how ``out_dir`` will be written, before any work is done.
+
+  Returns:
+    'new' (absent or an empty directory), 'replace' (a previous conversion:
+    only our files, swapped for the new ones), or 'into' (``overwrite``: a
+    non-empty directory keeps its other files; only ours are replaced).
+  Raises:
+    OutputExistsError: ``out_dir`` is a file, a non-empty directory that is
+      not a previous conversion (without ``overwrite``), or writing it would
+      replace one of ``inputs``.
+  """
+  out_dir = os.path.abspath(out_dir)
+  targets = {os.path.realpath(os.path.join(out_dir, n)) for n in OUR_FILES}
+  for src in inputs:
+    real = os.path.realpath(src)
+    if real in targets or real == os.path.realpath(out_dir):
+      raise OutputExistsError(
+          f'--out {out_dir}: writing it would replace the input {src}; '
+          'choose another output directory')
+  if not os.path.lexists(out_dir):
+    return 'new'
+  if not os.path.isdir(out_dir):
+    raise OutputExistsError(
+        f'--out {out_dir} is an existing file, not a directory; nothing was '
+        'written (choose a directory path)')
+  if not os.listdir(out_dir):
+    return 'new'
+  if _is_previous_conversion(out_dir):
+    return 'replace'
+  if overwrite:
+    return 'into'
+  raise OutputExistsError(
+      f'--out {out_dir} is a non-empty directory that is not a previous '
+      f'conversion ({len(os.listdir(out_dir))} entries); nothing was written. '
+      'Choose a new directory, or pass --overwrite to write '
+      f'{", ".join(OUR_FILES)} into it (its other files are kept)')
+
+
 def save_converted(out_dir: str, variables: dict,
                    config: ml_collections.ConfigDict,
-                   extra: dict | None = None) -> None:
-  """Atomically writes ``variables`` and ``config`` into ``out_dir``."""
+                   extra: dict | None = None, *, overwrite: bool = False,
+                   inputs=()) -> None:
+  """Atomically writes ``variables`` and ``config`` into ``out_dir``.
+
+  Everything is written to a temporary sibling directory first.  Absent or
+  empty ``out_dir``: that directory is renamed into place.  A previous
+  conversion (only our files): swapped for the new one, then the old copy is
+  removed.  Anything else needs ``overwrite`` and then only our files inside
+  it are replaced (each by a rename); no other file is ever deleted, and
+  ``inputs`` (the source checkpoint) are never touched (see
+  ``check_output_dir``).
+  """
   out_dir = os.path.abspath(out_dir)
+  mode = check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.tmp-' + os.path.basename(out_dir), dir=parent)
@@ -33,19 +98,30 @@ def save_converted(out_dir: str, variables: dict,
     numpy_tree = _to_numpy(variables)
     with open(os.path.join(tmp, VARIABLES_FILE), 'wb') as f:
       f.write(serialization.msgpack_serialize(numpy_tree))
+      f.flush()
+      os.fsync(f.fileno())
     with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
     if extra:
       with open(os.path.join(tmp, 'conversion.json'), 'w') as f:
         json.dump(extra, f, indent=1)
-    if os.path.exists(out_dir):
-      old = out_dir + '.old'
-      shutil.rmtree(old, ignore_errors=True)
+    if mode == 'new':
+      if os.path.isdir(out_dir):
+        os.rmdir(out_dir)  # empty (checked); rmdir refuses anything else
+      os.rename(tmp, out_dir)
+    elif mode == 'replace':
+      old = tempfile.mkdtemp(prefix='.old-' + os.path.basename(out_dir),
+                             dir=parent)
+      os.rmdir(old)
       os.rename(out_dir, old)
       os.rename(tmp, out_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, out_dir)
+      for name in os.listdir(old):  # only our files (checked)
+        os.remove(os.path.join(old, name))
+      os.rmdir(old)
+    else:  # 'into': replace our files one by one, keep the rest
+      for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+      os.rmdir(tmp)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

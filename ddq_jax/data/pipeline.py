@@ -16,9 +16,11 @@ from a step reproduces the stream exactly.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -44,7 +46,8 @@ def build_dataset(config, split: str) -> DetectionSource:
   images, otherwise synthetic_num_eval). 'coco_dir': CocoFolderSource over
   ``coco_dir/<split>2017`` + ``coco_dir/annotations/instances_<split>2017.json``
   (train -> train2017, validation/val -> val2017), unless
-  data.{train,eval}_image_dir / _ann_file are set.  'tfds': TfdsSource over
+  data.{train,eval}_image_dir / _ann_file are set; its categories are
+  checked against (or mapped by name onto) the model's classes.  'tfds': TfdsSource over
   the prepared ``tfds_data_dir``.
   """
   d = config.data
@@ -59,6 +62,7 @@ def build_dataset(config, split: str) -> DetectionSource:
                         config.num_classes),
         max_objects=_cfg(d, 'synthetic_max_objects', 6))
   if d.source == 'coco_dir':
+    from ddq_jax.class_names import class_names_for  # pylint: disable=g-import-not-at-top
     from ddq_jax.data.coco_folder import CocoFolderSource  # pylint: disable=g-import-not-at-top
     sub = _COCO_SPLITS.get(split, split)
     prefix = 'train' if is_train else 'eval'
@@ -68,7 +72,8 @@ def build_dataset(config, split: str) -> DetectionSource:
         d.coco_dir, 'annotations', f'instances_{sub}.json')
     return CocoFolderSource(image_dir=image_dir, ann_file=ann,
                             min_size=_cfg(d, 'train_min_size', 32)
-                            if is_train else 0)
+                            if is_train else 0,
+                            model_class_names=class_names_for(config))
   if d.source == 'tfds':
     from ddq_jax.data.tfds_source import TfdsSource, open_tfds_source  # pylint: disable=g-import-not-at-top
     records, names = open_tfds_source(data_dir=d.tfds_data_dir,
@@ -263,8 +268,38 @@ def _blank(canvas, mean) -> dict:
               scale_factor=(1.0, 1.0), orig_size=tuple(canvas), image_id=-1)
 
 
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def die_with_parent(parent_pid: int, worker_index: int = 0,
+                    worker_count: int = 0, *, poll_s: float = 0.5) -> None:
+  """Loader-worker init: a daemon thread ends this process as soon as the
+  process that started the loader (``parent_pid``) is gone (its parent pid
+  changes, or ``parent_pid`` no longer exists), so a trainer killed with
+  SIGKILL leaves no orphaned workers behind.  (A watchdog rather than
+  PR_SET_PDEATHSIG, which fires when the creating *thread* exits.)"""
+  del worker_index, worker_count
+  initial = os.getppid()
+
+  def watch():
+    while os.getppid() == initial and _alive(parent_pid):
+      time.sleep(poll_s)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True,
+                   name='ddq-loader-parent-watchdog').start()
+
+
 class _Iterator:
-  """Runs ``fn`` over ``range(start, stop)`` (grain workers if > 0)."""
+  """Runs ``fn`` over ``range(start, stop)`` (grain workers if > 0; they
+  exit when this process dies, see ``die_with_parent``)."""
 
   def __init__(self, fn, *, start: int, stop: int, num_workers: int):
     self.fn, self.stop, self.num_workers = fn, stop, num_workers
@@ -286,7 +321,8 @@ class _Iterator:
     ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=2, prefetch_buffer_size=2)).mp_prefetch(
         grain.MultiprocessingOptions(num_workers=self.num_workers,
-                                     per_worker_buffer_size=2))
+                                     per_worker_buffer_size=2),
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()))
     self._it = iter(ds)
 
   def __iter__(self):

@@ -243,6 +243,9 @@ def hungarian_match(cost: jnp.ndarray, *, row_valid: jnp.ndarray = None,
   """
   q, g = cost.shape
   cost = jax.lax.stop_gradient(cost)
+  # Non-finite costs (a diverged step, which the train step then does not
+  # apply) must neither crash the host solver nor stall the JAX one.
+  cost = jnp.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
   row_valid = (jnp.ones((q,), bool) if row_valid is None
                else jnp.asarray(row_valid, bool))
   col_valid = (jnp.ones((g,), bool) if col_valid is None

@@ -11,28 +11,76 @@ no step directory behind), and the manager keeps the last ``keep``.
 Restoring takes the target's abstract state with shardings, so a checkpoint
 written under one mesh / process count restores into another (every process
 reads the slices it owns).
+
+Trust: the directory is checked (a directory, writable) when the
+Checkpointer is made, so a bad path fails the run at once; a save that
+fails raises ``CheckpointError`` (never a silent skip); a state with a
+non-finite float is never saved; ``meta`` records a checksum of every array
+(``integrity.state_fingerprint``) and ``restore`` verifies it.
+``restore_latest_good`` walks back from the newest checkpoint: one that is
+damaged (checksum mismatch, truncated or missing files, unreadable
+metadata, non-finite values) is reported by step, moved aside into
+``<dir>.damaged/`` (never deleted) and the next older one is tried.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-from typing import Any
+import time
 
 import jax
 import orbax.checkpoint as ocp
 
+from ddq_jax.training import integrity
 from ddq_jax.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
+_config_json = integrity.config_to_dict
 
-def _config_json(config) -> Any:
-  if config is None:
-    return None
-  if hasattr(config, 'to_json_best_effort'):
-    return json.loads(config.to_json_best_effort())
-  return json.loads(json.dumps(config, default=str))
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written or no checkpoint could be read."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """One step's checkpoint is unreadable or fails its checksum."""
+
+  def __init__(self, step: int, reason: str):
+    super().__init__(f'checkpoint step {step}: {reason}')
+    self.step, self.reason = step, reason
+
+
+class StateMismatchError(CheckpointError):
+  """An intact checkpoint whose arrays do not fit the target state (another
+  model / optimiser configuration): not damage, nothing is moved."""
+
+
+def array_specs(tree) -> dict[str, list]:
+  """{leaf path: [shape, dtype name]} of a pytree of arrays / structs."""
+  return {p: [list(x.shape), str(x.dtype)] for p, x in
+          zip(integrity.leaf_paths(tree), jax.tree.leaves(tree))}
+
+
+def check_directory(directory: str) -> None:
+  """Creates ``directory`` if absent and checks it is a writable directory.
+
+  Raises:
+    CheckpointError naming the path and what is wrong with it.
+  """
+  if os.path.lexists(directory) and not os.path.isdir(directory):
+    raise CheckpointError(
+        f'{directory} exists and is not a directory: checkpoints cannot be '
+        'written there (move it away or choose another workdir)')
+  try:
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f'.write-probe-{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(f'checkpoint directory {directory} is not '
+                          f'writable: {e}') from None
 
 
 class Checkpointer:
@@ -49,6 +97,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, save_every: int = 1,
                keep: int | None = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    check_directory(self.directory)
     self.save_every = max(int(save_every), 1)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True,
@@ -65,34 +114,59 @@ class Checkpointer:
     """Starts an (async) save of ``state`` at its step; returns whether it
     did.  Every process must call it (multi-host).  Pass the host-side
     ``step`` (== state.step) to avoid a device sync on steps that do not
-    save."""
+    save.  A state with a non-finite float is not saved (logged, False).
+
+    Raises:
+      CheckpointError: this save, or an earlier asynchronous one, failed.
+    """
     if step is None:
       step = int(jax.device_get(state.step))
     if not force and step % self.save_every:
       return False
     if step == self._last_saved or step in self.all_steps():
       return False
+    checksums, finite = integrity.state_fingerprint(state)
+    if not finite:
+      log.error('checkpoint: step %d NOT saved: the state holds non-finite '
+                'values (the newest finite checkpoint is kept)', step)
+      return False
     meta = {'step': step, 'data_position': step,
             'process_count': jax.process_count(),
-            'config': _config_json(config)}
+            'config': _config_json(config),
+            'checksum_algo': integrity.CHECKSUM_ALGO, 'checksums': checksums,
+            'arrays': array_specs(state)}
     if extra:
       meta.update(extra)
-    saved = self._mngr.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(meta)),
-        force=True)
+    try:
+      saved = self._mngr.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(meta)),
+          force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'saving checkpoint step {step} to '
+                            f'{self.directory} failed: {e}') from e
     if saved:
       self._last_saved = step
       log.info('checkpoint: saving step %d to %s', step, self.directory)
     return bool(saved)
 
   def wait(self) -> None:
-    """Blocks until pending async saves are committed."""
-    self._mngr.wait_until_finished()
+    """Blocks until pending async saves are committed.
+
+    Raises:
+      CheckpointError: a pending save failed.
+    """
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'writing checkpoint step {self._last_saved} to '
+                            f'{self.directory} failed: {e}') from e
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
 
   # ---- reading ----------------------------------------------------------
   def all_steps(self) -> list[int]:
@@ -101,9 +175,16 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
+  def read_meta(self, step: int) -> dict:
+    """The ``meta`` JSON of ``step`` (no arrays read)."""
+    out = self._mngr.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out['meta'])
+
   def restore(self, target: TrainState, step: int | None = None
               ) -> tuple[TrainState, dict]:
-    """Restores into ``target``'s structure, dtypes and shardings.
+    """Restores into ``target``'s structure, dtypes and shardings and checks
+    the recorded checksums.
 
     Args:
       target: a TrainState whose leaves are ``jax.ShapeDtypeStruct`` with a
@@ -112,6 +193,11 @@ class Checkpointer:
 
     Returns:
       (state, meta).
+    Raises:
+      FileNotFoundError: no checkpoint.
+      DamagedCheckpointError: unreadable, checksum mismatch, non-finite.
+      StateMismatchError: intact, but its arrays' paths / shapes / dtypes
+        are not the target's.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -119,22 +205,139 @@ class Checkpointer:
     abstract = jax.tree.map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
         jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-    out = self._mngr.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                      meta=ocp.args.JsonRestore()))
-    log.info('checkpoint: restored step %d from %s', step, self.directory)
-    return out['state'], dict(out['meta'])
+    try:
+      saved = self.read_meta(step).get('arrays')
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(
+          step, f'metadata unreadable ({type(e).__name__})') from e
+    if saved is not None:
+      want = array_specs(abstract)
+      diff = sorted(k for k in set(saved) | set(want)
+                    if saved.get(k) != want.get(k))
+      if diff:
+        shown = '; '.join(f'{k}: {saved.get(k, "absent")} saved, '
+                          f'{want.get(k, "absent")} expected'
+                          for k in diff[:4])
+        raise StateMismatchError(
+            f'checkpoint step {step} in {self.directory} is intact but holds '
+            f'another state: {len(diff)} arrays differ ({shown}); was it '
+            'written with another model / optimiser config?')
+    try:
+      out = self._mngr.restore(
+          step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract),
+              meta=ocp.args.JsonRestore()))
+      state, meta = out['state'], dict(out['meta'])
+    except Exception as e:  # pylint: disable=broad-except
+      first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+      raise DamagedCheckpointError(
+          step, f'unreadable ({type(e).__name__}: {first[:200]})') from e
+    checksums, finite = integrity.state_fingerprint(state)
+    if 'checksums' in meta:
+      bad = integrity.checksum_mismatches(meta['checksums'], checksums)
+      if bad:
+        raise DamagedCheckpointError(
+            step, f'checksum mismatch in {len(bad)} arrays '
+            f'(first: {", ".join(bad[:3])})')
+    else:
+      log.warning('checkpoint step %d has no checksums (written by an older '
+                  'version): not verified', step)
+    if not finite:
+      raise DamagedCheckpointError(step, 'holds non-finite values')
+    log.info('checkpoint: restored step %d from %s (checksums verified)',
+             step, self.directory)
+    return state, meta
+
+  def set_aside(self, step: int) -> str:
+    """Moves step ``step``'s directory into ``<dir>.damaged/`` (process 0;
+    nothing is deleted) and returns where it went."""
+    src = os.path.join(self.directory, str(step))
+    dst_dir = self.directory + '.damaged'
+    dst = os.path.join(dst_dir, f'{step}-{time.strftime("%Y%m%dT%H%M%S")}')
+    if jax.process_index() == 0 and os.path.exists(src):
+      os.makedirs(dst_dir, exist_ok=True)
+      while os.path.exists(dst):
+        dst += '+'
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'ddq_set_aside_{step}')
+    self._mngr.reload()
+    return dst
+
+  def restore_latest_good(self, target: TrainState
+                          ) -> tuple[TrainState, dict | None]:
+    """Restores the newest checkpoint that reads and verifies.
+
+    Each damaged newer checkpoint is logged by step with the reason and
+    moved aside (``set_aside``).  Returns (target, None) when there is no
+    checkpoint at all.
+
+    Raises:
+      CheckpointError: checkpoints exist but none is intact.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      return target, None
+    damaged = []
+    for step in steps:
+      try:
+        return self.restore(target, step)
+      except DamagedCheckpointError as e:
+        where = self.set_aside(step)
+        log.error('%s in %s: moved to %s; trying the previous checkpoint',
+                  e, self.directory, where)
+        damaged.append(str(e))
+    raise CheckpointError(
+        f'no intact checkpoint in {self.directory} (all moved to '
+        f'{self.directory}.damaged/): ' + '; '.join(damaged))
 
 
 def load_params_only(directory: str, step: int | None = None) -> dict:
   """{'params', 'batch_stats'} (numpy) of a TrainState checkpoint, without
-  the optimiser state (e.g. for evaluation / fine-tuning)."""
+  the optimiser state (e.g. for evaluation / fine-tuning).
+
+  Their checksums are verified; with ``step`` None a damaged newest
+  checkpoint is reported and the next older one is read (nothing is moved:
+  the directory may be another run's).
+
+  Raises:
+    CheckpointError: no checkpoint, or none intact.
+  """
   mngr = ocp.CheckpointManager(os.path.abspath(directory),
                                item_names=('state', 'meta'))
-  step = mngr.latest_step() if step is None else step
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
-  st = restored['state']
-  get = (lambda k: st[k]) if isinstance(st, dict) else (lambda k: getattr(st, k))
-  return {'params': jax.device_get(get('params')),
-          'batch_stats': jax.device_get(get('batch_stats'))}
+  steps = ([step] if step is not None else
+           sorted(mngr.all_steps(), reverse=True))
+  if not steps:
+    raise CheckpointError(f'no checkpoint in {directory}')
+  problems = []
+  for s in steps:
+    try:
+      restored = mngr.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+      st = restored['state']
+      get = ((lambda k: st[k]) if isinstance(st, dict) else
+             (lambda k: getattr(st, k)))  # pylint: disable=cell-var-from-loop
+      out = {'params': jax.device_get(get('params')),
+             'batch_stats': jax.device_get(get('batch_stats'))}
+      expected = {k: v for k, v in dict(restored['meta']).get(
+          'checksums', {}).items() if k.startswith(('params/',
+                                                    'batch_stats/'))}
+      if expected:
+        got, _ = integrity.state_fingerprint(out)
+        bad = integrity.checksum_mismatches(expected, got)
+        if bad:
+          raise DamagedCheckpointError(
+              s, f'checksum mismatch in {len(bad)} arrays (first: '
+              f'{", ".join(bad[:3])})')
+      if not integrity.host_all_finite(out):
+        raise DamagedCheckpointError(s, 'holds non-finite values')
+      return out
+    except Exception as e:  # pylint: disable=broad-except
+      msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
+      log.error('checkpoint step %d in %s is damaged (%s: %s)%s', s,
+                directory, type(e).__name__, msg,
+                '; trying the previous one' if s != steps[-1] else '')
+      problems.append(f'step {s}: {msg}')
+  raise CheckpointError(f'no intact checkpoint in {directory}: '
+                        + '; '.join(problems))

@@ -11,6 +11,22 @@ data position), else initialises from ``train.init_from`` (a converted
 weights directory, an mmdetection .pth, a torchvision ResNet .pth, or
 another run's checkpoint directory), else from scratch.  SIGINT / SIGTERM
 stop the loop at the next step boundary after saving a checkpoint.
+
+Faults (nothing lost, nothing silently wrong):
+  * a resume whose config differs from the checkpoint's (outside
+    ``integrity.RESUME_MAY_CHANGE`` and ``train.resume_may_change``) stops
+    before anything is written, naming the keys (ConfigMismatchError);
+  * the newest checkpoint damaged -> reported by step, moved aside, the
+    newest intact one is used (checkpoint.restore_latest_good);
+  * a step with a non-finite loss / gradient is not applied; after
+    ``train.max_nonfinite_steps`` in a row the run stops (NonFiniteError)
+    keeping the last finite checkpoint; ``train.inject_nan_at_steps``
+    poisons the images of those steps (a test hook);
+  * a failed save raises CheckpointError.
+Exit codes of train.py (``exit_code_for``): 0 finished, EXIT_PREEMPTED (143
+= 128 + SIGTERM) or 130 (SIGINT) stopped by a signal after its checkpoint,
+EXIT_CONFIG_MISMATCH (2), EXIT_NONFINITE (3), EXIT_CHECKPOINT (4).
+Per-step scalars also go to ``workdir/metrics.jsonl`` (one JSON per line).
 """
 from __future__ import annotations
 
@@ -28,6 +44,8 @@ import numpy as np
 from ddq_jax.parallel import mesh as mesh_lib
 from ddq_jax.parallel import sharding as shd
 from ddq_jax.training import checkpoint as ckpt_lib
+from ddq_jax.training import integrity
+from ddq_jax.training import nonfinite
 from ddq_jax.training import optimizer as opt_lib
 from ddq_jax.training import state as state_lib
 from ddq_jax.training import step as step_lib
@@ -38,6 +56,33 @@ log = logging.getLogger('ddq_jax.train')
 # Batch entries the train step consumes (image_ids etc. stay on the host).
 TRAIN_KEYS = ('images', 'pad_mask', 'img_shapes', 'scale_factors', 'gt_boxes',
               'gt_labels', 'gt_valid', 'sample_valid')
+
+# Exit codes (train.py returns them; schedulers tell the cases apart).
+EXIT_PREEMPTED = 128 + signal.SIGTERM   # 143: SIGTERM, checkpoint saved
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: SIGINT, checkpoint saved
+EXIT_CONFIG_MISMATCH = 2
+EXIT_NONFINITE = 3
+EXIT_CHECKPOINT = 4
+
+
+class ConfigMismatchError(ValueError):
+  """The resumed checkpoint was written with another config."""
+
+
+def exit_code_for(error: BaseException | None = None,
+                  result: dict | None = None) -> int | None:
+  """train.py's exit code for a raised error or a returned result; None for
+  an error this module does not know."""
+  if error is not None:
+    for cls, code in ((ConfigMismatchError, EXIT_CONFIG_MISMATCH),
+                      (nonfinite.NonFiniteError, EXIT_NONFINITE),
+                      (ckpt_lib.CheckpointError, EXIT_CHECKPOINT)):
+      if isinstance(error, cls):
+        return code
+    return None
+  if result and result.get('stopped'):
+    return 128 + int(result.get('signal') or signal.SIGTERM)
+  return 0
 
 
 @dataclasses.dataclass
@@ -117,6 +162,7 @@ class StopSignal:
 
   def __init__(self):
     self.requested = False
+    self.signum = None
     self._old = {}
 
   def __enter__(self):
@@ -134,6 +180,7 @@ class StopSignal:
     log.warning('signal %d: checkpoint and stop at the end of this step',
                 signum)
     self.requested = True
+    self.signum = self.signum or signum
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
@@ -155,6 +202,38 @@ def _total_steps(config, steps_per_epoch: int) -> int:
   return int(config.optim.epochs) * steps_per_epoch
 
 
+def check_resume_config(checkpointer: ckpt_lib.Checkpointer, config) -> None:
+  """Raises ConfigMismatchError naming every key whose value differs from
+  the config stored with the newest readable checkpoint (keys in
+  integrity.RESUME_MAY_CHANGE and train.resume_may_change may differ)."""
+  for step in sorted(checkpointer.all_steps(), reverse=True):
+    try:
+      saved = checkpointer.read_meta(step).get('config')
+    except Exception:  # pylint: disable=broad-except
+      continue  # damaged: restore_latest_good reports it
+    if saved is None:
+      return
+    extra = tuple(config.train.get('resume_may_change', ()) or ())
+    current = integrity.config_to_dict(config)
+    diffs = integrity.config_differences(
+        saved, current, may_change=integrity.RESUME_MAY_CHANGE + extra)
+    other = integrity.config_keys_added_or_removed(saved, current)
+    if other:
+      log.warning('resume: %d config keys exist only in the checkpoint or '
+                  'only now (not compared): %s', len(other),
+                  ', '.join(other[:10]))
+    if diffs:
+      shown = '; '.join(f'{k}: {a!r} in the checkpoint, {b!r} now'
+                        for k, a, b in diffs[:12])
+      more = f' (and {len(diffs) - 12} more)' if len(diffs) > 12 else ''
+      raise ConfigMismatchError(
+          f'{checkpointer.directory} (step {step}) was written with another '
+          f'config; {len(diffs)} keys differ: {shown}{more}.  Nothing was '
+          'written.  Resume with the same config, use a new --workdir, or '
+          'allow keys with --config.train.resume_may_change="(\'KEY\',)"')
+    return
+
+
 def _write_config(config, workdir: str) -> None:
   if jax.process_index() != 0:
     return
@@ -172,9 +251,10 @@ class _Logger:
 
   def __init__(self, workdir, total, initial):
     self.main = jax.process_index() == 0
-    self.bar = self.tb = None
+    self.bar = self.tb = self.jsonl = None
     if not self.main:
       return
+    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
@@ -185,9 +265,15 @@ class _Logger:
                     desc='train')
 
   def scalars(self, step, values: dict, prefix='train/'):
+    if self.jsonl is not None:
+      self.jsonl.write(json.dumps(
+          {'step': int(step), **{prefix + k: float(v)
+                                 for k, v in values.items()}}) + '\n')
+      self.jsonl.flush()
     if self.tb is not None:
       for k, v in values.items():
-        self.tb.add_scalar(prefix + k, float(v), step)
+        if np.isfinite(float(v)):  # non-finite steps: logged, in the jsonl
+          self.tb.add_scalar(prefix + k, float(v), step)
       self.tb.flush()
 
   def update(self, n, postfix=None):
@@ -197,6 +283,8 @@ class _Logger:
         self.bar.set_postfix(postfix, refresh=False)
 
   def close(self):
+    if self.jsonl is not None:
+      self.jsonl.close()
     if self.bar is not None:
       self.bar.close()
     if self.tb is not None:
@@ -206,9 +294,22 @@ class _Logger:
 def train(config, workdir: str, *, components: Optional[Components] = None,
           devices=None) -> dict:
   """Trains until ``train.max_steps`` (or ``optim.epochs``) or a stop
-  signal.  Returns {'step', 'last_metrics', 'eval', 'compiles', 'stopped'}."""
+  signal.  Returns {'step', 'last_metrics', 'eval', 'compiles', 'stopped',
+  'signal', 'nonfinite_steps'} (``exit_code_for(result=...)`` maps it).
+
+  Raises:
+    ConfigMismatchError, nonfinite.NonFiniteError, checkpoint.CheckpointError
+    (see the module docstring; ``exit_code_for(error)``).
+  """
   workdir = os.path.abspath(workdir)
   mesh = mesh_lib.make_mesh(config, devices)
+  # Checkpoint directory usable, and a resume's config matches, before
+  # anything is written.
+  ckpt = ckpt_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'),
+      save_every=int(config.train.checkpoint_every),
+      keep=int(config.train.keep_checkpoints) or None)
+  check_resume_config(ckpt, config)
   _write_config(config, workdir)
   comps = components or default_components(config, mesh=mesh)
   if hasattr(comps.loss_fn, 'criterion_config'):
@@ -233,13 +334,9 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
   rules, min_size = shd.rules_from_config(config)
   state, shardings = state_lib.init_train_state(
       comps.init_variables, tx, rng, mesh, min_size=min_size, rules=rules)
-  ckpt = ckpt_lib.Checkpointer(
-      os.path.join(workdir, 'checkpoints'),
-      save_every=int(config.train.checkpoint_every),
-      keep=int(config.train.keep_checkpoints) or None)
   start = 0
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
+  state, meta = ckpt.restore_latest_good(state)
+  if meta is not None:
     start = int(meta['data_position'])
     log.info('resumed from step %d', start)
   elif config.train.get('init_from', ''):
@@ -264,6 +361,9 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
   logger = _Logger(workdir, total, start)
   pending, last, eval_metrics, stopped = [], {}, {}, False
   t_log, n_log = time.time(), 0
+  guard = nonfinite.NonFiniteGuard(int(config.train.get(
+      'max_nonfinite_steps', nonfinite.DEFAULT_MAX_IN_A_ROW)))
+  poison = {int(k) for k in config.train.get('inject_nan_at_steps', ()) or ()}
 
   def run_eval(step):
     nonlocal eval_metrics
@@ -276,9 +376,12 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
 
   with StopSignal() as stop:
     step = start
+    failed = None
     try:
       while step < total:
         host = next(data)
+        if step in poison:  # test hook: a NaN input at this step
+          host = dict(host, images=np.full_like(host['images'], np.nan))
         batch = shd.shard_batch({k: host[k] for k in TRAIN_KEYS if k in host},
                                 mesh)
         state, metrics = step_fn(state, batch)
@@ -287,7 +390,11 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
         n_log += 1
         if step % log_every == 0 or step == total:
           host_m = [shd.to_host(m) for m in pending]
-          last = {k: float(np.mean([m[k] for m in host_m])) for k in host_m[0]}
+          for i, m in enumerate(host_m):
+            guard.observe(step - len(host_m) + 1 + i, m)
+          good = [m for m in host_m if not m.get('nonfinite', 0.0)] or host_m
+          last = {k: float(np.mean([m[k] for m in good])) for k in good[0]}
+          last['nonfinite_steps'] = float(len(host_m) - len(good))
           dt = time.time() - t_log
           last['images_per_s'] = n_log * gbs / max(dt, 1e-9)
           last['epoch'] = step / spe
@@ -303,20 +410,38 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
             else False):
           stopped = True
           break
+    except BaseException as e:
+      failed = e
+      raise
     finally:
-      try:  # a step that raised may have consumed (donated) the state
-        ckpt.save(state, step=step, config=config, force=True)
+      try:
+        if not isinstance(failed, (nonfinite.NonFiniteError,
+                                   ckpt_lib.CheckpointError)):
+          ckpt.save(state, step=step, config=config, force=True)
         ckpt.wait()
       except Exception as e:  # pylint: disable=broad-except
+        if failed is None:
+          raise
+        # a step that raised may have consumed (donated) the state; the
+        # original error propagates
         log.error('final checkpoint failed: %s', e)
-      if hasattr(data, 'close'):
-        data.close()
+      finally:
+        if hasattr(data, 'close'):
+          data.close()
+        if failed is not None:
+          logger.close()
+          try:
+            ckpt.close()
+          except Exception:  # pylint: disable=broad-except
+            pass
   if not stopped and eval_every != 0:
     run_eval(step)
   ckpt.close()
   logger.close()
   result = {'step': step, 'last_metrics': last, 'eval': eval_metrics,
-            'compiles': step_lib.compile_count(step_fn), 'stopped': stopped}
+            'compiles': step_lib.compile_count(step_fn), 'stopped': stopped,
+            'signal': stop.signum if stopped else None,
+            'nonfinite_steps': guard.total}
   if pidx == 0:
     log.info('done: %s', {k: v for k, v in result.items() if k != 'eval'})
   return result

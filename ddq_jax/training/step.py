@@ -40,7 +40,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
   compute_dtype='bfloat16' casts params (and ``images``) to bf16 inside the
   differentiated function: master params, gradients and optimiser state stay
   float32.  metrics gain 'loss', 'grad_norm' (before clipping), 'lr',
-  'lr_backbone'.
+  'lr_backbone' and 'nonfinite' (1.0 when the loss or the gradient norm is
+  not finite: that step's update is not applied, params and optimiser state
+  stay as they were; the loop counts and stops).
   """
   dtype = jnp.dtype(compute_dtype)
 
@@ -65,6 +67,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     metrics = dict(metrics)
     metrics['loss'] = loss
     metrics['grad_norm'] = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+    params, opt_state = jax.tree.map(  # a non-finite step is not applied
+        lambda new, old: jnp.where(finite, new, old),
+        (params, opt_state), (state.params, state.opt_state))
+    metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
     metrics.update(current_lrs(opt_state))
     metrics = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
     new_state = state.replace(step=state.step + 1, params=params,

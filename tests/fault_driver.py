@@ -1,0 +1,82 @@
+"""Runs the training loop on the stand-in model as its own process (the
+fault-injection tests kill it, corrupt its checkpoints and resume).
+
+    python tests/fault_driver.py WORKDIR [KEY=VALUE ...]
+
+Run it with PYTHONPATH=<repository root>.  KEY=VALUE set ``config.train`` entries (Python literals), e.g.
+``max_steps=12 checkpoint_every=2 inject_nan_at_steps=(3,)``;
+``step_sleep=0.1`` makes each batch take that long (so a kill lands at a
+random moment of a run).  Exits with ``loop.exit_code_for``.  Per-step
+losses land in WORKDIR/metrics.jsonl.
+"""
+import ast
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import standin  # noqa: E402
+
+
+class Batches:
+  """Deterministic-by-step stand-in data (batch ``step`` of 8)."""
+  steps_per_epoch = standin.STEPS_PER_EPOCH
+
+  def __init__(self, start, pidx, pcount, sleep=0.0):
+    self.step, self.pidx, self.pcount, self.sleep = start, pidx, pcount, sleep
+
+  def __next__(self):
+    if self.sleep:
+      time.sleep(self.sleep)
+    b = standin.make_batch(self.step, 8, process_index=self.pidx,
+                           process_count=self.pcount)
+    self.step += 1
+    return b
+
+  def set_state(self, s):
+    self.step = int(s['step'])
+
+
+def make_config(**train):
+  c = standin.config(max_steps=12, log_every=1, checkpoint_every=2,
+                     keep_checkpoints=2, eval_every=0, init_from='',
+                     max_nonfinite_steps=3)
+  c.train.update(train)
+  return c
+
+
+def components(sleep=0.0):
+  from ddq_jax.training.loop import Components
+  return Components(init_variables=standin.init_variables,
+                    loss_fn=standin.loss_fn,
+                    make_iterator=lambda s, i, n: Batches(s, i, n, sleep))
+
+
+def main(argv):
+  logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                      format='%(levelname)s %(name)s: %(message)s')
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  workdir, overrides = argv[0], {}
+  for kv in argv[1:]:
+    k, v = kv.split('=', 1)
+    overrides[k] = ast.literal_eval(v)
+  sleep = float(overrides.pop('step_sleep', 0.0))
+  from ddq_jax.training import loop  # pylint: disable=g-import-not-at-top
+  try:
+    result = loop.train(make_config(**overrides), workdir,
+                        components=components(sleep))
+  except Exception as e:  # pylint: disable=broad-except
+    code = loop.exit_code_for(e)
+    if code is None:
+      raise
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return code
+  print('result', result['step'], result['stopped'], flush=True)
+  return loop.exit_code_for(result=result)
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))
