@@ -138,8 +138,8 @@ def load_train_checkpoint(path: str,
   """(variables, config) of a model trained by ``train.py``, or None when
   ``path`` is no training checkpoint.
 
-  ``path``: a workdir (``config.json`` + ``checkpoints/<step>/``: its latest
-  step), its ``checkpoints/`` directory (latest step), or one step directory
+  ``path``: a workdir (``config.json`` + ``checkpoints/<step>/``: its newest
+  intact step), its ``checkpoints/`` directory (likewise), or one step directory
   ``checkpoints/<step>/`` (holding ``state/`` and ``meta/``).  Only the
   parameters and BatchNorm statistics are read (no optimiser state).  The
   config is the given one, else the workdir's ``config.json``.
@@ -159,13 +159,13 @@ def load_train_checkpoint(path: str,
         raise FileNotFoundError(f'{path}: a train.py workdir without any '
                                 'complete checkpoint under checkpoints/')
       return None
-    step = steps[-1]
+    step = None  # the newest intact one (a damaged newest is reported)
   if config is None:
     workdir = os.path.dirname(ckpt_dir)
     cfg_path = os.path.join(workdir, weights_io.CONFIG_FILE)
     if not os.path.isfile(cfg_path):
-      raise ValueError(f'{path}: training checkpoint step {step} but no '
-                       f'config.json in {workdir}; pass --config')
+      raise ValueError(f'{path}: a training checkpoint but no config.json '
+                       f'in {workdir}; pass --config')
     config = weights_io.load_config_json(cfg_path)
   from ddq_jax.training.checkpoint import load_params_only  # pylint: disable=g-import-not-at-top
   return load_params_only(ckpt_dir, step), config
