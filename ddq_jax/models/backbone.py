@@ -190,8 +190,11 @@ class ResNet(nn.Module):
     x = _conv(self.base_channels, 7, 2, 3, 'conv1')(x)
     x = FrozenBatchNorm(affine_trainable=self.bn_trainable, name='bn1')(x)
     x = nn.relu(x)
-    # MaxPool2d(3, 2, padding=1): pads with -inf, as torch does.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # MaxPool2d(3, 2, padding=1): pads with -inf, as torch does (the
+    # reduce_window that nn.max_pool runs, spelled out so that exporters
+    # which patch nn.max_pool see the primitive itself).
+    x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1),
+                              (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
     if self.frozen_stages >= 0:
       x = jax.lax.stop_gradient(x)
 
