@@ -3,6 +3,7 @@
     variables, config = load_weights('weights/ddq_r50')          # converted
     variables, config = load_weights('ddq_r50.pth')              # converted now
     variables, config = load_weights('x.pth', config=my_config)  # explicit arch
+    variables, config = load_weights('runs/exp1')                # train.py run
     variables = load_pretrained('resnet50.pth', config)          # train init
 
 Formats (``weight_format``):
@@ -67,11 +68,14 @@ def weight_format(path: str, state_dict: dict | None = None) -> str:
 
 def load_weights(path: str, config: ml_collections.ConfigDict | None = None
                  ) -> tuple[dict, ml_collections.ConfigDict]:
-  """(variables, config) of a whole detector ('converted' or 'mmdet').
+  """(variables, config) of a whole detector ('converted', 'mmdet' or
+  'train_checkpoint': the latest step).
   The config stored with the weights wins unless one is given.  Errors
   name the path and what was expected."""
   if os.path.isdir(path):
     fmt = weight_format(path)
+    if fmt == 'train_checkpoint':
+      return load_train_workdir(path, config)
     if fmt != 'converted':
       raise ValueError(f'{path}: a {fmt} directory; expected converted '
                        'weights (convert_weights.py)')
@@ -85,6 +89,29 @@ def load_weights(path: str, config: ml_collections.ConfigDict | None = None
   from ddq_jax.conversion.converter import convert_checkpoint  # pylint: disable=g-import-not-at-top
   variables, config, _ = convert_checkpoint(path, config)
   return variables, config
+
+
+def load_train_workdir(path: str, config=None
+                       ) -> tuple[dict, ml_collections.ConfigDict]:
+  """(variables, config) of a ``train.py`` run: the latest step of
+  ``<workdir>/checkpoints`` (or of ``path`` itself when it holds the steps)
+  and the run's ``config.json`` unless ``config`` is given."""
+  from ddq_jax.training.checkpoint import load_params_only  # pylint: disable=g-import-not-at-top
+  d = _checkpoint_dir(path)
+  if d is None:
+    raise FileNotFoundError(f'{path}: no numbered checkpoints (expected a '
+                            'train.py workdir)')
+  if config is None:
+    for c in (os.path.join(path, weights_io.CONFIG_FILE),
+              os.path.join(os.path.dirname(os.path.abspath(d)),
+                           weights_io.CONFIG_FILE)):
+      if os.path.isfile(c):
+        config = weights_io.load_config_json(c)
+        break
+    else:
+      raise ValueError(f'{path}: no config.json in the training run; pass '
+                       '--config')
+  return load_params_only(d), config
 
 
 def torchvision_backbone_variables(state_dict: dict, config) -> dict:

@@ -47,26 +47,22 @@ def _torch_linear(features: int, fan_in: int, key: jax.Array, **kwargs):
   reference's deepcopies of one Linear)."""
   kw, kb = (None, None) if key is None else jax.random.split(key)
   return nn.Dense(features,
-                  kernel_init=_with_key(inits.torch_linear_kernel,
-                                                   kw),
-                  bias_init=_with_key(
-                      inits.torch_linear_bias(fan_in), kb), **kwargs)
+                  kernel_init=_with_key(inits.torch_linear_kernel, kw),
+                  bias_init=_with_key(inits.torch_linear_bias(fan_in), kb),
+                  **kwargs)
 
 
 def _cls_branch(num_classes: int, embed_dims: int, key: jax.Array):
   kw = _fold_in(key, 0)
   return nn.Dense(num_classes,
-                  kernel_init=_with_key(inits.torch_linear_kernel,
-                                                   kw),
+                  kernel_init=_with_key(inits.torch_linear_kernel, kw),
                   bias_init=inits.constant(
                       inits.bias_init_with_prob(CLS_PRIOR_PROB)))
 
 
 def _reg_branch(embed_dims: int, key: jax.Array):
-  return {'0': _torch_linear(embed_dims, embed_dims,
-                             _fold_in(key, 1)),
-          '2': _torch_linear(embed_dims, embed_dims,
-                             _fold_in(key, 2)),
+  return {'0': _torch_linear(embed_dims, embed_dims, _fold_in(key, 1)),
+          '2': _torch_linear(embed_dims, embed_dims, _fold_in(key, 2)),
           '4': nn.Dense(4, kernel_init=inits.zeros, bias_init=inits.zeros)}
 
 
