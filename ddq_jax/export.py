@@ -85,8 +85,10 @@ def export_onnx(serve, specs, path: str) -> dict:
   from ddq_jax.ops.nms import auto_method  # pylint: disable=g-import-not-at-top
   # Trace with plain JAX first: the converter then sees lax primitives only
   # (vmap already applied), not its patched jnp / flax functions.
+  # (A fresh function: jax caches traces by function, and an earlier
+  # export of ``serve`` traced the default NMS method.)
   with auto_method(ONNX_NMS_METHOD):
-    closed = jax.make_jaxpr(serve)(*specs)
+    closed = jax.make_jaxpr(lambda *a: serve(*a))(*specs)
 
   def replay(*args):
     return jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *args)
