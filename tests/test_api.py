@@ -13,18 +13,20 @@ SAMPLE = os.path.join(os.path.dirname(api.__file__), 'assets', 'sample.jpg')
 
 
 @pytest.fixture(scope='module')
-def detector(tiny_dir):
+def detector(tiny_dir, tiny_config):
   return ddq_jax.Detector.load(os.path.join(tiny_dir, 'checkpoint.pth'),
-                               batch_size=2)
+                               config=tiny_config, batch_size=2)
 
 
 def test_lazy_import():
   import subprocess
   import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = ('import sys, ddq_jax; assert "jax" not in sys.modules, "jax"; '
-          'ddq_jax.Detector; assert "jax" in sys.modules')
+          'assert ddq_jax.Detector.__name__ == "Detector"; '
+          'assert "ddq_jax.api" in sys.modules')
   subprocess.run([sys.executable, '-c', code], check=True,
-                 env=dict(os.environ, PYTHONPATH=os.getcwd()))
+                 env=dict(os.environ, PYTHONPATH=root))
 
 
 def test_serving_program_matches_fixture(detector, tiny_inputs, tiny_infer):

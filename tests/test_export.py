@@ -45,17 +45,18 @@ def _inputs(detector):
 
 
 @pytest.fixture(scope='module')
-def exported(tiny_dir, tmp_path_factory):
+def exported(tiny_dir, tiny_config, tmp_path_factory):
   out = tmp_path_factory.mktemp('export')
   report = export.export(weights=os.path.join(tiny_dir, 'checkpoint.pth'),
-                         out=str(out), batch=BATCH, canvas=CANVAS, fmt='jax')
+                         out=str(out), batch=BATCH, canvas=CANVAS, fmt='jax',
+                         config=tiny_config)
   return str(out), report
 
 
 @pytest.fixture(scope='module')
-def reference(tiny_dir, exported):
+def reference(tiny_dir, tiny_config, exported):
   det = api.Detector.load(os.path.join(tiny_dir, 'checkpoint.pth'),
-                          batch_size=BATCH)
+                          config=tiny_config, batch_size=BATCH)
   images, sizes, factors = _inputs(det)
   np.savez(os.path.join(exported[0], 'inputs.npz'), images=images,
            image_sizes=sizes, scale_factors=factors)
@@ -111,12 +112,13 @@ def test_readme_preparation_matches_the_project_resize(exported, reference):
 
 
 @pytest.mark.slow
-def test_onnx_matches_detector(tiny_dir, exported, reference, tmp_path):
+def test_onnx_matches_detector(tiny_dir, tiny_config, exported, reference,
+                               tmp_path):
   ort = pytest.importorskip('onnxruntime')
   pytest.importorskip('jax2onnx')
   report = export.export(weights=os.path.join(tiny_dir, 'checkpoint.pth'),
                          out=str(tmp_path), batch=BATCH, canvas=CANVAS,
-                         fmt='onnx')
+                         fmt='onnx', config=tiny_config)
   assert report['ops'] and 'Loop' in report['ops']
   (images, sizes, factors), want = reference
   sess = ort.InferenceSession(str(tmp_path / 'model.onnx'),
