@@ -100,8 +100,9 @@ def test_readme_preparation_matches_the_project_resize(exported, reference):
   out_dir, _ = exported
   text = open(os.path.join(out_dir, 'README.md')).read()
   code = text.split('```python\n')[1].split('```')[0]
+  sig_path = os.path.join(out_dir, 'signature.json')
   code = code.replace("json.load(open('signature.json'))",
-                      f"json.load(open({os.path.join(out_dir, 'signature.json')!r}))")
+                      f'json.load(open({sig_path!r}))')
   code = code.replace("paths = ['a.jpg']", f'paths = [{SAMPLE!r}]')
   ns: dict = {}
   exec(code, ns)  # pylint: disable=exec-used
