@@ -1,2 +1,14 @@
-"""DDQ-DETR in JAX/Flax, numerically faithful to mmdetection 3.3.0."""
+"""DDQ-DETR in JAX/Flax, numerically faithful to mmdetection 3.3.0.
+
+    from ddq_jax import Detector     # imported on first use (jax, flax)
+"""
 __version__ = '0.1.0'
+
+__all__ = ['Detector']
+
+
+def __getattr__(name):
+  if name == 'Detector':
+    from ddq_jax.api import Detector  # pylint: disable=g-import-not-at-top
+    return Detector
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -6,8 +6,9 @@
 WEIGHTS is a directory written by convert_weights.py (its config.json gives
 the architecture) or an mmdetection .pth (converted on the fly).  Images are
 decoded and resized exactly like the reference's test pipeline (OpenCV,
-keep-ratio resize to config.data.test_scale); all images of one call are
-padded to one canvas so the model compiles once.  Prints COCO-style JSON:
+keep-ratio resize to config.data.test_scale) by ``ddq_jax.Detector``, on
+the static canvas of their orientation, so the model compiles once per
+canvas.  Prints COCO-style JSON:
 one record per detection with image file, category_id (the label) and
 category name, bbox [x, y, w, h] in original pixels, score.
 """
@@ -21,39 +22,6 @@ import sys
 import numpy as np
 
 from ddq_jax import cli
-
-
-def _load_images(paths, config):
-  from ddq_jax.data.transforms import apply_test_transform, read_image
-  samples = []
-  for path in paths:
-    image = read_image(path)
-    if image is None:
-      raise ValueError(f'{path}: missing or not a decodable image '
-                       '(expected a JPEG/PNG/... file OpenCV can read)')
-    out = apply_test_transform(image, np.zeros((0, 4), np.float32),
-                               np.zeros((0,), np.int64),
-                               scale=tuple(config.data.test_scale))
-    out['orig'] = image
-    samples.append(out)
-  return samples
-
-
-def _batch(samples, config):
-  h = max(s['img_shape'][0] for s in samples)
-  w = max(s['img_shape'][1] for s in samples)
-  mean = np.asarray(config.data.mean, np.float32)
-  std = np.asarray(config.data.std, np.float32)
-  b = len(samples)
-  images = np.zeros((b, h, w, 3), np.float32)
-  pad_mask = np.ones((b, h, w), bool)
-  for i, s in enumerate(samples):
-    ih, iw = s['img_shape']
-    images[i, :ih, :iw] = (s['image'].astype(np.float32) - mean) / std
-    pad_mask[i, :ih, :iw] = False
-  img_shapes = np.array([s['img_shape'] for s in samples], np.int32)
-  scale_factors = np.array([s['scale_factor'] for s in samples], np.float32)
-  return images, pad_mask, img_shapes, scale_factors
 
 
 def draw_detections(image: np.ndarray, dets: list[dict],
@@ -108,40 +76,21 @@ def predict_files(paths, *, weights: str, config=None,
   """Detections (COCO-style records) of image files.  ``config``: the
   architecture, default the one stored with the weights (then
   ``overrides`` apply to it)."""
-  import jax
-  from ddq_jax.class_names import class_names_for
-  from ddq_jax.config import apply_overrides
-  from ddq_jax.models.detector import build_model
-  from ddq_jax.models.inference import make_predict_fn
-  from ddq_jax.weights import load_weights
+  from ddq_jax.api import Detector
+  from ddq_jax.data.transforms import read_image
 
-  given = config is not None
-  variables, config = load_weights(weights, config)
-  if not given:
-    apply_overrides(config, overrides or {})
-  names = class_names_for(config)
-  samples = _load_images(paths, config)
-  predict = make_predict_fn(build_model(config))
-  out = jax.tree.map(np.asarray, predict(variables, *_batch(samples, config)))
+  det = Detector.load(weights, config=config, overrides=overrides,
+                      batch_size=max(1, min(len(paths), 8)))
+  results = det(list(paths), score_threshold=score_threshold)
   records = []
   if draw_dir:
     os.makedirs(draw_dir, exist_ok=True)
     drawings = drawing_paths(paths, draw_dir)
-  for i, path in enumerate(paths):
-    dets = []
-    for box, score, label, valid in zip(out.boxes[i], out.scores[i],
-                                        out.labels[i], out.valid[i]):
-      if not valid or score < score_threshold:
-        continue
-      x1, y1, x2, y2 = (float(v) for v in box)
-      dets.append(dict(image=path, category_id=int(label),
-                       category_name=names[int(label)],
-                       bbox=[round(x1, 2), round(y1, 2), round(x2 - x1, 2),
-                             round(y2 - y1, 2)],
-                       score=round(float(score), 5)))
+  for i, (path, result) in enumerate(zip(paths, results)):
+    dets = result.to_records(path)
     records += dets
     if draw_dir:
-      draw_detections(samples[i]['orig'], dets, drawings[i])
+      draw_detections(read_image(path), dets, drawings[i])
       print(f'drawing: {path} -> {drawings[i]}', file=sys.stderr)
   return records
 

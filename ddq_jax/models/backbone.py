@@ -72,6 +72,26 @@ def _valid(extents, stride, x):
   return extent_valid(extents, stride=stride, shape=x.shape[1:3])
 
 
+def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
+  """torch ``MaxPool2d(3, stride=2, padding=1)`` on (B, H, W, C): pads with
+  -inf, then the max of the 9 strided shifts (the values of nn.max_pool's
+  reduce_window; ONNX exporters turn this into plain Slice / Max, while a
+  rank-4 reduce_window becomes a MaxPool that runtimes reject).
+  Returns (B, (H - 1) // 2 + 1, (W - 1) // 2 + 1, C)."""
+  b, h, w, c = x.shape
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)),
+               constant_values=-jnp.inf)
+  out = None
+  for dy in range(3):
+    for dx in range(3):
+      v = jax.lax.slice(xp, (0, dy, dx, 0),
+                        (b, dy + 2 * (ho - 1) + 1, dx + 2 * (wo - 1) + 1, c),
+                        (1, 2, 2, 1))
+      out = v if out is None else jnp.maximum(out, v)
+  return out
+
+
 class FrozenBatchNorm(nn.Module):
   """BatchNorm2d in eval mode over the last (channel) axis.
 
@@ -231,8 +251,7 @@ class ResNet(nn.Module):
     # Valid values are >= 0 after the ReLU: zeros outside the image never
     # win the max, as the -inf of the unpadded image's border.
     x = zero_outside(x, valid(x, 2))
-    # MaxPool2d(3, 2, padding=1): pads with -inf, as torch does.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool_3x3_s2(x)
     if self.frozen_stages >= 0:
       x = jax.lax.stop_gradient(x)
 

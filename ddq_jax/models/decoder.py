@@ -285,8 +285,8 @@ class DDQDecoder(nn.Module):
         keep = nms_keep(jax.lax.stop_gradient(boxes),
                         jax.lax.stop_gradient(scores), valid=candidates,
                         iou_threshold=self.iou_threshold)
-        self_attn_mask = self_attn_mask.at[:, s:e, s:e].set(
-            distinct_block_mask(keep))
+        self_attn_mask = jax.lax.dynamic_update_slice(
+            self_attn_mask, distinct_block_mask(keep), (0, s, s))
         head_mask = (row0_of_inverted(keep)
                      if semantics == 'row0' else keep)
         candidates = head_mask

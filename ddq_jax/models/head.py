@@ -30,31 +30,39 @@ HEAD_INV_SIGMOID_EPS = 1e-5
 CLS_PRIOR_PROB = 0.01
 
 
+def _fold_in(key, i: int):
+  """fold_in, or None outside init (no dead random ops in the traced
+  program, which exporters would have to carry)."""
+  return None if key is None else jax.random.fold_in(key, i)
+
+
+def _with_key(init, key):
+  """``init`` drawing from the fixed ``key`` (None outside init: flax only
+  checks shapes there)."""
+  return init if key is None else inits.with_fixed_key(init, key)
+
+
 def _torch_linear(features: int, fan_in: int, key: jax.Array, **kwargs):
   """torch-default Linear whose weight and bias come from ``key`` (the
   reference's deepcopies of one Linear)."""
-  kw, kb = jax.random.split(key)
+  kw, kb = (None, None) if key is None else jax.random.split(key)
   return nn.Dense(features,
-                  kernel_init=inits.with_fixed_key(inits.torch_linear_kernel,
-                                                   kw),
-                  bias_init=inits.with_fixed_key(
-                      inits.torch_linear_bias(fan_in), kb), **kwargs)
+                  kernel_init=_with_key(inits.torch_linear_kernel, kw),
+                  bias_init=_with_key(inits.torch_linear_bias(fan_in), kb),
+                  **kwargs)
 
 
 def _cls_branch(num_classes: int, embed_dims: int, key: jax.Array):
-  kw = jax.random.fold_in(key, 0)
+  kw = _fold_in(key, 0)
   return nn.Dense(num_classes,
-                  kernel_init=inits.with_fixed_key(inits.torch_linear_kernel,
-                                                   kw),
+                  kernel_init=_with_key(inits.torch_linear_kernel, kw),
                   bias_init=inits.constant(
                       inits.bias_init_with_prob(CLS_PRIOR_PROB)))
 
 
 def _reg_branch(embed_dims: int, key: jax.Array):
-  return {'0': _torch_linear(embed_dims, embed_dims,
-                             jax.random.fold_in(key, 1)),
-          '2': _torch_linear(embed_dims, embed_dims,
-                             jax.random.fold_in(key, 2)),
+  return {'0': _torch_linear(embed_dims, embed_dims, _fold_in(key, 1)),
+          '2': _torch_linear(embed_dims, embed_dims, _fold_in(key, 2)),
           '4': nn.Dense(4, kernel_init=inits.zeros, bias_init=inits.zeros)}
 
 
@@ -82,9 +90,8 @@ class DDQHead(nn.Module):
   def setup(self):
     n, c, k = self.num_decoder_layers, self.embed_dims, self.num_classes
     # One key shared by every branch (they start as copies of one another);
-    # outside init no parameter is created, so any key does.
-    key = (self.make_rng('params') if self.is_initializing()
-           else jax.random.key(0))
+    # outside init no parameter is created, so no key is needed.
+    key = self.make_rng('params') if self.is_initializing() else None
     self.cls_branches = [_cls_branch(k, c, key) for _ in range(n + 2)]
     self.reg_branches = [_reg_branch(c, key) for _ in range(n + 2)]
     self.aux_cls_branches = [_cls_branch(k, c, key) for _ in range(n)]

@@ -22,10 +22,28 @@ leading batch axis and vmap themselves).
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+
+
+_AUTO_OVERRIDE: list[str] = []
+
+
+@contextlib.contextmanager
+def auto_method(method: str) -> Iterator[None]:
+  """While active, ``method='auto'`` means ``method`` (e.g. an exporter
+  traces 'fixed_point' whatever this host's backend is)."""
+  if method not in ('sequential', 'fixed_point'):
+    raise ValueError(f"NMS method {method!r}: expected 'sequential' or "
+                     "'fixed_point'")
+  _AUTO_OVERRIDE.append(method)
+  try:
+    yield
+  finally:
+    _AUTO_OVERRIDE.pop()
 
 
 def sort_by_score(scores: jnp.ndarray, *,
@@ -84,13 +102,16 @@ def greedy_nms_sorted(sup: jnp.ndarray, valid: jnp.ndarray, *,
     method: 'sequential' (a fori_loop over the N boxes, O(N^2) work: best on
       CPU), 'fixed_point' (iterates keep[j] = valid[j] & no kept i < j
       suppresses j until it stops changing; the same result, each step is
-      one dense (N, N) reduction: best on accelerators), or 'auto'.
+      one dense (N, N) reduction: best on accelerators), or 'auto' (the one
+      set by ``auto_method``, else by the default backend).
   Returns:
     keep (N,) bool in the same (sorted) order.
   """
   n = valid.shape[0]
   if n == 0:
     return valid
+  if method == 'auto' and _AUTO_OVERRIDE:
+    method = _AUTO_OVERRIDE[-1]
   if method == 'auto':
     method = 'sequential' if jax.default_backend() == 'cpu' else 'fixed_point'
   upper = jnp.triu(jnp.ones((n, n), bool), k=1)
@@ -155,7 +176,28 @@ def nms_keep(boxes: jnp.ndarray, scores: jnp.ndarray, *,
   order = sort_by_score(scores, valid=valid)
   sup = suppression_matrix(boxes[order], iou_threshold=iou_threshold)
   keep_sorted = greedy_nms_sorted(sup, valid[order], method=method)
-  return jnp.zeros((n,), bool).at[order].set(keep_sorted)
+  return unpermute(keep_sorted, order=order)
+
+
+def unpermute(values: jnp.ndarray, *, order: jnp.ndarray) -> jnp.ndarray:
+  """out[order[i]] = values[i] for a permutation ``order`` (N,) of bool
+  ``values`` (N,), as a one-hot matrix (no scatter: exporters such as ONNX
+  express it directly)."""
+  n = order.shape[0]
+  hit = order[:, None] == jnp.arange(n, dtype=order.dtype)[None, :]
+  return jnp.any(hit & values[:, None], axis=0)
+
+
+def first_kept(keep: jnp.ndarray, *, num_keep: int) -> jnp.ndarray:
+  """Positions (num_keep,) int32 of the first ``num_keep`` True entries of
+  ``keep`` (N,) in order, -1 for padding: a top-k over descending position
+  keys (no scatter)."""
+  n = keep.shape[0]
+  key = jnp.where(keep, n - jnp.arange(n, dtype=jnp.int32), 0)
+  if num_keep > n:
+    key = jnp.concatenate([key, jnp.zeros((num_keep - n,), jnp.int32)])
+  top, _ = jax.lax.top_k(key, num_keep)
+  return jnp.where(top > 0, n - top, -1)
 
 
 def topk_after_nms(boxes: jnp.ndarray, scores: jnp.ndarray, *,
@@ -207,8 +249,6 @@ def topk_after_nms(boxes: jnp.ndarray, scores: jnp.ndarray, *,
       boxes = batched_nms_offset_boxes(boxes, valid=valid)
     sup = suppression_matrix(boxes[order], iou_threshold=iou_threshold)
     keep = greedy_nms_sorted(sup, valid_k, method=method)
-  rank = jnp.cumsum(keep.astype(jnp.int32)) - 1
-  slot = jnp.where(keep & (rank < num_keep), rank, num_keep)
-  indices = jnp.full((num_keep,), -1, jnp.int32).at[slot].set(
-      order, mode='drop')
+  pos = first_kept(keep, num_keep=num_keep)
+  indices = jnp.where(pos >= 0, order[jnp.maximum(pos, 0)], -1)
   return indices, jnp.sum(keep.astype(jnp.int32))

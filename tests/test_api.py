@@ -1,0 +1,122 @@
+"""``ddq_jax.Detector``: the golden detections through the serving program
+(uint8 canvas in, normalisation and mask inside), images of every kind,
+compile once per canvas, bfloat16, loading errors."""
+import os
+
+import numpy as np
+import pytest
+
+import ddq_jax
+from ddq_jax import api
+
+SAMPLE = os.path.join(os.path.dirname(api.__file__), 'assets', 'sample.jpg')
+
+
+@pytest.fixture(scope='module')
+def detector(tiny_dir, tiny_config):
+  return ddq_jax.Detector.load(os.path.join(tiny_dir, 'checkpoint.pth'),
+                               config=tiny_config, batch_size=2)
+
+
+def test_lazy_import():
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ('import sys, ddq_jax; assert "jax" not in sys.modules, "jax"; '
+          'assert ddq_jax.Detector.__name__ == "Detector"; '
+          'assert "ddq_jax.api" in sys.modules')
+  subprocess.run([sys.executable, '-c', code], check=True,
+                 env=dict(os.environ, PYTHONPATH=root))
+
+
+def test_serving_program_matches_fixture(detector, tiny_inputs, tiny_infer):
+  """raw uint8 images + sizes + scale factors -> the reference's
+  detections (normalisation and padding mask computed inside)."""
+  dets = detector.run(tiny_inputs['raw_images'], tiny_inputs['img_shapes'],
+                      tiny_inputs['scale_factors'])
+  assert np.abs(dets.boxes - tiny_infer['det_bboxes']).max() <= 1e-3
+  assert np.abs(dets.scores - tiny_infer['det_scores']).max() <= 1e-5
+  np.testing.assert_array_equal(dets.labels, tiny_infer['det_labels'])
+
+
+def test_images_of_every_kind_and_one_compile_per_canvas(detector):
+  import cv2
+  from ddq_jax.data.transforms import read_image
+  rgb = read_image(SAMPLE)
+  start = detector.trace_count()
+  one = detector(SAMPLE)
+  assert isinstance(one, api.ImageDetections)
+  assert len(one) == 50 and one.boxes.shape == (50, 4)
+  h, w = rgb.shape[:2]
+  assert (one.boxes[:, 0::2] >= 0).all() and (one.boxes[:, 0::2] <= w).all()
+  assert (one.boxes[:, 1::2] >= 0).all() and (one.boxes[:, 1::2] <= h).all()
+  assert list(one.scores) == sorted(one.scores, reverse=True)
+  assert one.names[0] == detector.class_names[one.labels[0]]
+  small = cv2.resize(rgb, (w // 2, h // 2))
+  many = detector([rgb, small, SAMPLE])  # 3 images: 2 batches of 2
+  np.testing.assert_allclose(many[0].boxes, one.boxes, atol=1e-4)
+  np.testing.assert_allclose(many[2].scores, one.scores, atol=1e-6)
+  assert (many[1].boxes[:, 2] <= w // 2 + 1e-3).all()
+  assert detector.trace_count() - start == 1  # one canvas, one compile
+  portrait = np.ascontiguousarray(rgb.transpose(1, 0, 2))
+  detector(portrait)
+  assert detector.trace_count() - start == 2  # the portrait canvas
+  thr = detector(SAMPLE, score_threshold=float(one.scores[9]))
+  assert len(thr) >= 10 and (thr.scores >= one.scores[9]).all()
+  recs = one.to_records('sample.jpg')
+  assert recs[0]['image'] == 'sample.jpg' and len(recs[0]['bbox']) == 4
+
+
+def test_pil_image(detector):
+  pil = pytest.importorskip('PIL.Image')
+  from ddq_jax.data.transforms import read_image
+  rgb = read_image(SAMPLE)
+  a = detector(pil.fromarray(rgb))
+  np.testing.assert_allclose(a.boxes, detector(rgb).boxes, atol=1e-5)
+
+
+@pytest.mark.parametrize('bad, error, message', [
+    ('missing.jpg', ValueError, 'not a decodable image'),
+    (np.zeros((4, 4, 3), np.float32), TypeError, 'uint8'),
+    (np.zeros((4, 4, 5), np.uint8), ValueError, '(h, w, 3)'),
+    (3, TypeError, 'a path, a PIL image or a numpy array'),
+])
+def test_bad_images(detector, bad, error, message):
+  with pytest.raises(error, match=message.replace('(', r'\(').replace(
+      ')', r'\)')):
+    detector([bad])
+
+
+def test_canvas_too_small(tiny_dir, tiny_variables, tiny_config):
+  det = api.Detector(tiny_variables, tiny_config, canvas=(64, 64))
+  with pytest.raises(ValueError, match='larger than the canvas'):
+    det(SAMPLE)
+
+
+def test_bfloat16_close_to_float32(tiny_variables, tiny_config):
+  f32 = api.Detector(tiny_variables, tiny_config)(SAMPLE)
+  bf16 = api.Detector(tiny_variables, tiny_config, dtype='bfloat16')(SAMPLE)
+  assert bf16.boxes.dtype == np.float32 and len(bf16) == len(f32)
+  # The top detection survives bf16 compute.
+  assert bf16.labels[0] == f32.labels[0]
+  assert abs(bf16.scores[0] - f32.scores[0]) < 0.05
+
+
+def test_inference_config_sets_padding_invariant(tiny_config):
+  import ml_collections
+  c = tiny_config.copy_and_resolve_references()
+  assert 'padding_invariant' not in api.inference_config(c) or \
+      api.inference_config(c).padding_invariant
+  with c.unlocked():
+    c.padding_invariant = False
+  assert api.inference_config(c).padding_invariant is True
+  assert c.padding_invariant is False
+  assert isinstance(c, ml_collections.ConfigDict)
+
+
+def test_load_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no such file'):
+    ddq_jax.Detector.load(str(tmp_path / 'nope.pth'))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(FileNotFoundError, match='neither a converted'):
+    ddq_jax.Detector.load(str(tmp_path / 'empty'))
