@@ -13,9 +13,12 @@ SAMPLE = os.path.join(os.path.dirname(api.__file__), 'assets', 'sample.jpg')
 
 
 @pytest.fixture(scope='module')
-def detector(tiny_dir, tiny_config):
+def detector(tiny_dir):
+  # The Detector turns padding_invariant on (tiny_config has it off for the
+  # batch fixtures).
+  from ddq_jax.config import load_config
   return ddq_jax.Detector.load(os.path.join(tiny_dir, 'checkpoint.pth'),
-                               config=tiny_config, batch_size=2)
+                               config=load_config('tiny'), batch_size=2)
 
 
 def test_lazy_import():
@@ -29,14 +32,31 @@ def test_lazy_import():
                  env=dict(os.environ, PYTHONPATH=root))
 
 
-def test_serving_program_matches_fixture(detector, tiny_inputs, tiny_infer):
-  """raw uint8 images + sizes + scale factors -> the reference's
-  detections (normalisation and padding mask computed inside)."""
-  dets = detector.run(tiny_inputs['raw_images'], tiny_inputs['img_shapes'],
-                      tiny_inputs['scale_factors'])
-  assert np.abs(dets.boxes - tiny_infer['det_bboxes']).max() <= 1e-3
-  assert np.abs(dets.scores - tiny_infer['det_scores']).max() <= 1e-5
-  np.testing.assert_array_equal(dets.labels, tiny_infer['det_labels'])
+def test_serving_program_matches_fixture(detector):
+  """raw uint8 images + sizes + scale factors -> the reference's batch-1
+  detections of each image (tiny_single a and b, sharing one canvas that no
+  stride divides; normalisation and padding mask computed inside)."""
+  from ddq_jax.canvas_parity import tie_ordered_detections
+  single = os.path.join(os.path.dirname(__file__), 'data', 'tiny_single')
+  bundles = []
+  for name in ('a', 'b'):
+    with np.load(os.path.join(single, name, 'inputs.npz')) as i, \
+        np.load(os.path.join(single, name, 'infer.npz')) as r:
+      bundles.append(({k: i[k] for k in i.files}, {k: r[k] for k in r.files}))
+  canvas = np.zeros((2, 139, 131, 3), np.uint8)
+  for n, (inputs, _) in enumerate(bundles):
+    h, w = inputs['img_shapes'][0]
+    canvas[n, :h, :w] = inputs['raw_images'][0, :h, :w]
+  dets = detector.run(
+      canvas, np.concatenate([b[0]['img_shapes'] for b in bundles]),
+      np.concatenate([b[0]['scale_factors'] for b in bundles]))
+  for n, (_, ref) in enumerate(bundles):
+    ours = tie_ordered_detections(
+        dict(det_bboxes=dets.boxes[n:n + 1], det_scores=dets.scores[n:n + 1],
+             det_labels=dets.labels[n:n + 1]), ref)
+    assert np.abs(ours['det_bboxes'] - ref['det_bboxes']).max() <= 1e-3
+    assert np.abs(ours['det_scores'] - ref['det_scores']).max() <= 1e-5
+    np.testing.assert_array_equal(ours['det_labels'], ref['det_labels'])
 
 
 def test_images_of_every_kind_and_one_compile_per_canvas(detector):
