@@ -134,6 +134,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = -1         # -1: once per epoch
   c.train.init_from = ''          # converted checkpoint dir, or torchvision .pth
   c.train.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay fp32)
+  # Rematerialisation per part: 'none' | 'minimal' | 'full' (see
+  # ddq_jax/models/remat.py); values and gradients do not depend on it.
+  c.train.remat = ml_collections.ConfigDict()
+  c.train.remat.encoder = 'full'    # each encoder layer
+  c.train.remat.decoder = 'full'    # each decoder layer
+  c.train.remat.backbone = 'full'   # each trainable ResNet block
+  # Trace identical encoder layers once (scan over their parameters).
+  c.train.scan_layers = True
 
   # ---- parallelism -----------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
