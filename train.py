@@ -32,6 +32,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
+  from ddq_jax.compilation_cache import enable_compilation_cache; enable_compilation_cache()  # pylint: disable=g-import-not-at-top,multiple-statements
   if FLAGS.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation',
                       FLAGS.cpu_collectives)

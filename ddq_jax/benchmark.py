@@ -537,6 +537,8 @@ def main(argv=None) -> dict:
   elif not args.config:
     parser.error('--config is required')
   else:
+    from ddq_jax.compilation_cache import enable_compilation_cache  # pylint: disable=g-import-not-at-top
+    enable_compilation_cache(not args.no_compilation_cache)
     res = run(args)
   print(json.dumps(res), flush=True)
   return res

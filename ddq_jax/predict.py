@@ -131,6 +131,7 @@ def main(argv=None) -> int:
   parser.add_argument('--out', default=None,
                       help='write the JSON here instead of standard output')
   args = parser.parse_args(argv)
+  from ddq_jax.compilation_cache import enable_compilation_cache; enable_compilation_cache()  # pylint: disable=g-import-not-at-top,multiple-statements
   try:
     records = predict_files(args.images, weights=args.weights,
                             config_path=args.config,

@@ -135,8 +135,31 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
 
 def _adamw(lr, weight_decay):
-  return optax.inject_hyperparams(optax.adamw)(
-      learning_rate=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+  # optax.flatten: the update runs on one concatenated vector per group
+  # (the same arithmetic per element), so the compiled step holds a few
+  # fused loops instead of several per parameter (~48k of the R50
+  # training step's HLO lines otherwise).
+  return flat_update(optax.inject_hyperparams(optax.adamw)(
+      learning_rate=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
+
+
+def flat_update(inner: optax.GradientTransformation
+                ) -> optax.GradientTransformation:
+  """``optax.flatten(inner)`` whose flat result passes an optimisation
+  barrier before it is split back into leaves, so that XLA keeps the update
+  one fused loop over the concatenated vector (without it, XLA re-fuses the
+  elementwise update into every per-leaf slice)."""
+  from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
+
+  def init_fn(params):
+    return inner.init(ravel_pytree(params)[0])
+
+  def update_fn(updates, state, params=None):
+    flat, unravel = ravel_pytree(updates)
+    flat_params = None if params is None else ravel_pytree(params)[0]
+    flat, state = inner.update(flat, state, flat_params)
+    return unravel(jax.lax.optimization_barrier(flat)), state
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def make_optimizer(config, steps_per_epoch: int, params=None):
@@ -163,8 +186,8 @@ def make_optimizer(config, steps_per_epoch: int, params=None):
        FROZEN: optax.set_to_zero()},
       lambda p: param_labels(p, config))
   if o.get('clip_norm', None) and float(o.clip_norm) > 0:
-    tx = optax.chain(_MaskFrozen(config), clip_by_global_norm_torch(
-        float(o.clip_norm)), tx)
+    tx = optax.chain(_MaskFrozen(config), flat_update(
+        clip_by_global_norm_torch(float(o.clip_norm))), tx)
   return tx, schedule
 
 
