@@ -102,7 +102,10 @@ def compiled_stats(compiled, *, lower_s: float, compile_s: float) -> dict:
 
   peak_memory_gb = temp + arguments + outputs - aliased (donated inputs
   reused for outputs); temp_memory_gb = XLA's temporary buffers; gflops from
-  the cost analysis; hlo_lines = lines of ``compiled.as_text()``."""
+  the cost analysis, which counts a ``while`` body once (with the scanned
+  encoder / decoder layers it is a lower bound: compare runs with
+  ``--set train.scan_layers=False``); hlo_lines = lines of
+  ``compiled.as_text()``."""
   gb = 2.0 ** 30
   res = dict(lower_s=round(lower_s, 2), compile_s=round(compile_s, 2))
   try:
