@@ -136,13 +136,19 @@ class DeformableEncoder(nn.Module):
   @classmethod
   def from_config(cls, config, **kwargs) -> 'DeformableEncoder':
     """Reads num_encoder_layers, embed_dims, num_heads, num_levels,
-    num_points, ffn_dims, train.remat.encoder, train.scan_layers."""
+    num_points, ffn_dims, train.remat.encoder, train.scan_layers,
+    train.compute_dtype."""
     kw = dict(num_layers=config.num_encoder_layers,
               embed_dims=config.embed_dims, num_heads=config.num_heads,
               num_levels=config.num_levels, num_points=config.num_points,
               ffn_dims=config.ffn_dims,
               remat=remat_lib.remat_name(config, 'encoder'),
               scan=remat_lib.scan_layers(config))
+    # bfloat16 training computes the encoder in bfloat16 too (LayerNorm
+    # statistics stay float32 inside flax); float32 otherwise.
+    if str(config.get('train', {}).get('compute_dtype', 'float32')) == \
+        'bfloat16':
+      kw['dtype'] = jnp.bfloat16
     kw.update(kwargs)
     return cls(**kw)
 

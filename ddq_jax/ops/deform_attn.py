@@ -153,9 +153,12 @@ def _sample_bwd(spatial_shapes, res, g):
   k = wts.shape[-1]
   contrib = (wts[..., None] * g[:, :, :, None, :]).reshape(
       b, num_heads, q * k, dh)
+  # Accumulated in (at least) float32: many samples land on one row.
+  acc = jnp.promote_types(value.dtype, jnp.float32)
   d_v = jax.vmap(jax.vmap(
-      lambda ii, cc: jnp.zeros((n, dh), cc.dtype).at[ii].add(
-          cc, mode='clip')))(idx, contrib)  # (B, H, N, Dh)
+      lambda ii, cc: jnp.zeros((n, dh), acc).at[ii].add(
+          cc.astype(acc), mode='clip')))(idx, contrib)  # (B, H, N, Dh)
+  d_v = d_v.astype(value.dtype)
   d_idx = np.zeros(idx.shape, jax.dtypes.float0)
   d_loc, d_attn = corners_vjp((d_idx, d_wts.astype(wts.dtype)))
   return d_v.transpose(0, 2, 1, 3), d_loc, d_attn
