@@ -134,21 +134,21 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _adamw(lr, weight_decay):
-  # optax.flatten: the update runs on one concatenated vector per group
-  # (the same arithmetic per element), so the compiled step holds a few
-  # fused loops instead of several per parameter (~48k of the R50
-  # training step's HLO lines otherwise).
-  return flat_update(optax.inject_hyperparams(optax.adamw)(
-      learning_rate=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
+def _adamw(lr, weight_decay, flat: bool = False):
+  # flat: the update runs on one concatenated vector per group (the same
+  # arithmetic per element), so the compiled step holds far fewer fused
+  # loops than several per parameter (R50: 48.5k -> 14.8k HLO lines).
+  tx = optax.inject_hyperparams(optax.adamw)(
+      learning_rate=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+  return flat_update(tx) if flat else tx
 
 
 def flat_update(inner: optax.GradientTransformation
                 ) -> optax.GradientTransformation:
-  """``optax.flatten(inner)`` whose flat result passes an optimisation
-  barrier before it is split back into leaves, so that XLA keeps the update
-  one fused loop over the concatenated vector (without it, XLA re-fuses the
-  elementwise update into every per-leaf slice)."""
+  """``optax.flatten(inner)``: ``inner`` sees one concatenated vector (its
+  state too).  The optimisation barrier asks XLA to keep the update one
+  loop over the vector; XLA:CPU drops barriers, and then fuses the update
+  into each leaf's slice (still ~3x fewer HLO lines than per leaf)."""
   from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
 
   def init_fn(params):
@@ -180,14 +180,19 @@ def make_optimizer(config, steps_per_epoch: int, params=None):
   schedule = make_schedule(config, steps_per_epoch)
   mult = float(o.backbone_lr_mult)
   wd = float(o.weight_decay)
+  # Flattened groups unless parameters (and so their moments) are sharded
+  # on a 'model' axis: a flat vector has no per-parameter sharding.
+  mesh = config.get('mesh', None)
+  flat = int(mesh.get('model', 1)) == 1 if mesh is not None else True
   tx = optax.multi_transform(
-      {DEFAULT: _adamw(schedule, wd),
-       BACKBONE: _adamw(lambda s: mult * schedule(s), wd),
+      {DEFAULT: _adamw(schedule, wd, flat),
+       BACKBONE: _adamw(lambda s: mult * schedule(s), wd, flat),
        FROZEN: optax.set_to_zero()},
       lambda p: param_labels(p, config))
   if o.get('clip_norm', None) and float(o.clip_norm) > 0:
-    tx = optax.chain(_MaskFrozen(config), flat_update(
-        clip_by_global_norm_torch(float(o.clip_norm))), tx)
+    clip = clip_by_global_norm_torch(float(o.clip_norm))
+    tx = optax.chain(_MaskFrozen(config), flat_update(clip) if flat else clip,
+                     tx)
   return tx, schedule
 
 
