@@ -344,8 +344,14 @@ class DDQDecoder(nn.Module):
                 (query, new_refs, keep, head_mask))
 
       carry = (query, reference_points, self_attn_mask, candidates)
+      xs = (jnp.arange(n_layers), stacked)
+      # The carry takes the dtypes a layer returns (e.g. float32 after
+      # bfloat16 inputs), as in the unrolled loop after its first layer.
+      out_carry, _ = jax.eval_shape(body, carry,
+                                    jax.tree.map(lambda x: x[0], xs))
+      carry = jax.tree.map(lambda x, o: x.astype(o.dtype), carry, out_carry)
       carry, (outs, new_refs, keeps, head_masks) = jax.lax.scan(
-          body, carry, (jnp.arange(n_layers), stacked))
+          body, carry, xs)
       self_attn_mask = carry[2]
       hidden = norm(outs)
       refs = jnp.concatenate([reference_points[None], new_refs], 0)
