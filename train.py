@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     cli.fail(parser, '--coordinator_address needs --num_processes and '
              '--process_id')
   import jax  # pylint: disable=g-import-not-at-top
+  from ddq_jax.compilation_cache import enable_compilation_cache; enable_compilation_cache()  # pylint: disable=g-import-not-at-top,multiple-statements
   if args.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation',
                       args.cpu_collectives)

@@ -155,6 +155,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.max_nonfinite_steps = 10   # stop (exit 3) after this many in a row
   c.train.inject_nan_at_steps = ()   # test hook: NaN images at these steps
   c.train.resume_may_change = ()     # extra config keys a resume may change
+  # Rematerialisation per part: 'none' | 'minimal' | 'full' (see
+  # ddq_jax/models/remat.py); values and gradients do not depend on it.
+  c.train.remat = ml_collections.ConfigDict()
+  c.train.remat.encoder = 'full'    # each encoder layer
+  c.train.remat.decoder = 'full'    # each decoder layer
+  c.train.remat.backbone = 'full'   # each trainable ResNet block
+  # Trace identical encoder layers once (scan over their parameters).
+  c.train.scan_layers = True
 
   # ---- parallelism -----------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

@@ -5,7 +5,10 @@
       --size 800 1333 --steps 3
 
 Prints one JSON line: config, mode, batch, size, devices, device_kind,
-init_s, compile_s (lower + XLA compile, apart from the steps), step_median_s,
+init_s, lower_s and compile_s (tracing + lowering, XLA compile; apart from the
+steps), peak_memory_gb (temp + arguments + outputs - aliased, from the
+compiled step's memory analysis), temp_memory_gb, gflops, hlo_lines,
+step_median_s,
 step_min_s, images_per_s (batch / median step), images_per_s_best (batch /
 min step), and the hot spots of one profiled step:
 
@@ -83,7 +86,50 @@ def _parser() -> argparse.ArgumentParser:
                  'compiled HLO text) here')
   p.add_argument('--analyze', metavar='TRACE_DIR', help='only print the hot '
                  'spots of a trace saved with --trace-dir (no run)')
+  p.add_argument('--compile-only', action='store_true', help='lower and '
+                 'compile the step, print its memory / FLOP / HLO figures, '
+                 'run nothing (needs no device buffers beyond the weights)')
+  p.add_argument('--max-memory-gb', type=float, default=0.0, help='refuse '
+                 'to run the steps when the compiled step\'s peak memory '
+                 'exceeds this (0: no limit)')
+  p.add_argument('--no-compilation-cache', action='store_true',
+                 help='do not use the persistent compilation cache')
   return p
+
+
+def compiled_stats(compiled, *, lower_s: float, compile_s: float) -> dict:
+  """XLA's accounting of a compiled step (deterministic, no run).
+
+  peak_memory_gb = temp + arguments + outputs - aliased (donated inputs
+  reused for outputs); temp_memory_gb = XLA's temporary buffers; gflops from
+  the cost analysis, which counts a ``while`` body once (with the scanned
+  encoder / decoder layers it is a lower bound: compare runs with
+  ``--set train.scan_layers=False``); hlo_lines = lines of
+  ``compiled.as_text()``."""
+  gb = 2.0 ** 30
+  res = dict(lower_s=round(lower_s, 2), compile_s=round(compile_s, 2))
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    m = None
+  if m is not None:
+    peak = (m.temp_size_in_bytes + m.argument_size_in_bytes +
+            m.output_size_in_bytes - m.alias_size_in_bytes)
+    res.update(peak_memory_gb=round(peak / gb, 3),
+               temp_memory_gb=round(m.temp_size_in_bytes / gb, 3),
+               argument_memory_gb=round(m.argument_size_in_bytes / gb, 3),
+               output_memory_gb=round(m.output_size_in_bytes / gb, 3),
+               alias_memory_gb=round(m.alias_size_in_bytes / gb, 3))
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else {}
+    flops = float((cost or {}).get('flops', 0.0))
+    res['gflops'] = round(flops / 1e9, 1)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  res['hlo_lines'] = compiled.as_text().count('\n') + 1
+  return res
 
 
 # --------------------------------------------------------------- hot spots
@@ -394,6 +440,10 @@ def run(args) -> dict:
   from ddq_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
   config = args.config_dict
   devices = jax.devices()[:args.devices] if args.devices else jax.devices()
+  if args.batch < 1:
+    raise SystemExit(f'--batch must be >= 1, got {args.batch}')
+  if args.steps < 1:
+    raise SystemExit(f'--steps must be >= 1, got {args.steps}')
   mesh = make_mesh(config, devices)
   if args.batch % int(mesh.shape['data']):
     raise SystemExit(f'--batch {args.batch} is not divisible by the '
@@ -420,8 +470,27 @@ def run(args) -> dict:
     batch = {k: v for k, v in batch.items() if k != 'scale_factors'}
   fn, fargs, step = build_step(config, args.mode, variables, batch, mesh)
   t = time.perf_counter()
-  compiled = fn.lower(*fargs).compile()
-  compile_s = time.perf_counter() - t
+  lowered = fn.lower(*fargs)
+  lower_s = time.perf_counter() - t
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  xla_s = time.perf_counter() - t
+  stats = compiled_stats(compiled, lower_s=lower_s, compile_s=xla_s)
+  head = dict(config=str(config.get('name', args.config)), mode=args.mode,
+              batch=args.batch, size=list(args.size), devices=len(devices),
+              device_kind=devices[0].device_kind,
+              platform=devices[0].platform, init_s=round(init_s, 2),
+              **stats)
+  if args.compile_only:
+    return dict(head, compile_only=True, jax=jax.__version__,
+                host_cpus=os.cpu_count(),
+                peak_host_rss_gb=round(resource.getrusage(
+                    resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
+                load_avg_1m=round(os.getloadavg()[0], 2))
+  if args.max_memory_gb and stats.get('peak_memory_gb', 0) > args.max_memory_gb:
+    raise SystemExit(
+        f'the compiled step needs {stats["peak_memory_gb"]} GB '
+        f'(--max-memory-gb {args.max_memory_gb}); not running it')
   state = {'a': fargs}
 
   def once():
@@ -437,11 +506,7 @@ def run(args) -> dict:
     out = once()
     times.append(time.perf_counter() - t)
   med, best = statistics.median(times), min(times)
-  res = dict(config=str(config.get('name', args.config)), mode=args.mode,
-             batch=args.batch, size=list(args.size), devices=len(devices),
-             device_kind=devices[0].device_kind,
-             platform=devices[0].platform, init_s=round(init_s, 2),
-             compile_s=round(compile_s, 2), steps=len(times),
+  res = dict(head, steps=len(times),
              step_median_s=round(med, 4), step_min_s=round(best, 4),
              step_times_s=[round(x, 4) for x in times],
              images_per_s=round(args.batch / med, 3),
@@ -452,6 +517,9 @@ def run(args) -> dict:
              load_avg_1m=round(os.getloadavg()[0], 2))
   if args.mode == 'train':
     res['loss'] = float(np.asarray(out))
+  mem = getattr(devices[0], 'memory_stats', lambda: None)()
+  if mem and 'peak_bytes_in_use' in mem:
+    res['device_peak_memory_gb'] = round(mem['peak_bytes_in_use'] / 2**30, 3)
   if not args.no_profile:
     res.update(hot_spots(once, compiled.as_text(), top=args.top,
                          trace_dir=args.trace_dir))
@@ -468,6 +536,8 @@ def main(argv=None) -> dict:
     cli.fail(parser, '--config is required')
   else:
     args.config_dict = cli.load_or_fail(parser, args.config, overrides)
+    from ddq_jax.compilation_cache import enable_compilation_cache  # pylint: disable=g-import-not-at-top
+    enable_compilation_cache(not args.no_compilation_cache)
     res = run(args)
   print(json.dumps(res), flush=True)
   return res

@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
   parser = _parser()
   args, overrides = cli.parse_args(parser, argv)
+  from ddq_jax.compilation_cache import enable_compilation_cache; enable_compilation_cache()  # pylint: disable=g-import-not-at-top,multiple-statements
   if not args.weights and not args.random_init:
     cli.fail(parser, '--weights is required (or --random-init for a smoke run)')
   if args.random_init and not args.config:

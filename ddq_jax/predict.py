@@ -115,6 +115,7 @@ def main(argv=None) -> int:
   args, overrides = cli.parse_args(parser, argv)
   config = (cli.load_or_fail(parser, args.config, overrides)
             if args.config else None)
+  from ddq_jax.compilation_cache import enable_compilation_cache; enable_compilation_cache()  # pylint: disable=g-import-not-at-top,multiple-statements
   try:
     records = predict_files(args.images, weights=args.weights,
                             config=config, overrides=overrides,

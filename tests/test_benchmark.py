@@ -81,13 +81,35 @@ def test_self_times_nested():
 def test_benchmark_infer_end_to_end(tiny_dir, capsys):
   res = main(['--config', 'tiny', '--mode', 'infer', '--batch', '2',
               '--size', '128', '128', '--devices', '2', '--steps', '2',
-              '--warmup', '0', '--weights', f'{tiny_dir}/checkpoint.pth'])
+              '--warmup', '0', '--weights', f'{tiny_dir}/checkpoint.pth',
+              '--no-compilation-cache'])
   line = capsys.readouterr().out.strip().splitlines()[-1]
   assert json.loads(line) == res
   assert res['mode'] == 'infer' and res['devices'] == 2
   assert res['compile_s'] > 0 and 0 < res['step_min_s'] <= res['step_median_s']
+  for k in ('peak_memory_gb', 'temp_memory_gb', 'gflops', 'hlo_lines',
+            'lower_s'):
+    assert res[k] > 0, k
   assert res['images_per_s'] > 0
   assert res['hot_ops'] and res['stages']
   assert abs(sum(s['share'] for s in res['stages'].values()) - 1) < 1e-2
   assert any('deform-attn' in k or k == 'backbone' for k in
              list(res['stages'])[:3])
+
+
+def test_benchmark_compile_only(capsys):
+  """--compile-only: XLA's figures of the compiled step, no step run."""
+  res = main(['--config', 'tiny', '--mode', 'infer', '--batch', '1',
+              '--size', '64', '64', '--devices', '1', '--compile-only',
+              '--no-compilation-cache'])
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == res
+  assert res['compile_only'] is True and 'step_median_s' not in res
+  assert res['hlo_lines'] > 100 and res['gflops'] > 0
+  assert res['peak_memory_gb'] >= res['temp_memory_gb'] > 0
+  assert res['lower_s'] > 0 and res['compile_s'] > 0
+
+
+def test_benchmark_rejects_empty_batch():
+  import pytest  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit, match='--batch must be >= 1, got 0'):
+    main(['--config', 'tiny', '--batch', '0', '--no-compilation-cache'])

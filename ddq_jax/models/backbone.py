@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from ddq_jax.models import initializers as inits
 from ddq_jax.models.extents import extent_valid, zero_outside
+from ddq_jax.models import remat as remat_lib
 
 # depth -> (block type, blocks per stage); the reference's arch_settings.
 ARCH_SETTINGS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -203,6 +204,9 @@ class ResNet(nn.Module):
   bn_trainable: bool = False
   num_stages: int = 4
   zero_init_residual: bool = True
+  # 'none' | 'minimal' | 'full' per trainable block (ddq_jax/models/remat.py);
+  # frozen stages keep nothing for the backward pass anyway.
+  remat: str = 'none'
 
   @classmethod
   def from_config(cls, config) -> 'ResNet':
@@ -213,7 +217,8 @@ class ResNet(nn.Module):
                out_indices=tuple(int(i) for i in b.out_indices),
                frozen_stages=int(b.frozen_stages),
                zero_init_residual=bool(b.get('zero_init_residual', True)),
-               bn_trainable=bool(b.get('bn_trainable', False)))
+               bn_trainable=bool(b.get('bn_trainable', False)),
+               remat=remat_lib.remat_name(config, 'backbone'))
 
   @property
   def out_channels(self) -> tuple[int, ...]:
@@ -243,6 +248,10 @@ class ResNet(nn.Module):
     kind, stage_blocks = ARCH_SETTINGS[self.depth]
     block_cls = BasicBlock if kind == 'basic' else Bottleneck
     expansion = EXPANSION[kind]
+    remat_cls = block_cls
+    if self.remat != 'none':
+      remat_cls = nn.remat(block_cls,
+                           policy=remat_lib.checkpoint_policy(self.remat))
 
     x = zero_outside(x, valid(x, 1))
     x = _conv(self.base_channels, 7, 2, 3, 'conv1')(x)
@@ -264,11 +273,13 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         s = stride if j == 0 else 1
         with_ds = j == 0 and (s != 1 or inplanes != planes * expansion)
-        x = block_cls(planes=planes, stride=s, with_downsample=with_ds,
-                      bn_trainable=self.bn_trainable,
-                      zero_init_residual=self.zero_init_residual,
-                      in_stride=stride_now,
-                      name=f'layer{i + 1}_{j}')(x, extents)
+        frozen = i + 1 <= self.frozen_stages
+        x = (block_cls if frozen else remat_cls)(
+            planes=planes, stride=s, with_downsample=with_ds,
+            bn_trainable=self.bn_trainable,
+            zero_init_residual=self.zero_init_residual,
+            in_stride=stride_now,
+            name=f'layer{i + 1}_{j}')(x, extents)
         stride_now *= s
         inplanes = planes * expansion
       if i + 1 <= self.frozen_stages:

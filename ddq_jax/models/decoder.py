@@ -18,6 +18,7 @@ query 0 was kept, else the kept set.  ``'kept_set'`` reads the kept set.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ddq_jax.models import initializers as inits
+from ddq_jax.models import remat as remat_lib
 from ddq_jax.models.deform_attn import MultiScaleDeformableAttention
 from ddq_jax.models.encoder import FFN
 from ddq_jax.ops.boxes import cxcywh_to_xyxy, inverse_sigmoid
@@ -118,17 +120,23 @@ class SelfAttention(nn.Module):
 
 class DecoderLayer(nn.Module):
   """``DeformableDetrTransformerDecoderLayer``: self-attn, norm, deformable
-  cross-attn, norm, FFN, norm."""
+  cross-attn, norm, FFN, norm.  ``spatial_shapes`` is a (static) attribute,
+  so every call argument is an array and the layer can be rematerialised."""
   embed_dims: int
   num_heads: int
   num_levels: int
   num_points: int
   ffn_dims: int
+  spatial_shapes: Sequence[Sequence[int]] = ()
 
   @nn.compact
-  def __call__(self, query, *, query_pos, value, key_padding_mask,
-               self_attn_mask, reference_points, spatial_shapes):
+  def __call__(self, query, query_pos, value, key_padding_mask,
+               self_attn_mask, reference_points):
+    """query, query_pos (B, Q, C); value (B, N, C); key_padding_mask (B, N)
+    or None; self_attn_mask (B, Q, Q) True = blocked; reference_points
+    (B, Q, L, 4) -> (B, Q, C)."""
     c = self.embed_dims
+    spatial_shapes = self.spatial_shapes
     query = SelfAttention(c, self.num_heads, name='self_attn')(
         query, query_pos=query_pos, attn_mask=self_attn_mask)
     query = nn.LayerNorm(epsilon=LN_EPS, name='norms_0')(query)
@@ -189,6 +197,11 @@ class DDQDecoder(nn.Module):
   ffn_dims: int = 2048
   iou_threshold: float = 0.8
   distinct_mask_semantics: str = 'row0'
+  # 'none' | 'minimal' | 'full' per decoder layer (ddq_jax/models/remat.py).
+  remat: str = 'none'
+  # Trace the layer once: a scan over the stacked layers_{l} parameters
+  # (the head's branch l is picked by a switch); init runs unrolled.
+  scan: bool = True
 
   @classmethod
   def from_config(cls, config, **kwargs) -> 'DDQDecoder':
@@ -196,7 +209,9 @@ class DDQDecoder(nn.Module):
               num_levels=config.num_levels, num_points=config.num_points,
               num_layers=config.num_decoder_layers, ffn_dims=config.ffn_dims,
               iou_threshold=config.nms_iou_threshold,
-              distinct_mask_semantics=config.distinct_mask_semantics)
+              distinct_mask_semantics=config.distinct_mask_semantics,
+              remat=remat_lib.remat_name(config, 'decoder'),
+              scan=remat_lib.scan_layers(config))
     kw.update(kwargs)
     return cls(**kw)
 
@@ -259,37 +274,108 @@ class DDQDecoder(nn.Module):
     ref_point_head = MLP(c, c, 2, name='ref_point_head')
     norm = nn.LayerNorm(epsilon=LN_EPS, name='norm')
     vr4 = jnp.concatenate([valid_ratios, valid_ratios], -1)  # (B, L, 4)
-    hidden, refs, keeps, head_masks = [], [reference_points], [], []
-    for l in range(self.num_layers):
+    shapes = tuple((int(hh), int(ww)) for hh, ww in spatial_shapes)
+    n_layers = self.num_layers
+    layer_kw = dict(embed_dims=c, num_heads=self.num_heads,
+                    num_levels=self.num_levels, num_points=self.num_points,
+                    ffn_dims=self.ffn_dims, spatial_shapes=shapes)
+    policy = remat_lib.checkpoint_policy(self.remat)
+
+    def branch(fn, l, x):
+      """Branch l of the head; l static, or traced (inside the scan: a
+      switch over the layers' branches)."""
+      if isinstance(l, int):
+        return fn(l, x)
+      return jax.lax.switch(
+          l, [functools.partial(fn, i) for i in range(n_layers)], x)
+
+    def select(l, query, reference_points, self_attn_mask, candidates):
+      """Scores + NMS of the distinct queries after layer l -> the new
+      (mask, candidates, keep, head_mask)."""
+      scores = jnp.max(jax.nn.sigmoid(branch(cls_fn, l, query[:, s:e])), -1)
+      boxes = cxcywh_to_xyxy(reference_points[:, s:e])
+      keep = nms_keep(jax.lax.stop_gradient(boxes),
+                      jax.lax.stop_gradient(scores), valid=candidates,
+                      iou_threshold=self.iou_threshold)
+      self_attn_mask = jax.lax.dynamic_update_slice(
+          self_attn_mask, distinct_block_mask(keep), (0, s, s))
+      head_mask = row0_of_inverted(keep) if semantics == 'row0' else keep
+      return self_attn_mask, head_mask, keep, head_mask
+
+    def step(l, layer_fn, query, reference_points, self_attn_mask,
+             candidates):
+      """Layer l (static or traced): -> its output (before the norm), the
+      refined references, and the selection state for layer l + 1."""
       ref_input = reference_points[:, :, None] * vr4[:, None]
       query_pos = ref_point_head(coordinate_to_encoding(
           reference_points if image_normalized_pos else ref_input[:, :, 0],
           num_feats=c // 2))
-      query = DecoderLayer(c, self.num_heads, self.num_levels,
-                           self.num_points, self.ffn_dims,
-                           name=f'layers_{l}')(
-          query, query_pos=query_pos, value=value,
-          key_padding_mask=key_padding_mask, self_attn_mask=self_attn_mask,
-          reference_points=ref_input, spatial_shapes=spatial_shapes)
+      query = layer_fn(query, query_pos, value, key_padding_mask,
+                       self_attn_mask, ref_input)
       if num_dense:
-        tmp = jnp.concatenate([reg_fn(l, query[:, :-num_dense]),
-                               aux_reg_fn(l, query[:, -num_dense:])], 1)
+        tmp = jnp.concatenate([branch(reg_fn, l, query[:, :-num_dense]),
+                               branch(aux_reg_fn, l, query[:, -num_dense:])],
+                              1)
       else:
-        tmp = reg_fn(l, query)
+        tmp = branch(reg_fn, l, query)
       new_refs = jax.nn.sigmoid(tmp + inverse_sigmoid(
           reference_points, eps=DECODER_INV_SIGMOID_EPS))
       reference_points = jax.lax.stop_gradient(new_refs)
-      if l < self.num_layers - 1:
-        scores = jnp.max(jax.nn.sigmoid(cls_fn(l, query[:, s:e])), -1)
-        boxes = cxcywh_to_xyxy(reference_points[:, s:e])
-        keep = nms_keep(jax.lax.stop_gradient(boxes),
-                        jax.lax.stop_gradient(scores), valid=candidates,
-                        iou_threshold=self.iou_threshold)
-        self_attn_mask = jax.lax.dynamic_update_slice(
-            self_attn_mask, distinct_block_mask(keep), (0, s, s))
-        head_mask = (row0_of_inverted(keep)
-                     if semantics == 'row0' else keep)
-        candidates = head_mask
+      return query, new_refs, reference_points, self_attn_mask, candidates
+
+    if self.scan and n_layers > 1 and not self.is_initializing():
+      # One traced layer, scanned over the stacked layers_{l} parameters;
+      # the last layer's selection is skipped by a cond.
+      layer = DecoderLayer(**layer_kw)
+      stacked = remat_lib.stack_layer_params(
+          self.variables['params'], [f'layers_{l}' for l in range(n_layers)])
+
+      def apply_layer(p, *args):
+        return layer.apply({'params': p}, *args)
+      if self.remat != 'none':
+        apply_layer = jax.checkpoint(apply_layer, policy=policy,
+                                     prevent_cse=False)
+
+      def body(carry, xs):
+        query, reference_points, self_attn_mask, candidates = carry
+        l, p = xs
+        query, new_refs, reference_points, self_attn_mask, candidates = step(
+            l, functools.partial(apply_layer, p), query, reference_points,
+            self_attn_mask, candidates)
+        self_attn_mask, candidates, keep, head_mask = jax.lax.cond(
+            l < n_layers - 1, select,
+            lambda l, q, r, m, cand: (m, cand, cand, cand),
+            l, query, reference_points, self_attn_mask, candidates)
+        return ((query, reference_points, self_attn_mask, candidates),
+                (query, new_refs, keep, head_mask))
+
+      carry = (query, reference_points, self_attn_mask, candidates)
+      xs = (jnp.arange(n_layers), stacked)
+      # The carry takes the dtypes a layer returns (e.g. float32 after
+      # bfloat16 inputs), as in the unrolled loop after its first layer.
+      out_carry, _ = jax.eval_shape(body, carry,
+                                    jax.tree.map(lambda x: x[0], xs))
+      carry = jax.tree.map(lambda x, o: x.astype(o.dtype), carry, out_carry)
+      carry, (outs, new_refs, keeps, head_masks) = jax.lax.scan(
+          body, carry, xs)
+      self_attn_mask = carry[2]
+      hidden = norm(outs)
+      refs = jnp.concatenate([reference_points[None], new_refs], 0)
+      return dict(hidden_states=hidden, references=refs,
+                  distinct_keep=keeps[:-1], head_query_mask=head_masks[:-1],
+                  self_attn_mask=self_attn_mask)
+
+    hidden, refs, keeps, head_masks = [], [reference_points], [], []
+    layer_cls = DecoderLayer
+    if self.remat != 'none':
+      layer_cls = nn.remat(DecoderLayer, policy=policy)
+    for l in range(n_layers):
+      layer_fn = layer_cls(name=f'layers_{l}', **layer_kw)
+      query, new_refs, reference_points, self_attn_mask, candidates = step(
+          l, layer_fn, query, reference_points, self_attn_mask, candidates)
+      if l < n_layers - 1:
+        self_attn_mask, candidates, keep, head_mask = select(
+            l, query, reference_points, self_attn_mask, candidates)
         keeps.append(keep)
         head_masks.append(head_mask)
       hidden.append(norm(query))

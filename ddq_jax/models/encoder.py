@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddq_jax.models import initializers as inits
+from ddq_jax.models import remat as remat_lib
 from ddq_jax.models.deform_attn import MultiScaleDeformableAttention
 
 LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default
@@ -79,7 +80,11 @@ def get_encoder_reference_points(*, spatial_shapes: Sequence[Sequence[int]],
 
 
 class DeformableEncoderLayer(nn.Module):
-  """self_attn (deformable, residual inside) -> norms_0 -> ffn -> norms_1."""
+  """self_attn (deformable, residual inside) -> norms_0 -> ffn -> norms_1.
+
+  ``spatial_shapes`` is an attribute (static), so that every call argument
+  is an array and the layer can be rematerialised or scanned."""
+  spatial_shapes: Sequence[Sequence[int]] = ()
   embed_dims: int = 256
   num_heads: int = 8
   num_levels: int = 4
@@ -88,9 +93,8 @@ class DeformableEncoderLayer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, query: jnp.ndarray, *, query_pos: jnp.ndarray,
+  def __call__(self, query: jnp.ndarray, query_pos: jnp.ndarray,
                key_padding_mask: Optional[jnp.ndarray],
-               spatial_shapes: Sequence[Sequence[int]],
                reference_points: jnp.ndarray) -> jnp.ndarray:
     """query, query_pos (B, N, C); key_padding_mask (B, N) or None;
     reference_points (B, N, L, 2) -> (B, N, C)."""
@@ -99,8 +103,8 @@ class DeformableEncoderLayer(nn.Module):
         num_levels=self.num_levels, num_points=self.num_points,
         dtype=self.dtype, name='self_attn')(
             query, value=query, reference_points=reference_points,
-            spatial_shapes=spatial_shapes, key_padding_mask=key_padding_mask,
-            query_pos=query_pos)
+            spatial_shapes=self.spatial_shapes,
+            key_padding_mask=key_padding_mask, query_pos=query_pos)
     query = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                          name='norms_0')(query)
     query = FFN(embed_dims=self.embed_dims,
@@ -111,7 +115,14 @@ class DeformableEncoderLayer(nn.Module):
 
 
 class DeformableEncoder(nn.Module):
-  """mmdet DeformableDetrTransformerEncoder; submodules ``layers_{i}``."""
+  """mmdet DeformableDetrTransformerEncoder; submodules ``layers_{i}``.
+
+  Attributes (besides the sizes):
+    remat: 'none' | 'minimal' | 'full', per layer (ddq_jax/models/remat.py).
+    scan: trace the layer once and scan it over the layers' parameters,
+      stacked on the fly from ``layers_0 .. layers_{n-1}`` (the checkpoint
+      layout is unchanged).  Init always runs the unrolled loop.
+  """
   num_layers: int = 6
   embed_dims: int = 256
   num_heads: int = 8
@@ -119,15 +130,27 @@ class DeformableEncoder(nn.Module):
   num_points: int = 4
   ffn_dims: int = 1024
   dtype: Any = jnp.float32
+  remat: str = 'none'
+  scan: bool = True
 
   @classmethod
   def from_config(cls, config, **kwargs) -> 'DeformableEncoder':
     """Reads num_encoder_layers, embed_dims, num_heads, num_levels,
-    num_points, ffn_dims."""
-    return cls(num_layers=config.num_encoder_layers,
-               embed_dims=config.embed_dims, num_heads=config.num_heads,
-               num_levels=config.num_levels, num_points=config.num_points,
-               ffn_dims=config.ffn_dims, **kwargs)
+    num_points, ffn_dims, train.remat.encoder, train.scan_layers,
+    train.compute_dtype."""
+    kw = dict(num_layers=config.num_encoder_layers,
+              embed_dims=config.embed_dims, num_heads=config.num_heads,
+              num_levels=config.num_levels, num_points=config.num_points,
+              ffn_dims=config.ffn_dims,
+              remat=remat_lib.remat_name(config, 'encoder'),
+              scan=remat_lib.scan_layers(config))
+    # bfloat16 training computes the encoder in bfloat16 too (LayerNorm
+    # statistics stay float32 inside flax); float32 otherwise.
+    if str(config.get('train', {}).get('compute_dtype', 'float32')) == \
+        'bfloat16':
+      kw['dtype'] = jnp.bfloat16
+    kw.update(kwargs)
+    return cls(**kw)
 
   @nn.compact
   def __call__(self, query: jnp.ndarray, *, query_pos: jnp.ndarray,
@@ -147,12 +170,21 @@ class DeformableEncoder(nn.Module):
     spatial_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
     reference_points = get_encoder_reference_points(
         spatial_shapes=spatial_shapes, valid_ratios=valid_ratios)
+    policy = remat_lib.checkpoint_policy(self.remat)
+    kw = dict(spatial_shapes=spatial_shapes, embed_dims=self.embed_dims,
+              num_heads=self.num_heads, num_levels=self.num_levels,
+              num_points=self.num_points, ffn_dims=self.ffn_dims,
+              dtype=self.dtype)
+    args = (query_pos, key_padding_mask, reference_points)
+    if self.scan and self.num_layers > 1 and not self.is_initializing():
+      layer = DeformableEncoderLayer(**kw)
+      return remat_lib.scan_layer_params(
+          layer, query, args, self.variables['params'],
+          names=[f'layers_{i}' for i in range(self.num_layers)],
+          policy=policy, remat=self.remat != 'none')
+    layer_cls = DeformableEncoderLayer
+    if self.remat != 'none':
+      layer_cls = nn.remat(layer_cls, policy=policy)
     for i in range(self.num_layers):
-      query = DeformableEncoderLayer(
-          embed_dims=self.embed_dims, num_heads=self.num_heads,
-          num_levels=self.num_levels, num_points=self.num_points,
-          ffn_dims=self.ffn_dims, dtype=self.dtype, name=f'layers_{i}')(
-              query, query_pos=query_pos, key_padding_mask=key_padding_mask,
-              spatial_shapes=spatial_shapes,
-              reference_points=reference_points)
+      query = layer_cls(name=f'layers_{i}', **kw)(query, *args)
     return query

@@ -25,6 +25,7 @@ custom VJP whose backward scatters per level instead of over all N.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -40,31 +41,21 @@ def _level_constants(spatial_shapes: Sequence[Sequence[int]]):
   return heights, widths, starts
 
 
-def multi_scale_deformable_attention(
-    value: jnp.ndarray, *, spatial_shapes: Sequence[Sequence[int]],
-    sampling_locations: jnp.ndarray,
-    attention_weights: jnp.ndarray) -> jnp.ndarray:
-  """Bilinear multi-scale deformable sampling + attention-weighted sum.
+def _corners(sampling_locations: jnp.ndarray, attention_weights: jnp.ndarray,
+             *, spatial_shapes: Sequence[Sequence[int]], dtype):
+  """Flat corner indices and folded weights of every bilinear sample.
 
-  Args:
-    value: (B, N, H, Dh), N = sum(h * w) over levels, each level row-major.
-    spatial_shapes: static tuple of (h, w) per level, length L.
-    sampling_locations: (B, Q, H, L, P, 2) normalised (x, y), 0..1 spans
-      the level's map (values outside are allowed; they read zeros).
-    attention_weights: (B, Q, H, L, P).
-
-  Returns:
-    (B, Q, H * Dh), channel index = head * Dh + d (as mmcv).
+  sampling_locations (B, Q, H, L, P, 2), attention_weights (B, Q, H, L, P)
+  -> idx (B, H, Q * K) int32, wts (B, H, Q, K) in ``dtype``, K = L * P * 4.
+  Corners outside their level's map get weight 0 (grid_sample's zeros).
   """
-  b, n, num_heads, dh = value.shape
-  _, q, _, num_levels, num_points, _ = sampling_locations.shape
+  b, q, num_heads, num_levels, num_points, _ = sampling_locations.shape
   heights, widths, starts = _level_constants(spatial_shapes)
   assert len(heights) == num_levels, (spatial_shapes, num_levels)
-  assert int((heights * widths).sum()) == n, (spatial_shapes, n)
-  dtype = sampling_locations.dtype
+  ldtype = sampling_locations.dtype
   lshape = (num_levels, 1)  # broadcasts against (..., L, P)
-  h_f = jnp.asarray(heights.reshape(lshape), dtype)
-  w_f = jnp.asarray(widths.reshape(lshape), dtype)
+  h_f = jnp.asarray(heights.reshape(lshape), ldtype)
+  w_f = jnp.asarray(widths.reshape(lshape), ldtype)
   h_i = jnp.asarray(heights.reshape(lshape), jnp.int32)
   w_i = jnp.asarray(widths.reshape(lshape), jnp.int32)
   start_i = jnp.asarray(starts.reshape(lshape), jnp.int32)
@@ -76,8 +67,8 @@ def multi_scale_deformable_attention(
   grid = 2 * loc - 1
   x = ((grid[..., 0] + 1) * w_f - 1) / 2  # (B, H, Q, L, P)
   y = ((grid[..., 1] + 1) * h_f - 1) / 2
-  x0f = jnp.floor(x)
-  y0f = jnp.floor(y)
+  x0f = jax.lax.stop_gradient(jnp.floor(x))
+  y0f = jax.lax.stop_gradient(jnp.floor(y))
   fx = x - x0f
   fy = y - y0f
   x0 = x0f.astype(jnp.int32)
@@ -92,22 +83,114 @@ def multi_scale_deformable_attention(
       flat = start_i + jnp.clip(yi, 0, h_i - 1) * w_i + jnp.clip(xi, 0, w_i - 1)
       idx.append(flat)
       wts.append(jnp.where(valid, wy * wx, 0) * attn)
-  # (B, H, Q, L, P, 4) -> K = L * P * 4 samples per (batch, head, query).
   k = num_levels * num_points * 4
   idx = jnp.stack(idx, -1).reshape(b, num_heads, q * k)
-  wts = jnp.stack(wts, -1).reshape(b, num_heads, q, k).astype(value.dtype)
+  wts = jnp.stack(wts, -1).reshape(b, num_heads, q, k).astype(dtype)
+  return idx, wts
 
-  v = value.transpose(0, 2, 1, 3)  # (B, H, N, Dh)
-  # Row gather per (batch, head): (B, H, Q * K, Dh).
-  sampled = jax.vmap(jax.vmap(
+
+def _gather_rows(v: jnp.ndarray, idx: jnp.ndarray) -> jnp.ndarray:
+  """v (B, H, N, Dh), idx (B, H, M) -> (B, H, M, Dh)."""
+  return jax.vmap(jax.vmap(
       lambda vv, ii: jnp.take(vv, ii, axis=0, mode='clip')))(v, idx)
-  sampled = sampled.reshape(b, num_heads, q, k, dh)
-  # Weighted sum over the K samples as a batched (1, K) x (K, Dh) product:
-  # this operand order and a (B, H, Q, Dh) result need no transpose of the
-  # big gathered array (an output in (B, Q, H, Dh) order made XLA CPU fuse
-  # gather + index arithmetic into a transposing copy, ~3x slower).
-  # HIGHEST keeps float32 (no TF32 on GPU).
-  out = jax.lax.dot_general(
+
+
+def _weighted_sum(wts: jnp.ndarray, sampled: jnp.ndarray) -> jnp.ndarray:
+  """wts (B, H, Q, K), sampled (B, H, Q, K, Dh) -> (B, H, Q, Dh).
+
+  A batched (1, K) x (K, Dh) product: this operand order and a (B, H, Q, Dh)
+  result need no transpose of the big gathered array (an output in
+  (B, Q, H, Dh) order made XLA CPU fuse gather + index arithmetic into a
+  transposing copy, ~3x slower).  HIGHEST keeps float32 (no TF32 on GPU)."""
+  return jax.lax.dot_general(
       wts, sampled, (((3,), (3,)), ((0, 1, 2), (0, 1, 2))),
-      precision=jax.lax.Precision.HIGHEST)  # (B, H, Q, Dh)
+      precision=jax.lax.Precision.HIGHEST)
+
+
+def _sample(value, sampling_locations, attention_weights, spatial_shapes):
+  """The forward computation; (B, H, Q, Dh)."""
+  b, n, num_heads, dh = value.shape
+  q = sampling_locations.shape[1]
+  heights, widths, _ = _level_constants(spatial_shapes)
+  assert int((heights * widths).sum()) == n, (spatial_shapes, n)
+  idx, wts = _corners(sampling_locations, attention_weights,
+                      spatial_shapes=spatial_shapes, dtype=value.dtype)
+  v = value.transpose(0, 2, 1, 3)  # (B, H, N, Dh)
+  sampled = _gather_rows(v, idx).reshape(b, num_heads, q, -1, dh)
+  return _weighted_sum(wts, sampled)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _sample_vjp(value, sampling_locations, attention_weights, spatial_shapes):
+  return _sample(value, sampling_locations, attention_weights, spatial_shapes)
+
+
+def _sample_fwd(value, sampling_locations, attention_weights, spatial_shapes):
+  out = _sample(value, sampling_locations, attention_weights, spatial_shapes)
+  # Residuals: the inputs only; corners and gathers are recomputed.
+  return out, (value, sampling_locations, attention_weights)
+
+
+def _sample_bwd(spatial_shapes, res, g):
+  """g (B, H, Q, Dh) -> cotangents of (value, locations, weights).
+
+  out[b,h,q] = sum_k wts[b,h,q,k] * v[b,h,idx[b,h,q,k]], so
+  d v = scatter-add of wts * g at idx, d wts[k] = <g, v[idx[k]]>, and the
+  locations / attention weights get d wts through the (small) corner-weight
+  function's own VJP."""
+  value, loc, attn = res
+  b, n, num_heads, dh = value.shape
+  q = loc.shape[1]
+  (idx, wts), corners_vjp = jax.vjp(
+      lambda l, a: _corners(l, a, spatial_shapes=spatial_shapes,
+                            dtype=value.dtype), loc, attn)
+  v = value.transpose(0, 2, 1, 3)  # (B, H, N, Dh)
+  g = g.astype(value.dtype)
+  sampled = _gather_rows(v, idx).reshape(b, num_heads, q, -1, dh)
+  d_wts = jax.lax.dot_general(
+      sampled, g, (((4,), (3,)), ((0, 1, 2), (0, 1, 2))),
+      precision=jax.lax.Precision.HIGHEST)  # (B, H, Q, K)
+  k = wts.shape[-1]
+  contrib = (wts[..., None] * g[:, :, :, None, :]).reshape(
+      b, num_heads, q * k, dh)
+  # Accumulated in (at least) float32: many samples land on one row.
+  acc = jnp.promote_types(value.dtype, jnp.float32)
+  d_v = jax.vmap(jax.vmap(
+      lambda ii, cc: jnp.zeros((n, dh), acc).at[ii].add(
+          cc.astype(acc), mode='clip')))(idx, contrib)  # (B, H, N, Dh)
+  d_v = d_v.astype(value.dtype)
+  d_idx = np.zeros(idx.shape, jax.dtypes.float0)
+  d_loc, d_attn = corners_vjp((d_idx, d_wts.astype(wts.dtype)))
+  return d_v.transpose(0, 2, 1, 3), d_loc, d_attn
+
+
+_sample_vjp.defvjp(_sample_fwd, _sample_bwd)
+
+
+def multi_scale_deformable_attention(
+    value: jnp.ndarray, *, spatial_shapes: Sequence[Sequence[int]],
+    sampling_locations: jnp.ndarray,
+    attention_weights: jnp.ndarray,
+    custom_vjp: bool = True) -> jnp.ndarray:
+  """Bilinear multi-scale deformable sampling + attention-weighted sum.
+
+  Args:
+    value: (B, N, H, Dh), N = sum(h * w) over levels, each level row-major.
+    spatial_shapes: static tuple of (h, w) per level, length L.
+    sampling_locations: (B, Q, H, L, P, 2) normalised (x, y), 0..1 spans
+      the level's map (values outside are allowed; they read zeros).
+    attention_weights: (B, Q, H, L, P).
+    custom_vjp: True: the backward pass keeps only these inputs and
+      recomputes corners and gathers (memory: nothing of size
+      B * H * Q * L * P * 4 survives the forward pass); False: plain
+      autodiff (keeps the gathered samples), for tests.
+
+  Returns:
+    (B, Q, H * Dh), channel index = head * Dh + d (as mmcv).
+  """
+  b, q = sampling_locations.shape[:2]
+  num_heads, dh = value.shape[2:]
+  shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+  fn = _sample_vjp if custom_vjp else _sample
+  out = fn(value, sampling_locations, attention_weights, shapes)
   return out.transpose(0, 2, 1, 3).reshape(b, q, num_heads * dh)

@@ -1,0 +1,106 @@
+"""Rematerialisation (activation checkpointing) policies, named in configs.
+
+``config.train.remat`` holds one policy name per part of the model::
+
+    c.train.remat.encoder = 'full'    # each deformable encoder layer
+    c.train.remat.decoder = 'full'    # each decoder layer
+    c.train.remat.backbone = 'full'   # each trainable ResNet block
+
+Names (what the backward pass finds stored of a rematerialised layer):
+
+* ``none``: everything autodiff keeps (no recomputation);
+* ``minimal``: the outputs of matmuls without batch dimensions (the
+  projections and FFN layers); attention maps, norms and elementwise work
+  are recomputed (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``);
+* ``full``: only the layer's inputs; the whole layer is recomputed once in
+  the backward pass (``nothing_saveable``).
+
+Remat changes memory and time, never values: the forward pass and its
+gradients are the same functions (tests/test_remat.py).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+
+REMAT_POLICIES = ('none', 'minimal', 'full')
+REMAT_PARTS = ('encoder', 'decoder', 'backbone')
+
+
+def checkpoint_policy(name: str) -> Optional[Callable]:
+  """The jax.checkpoint policy of a policy name; None for 'none'."""
+  if name == 'none':
+    return None
+  if name == 'minimal':
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if name == 'full':
+    return jax.checkpoint_policies.nothing_saveable
+  raise ValueError(f'remat policy must be one of {REMAT_POLICIES}, got '
+                   f'{name!r}')
+
+
+def remat_name(config, part: str) -> str:
+  """``config.train.remat.<part>`` ('none' when the config has no such
+  field, e.g. an old config); validated."""
+  if part not in REMAT_PARTS:
+    raise ValueError(f'remat part must be one of {REMAT_PARTS}, got {part!r}')
+  train = config.get('train', None) if hasattr(config, 'get') else None
+  remat = train.get('remat', None) if train is not None else None
+  if remat is None:
+    return 'none'
+  name = remat if isinstance(remat, str) else remat.get(part, 'none')
+  checkpoint_policy(str(name))
+  return str(name)
+
+
+def scan_layers(config) -> bool:
+  """``config.train.scan_layers`` (default True): trace identical layers
+  once (a scan over stacked per-layer parameters)."""
+  train = config.get('train', None) if hasattr(config, 'get') else None
+  return bool(train.get('scan_layers', True)) if train is not None else True
+
+
+def stack_layer_params(params, names):
+  """{name: tree} of identically shaped layers -> one tree, leaves stacked
+  on a new leading axis in ``names`` order."""
+  missing = [n for n in names if n not in params]
+  if missing:
+    raise KeyError(f'layer parameters {missing} not found; have '
+                   f'{sorted(params)}')
+  return jax.tree.map(lambda *xs: jax.numpy.stack(xs),
+                      *[params[n] for n in names])
+
+
+def scan_layer_params(layer, carry, args, params, *, names,
+                      policy=None, remat: bool = False):
+  """Applies the unbound Flax ``layer`` once per entry of ``names``:
+  ``carry = layer.apply({'params': params[name]}, carry, *args)``, as one
+  ``lax.scan`` over the stacked parameters (the layer is traced once).
+
+  Args:
+    layer: an unbound module whose ``__call__(carry, *args)`` returns the
+      new carry (same shape and dtype).
+    carry: the first argument (e.g. (B, N, C) queries).
+    args: the other arguments, the same for every layer (arrays or None).
+    params: a dict holding ``params[name]`` for every name.
+    names: the layers' parameter names, in order.
+    policy, remat: wrap each layer in ``jax.checkpoint(policy=policy)``.
+  """
+  stacked = stack_layer_params(params, names)
+
+  def one(p, c):
+    return layer.apply({'params': p}, c, *args)
+  if remat:
+    one = jax.checkpoint(one, policy=policy, prevent_cse=False)
+
+  # The carry takes the dtype the layer returns (float32 LayerNorms after
+  # bfloat16 inputs), as in the unrolled loop after its first layer.
+  first = jax.tree.map(lambda x: x[0], stacked)
+  out = jax.eval_shape(one, first, carry)
+  carry = carry.astype(out.dtype)
+
+  def body(c, p):
+    return one(p, c), None
+  carry, _ = jax.lax.scan(body, carry, stacked)
+  return carry
