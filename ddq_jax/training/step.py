@@ -62,15 +62,20 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
 
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)
     metrics['loss'] = loss
     metrics['grad_norm'] = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
-    params, opt_state = jax.tree.map(  # a non-finite step is not applied
-        lambda new, old: jnp.where(finite, new, old),
-        (params, opt_state), (state.params, state.opt_state))
+
+    def apply(_):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state
+
+    # A non-finite step is not applied.  A cond rather than a select: the
+    # update stays one computation, so XLA fuses (and rounds) it exactly as
+    # without the guard.
+    params, opt_state = jax.lax.cond(
+        finite, apply, lambda _: (state.params, state.opt_state), None)
     metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
     metrics.update(current_lrs(opt_state))
     metrics = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
