@@ -124,63 +124,68 @@ class FrozenBatchNorm(nn.Module):
     return (x * mul + (bias - mean * mul)).astype(x.dtype)
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+  """What BasicBlock and Bottleneck share: their attributes, the frozen BN,
+  the extents masking and the (downsampled) identity + ReLU."""
+  planes: int
+  stride: int = 1
+  with_downsample: bool = False
+  bn_trainable: bool = False
+  zero_init_residual: bool = True
+  in_stride: int = 1  # stride of the block's input (padding invariance)
+
+  def bn(self, name: str, zero: bool = False) -> FrozenBatchNorm:
+    return FrozenBatchNorm(affine_trainable=self.bn_trainable,
+                           zero_init=zero, name=name)
+
+  def masked(self, y: jax.Array, extents: jax.Array | None,
+             stride: int = 1) -> jax.Array:
+    """Zero ``y`` outside the image; ``y``'s stride is in_stride * stride."""
+    return zero_outside(y, _valid(extents, self.in_stride * stride, y))
+
+  def residual(self, out: jax.Array, x: jax.Array,
+               channels: int) -> jax.Array:
+    """relu(out + identity), identity = x or its 1x1 / BN downsample."""
+    identity = x
+    if self.with_downsample:
+      identity = _conv(channels, 1, self.stride, 0, 'downsample_0')(x)
+      identity = self.bn('downsample_1')(identity)
+    return nn.relu(out + identity)
+
+
+class BasicBlock(_ResidualBlock):
   """Two 3x3 convs (ResNet-18/34); stride on conv1."""
-  planes: int
-  stride: int = 1
-  with_downsample: bool = False
-  bn_trainable: bool = False
-  zero_init_residual: bool = True
-  in_stride: int = 1  # stride of the block's input (padding invariance)
 
   @nn.compact
   def __call__(self, x: jax.Array, extents: jax.Array | None = None
                ) -> jax.Array:
     """extents: optional (B, 2) image (h, w): zero outside it before every
     3x3 conv (x's stride is ``in_stride``)."""
-    bn = lambda name, zero=False: FrozenBatchNorm(
-        affine_trainable=self.bn_trainable, zero_init=zero, name=name)
-    x = zero_outside(x, _valid(extents, self.in_stride, x))
-    identity = x
+    x = self.masked(x, extents)
     out = _conv(self.planes, 3, self.stride, 1, 'conv1')(x)
-    out = nn.relu(bn('bn1')(out))
-    out = zero_outside(out, _valid(extents, self.in_stride * self.stride, out))
+    out = nn.relu(self.bn('bn1')(out))
+    out = self.masked(out, extents, self.stride)
     out = _conv(self.planes, 3, 1, 1, 'conv2')(out)
-    out = bn('bn2', self.zero_init_residual)(out)
-    if self.with_downsample:
-      identity = _conv(self.planes, 1, self.stride, 0, 'downsample_0')(x)
-      identity = bn('downsample_1')(identity)
-    return nn.relu(out + identity)
+    out = self.bn('bn2', self.zero_init_residual)(out)
+    return self.residual(out, x, self.planes)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
   """1x1 -> 3x3 (stride here, 'pytorch' style) -> 1x1 (x4 channels)."""
-  planes: int
-  stride: int = 1
-  with_downsample: bool = False
-  bn_trainable: bool = False
-  zero_init_residual: bool = True
-  in_stride: int = 1  # stride of the block's input (padding invariance)
 
   @nn.compact
   def __call__(self, x: jax.Array, extents: jax.Array | None = None
                ) -> jax.Array:
     """extents: optional (B, 2) image (h, w): zero outside it before every
     3x3 conv (x's stride is ``in_stride``)."""
-    bn = lambda name, zero=False: FrozenBatchNorm(
-        affine_trainable=self.bn_trainable, zero_init=zero, name=name)
-    identity = x
     out = _conv(self.planes, 1, 1, 0, 'conv1')(x)
-    out = nn.relu(bn('bn1')(out))
-    out = zero_outside(out, _valid(extents, self.in_stride, out))
+    out = nn.relu(self.bn('bn1')(out))
+    out = self.masked(out, extents)
     out = _conv(self.planes, 3, self.stride, 1, 'conv2')(out)
-    out = nn.relu(bn('bn2')(out))
+    out = nn.relu(self.bn('bn2')(out))
     out = _conv(self.planes * 4, 1, 1, 0, 'conv3')(out)
-    out = bn('bn3', self.zero_init_residual)(out)
-    if self.with_downsample:
-      identity = _conv(self.planes * 4, 1, self.stride, 0, 'downsample_0')(x)
-      identity = bn('downsample_1')(identity)
-    return nn.relu(out + identity)
+    out = self.bn('bn3', self.zero_init_residual)(out)
+    return self.residual(out, x, self.planes * 4)
 
 
 class ResNet(nn.Module):

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 from ddq_jax.models import initializers as inits
 from ddq_jax.models import remat as remat_lib
-from ddq_jax.models.deform_attn import MultiScaleDeformableAttention
+from ddq_jax.models.deform_attn import (DeformableSizes,
+                                        MultiScaleDeformableAttention)
 from ddq_jax.models.encoder import FFN
 from ddq_jax.ops.boxes import cxcywh_to_xyxy, inverse_sigmoid
 from ddq_jax.ops.nms import nms_keep
@@ -118,14 +119,10 @@ class SelfAttention(nn.Module):
     return query + out
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(DeformableSizes, kw_only=True):
   """``DeformableDetrTransformerDecoderLayer``: self-attn, norm, deformable
   cross-attn, norm, FFN, norm.  ``spatial_shapes`` is a (static) attribute,
   so every call argument is an array and the layer can be rematerialised."""
-  embed_dims: int
-  num_heads: int
-  num_levels: int
-  num_points: int
   ffn_dims: int
   spatial_shapes: Sequence[Sequence[int]] = ()
 
@@ -141,8 +138,7 @@ class DecoderLayer(nn.Module):
         query, query_pos=query_pos, attn_mask=self_attn_mask)
     query = nn.LayerNorm(epsilon=LN_EPS, name='norms_0')(query)
     query = MultiScaleDeformableAttention(
-        embed_dims=c, num_heads=self.num_heads, num_levels=self.num_levels,
-        num_points=self.num_points, name='cross_attn')(
+        **self.deformable_sizes(), name='cross_attn')(
             query, value=value, reference_points=reference_points,
             spatial_shapes=spatial_shapes, key_padding_mask=key_padding_mask,
             query_pos=query_pos)
@@ -183,16 +179,12 @@ def row0_of_inverted(keep: jnp.ndarray) -> jnp.ndarray:
   return keep | keep[:, :1]
 
 
-class DDQDecoder(nn.Module):
+class DDQDecoder(DeformableSizes, kw_only=True):
   """``DDQTransformerDecoder`` (return_intermediate=True).
 
   The head's branches are passed in as callables so that they stay owned by
   the head (``bbox_head``) in the params tree.
   """
-  embed_dims: int = 256
-  num_heads: int = 8
-  num_levels: int = 4
-  num_points: int = 4
   num_layers: int = 6
   ffn_dims: int = 2048
   iou_threshold: float = 0.8
@@ -205,8 +197,7 @@ class DDQDecoder(nn.Module):
 
   @classmethod
   def from_config(cls, config, **kwargs) -> 'DDQDecoder':
-    kw = dict(embed_dims=config.embed_dims, num_heads=config.num_heads,
-              num_levels=config.num_levels, num_points=config.num_points,
+    kw = dict(**cls.sizes_from_config(config),
               num_layers=config.num_decoder_layers, ffn_dims=config.ffn_dims,
               iou_threshold=config.nms_iou_threshold,
               distinct_mask_semantics=config.distinct_mask_semantics,
@@ -276,9 +267,8 @@ class DDQDecoder(nn.Module):
     vr4 = jnp.concatenate([valid_ratios, valid_ratios], -1)  # (B, L, 4)
     shapes = tuple((int(hh), int(ww)) for hh, ww in spatial_shapes)
     n_layers = self.num_layers
-    layer_kw = dict(embed_dims=c, num_heads=self.num_heads,
-                    num_levels=self.num_levels, num_points=self.num_points,
-                    ffn_dims=self.ffn_dims, spatial_shapes=shapes)
+    layer_kw = dict(**self.deformable_sizes(), ffn_dims=self.ffn_dims,
+                    spatial_shapes=shapes)
     policy = remat_lib.checkpoint_policy(self.remat)
 
     def branch(fn, l, x):

@@ -21,29 +21,38 @@ from ddq_jax.models import initializers as inits
 from ddq_jax.ops.deform_attn import multi_scale_deformable_attention
 
 
-class MultiScaleDeformableAttention(nn.Module):
+class DeformableSizes(nn.Module, kw_only=True):
+  """The sizes every deformable-attention module (and the encoder / decoder
+  stacks and layers around one) shares, with mmcv's names and defaults."""
+  embed_dims: int = 256
+  num_heads: int = 8
+  num_levels: int = 4
+  num_points: int = 4
+
+  def deformable_sizes(self) -> dict:
+    """These sizes as keyword arguments."""
+    return dict(embed_dims=self.embed_dims, num_heads=self.num_heads,
+                num_levels=self.num_levels, num_points=self.num_points)
+
+  @staticmethod
+  def sizes_from_config(config) -> dict:
+    """embed_dims, num_heads, num_levels, num_points read from a config."""
+    return dict(embed_dims=config.embed_dims, num_heads=config.num_heads,
+                num_levels=config.num_levels, num_points=config.num_points)
+
+
+class MultiScaleDeformableAttention(DeformableSizes, kw_only=True):
   """Deformable attention over multi-level values; returns output + identity.
 
   Attributes:
     embed_dims, num_heads, num_levels, num_points: as mmcv.
     value_proj_ratio: value_proj output size = embed_dims * ratio (mmcv 1.0).
   """
-  embed_dims: int = 256
-  num_heads: int = 8
-  num_levels: int = 4
-  num_points: int = 4
   value_proj_ratio: float = 1.0
   dtype: Any = jnp.float32
   # The sampling op's own backward pass (keeps only its inputs and
   # recomputes corners and gathers); False: plain autodiff, for tests.
   custom_vjp: bool = True
-
-  @classmethod
-  def from_config(cls, config, **kwargs) -> 'MultiScaleDeformableAttention':
-    """Reads embed_dims, num_heads, num_levels, num_points from a config."""
-    return cls(embed_dims=config.embed_dims, num_heads=config.num_heads,
-               num_levels=config.num_levels, num_points=config.num_points,
-               **kwargs)
 
   @nn.compact
   def __call__(self, query: jnp.ndarray, *, value: Optional[jnp.ndarray] = None,

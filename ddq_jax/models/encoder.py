@@ -17,7 +17,8 @@ import numpy as np
 
 from ddq_jax.models import initializers as inits
 from ddq_jax.models import remat as remat_lib
-from ddq_jax.models.deform_attn import MultiScaleDeformableAttention
+from ddq_jax.models.deform_attn import (DeformableSizes,
+                                        MultiScaleDeformableAttention)
 
 LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default
 
@@ -79,16 +80,12 @@ def get_encoder_reference_points(*, spatial_shapes: Sequence[Sequence[int]],
   return reference_points[:, :, None] * valid_ratios[:, None]
 
 
-class DeformableEncoderLayer(nn.Module):
+class DeformableEncoderLayer(DeformableSizes, kw_only=True):
   """self_attn (deformable, residual inside) -> norms_0 -> ffn -> norms_1.
 
   ``spatial_shapes`` is an attribute (static), so that every call argument
   is an array and the layer can be rematerialised or scanned."""
   spatial_shapes: Sequence[Sequence[int]] = ()
-  embed_dims: int = 256
-  num_heads: int = 8
-  num_levels: int = 4
-  num_points: int = 4
   ffn_dims: int = 1024
   dtype: Any = jnp.float32
 
@@ -99,9 +96,7 @@ class DeformableEncoderLayer(nn.Module):
     """query, query_pos (B, N, C); key_padding_mask (B, N) or None;
     reference_points (B, N, L, 2) -> (B, N, C)."""
     query = MultiScaleDeformableAttention(
-        embed_dims=self.embed_dims, num_heads=self.num_heads,
-        num_levels=self.num_levels, num_points=self.num_points,
-        dtype=self.dtype, name='self_attn')(
+        **self.deformable_sizes(), dtype=self.dtype, name='self_attn')(
             query, value=query, reference_points=reference_points,
             spatial_shapes=self.spatial_shapes,
             key_padding_mask=key_padding_mask, query_pos=query_pos)
@@ -114,7 +109,7 @@ class DeformableEncoderLayer(nn.Module):
                         name='norms_1')(query)
 
 
-class DeformableEncoder(nn.Module):
+class DeformableEncoder(DeformableSizes, kw_only=True):
   """mmdet DeformableDetrTransformerEncoder; submodules ``layers_{i}``.
 
   Attributes (besides the sizes):
@@ -124,10 +119,6 @@ class DeformableEncoder(nn.Module):
       layout is unchanged).  Init always runs the unrolled loop.
   """
   num_layers: int = 6
-  embed_dims: int = 256
-  num_heads: int = 8
-  num_levels: int = 4
-  num_points: int = 4
   ffn_dims: int = 1024
   dtype: Any = jnp.float32
   remat: str = 'none'
@@ -139,9 +130,7 @@ class DeformableEncoder(nn.Module):
     num_points, ffn_dims, train.remat.encoder, train.scan_layers,
     train.compute_dtype."""
     kw = dict(num_layers=config.num_encoder_layers,
-              embed_dims=config.embed_dims, num_heads=config.num_heads,
-              num_levels=config.num_levels, num_points=config.num_points,
-              ffn_dims=config.ffn_dims,
+              **cls.sizes_from_config(config), ffn_dims=config.ffn_dims,
               remat=remat_lib.remat_name(config, 'encoder'),
               scan=remat_lib.scan_layers(config))
     # bfloat16 training computes the encoder in bfloat16 too (LayerNorm
@@ -171,10 +160,8 @@ class DeformableEncoder(nn.Module):
     reference_points = get_encoder_reference_points(
         spatial_shapes=spatial_shapes, valid_ratios=valid_ratios)
     policy = remat_lib.checkpoint_policy(self.remat)
-    kw = dict(spatial_shapes=spatial_shapes, embed_dims=self.embed_dims,
-              num_heads=self.num_heads, num_levels=self.num_levels,
-              num_points=self.num_points, ffn_dims=self.ffn_dims,
-              dtype=self.dtype)
+    kw = dict(spatial_shapes=spatial_shapes, **self.deformable_sizes(),
+              ffn_dims=self.ffn_dims, dtype=self.dtype)
     args = (query_pos, key_padding_mask, reference_points)
     if self.scan and self.num_layers > 1 and not self.is_initializing():
       layer = DeformableEncoderLayer(**kw)

@@ -219,18 +219,42 @@ class WindowMSA(nn.Module):
                       rng_collection=_DROP_RNG)(out)
 
 
-class ShiftWindowMSA(nn.Module):
-  """(S)W-MSA on a (B, H, W, C) map, with window padding and drop-path."""
+class _WindowAttentionOptions(nn.Module, kw_only=True):
+  """The attributes a Swin stage hands on to its blocks, and a block to its
+  ShiftWindowMSA."""
   embed_dims: int
   num_heads: int
-  window_size: int
-  shift_size: int = 0
+  window_size: int = 7
   qkv_bias: bool = True
   qk_scale: float = 0.0
   attn_drop_rate: float = 0.0
+  deterministic: bool = True
+
+  def window_attention_options(self) -> dict:
+    """These attributes as keyword arguments."""
+    return dict(embed_dims=self.embed_dims, num_heads=self.num_heads,
+                window_size=self.window_size, qkv_bias=self.qkv_bias,
+                qk_scale=self.qk_scale, attn_drop_rate=self.attn_drop_rate,
+                deterministic=self.deterministic)
+
+
+class _SwinBlockOptions(_WindowAttentionOptions, kw_only=True):
+  """The attributes a Swin stage hands on to each of its blocks."""
+  feedforward_channels: int
+  drop_rate: float = 0.0
+
+  def swin_block_options(self) -> dict:
+    """These attributes as keyword arguments."""
+    return dict(self.window_attention_options(),
+                feedforward_channels=self.feedforward_channels,
+                drop_rate=self.drop_rate)
+
+
+class ShiftWindowMSA(_WindowAttentionOptions, kw_only=True):
+  """(S)W-MSA on a (B, H, W, C) map, with window padding and drop-path."""
+  shift_size: int = 0
   proj_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
-  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -278,31 +302,19 @@ class SwinFFN(nn.Module):
     return identity + drop_path(out, rate=self.drop_path_rate, rng=rng)
 
 
-class SwinBlock(nn.Module):
+class SwinBlock(_SwinBlockOptions, kw_only=True):
   """norm1 -> (S)W-MSA -> + x -> norm2 -> FFN -> + x, on (B, H, W, C)."""
-  embed_dims: int
-  num_heads: int
-  feedforward_channels: int
-  window_size: int = 7
   shift: bool = False
-  qkv_bias: bool = True
-  qk_scale: float = 0.0
-  drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
-  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x):
     identity = x
     x = _layer_norm('norm1')(x)
     x = ShiftWindowMSA(
-        embed_dims=self.embed_dims, num_heads=self.num_heads,
-        window_size=self.window_size,
+        **self.window_attention_options(),
         shift_size=self.window_size // 2 if self.shift else 0,
-        qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
-        attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.drop_rate,
-        drop_path_rate=self.drop_path_rate, deterministic=self.deterministic,
+        proj_drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate,
         name='attn')(x)
     x = x + identity
     return SwinFFN(
@@ -345,23 +357,14 @@ class PatchEmbed(nn.Module):
     return x
 
 
-class SwinStage(nn.Module):
+class SwinStage(_SwinBlockOptions, kw_only=True):
   """SwinBlockSequence: ``depth`` blocks (odd ones shifted), then the
   optional PatchMerging.  Returns (input of the next stage, this stage's
   output before its norm)."""
-  embed_dims: int
-  num_heads: int
   depth: int
-  feedforward_channels: int
-  window_size: int = 7
-  qkv_bias: bool = True
-  qk_scale: float = 0.0
-  drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
   drop_path_rates: Sequence[float] = ()
   downsample: bool = True
   patch_norm: bool = True
-  deterministic: bool = True
   with_cp: bool = False
 
   @nn.compact
@@ -369,14 +372,8 @@ class SwinStage(nn.Module):
     block_cls = nn.remat(SwinBlock) if self.with_cp else SwinBlock
     rates = tuple(self.drop_path_rates) or (0.0,) * self.depth
     for j in range(self.depth):
-      x = block_cls(
-          embed_dims=self.embed_dims, num_heads=self.num_heads,
-          feedforward_channels=self.feedforward_channels,
-          window_size=self.window_size, shift=j % 2 == 1,
-          qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
-          drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate,
-          drop_path_rate=rates[j], deterministic=self.deterministic,
-          name=f'blocks_{j}')(x)
+      x = block_cls(**self.swin_block_options(), shift=j % 2 == 1,
+                    drop_path_rate=rates[j], name=f'blocks_{j}')(x)
     if not self.downsample:
       return x, x
     down = PatchMerging(2 * self.embed_dims, self.patch_norm,
