@@ -12,9 +12,13 @@ DATA = os.path.join(os.path.dirname(__file__), 'data')
 TINY = os.path.join(DATA, 'tiny')
 
 
-def _npz(name):
-  with np.load(os.path.join(TINY, name), allow_pickle=False) as f:
+def load_npz(name, bundle=TINY):
+  """{key: array} of ``bundle/name`` (a fixture's .npz)."""
+  with np.load(os.path.join(bundle, name), allow_pickle=False) as f:
     return {k: f[k] for k in f.files}
+
+
+_npz = load_npz
 
 
 @pytest.fixture(scope='session')

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_close
+from conftest import assert_close, load_npz
 from ddq_jax.config import load_config
 from ddq_jax.conversion import swin as swin_conv
 from ddq_jax.conversion.mapping import convert_state_dict, match_rule
@@ -20,8 +20,7 @@ TINY_SWIN = os.path.join(DATA, 'tiny_swin')
 
 
 def _npz(name):
-  with np.load(os.path.join(TINY_SWIN, name), allow_pickle=False) as f:
-    return {k: f[k] for k in f.files}
+  return load_npz(name, TINY_SWIN)
 
 
 @pytest.fixture(scope='module')
