@@ -53,20 +53,12 @@ def _per_image(dets):
   return out
 
 
-# Image 100070 (330x401 -> 800x972) differs from the reference already when
-# run alone at its exact size with no padding (top score 0.07657 against
-# 0.07565), so padding is not the cause; the other 11 agree to ~3e-7.
-KNOWN_UNPADDED_MISMATCH = {100070}
 IMAGE_IDS = sorted({d['image_id'] for d in _json(
     os.path.join(SET, 'reference_detections.json'))})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('image_id', [
-    pytest.param(i, marks=pytest.mark.xfail(
-        reason='differs from the reference unpadded at batch 1 too; cause '
-        'not found yet', strict=False))
-    if i in KNOWN_UNPADDED_MISMATCH else i for i in IMAGE_IDS])
+@pytest.mark.parametrize('image_id', IMAGE_IDS)
 def test_top_detections_per_image_equal_the_reference(default_run, image_id):
   _, ours = default_run
   ref = _per_image(_json(os.path.join(SET, 'reference_detections.json')))

@@ -6,8 +6,24 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def exact_divide(num: jnp.ndarray, den: jnp.ndarray) -> jnp.ndarray:
+  """``num / den`` rounded once, as torch divides (IEEE float32).
+
+  XLA's algebraic simplifier rewrites a division by a broadcast operand into
+  a multiplication by its reciprocal, which rounds twice: (49 + 0.5) / 50
+  gives 0.98999995 instead of 0.99, and the proposal validity test
+  (``< 0.99``) then keeps a row (or column) of a 50-long level that the
+  reference drops.  Materialising the divisor behind an optimisation
+  barrier keeps the true division.  num, den: broadcastable arrays.
+  """
+  shape = jnp.broadcast_shapes(jnp.shape(num), jnp.shape(den))
+  den = jax.lax.optimization_barrier(jnp.broadcast_to(den, shape))
+  return num / den
 
 
 def gen_encoder_output_proposals(
@@ -37,12 +53,13 @@ def gen_encoder_output_proposals(
       valid_h = jnp.sum(~mask_l[:, :, 0], 1).astype(jnp.float32)
       valid_w = jnp.sum(~mask_l[:, 0, :], 1).astype(jnp.float32)
       scale = jnp.stack([valid_w, valid_h], -1).reshape(b, 1, 1, 2)
-    else:
-      scale = jnp.asarray([w, h], jnp.float32).reshape(1, 1, 1, 2)
     grid_y, grid_x = np.meshgrid(np.arange(h, dtype=np.float32),
                                  np.arange(w, dtype=np.float32), indexing='ij')
-    grid = np.stack([grid_x, grid_y], -1)[None]  # (1, h, w, 2)
-    grid = (jnp.asarray(grid) + 0.5) / scale  # (B or 1, h, w, 2)
+    grid = np.stack([grid_x, grid_y], -1)[None] + np.float32(0.5)
+    if memory_mask is not None:
+      grid = exact_divide(jnp.asarray(grid), scale)  # (B, h, w, 2)
+    else:  # static sizes: numpy divides exactly, at trace time
+      grid = jnp.asarray(grid / np.asarray([w, h], np.float32))
     grid = jnp.broadcast_to(grid, (b, h, w, 2))
     wh = jnp.full_like(grid, np.float32(0.05) * np.float32(2.0 ** lvl))
     proposals.append(jnp.concatenate([grid, wh], -1).reshape(b, h * w, 4))
