@@ -212,6 +212,8 @@ class ResNet(nn.Module):
   # 'none' | 'minimal' | 'full' per trainable block (ddq_jax/models/remat.py);
   # frozen stages keep nothing for the backward pass anyway.
   remat: str = 'none'
+  # Trace identical blocks once (train.scan_layers); init runs unrolled.
+  scan: bool = True
 
   @classmethod
   def from_config(cls, config) -> 'ResNet':
@@ -223,7 +225,8 @@ class ResNet(nn.Module):
                frozen_stages=int(b.frozen_stages),
                zero_init_residual=bool(b.get('zero_init_residual', True)),
                bn_trainable=bool(b.get('bn_trainable', False)),
-               remat=remat_lib.remat_name(config, 'backbone'))
+               remat=remat_lib.remat_name(config, 'backbone'),
+               scan=remat_lib.scan_layers(config))
 
   @property
   def out_channels(self) -> tuple[int, ...]:
@@ -275,18 +278,29 @@ class ResNet(nn.Module):
     for i, num_blocks in enumerate(stage_blocks[:self.num_stages]):
       planes = self.base_channels * 2**i
       stride = 1 if i == 0 else 2
-      for j in range(num_blocks):
+      frozen = i + 1 <= self.frozen_stages
+      block_kw = dict(planes=planes, bn_trainable=self.bn_trainable,
+                      zero_init_residual=self.zero_init_residual)
+      # Blocks 1.. of a stage are identical: traced once, scanned over
+      # their stacked variables (the tree keeps layer{i}_{j}).
+      scanned = (self.scan and num_blocks > 2 and
+                 not self.is_initializing())
+      for j in range(1 if scanned else num_blocks):
         s = stride if j == 0 else 1
         with_ds = j == 0 and (s != 1 or inplanes != planes * expansion)
-        frozen = i + 1 <= self.frozen_stages
         x = (block_cls if frozen else remat_cls)(
-            planes=planes, stride=s, with_downsample=with_ds,
-            bn_trainable=self.bn_trainable,
-            zero_init_residual=self.zero_init_residual,
-            in_stride=stride_now,
-            name=f'layer{i + 1}_{j}')(x, extents)
+            stride=s, with_downsample=with_ds, in_stride=stride_now,
+            name=f'layer{i + 1}_{j}', **block_kw)(x, extents)
         stride_now *= s
         inplanes = planes * expansion
+      if scanned:
+        names = [f'layer{i + 1}_{j}' for j in range(1, num_blocks)]
+        x = remat_lib.scan_layer_variables(
+            block_cls(in_stride=stride_now, parent=None, **block_kw), x,
+            (extents,), {col: self.variables[col]
+                         for col in ('params', 'batch_stats')},
+            names=names, policy=remat_lib.checkpoint_policy(self.remat),
+            remat=self.remat != 'none' and not frozen)
       if i + 1 <= self.frozen_stages:
         x = jax.lax.stop_gradient(x)
       if i in self.out_indices:

@@ -192,7 +192,7 @@ class DDQDecoder(DeformableSizes, kw_only=True):
   # 'none' | 'minimal' | 'full' per decoder layer (ddq_jax/models/remat.py).
   remat: str = 'none'
   # Trace the layer once: a scan over the stacked layers_{l} parameters
-  # (the head's branch l is picked by a switch); init runs unrolled.
+  # (the head's branch l is indexed by the traced l); init runs unrolled.
   scan: bool = True
 
   @classmethod
@@ -272,12 +272,9 @@ class DDQDecoder(DeformableSizes, kw_only=True):
     policy = remat_lib.checkpoint_policy(self.remat)
 
     def branch(fn, l, x):
-      """Branch l of the head; l static, or traced (inside the scan: a
-      switch over the layers' branches)."""
-      if isinstance(l, int):
-        return fn(l, x)
-      return jax.lax.switch(
-          l, [functools.partial(fn, i) for i in range(n_layers)], x)
+      """Branch l of the head; l static, or traced (inside the scan: the
+      head reads branch l from its branches' stacked parameters)."""
+      return fn(l, x)
 
     def select(l, query, reference_points, self_attn_mask, candidates):
       """Scores + NMS of the distinct queries after layer l -> the new

@@ -19,11 +19,14 @@ each reg branch's last Linear weight 0 and bias 0.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ddq_jax.models import initializers as inits
+from ddq_jax.models.remat import stack_trees
 from ddq_jax.ops.boxes import inverse_sigmoid
 
 HEAD_INV_SIGMOID_EPS = 1e-5
@@ -72,11 +75,30 @@ def _apply_reg(branch, x):
   return branch['4'](x)
 
 
+REG_LAYERS = ('0', '2', '4')
+
+
+def _dense(params, x):
+  """nn.Dense's forward on a {'kernel', 'bias'} dict (the same ops)."""
+  return nn.Dense(params['kernel'].shape[-1], parent=None).apply(
+      {'params': params}, x)
+
+
+def _reg_from_params(params, x):
+  """_apply_reg on {'0': dense params, '2': ..., '4': ...}."""
+  x = jax.nn.relu(_dense(params['0'], x))
+  x = jax.nn.relu(_dense(params['2'], x))
+  return _dense(params['4'], x)
+
+
 class DDQHead(nn.Module):
   """Holds every branch; ``__call__`` is the head's forward.
 
   Methods ``cls(i, x)``, ``reg(i, x)``, ``aux_cls(i, x)``, ``aux_reg(i, x)``
-  apply one branch (i a static int).
+  apply one branch: ``i`` a static int, or a traced int of a decoder layer
+  (inside the decoder's scan): then branch ``i`` of the first L is read from
+  their parameters stacked on the fly, so one traced branch serves every
+  layer (the parameter tree keeps one entry per branch).
   """
   num_classes: int = 80
   embed_dims: int = 256
@@ -97,17 +119,36 @@ class DDQHead(nn.Module):
     self.aux_cls_branches = [_cls_branch(k, c, key) for _ in range(n)]
     self.aux_reg_branches = [_reg_branch(c, key) for _ in range(n)]
 
-  def cls(self, i: int, x: jnp.ndarray) -> jnp.ndarray:
-    return self.cls_branches[i](x)
+  def _layer_params(self, prefix: str, i, reg: bool):
+    """Branch ``i`` (traced) of ``{prefix}_0 .. {prefix}_{L-1}``."""
+    p = self.variables['params']
+    names = [f'{prefix}_{l}' for l in range(self.num_decoder_layers)]
+    if reg:
+      tree = {k: stack_trees([p[f'{n}_{k}'] for n in names])
+              for k in REG_LAYERS}
+    else:
+      tree = stack_trees([p[n] for n in names])
+    return jax.tree.map(lambda a: a[i], tree)
 
-  def reg(self, i: int, x: jnp.ndarray) -> jnp.ndarray:
-    return _apply_reg(self.reg_branches[i], x)
+  def _apply(self, branches, prefix: str, i, x, reg: bool):
+    if isinstance(i, int) or self.is_initializing():
+      return (_apply_reg if reg else lambda b, y: b(y))(branches[i], x)
+    params = self._layer_params(prefix, i, reg)
+    return (_reg_from_params if reg else _dense)(params, x)
 
-  def aux_cls(self, i: int, x: jnp.ndarray) -> jnp.ndarray:
-    return self.aux_cls_branches[i](x)
+  def cls(self, i, x: jnp.ndarray) -> jnp.ndarray:
+    return self._apply(self.cls_branches, 'cls_branches', i, x, False)
 
-  def aux_reg(self, i: int, x: jnp.ndarray) -> jnp.ndarray:
-    return _apply_reg(self.aux_reg_branches[i], x)
+  def reg(self, i, x: jnp.ndarray) -> jnp.ndarray:
+    return self._apply(self.reg_branches, 'reg_branches', i, x, True)
+
+  def aux_cls(self, i, x: jnp.ndarray) -> jnp.ndarray:
+    return self._apply(self.aux_cls_branches, 'aux_cls_branches', i, x,
+                       False)
+
+  def aux_reg(self, i, x: jnp.ndarray) -> jnp.ndarray:
+    return self._apply(self.aux_reg_branches, 'aux_reg_branches', i, x,
+                       True)
 
   def __call__(self, hidden_states: jnp.ndarray, references: jnp.ndarray, *,
                num_dense: int = 0):
@@ -124,8 +165,21 @@ class DDQHead(nn.Module):
       all_layers_cls_scores (L, B, Q, K) logits,
       all_layers_bbox_preds (L, B, Q, 4) sigmoid cxcywh.
     """
+    n = hidden_states.shape[0]
+    if n > 1 and n == self.num_decoder_layers and not self.is_initializing():
+      # Every layer at once over its stacked branches: traced once.
+      kinds = (('cls_branches', False), ('reg_branches', True)) + (
+          (('aux_cls_branches', False), ('aux_reg_branches', True))
+          if num_dense else ())
+      ps = [self._layer_params(name, slice(None), reg) for name, reg in kinds]
+      ps += [None] * (4 - len(ps))
+      refs = inverse_sigmoid(references[:n], eps=HEAD_INV_SIGMOID_EPS)
+      cls, reg = jax.vmap(functools.partial(_layer_forward,
+                                            num_dense=num_dense))(
+          *ps, hidden_states)
+      return cls, jax.nn.sigmoid(reg + refs)
     classes, coords = [], []
-    for l in range(hidden_states.shape[0]):
+    for l in range(n):
       ref = inverse_sigmoid(references[l], eps=HEAD_INV_SIGMOID_EPS)
       h = hidden_states[l]
       if num_dense:
@@ -138,3 +192,15 @@ class DDQHead(nn.Module):
       classes.append(cls)
       coords.append(jax.nn.sigmoid(reg + ref))
     return jnp.stack(classes), jnp.stack(coords)
+
+
+def _layer_forward(cls_p, reg_p, aux_cls_p, aux_reg_p, h, *, num_dense: int):
+  """One decoder layer's (logits, box deltas) from its branch parameters;
+  h (B, Q, C), the last ``num_dense`` queries through the aux branches."""
+  if not num_dense:
+    return _dense(cls_p, h), _reg_from_params(reg_p, h)
+  main, dense = h[:, :-num_dense], h[:, -num_dense:]
+  cls = jnp.concatenate([_dense(cls_p, main), _dense(aux_cls_p, dense)], 1)
+  reg = jnp.concatenate([_reg_from_params(reg_p, main),
+                         _reg_from_params(aux_reg_p, dense)], 1)
+  return cls, reg

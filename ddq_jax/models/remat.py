@@ -61,6 +61,12 @@ def scan_layers(config) -> bool:
   return bool(train.get('scan_layers', True)) if train is not None else True
 
 
+def stack_trees(trees):
+  """Identically shaped trees -> one tree, leaves stacked on a new leading
+  axis in list order."""
+  return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *trees)
+
+
 def stack_layer_params(params, names):
   """{name: tree} of identically shaped layers -> one tree, leaves stacked
   on a new leading axis in ``names`` order."""
@@ -68,8 +74,7 @@ def stack_layer_params(params, names):
   if missing:
     raise KeyError(f'layer parameters {missing} not found; have '
                    f'{sorted(params)}')
-  return jax.tree.map(lambda *xs: jax.numpy.stack(xs),
-                      *[params[n] for n in names])
+  return stack_trees([params[n] for n in names])
 
 
 def scan_layer_params(layer, carry, args, params, *, names,
@@ -87,10 +92,20 @@ def scan_layer_params(layer, carry, args, params, *, names,
     names: the layers' parameter names, in order.
     policy, remat: wrap each layer in ``jax.checkpoint(policy=policy)``.
   """
-  stacked = stack_layer_params(params, names)
+  return scan_layer_variables(layer, carry, args, {'params': params},
+                              names=names, policy=policy, remat=remat)
 
-  def one(p, c):
-    return layer.apply({'params': p}, c, *args)
+
+def scan_layer_variables(layer, carry, args, variables, *, names,
+                         policy=None, remat: bool = False):
+  """``scan_layer_params`` over several collections: ``variables`` maps a
+  collection ('params', 'batch_stats') to a dict holding every name; each
+  layer is applied with ``{collection: variables[collection][name]}``."""
+  stacked = {col: stack_layer_params(tree, names)
+             for col, tree in variables.items()}
+
+  def one(v, c):
+    return layer.apply(v, c, *args)
   if remat:
     one = jax.checkpoint(one, policy=policy, prevent_cse=False)
 
@@ -100,7 +115,7 @@ def scan_layer_params(layer, carry, args, params, *, names,
   out = jax.eval_shape(one, first, carry)
   carry = carry.astype(out.dtype)
 
-  def body(c, p):
-    return one(p, c), None
+  def body(c, v):
+    return one(v, c), None
   carry, _ = jax.lax.scan(body, carry, stacked)
   return carry

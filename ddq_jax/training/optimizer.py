@@ -26,8 +26,8 @@ What this reproduces, and why:
   ``frozen_param_rules`` derives them from ``backbone.frozen_stages`` /
   ``backbone.bn_trainable`` (the fields the backbone reads to stop its
   gradients) and adds the config's ``optim.frozen_params``.  Frozen
-  parameters are routed to ``set_to_zero`` (AdamW would otherwise decay
-  them).  The ``batch_stats`` collection is never touched by the optimiser.
+  parameters get neither an update (AdamW would otherwise decay them) nor
+  moments.  The ``batch_stats`` collection is never touched by the optimiser.
 * ``clip_grad_norm_``: ``g *= min(1, max_norm / (total_norm + 1e-6))`` over the
   trainable gradients (torch's epsilon, not optax's ``clip_by_global_norm``).
 * Schedule by iteration ``t`` (0-based index of the iteration being run;
@@ -39,7 +39,6 @@ What this reproduces, and why:
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Callable, NamedTuple
 
@@ -47,7 +46,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-FROZEN, BACKBONE, DEFAULT = 'frozen', 'backbone', 'default'
+from ddq_jax.training.flat_optimizer import (BACKBONE, DEFAULT, FROZEN,
+                                             FlatAdamW, adamw_element_update,
+                                             bias_corrections)
 _BACKBONE = re.compile(r'(^|/)backbone(/|$)')
 
 
@@ -147,31 +148,6 @@ def param_labels(params, config):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-class ClipState(NamedTuple):
-  pass
-
-
-def clip_by_global_norm_torch(max_norm: float, labels_fn=None
-                               ) -> optax.GradientTransformation:
-  """torch.nn.utils.clip_grad_norm_: ``g * min(1, max / (norm + 1e-6))``,
-  the norm over the parameters that have a gradient in torch (those not
-  labelled 'frozen' by ``labels_fn(tree)``, when given)."""
-  def init_fn(params):
-    del params
-    return ClipState()
-
-  def update_fn(updates, state, params=None):
-    del params
-    counted = updates
-    if labels_fn is not None:
-      counted = jax.tree.map(lambda g, l: None if l == FROZEN else g,
-                             updates, labels_fn(updates))
-    norm = optax.tree.norm(counted)
-    coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
-    return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
 class TorchAdamWState(NamedTuple):
   count: jax.Array  # int32[], steps taken
   mu: Any           # exp_avg
@@ -196,10 +172,10 @@ def torch_adamw(learning_rate, b1: float = 0.9, b2: float = 0.999,
   must be Python floats (``inject_hyperparams(..., static_args=...)``).
 
   The update returned is ``new_p - p`` (exact while the two are within a
-  factor 2), so ``apply_updates`` gives ``new_p``.
+  factor 2), so ``apply_updates`` gives ``new_p``.  The training step uses
+  the same per-element arithmetic on flat vectors (``FlatAdamW``); this
+  per-tree form is the readable one, for tests and single transforms.
   """
-  log_b1, log_b2 = math.log(b1), math.log(b2)
-
   def init_fn(params):
     return TorchAdamWState(count=jnp.zeros([], jnp.int32),
                            mu=jax.tree.map(jnp.zeros_like, params),
@@ -208,113 +184,53 @@ def torch_adamw(learning_rate, b1: float = 0.9, b2: float = 0.999,
   def update_fn(grads, state, params=None):
     if params is None:
       raise ValueError('torch_adamw needs params (decoupled weight decay)')
-    count = state.count + 1
-    t = count.astype(jnp.float32)
     lr = jnp.asarray(learning_rate, jnp.float32)
-    mu = jax.tree.map(lambda m, g: m + (1.0 - b1) * (g - m), state.mu, grads)
-    nu = jax.tree.map(lambda v, g: v * b2 + (1.0 - b2) * g * g, state.nu,
-                      grads)
-    step_size = lr / -jnp.expm1(t * log_b1)
-    bc2_sqrt = jnp.sqrt(-jnp.expm1(t * log_b2))
-    decay = 1.0 - lr * weight_decay
-    # An integer OR with a zero XLA cannot prove to be zero keeps p * decay
-    # rounded: XLA would otherwise fuse it with the next add into one
-    # fused multiply-add (a single rounding, unlike torch's two kernels).
-    zero = jnp.minimum(state.count, 0)
-
-    def new_param(p, m, v):
-      bits = jnp.dtype(f'int{jnp.dtype(p.dtype).itemsize * 8}')
-      decayed = jax.lax.bitcast_convert_type(
-          jax.lax.bitcast_convert_type(p * decay, bits) | zero.astype(bits),
-          p.dtype)
-      new = decayed + (-step_size * m) / (jnp.sqrt(v) / bc2_sqrt + eps)
-      return (new - p).astype(p.dtype)
-
-    updates = jax.tree.map(new_param, params, mu, nu)
-    return updates, TorchAdamWState(count=count, mu=mu, nu=nu)
+    bc1, bc2_sqrt = bias_corrections(state.count, b1=b1, b2=b2)
+    kw = dict(step_size=lr / bc1, bc2_sqrt=bc2_sqrt,
+              decay=1.0 - lr * weight_decay,
+              zero=jnp.minimum(state.count, 0), b1=b1, b2=b2, eps=eps)
+    out = jax.tree.map(lambda p, m, v, g: adamw_element_update(
+        p, m, v, g, **kw), params, state.mu, state.nu, grads)
+    is_out = lambda x: isinstance(x, tuple)  # noqa: E731
+    pick = lambda k: jax.tree.map(lambda o: o[k], out, is_leaf=is_out)  # noqa: E731
+    updates = jax.tree.map(lambda n, p: (n - p).astype(p.dtype), pick(0),
+                           params)
+    return updates, TorchAdamWState(count=state.count + 1, mu=pick(1),
+                                    nu=pick(2))
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _adamw(lr, weight_decay, flat: bool = False):
-  # flat: the update runs on one concatenated vector per group (the same
-  # arithmetic per element), so the compiled step holds far fewer fused
-  # loops than several per parameter.
-  tx = optax.inject_hyperparams(torch_adamw,
-                                static_args=('b1', 'b2', 'eps'))(
-      learning_rate=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
-  return flat_update(tx) if flat else tx
-
-
-def flat_update(inner: optax.GradientTransformation
-                ) -> optax.GradientTransformation:
-  """``inner`` computed on flat vectors: the updates, the params and every
-  part of the state shaped like them (AdamW's moments) are concatenated,
-  ``inner`` runs once on the vectors, and the results are split back.  The
-  state keeps the per-parameter layout of ``inner.init`` (checkpoints and
-  'model' sharding unchanged); only the compiled update gets smaller."""
-  from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
-
-  def update_fn(updates, state, params=None):
-    flat, unravel = ravel_pytree(updates)
-    tdef = jax.tree.structure(updates)
-    like = lambda x: (not isinstance(x, jax.Array) and
-                      jax.tree.structure(x) == tdef)
-    parts, sdef = jax.tree.flatten(state, is_leaf=like)
-    is_tree = [like(x) for x in parts]
-    parts = [ravel_pytree(x)[0] if t else x for x, t in zip(parts, is_tree)]
-    flat_params = None if params is None else ravel_pytree(params)[0]
-    flat, new_state = inner.update(flat, sdef.unflatten(parts), flat_params)
-    new_parts = jax.tree.leaves(new_state)
-    new_parts = [unravel(x) if t else x for x, t in zip(new_parts, is_tree)]
-    return unravel(flat), sdef.unflatten(new_parts)
-  return optax.GradientTransformation(inner.init, update_fn)
-
-
 def make_optimizer(config, steps_per_epoch: int, params=None):
-  """Builds the optax transformation of the reference's optim_wrapper.
+  """The reference's optim_wrapper as one ``FlatAdamW``
+  (``flat_optimizer.py``): clip, AdamW per lr group, frozen parameters
+  untouched.
 
   Args:
-    config: the ml_collections config (sections optim, backbone).
+    config: the ml_collections config (sections optim, backbone, mesh).
     steps_per_epoch: iterations per epoch (MultiStepLR milestones).
-    params: optional params tree (only used to check the labels; the labels
-      are recomputed from any tree passed to ``init``).
+    params: unused (the labels are computed from the tree given to
+      ``init`` / ``step``).
 
   Returns:
-    (tx, schedule): ``tx`` an optax GradientTransformation; ``schedule`` maps
-    a step to the base lr (the backbone's is ``backbone_lr_mult`` x that).
+    (tx, schedule): ``tx`` a FlatAdamW (``init``, ``step``, optax-style
+    ``update``); ``schedule`` maps a step to the base lr (the backbone's is
+    ``backbone_lr_mult`` x that).
   """
   del params
   o = config.optim
   schedule = make_schedule(config, steps_per_epoch)
-  mult = float(o.backbone_lr_mult)
-  wd = float(o.weight_decay)
-  labels = lambda p: param_labels(p, config)  # noqa: E731
-  tx = optax.multi_transform(
-      {DEFAULT: _adamw(schedule, wd, flat=True),
-       BACKBONE: _adamw(lambda s: mult * schedule(s), wd, flat=True),
-       FROZEN: optax.set_to_zero()}, labels)
-  if o.get('clip_norm', None) and float(o.clip_norm) > 0:
-    tx = optax.chain(clip_by_global_norm_torch(float(o.clip_norm), labels),
-                     tx)
+  mesh = config.get('mesh', None)
+  model_axis = int(mesh.get('model', 1)) if mesh is not None else 1
+  tx = FlatAdamW(
+      labels_fn=lambda p: param_labels(p, config), schedule=schedule,
+      lr_mults={DEFAULT: 1.0, BACKBONE: float(o.backbone_lr_mult)},
+      weight_decay=float(o.weight_decay),
+      max_norm=float(o.get('clip_norm', 0.0) or 0.0),
+      concat=model_axis <= 1)
   return tx, schedule
 
 
 def current_lrs(opt_state) -> dict[str, jax.Array]:
-  """{'lr': default group lr, 'lr_backbone': ...} read from the injected
-  hyperparameters (the values used by the most recent update)."""
-  out = {}
-
-  def visit(node):
-    if isinstance(node, optax.MultiTransformState):
-      for label, inner in node.inner_states.items():
-        inner = getattr(inner, 'inner_state', inner)
-        hp = getattr(inner, 'hyperparams', None)
-        if hp is not None and 'learning_rate' in hp:
-          out['lr' if label == DEFAULT else f'lr_{label}'] = hp['learning_rate']
-      return True
-    return False
-
-  for node in jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda n: isinstance(n, optax.MultiTransformState)):
-    visit(node)
-  return out
+  """{'lr': default group lr, 'lr_backbone': ...}: the lrs of the most
+  recent applied update."""
+  return dict(opt_state.lrs)

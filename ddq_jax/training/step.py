@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 
 from ddq_jax.parallel import sharding as shd
@@ -33,7 +32,7 @@ def _cast_floats(tree, dtype):
       tree)
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
+def make_train_step(loss_fn: LossFn, tx, *,
                     compute_dtype: str | jnp.dtype = 'float32'):
   """Returns ``train_step(state, batch) -> (state, metrics)`` (not jitted).
 
@@ -64,19 +63,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
         state.params)
     metrics = dict(metrics)
     metrics['loss'] = loss
-    metrics['grad_norm'] = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
-
-    def apply(_):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      return optax.apply_updates(state.params, updates), opt_state
-
-    # A non-finite step is not applied.  A cond rather than a select: the
-    # update stays one computation, so XLA fuses (and rounds) it exactly as
-    # without the guard.
-    params, opt_state = jax.lax.cond(
-        finite, apply, lambda _: (state.params, state.opt_state), None)
-    metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
+    # The update is skipped (params and optimiser state stay bit for bit)
+    # when the loss or the gradient norm is not finite.
+    params, opt_state, info = tx.step(grads, state.opt_state, state.params,
+                                      ok=jnp.isfinite(loss))
+    metrics['grad_norm'] = info['grad_norm']
+    metrics['nonfinite'] = 1.0 - info['applied'].astype(jnp.float32)
     metrics.update(current_lrs(opt_state))
     metrics = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
     new_state = state.replace(step=state.step + 1, params=params,
