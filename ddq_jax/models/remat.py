@@ -73,34 +73,49 @@ def stack_layer_params(params, names):
 
 
 def scan_layer_params(layer, carry, args, params, *, names,
-                      policy=None, remat: bool = False):
+                      policy=None, remat: bool = False, per_layer=(),
+                      rngs=None):
   """Applies the unbound Flax ``layer`` once per entry of ``names``:
-  ``carry = layer.apply({'params': params[name]}, carry, *args)``, as one
-  ``lax.scan`` over the stacked parameters (the layer is traced once).
+  ``carry = layer.apply({'params': params[name]}, carry, *args,
+  *per_layer[l])``, as one ``lax.scan`` over the stacked parameters (the
+  layer is traced once).
 
   Args:
-    layer: an unbound module whose ``__call__(carry, *args)`` returns the
-      new carry (same shape and dtype).
+    layer: an unbound module whose ``__call__(carry, *args, *per_layer)``
+      returns the new carry (same shape and dtype).
     carry: the first argument (e.g. (B, N, C) queries).
     args: the other arguments, the same for every layer (arrays or None).
     params: a dict holding ``params[name]`` for every name.
     names: the layers' parameter names, in order.
     policy, remat: wrap each layer in ``jax.checkpoint(policy=policy)``.
+    per_layer: arrays with a leading axis of len(names): layer l gets
+      their slices [l] after ``args`` (e.g. per-layer drop-path rates).
+    rngs: {collection: key} or None; layer l is applied with
+      ``rngs={collection: split(key, len(names))[l]}``.
   """
   stacked = stack_layer_params(params, names)
+  per_layer = tuple(per_layer)
+  for a in per_layer:
+    if a.shape[:1] != (len(names),):
+      raise ValueError(f'per_layer arrays need a leading axis of '
+                       f'{len(names)} (one per layer), got {a.shape}')
+  layer_rngs = None if not rngs else {
+      k: jax.random.split(v, len(names)) for k, v in rngs.items()}
 
-  def one(p, c):
-    return layer.apply({'params': p}, c, *args)
+  def one(p, c, xs, r):
+    kw = {} if r is None else dict(rngs=r)
+    return layer.apply({'params': p}, c, *args, *xs, **kw)
   if remat:
     one = jax.checkpoint(one, policy=policy, prevent_cse=False)
 
   # The carry takes the dtype the layer returns (float32 LayerNorms after
   # bfloat16 inputs), as in the unrolled loop after its first layer.
-  first = jax.tree.map(lambda x: x[0], stacked)
-  out = jax.eval_shape(one, first, carry)
+  first = jax.tree.map(lambda x: x[0], (stacked, per_layer, layer_rngs))
+  out = jax.eval_shape(one, first[0], carry, first[1], first[2])
   carry = carry.astype(out.dtype)
 
-  def body(c, p):
-    return one(p, c), None
-  carry, _ = jax.lax.scan(body, carry, stacked)
+  def body(c, p_xs_r):
+    p, xs, r = p_xs_r
+    return one(p, c, xs, r), None
+  carry, _ = jax.lax.scan(body, carry, (stacked, per_layer, layer_rngs))
   return carry

@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddq_jax.models import remat as remat_lib
+
 LN_EPS = 1e-5  # mmcv build_norm_layer(dict(type='LN')): torch's default
 _DROP_RNG = 'dropout'
 
@@ -154,10 +156,12 @@ def unfold_2x2(x):
   return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, 4 * c)
 
 
-def drop_path(x, *, rate: float, rng: Optional[jax.Array]):
+def drop_path(x, *, rate, rng: Optional[jax.Array]):
   """mmcv drop_path: per sample (axis 0) ``x / keep * floor(keep + U)``;
-  identity when ``rng`` is None or the rate is 0."""
-  if rng is None or rate == 0.0:
+  identity when ``rng`` is None or the rate is a Python 0.  ``rate`` may be
+  a traced float32 scalar (a scanned block's): a traced 0 gives
+  ``x / 1 * 1``, the same numbers."""
+  if rng is None or (isinstance(rate, (int, float)) and rate == 0.0):
     return x
   keep = 1.0 - rate
   shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -257,7 +261,9 @@ class ShiftWindowMSA(_WindowAttentionOptions, kw_only=True):
   drop_path_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, drop_path_rate=None):
+    """x (B, H, W, C); ``drop_path_rate`` (traced scalar) overrides the
+    attribute (a scanned block's rate)."""
     b, h, w, c = x.shape
     ws, s = self.window_size, self.shift_size
     if not 0 <= s < ws:
@@ -280,7 +286,8 @@ class ShiftWindowMSA(_WindowAttentionOptions, kw_only=True):
       x = jnp.roll(x, shift=(s, s), axis=(1, 2))
     x = x[:, :h, :w, :]
     rng = None if self.deterministic else self.make_rng(_DROP_RNG)
-    return drop_path(x, rate=self.drop_path_rate, rng=rng)
+    rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+    return drop_path(x, rate=rate, rng=rng)
 
 
 class SwinFFN(nn.Module):
@@ -292,14 +299,15 @@ class SwinFFN(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, identity):
+  def __call__(self, x, identity, drop_path_rate=None):
     drop = lambda y: nn.Dropout(self.ffn_drop, deterministic=self.deterministic,
                                 rng_collection=_DROP_RNG)(y)
     out = _dense(self.feedforward_channels, 'layers_0_0')(x)
     out = drop(jax.nn.gelu(out, approximate=False))
     out = drop(_dense(self.embed_dims, 'layers_1')(out))
     rng = None if self.deterministic else self.make_rng(_DROP_RNG)
-    return identity + drop_path(out, rate=self.drop_path_rate, rng=rng)
+    rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+    return identity + drop_path(out, rate=rate, rng=rng)
 
 
 class SwinBlock(_SwinBlockOptions, kw_only=True):
@@ -308,21 +316,46 @@ class SwinBlock(_SwinBlockOptions, kw_only=True):
   drop_path_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, drop_path_rate=None):
+    """x (B, H, W, C) -> (B, H, W, C); ``drop_path_rate`` (traced scalar)
+    overrides the attribute (a scanned block's rate)."""
     identity = x
     x = _layer_norm('norm1')(x)
     x = ShiftWindowMSA(
         **self.window_attention_options(),
         shift_size=self.window_size // 2 if self.shift else 0,
         proj_drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate,
-        name='attn')(x)
+        name='attn')(x, drop_path_rate)
     x = x + identity
     return SwinFFN(
         embed_dims=self.embed_dims,
         feedforward_channels=self.feedforward_channels,
         ffn_drop=self.drop_rate, drop_path_rate=self.drop_path_rate,
         deterministic=self.deterministic, name='ffn')(_layer_norm('norm2')(x),
-                                                      x)
+                                                      x, drop_path_rate)
+
+
+class SwinBlockPair(_SwinBlockOptions, kw_only=True):
+  """A regular block then a shifted one (a stage's blocks 2k and 2k + 1),
+  their drop-path rates traced: the unit a stage scans.  Its parameters
+  ``{'regular': blocks_{2k}, 'shifted': blocks_{2k+1}}`` are assembled
+  from the stage's on the fly (``pair_params``), so the checkpoint layout
+  does not change."""
+
+  @nn.compact
+  def __call__(self, x, rates):
+    """x (B, H, W, C), rates (2,) float32 -> (B, H, W, C)."""
+    opts = self.swin_block_options()
+    x = SwinBlock(**opts, shift=False, name='regular')(x, rates[0])
+    return SwinBlock(**opts, shift=True, name='shifted')(x, rates[1])
+
+
+def pair_params(params, num_pairs: int) -> dict:
+  """A stage's ``blocks_{j}`` parameters regrouped as ``pair_{k}``:
+  {'regular': blocks_{2k}, 'shifted': blocks_{2k+1}} (no copy)."""
+  return {f'pair_{k}': {'regular': params[f'blocks_{2 * k}'],
+                        'shifted': params[f'blocks_{2 * k + 1}']}
+          for k in range(num_pairs)}
 
 
 class PatchMerging(nn.Module):
@@ -360,18 +393,43 @@ class PatchEmbed(nn.Module):
 class SwinStage(_SwinBlockOptions, kw_only=True):
   """SwinBlockSequence: ``depth`` blocks (odd ones shifted), then the
   optional PatchMerging.  Returns (input of the next stage, this stage's
-  output before its norm)."""
+  output before its norm).
+
+  ``remat`` ('none' | 'minimal' | 'full', models/remat.py) re-materialises
+  each block (each scanned pair) in the backward pass.  ``scan``: with at
+  least two (regular, shifted) pairs, the pairs are one ``lax.scan`` over
+  their stacked parameters (a block pair traced once; an odd last block
+  stays unrolled).  Neither changes the numbers beyond float32 rounding.
+  """
   depth: int
   drop_path_rates: Sequence[float] = ()
   downsample: bool = True
   patch_norm: bool = True
-  with_cp: bool = False
+  remat: str = 'none'
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x):
-    block_cls = nn.remat(SwinBlock) if self.with_cp else SwinBlock
+    policy = remat_lib.checkpoint_policy(self.remat)
+    block_cls = SwinBlock
+    if self.remat != 'none':
+      block_cls = nn.remat(SwinBlock, policy=policy)
     rates = tuple(self.drop_path_rates) or (0.0,) * self.depth
-    for j in range(self.depth):
+    num_pairs = self.depth // 2
+    start = 0
+    if self.scan and num_pairs > 1 and not self.is_initializing():
+      start = 2 * num_pairs
+      rngs = None
+      if not self.deterministic:
+        rngs = {_DROP_RNG: self.make_rng(_DROP_RNG)}
+      x = remat_lib.scan_layer_params(
+          SwinBlockPair(**self.swin_block_options()), x, (),
+          pair_params(self.variables['params'], num_pairs),
+          names=[f'pair_{k}' for k in range(num_pairs)],
+          policy=policy, remat=self.remat != 'none',
+          per_layer=(np.asarray(rates[:start], np.float32).reshape(
+              num_pairs, 2),), rngs=rngs)
+    for j in range(start, self.depth):
       x = block_cls(**self.swin_block_options(), shift=j % 2 == 1,
                     drop_path_rate=rates[j], name=f'blocks_{j}')(x)
     if not self.downsample:
@@ -386,7 +444,10 @@ class SwinTransformer(nn.Module):
 
   Attributes mirror the reference's arguments; ``frozen_stages`` -1 freezes
   nothing.  ``with_cp`` re-materialises every block in the backward pass
-  (the reference's torch.utils.checkpoint); the numbers do not change.
+  (the reference's torch.utils.checkpoint; policy 'full' unless ``remat``
+  names another); ``remat`` is ``train.remat.backbone`` for the blocks of
+  the trainable stages, ``scan`` is ``train.scan_layers`` (a stage's block
+  pairs scanned, see SwinStage).  None of them changes the numbers.
   """
   embed_dims: int = 96
   depths: Sequence[int] = (2, 2, 6, 2)
@@ -404,6 +465,8 @@ class SwinTransformer(nn.Module):
   drop_path_rate: float = 0.1
   frozen_stages: int = -1
   with_cp: bool = False
+  remat: str = 'none'
+  scan: bool = False
 
   @classmethod
   def from_config(cls, config) -> 'SwinTransformer':
@@ -427,7 +490,9 @@ class SwinTransformer(nn.Module):
                attn_drop_rate=float(b.get('attn_drop_rate', 0.0)),
                drop_path_rate=float(b.get('drop_path_rate', 0.0)),
                frozen_stages=int(b.get('frozen_stages', -1)),
-               with_cp=bool(b.get('with_cp', False)))
+               with_cp=bool(b.get('with_cp', False)),
+               remat=remat_lib.remat_name(config, 'backbone'),
+               scan=remat_lib.scan_layers(config))
 
   @property
   def out_channels(self) -> tuple[int, ...]:
@@ -453,6 +518,12 @@ class SwinTransformer(nn.Module):
       if (self.embed_dims * 2**i) % h:
         raise ValueError(f'stage {i}: {self.embed_dims * 2**i} channels not '
                          f'divisible by {h} heads')
+
+  def _block_remat(self) -> str:
+    """The remat policy of a trainable stage's blocks."""
+    if self.with_cp and self.remat == 'none':
+      return 'full'
+    return self.remat
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -482,8 +553,9 @@ class SwinTransformer(nn.Module):
           attn_drop_rate=self.attn_drop_rate,
           drop_path_rates=tuple(dpr[first:first + depth]),
           downsample=i < len(self.depths) - 1, patch_norm=self.patch_norm,
-          deterministic=not training or stage_frozen, with_cp=self.with_cp,
-          name=f'stages_{i}')(x)
+          deterministic=not training or stage_frozen,
+          remat='none' if stage_frozen else self._block_remat(),
+          scan=self.scan, name=f'stages_{i}')(x)
       if stage_frozen:
         x = jax.lax.stop_gradient(x)
         out = jax.lax.stop_gradient(out)
