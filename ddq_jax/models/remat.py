@@ -4,7 +4,7 @@
 
     c.train.remat.encoder = 'full'    # each deformable encoder layer
     c.train.remat.decoder = 'full'    # each decoder layer
-    c.train.remat.backbone = 'full'   # each trainable ResNet block
+    c.train.remat.backbone = 'full'   # each trainable ResNet / Swin block
 
 Names (what the backward pass finds stored of a rematerialised layer):
 

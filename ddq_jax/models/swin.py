@@ -35,6 +35,11 @@ What the reference does and this reproduces:
     mode (no drop-path), as ``_freeze_stages`` sets ``requires_grad=False``
     and ``.eval()``.  ``is_frozen_param`` names them for the optimiser.
 
+Memory and compile time (no change to the numbers): ``train.remat.backbone``
+re-materialises each trainable block; ``train.scan_layers`` scans each
+stage's (regular, shifted) block pairs (``SwinBlockPair``; stage 3 of
+Swin-L: 9 pairs traced once).  The window geometry is in swin_windows.py.
+
 Init (``init_cfg=None``): Linear weights truncated normal std 0.02 and
 biases 0, LayerNorm 1 / 0, the relative position bias tables zeros (the
 reference never re-initialises them: its ``init_weights`` does not recurse),
@@ -53,8 +58,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddq_jax.models import remat as remat_lib
+from ddq_jax.models.swin_windows import (  # pylint: disable=unused-import
+    pad_bottom_right, relative_position_index, shifted_window_mask,
+    unfold_2x2, window_partition, window_reverse)
 
 LN_EPS = 1e-5  # mmcv build_norm_layer(dict(type='LN')): torch's default
+# A stage scans its block pairs when it has at least this many: in a scan
+# the remat of a pair holds on XLA:CPU (unrolled, XLA overlaps the
+# recomputed forward passes: measured, benchmarks/RESULTS.md "Swin-L").
+MIN_SCANNED_PAIRS = 1
 _DROP_RNG = 'dropout'
 
 _trunc_normal_02 = nn.initializers.truncated_normal(0.02, lower=-100.0,
@@ -95,65 +107,6 @@ def drop_path_rates(drop_path_rate: float, depths: Sequence[int]
   total = int(sum(depths))
   return [float(x) for x in
           np.linspace(0.0, drop_path_rate, total, dtype=np.float32)]
-
-
-def relative_position_index(window: int) -> np.ndarray:
-  """(w*w, w*w) int32 index into the (2w-1)^2 bias table, built as the
-  reference's ``WindowMSA`` does (double_step_seq, then flip(1))."""
-  seq1 = np.arange(0, (2 * window - 1) * window, 2 * window - 1)
-  seq2 = np.arange(0, window, 1)
-  coords = (seq1[:, None] + seq2[None, :]).reshape(1, -1)
-  return np.ascontiguousarray((coords + coords.T)[:, ::-1]).astype(np.int32)
-
-
-def window_partition(x, window: int):
-  """(B, H, W, C) -> (B * nW, window, window, C), windows row-major."""
-  b, h, w, c = x.shape
-  x = x.reshape(b, h // window, window, w // window, window, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c)
-
-
-def window_reverse(windows, h: int, w: int):
-  """(B * nW, window, window, C) -> (B, H, W, C)."""
-  window = windows.shape[1]
-  c = windows.shape[-1]
-  b = windows.shape[0] // ((h // window) * (w // window))
-  x = windows.reshape(b, h // window, w // window, window, window, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
-
-
-def shifted_window_mask(h_pad: int, w_pad: int, *, window: int,
-                        shift: int) -> np.ndarray:
-  """(nW, N, N) float32 additive mask of SW-MSA on the padded map: 0 within
-  a region, -100 across regions (the reference's value, not -inf)."""
-  img_mask = np.zeros((1, h_pad, w_pad, 1), np.float32)
-  slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-  cnt = 0
-  for hs in slices:
-    for ws in slices:
-      img_mask[:, hs, ws, :] = cnt
-      cnt += 1
-  windows = window_partition(img_mask, window).reshape(-1, window * window)
-  diff = windows[:, None, :] - windows[:, :, None]
-  return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
-
-
-def pad_bottom_right(x, multiple: int):
-  """(B, H, W, C) zero-padded at the bottom / right to multiples of
-  ``multiple`` (AdaptivePadding 'corner' with kernel = stride)."""
-  h, w = x.shape[1], x.shape[2]
-  pad_h, pad_w = (-h) % multiple, (-w) % multiple
-  if pad_h or pad_w:
-    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-  return x
-
-
-def unfold_2x2(x):
-  """(B, H, W, C), H and W even -> (B, H/2, W/2, 4C) in nn.Unfold's order:
-  channel c * 4 + kh * 2 + kw."""
-  b, h, w, c = x.shape
-  x = x.reshape(b, h // 2, 2, w // 2, 2, c)
-  return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, 4 * c)
 
 
 def drop_path(x, *, rate, rng: Optional[jax.Array]):
@@ -396,10 +349,10 @@ class SwinStage(_SwinBlockOptions, kw_only=True):
   output before its norm).
 
   ``remat`` ('none' | 'minimal' | 'full', models/remat.py) re-materialises
-  each block (each scanned pair) in the backward pass.  ``scan``: with at
-  least two (regular, shifted) pairs, the pairs are one ``lax.scan`` over
-  their stacked parameters (a block pair traced once; an odd last block
-  stays unrolled).  Neither changes the numbers beyond float32 rounding.
+  each block (each scanned pair) in the backward pass.  ``scan``: the
+  (regular, shifted) pairs are one ``lax.scan`` over their stacked
+  parameters (a block pair traced once; an odd last block stays unrolled).
+  Neither changes the numbers beyond float32 rounding.
   """
   depth: int
   drop_path_rates: Sequence[float] = ()
@@ -417,7 +370,8 @@ class SwinStage(_SwinBlockOptions, kw_only=True):
     rates = tuple(self.drop_path_rates) or (0.0,) * self.depth
     num_pairs = self.depth // 2
     start = 0
-    if self.scan and num_pairs > 1 and not self.is_initializing():
+    if (self.scan and num_pairs >= MIN_SCANNED_PAIRS
+        and not self.is_initializing()):
       start = 2 * num_pairs
       rngs = None
       if not self.deterministic:
