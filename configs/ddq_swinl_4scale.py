@@ -41,6 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.backbone.frozen_stages = -1      # the reference's default: none frozen
   c.backbone.pretrain_img_size = 384
   c.backbone.with_cp = False         # True: re-materialise blocks (memory)
+  # Memory / compile time only (values and gradients do not change):
+  # re-materialise each trainable Swin block (each scanned pair) in the
+  # backward pass, and scan each stage's (regular, shifted) block pairs
+  # (stage 3: 9 pairs traced once).  benchmarks/RESULTS.md, "Swin-L".
+  c.train.remat.backbone = 'full'
+  c.train.scan_layers = True
 
   c.optim.backbone_lr_mult = 0.05
   c.optim.epochs = 30

@@ -35,6 +35,11 @@ What the reference does and this reproduces:
     mode (no drop-path), as ``_freeze_stages`` sets ``requires_grad=False``
     and ``.eval()``.  ``is_frozen_param`` names them for the optimiser.
 
+Memory and compile time (no change to the numbers): ``train.remat.backbone``
+re-materialises each trainable block; ``train.scan_layers`` scans each
+stage's (regular, shifted) block pairs (``SwinBlockPair``; stage 3 of
+Swin-L: 9 pairs traced once).  The window geometry is in swin_windows.py.
+
 Init (``init_cfg=None``): Linear weights truncated normal std 0.02 and
 biases 0, LayerNorm 1 / 0, the relative position bias tables zeros (the
 reference never re-initialises them: its ``init_weights`` does not recurse),
@@ -52,7 +57,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddq_jax.models import remat as remat_lib
+from ddq_jax.models.swin_windows import (  # pylint: disable=unused-import
+    pad_bottom_right, relative_position_index, shifted_window_mask,
+    unfold_2x2, window_partition, window_reverse)
+
 LN_EPS = 1e-5  # mmcv build_norm_layer(dict(type='LN')): torch's default
+# A stage scans its block pairs when it has at least this many: in a scan
+# the remat of a pair holds on XLA:CPU (unrolled, XLA overlaps the
+# recomputed forward passes: measured, benchmarks/RESULTS.md "Swin-L").
+MIN_SCANNED_PAIRS = 1
 _DROP_RNG = 'dropout'
 
 _trunc_normal_02 = nn.initializers.truncated_normal(0.02, lower=-100.0,
@@ -95,69 +109,12 @@ def drop_path_rates(drop_path_rate: float, depths: Sequence[int]
           np.linspace(0.0, drop_path_rate, total, dtype=np.float32)]
 
 
-def relative_position_index(window: int) -> np.ndarray:
-  """(w*w, w*w) int32 index into the (2w-1)^2 bias table, built as the
-  reference's ``WindowMSA`` does (double_step_seq, then flip(1))."""
-  seq1 = np.arange(0, (2 * window - 1) * window, 2 * window - 1)
-  seq2 = np.arange(0, window, 1)
-  coords = (seq1[:, None] + seq2[None, :]).reshape(1, -1)
-  return np.ascontiguousarray((coords + coords.T)[:, ::-1]).astype(np.int32)
-
-
-def window_partition(x, window: int):
-  """(B, H, W, C) -> (B * nW, window, window, C), windows row-major."""
-  b, h, w, c = x.shape
-  x = x.reshape(b, h // window, window, w // window, window, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c)
-
-
-def window_reverse(windows, h: int, w: int):
-  """(B * nW, window, window, C) -> (B, H, W, C)."""
-  window = windows.shape[1]
-  c = windows.shape[-1]
-  b = windows.shape[0] // ((h // window) * (w // window))
-  x = windows.reshape(b, h // window, w // window, window, window, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
-
-
-def shifted_window_mask(h_pad: int, w_pad: int, *, window: int,
-                        shift: int) -> np.ndarray:
-  """(nW, N, N) float32 additive mask of SW-MSA on the padded map: 0 within
-  a region, -100 across regions (the reference's value, not -inf)."""
-  img_mask = np.zeros((1, h_pad, w_pad, 1), np.float32)
-  slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-  cnt = 0
-  for hs in slices:
-    for ws in slices:
-      img_mask[:, hs, ws, :] = cnt
-      cnt += 1
-  windows = window_partition(img_mask, window).reshape(-1, window * window)
-  diff = windows[:, None, :] - windows[:, :, None]
-  return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
-
-
-def pad_bottom_right(x, multiple: int):
-  """(B, H, W, C) zero-padded at the bottom / right to multiples of
-  ``multiple`` (AdaptivePadding 'corner' with kernel = stride)."""
-  h, w = x.shape[1], x.shape[2]
-  pad_h, pad_w = (-h) % multiple, (-w) % multiple
-  if pad_h or pad_w:
-    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-  return x
-
-
-def unfold_2x2(x):
-  """(B, H, W, C), H and W even -> (B, H/2, W/2, 4C) in nn.Unfold's order:
-  channel c * 4 + kh * 2 + kw."""
-  b, h, w, c = x.shape
-  x = x.reshape(b, h // 2, 2, w // 2, 2, c)
-  return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, 4 * c)
-
-
-def drop_path(x, *, rate: float, rng: Optional[jax.Array]):
+def drop_path(x, *, rate, rng: Optional[jax.Array]):
   """mmcv drop_path: per sample (axis 0) ``x / keep * floor(keep + U)``;
-  identity when ``rng`` is None or the rate is 0."""
-  if rng is None or rate == 0.0:
+  identity when ``rng`` is None or the rate is a Python 0.  ``rate`` may be
+  a traced float32 scalar (a scanned block's): a traced 0 gives
+  ``x / 1 * 1``, the same numbers."""
+  if rng is None or (isinstance(rate, (int, float)) and rate == 0.0):
     return x
   keep = 1.0 - rate
   shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -257,7 +214,9 @@ class ShiftWindowMSA(_WindowAttentionOptions, kw_only=True):
   drop_path_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, drop_path_rate=None):
+    """x (B, H, W, C); ``drop_path_rate`` (traced scalar) overrides the
+    attribute (a scanned block's rate)."""
     b, h, w, c = x.shape
     ws, s = self.window_size, self.shift_size
     if not 0 <= s < ws:
@@ -280,7 +239,8 @@ class ShiftWindowMSA(_WindowAttentionOptions, kw_only=True):
       x = jnp.roll(x, shift=(s, s), axis=(1, 2))
     x = x[:, :h, :w, :]
     rng = None if self.deterministic else self.make_rng(_DROP_RNG)
-    return drop_path(x, rate=self.drop_path_rate, rng=rng)
+    rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+    return drop_path(x, rate=rate, rng=rng)
 
 
 class SwinFFN(nn.Module):
@@ -292,14 +252,15 @@ class SwinFFN(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, identity):
+  def __call__(self, x, identity, drop_path_rate=None):
     drop = lambda y: nn.Dropout(self.ffn_drop, deterministic=self.deterministic,
                                 rng_collection=_DROP_RNG)(y)
     out = _dense(self.feedforward_channels, 'layers_0_0')(x)
     out = drop(jax.nn.gelu(out, approximate=False))
     out = drop(_dense(self.embed_dims, 'layers_1')(out))
     rng = None if self.deterministic else self.make_rng(_DROP_RNG)
-    return identity + drop_path(out, rate=self.drop_path_rate, rng=rng)
+    rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+    return identity + drop_path(out, rate=rate, rng=rng)
 
 
 class SwinBlock(_SwinBlockOptions, kw_only=True):
@@ -308,21 +269,46 @@ class SwinBlock(_SwinBlockOptions, kw_only=True):
   drop_path_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, drop_path_rate=None):
+    """x (B, H, W, C) -> (B, H, W, C); ``drop_path_rate`` (traced scalar)
+    overrides the attribute (a scanned block's rate)."""
     identity = x
     x = _layer_norm('norm1')(x)
     x = ShiftWindowMSA(
         **self.window_attention_options(),
         shift_size=self.window_size // 2 if self.shift else 0,
         proj_drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate,
-        name='attn')(x)
+        name='attn')(x, drop_path_rate)
     x = x + identity
     return SwinFFN(
         embed_dims=self.embed_dims,
         feedforward_channels=self.feedforward_channels,
         ffn_drop=self.drop_rate, drop_path_rate=self.drop_path_rate,
         deterministic=self.deterministic, name='ffn')(_layer_norm('norm2')(x),
-                                                      x)
+                                                      x, drop_path_rate)
+
+
+class SwinBlockPair(_SwinBlockOptions, kw_only=True):
+  """A regular block then a shifted one (a stage's blocks 2k and 2k + 1),
+  their drop-path rates traced: the unit a stage scans.  Its parameters
+  ``{'regular': blocks_{2k}, 'shifted': blocks_{2k+1}}`` are assembled
+  from the stage's on the fly (``pair_params``), so the checkpoint layout
+  does not change."""
+
+  @nn.compact
+  def __call__(self, x, rates):
+    """x (B, H, W, C), rates (2,) float32 -> (B, H, W, C)."""
+    opts = self.swin_block_options()
+    x = SwinBlock(**opts, shift=False, name='regular')(x, rates[0])
+    return SwinBlock(**opts, shift=True, name='shifted')(x, rates[1])
+
+
+def pair_params(params, num_pairs: int) -> dict:
+  """A stage's ``blocks_{j}`` parameters regrouped as ``pair_{k}``:
+  {'regular': blocks_{2k}, 'shifted': blocks_{2k+1}} (no copy)."""
+  return {f'pair_{k}': {'regular': params[f'blocks_{2 * k}'],
+                        'shifted': params[f'blocks_{2 * k + 1}']}
+          for k in range(num_pairs)}
 
 
 class PatchMerging(nn.Module):
@@ -360,18 +346,44 @@ class PatchEmbed(nn.Module):
 class SwinStage(_SwinBlockOptions, kw_only=True):
   """SwinBlockSequence: ``depth`` blocks (odd ones shifted), then the
   optional PatchMerging.  Returns (input of the next stage, this stage's
-  output before its norm)."""
+  output before its norm).
+
+  ``remat`` ('none' | 'minimal' | 'full', models/remat.py) re-materialises
+  each block (each scanned pair) in the backward pass.  ``scan``: the
+  (regular, shifted) pairs are one ``lax.scan`` over their stacked
+  parameters (a block pair traced once; an odd last block stays unrolled).
+  Neither changes the numbers beyond float32 rounding.
+  """
   depth: int
   drop_path_rates: Sequence[float] = ()
   downsample: bool = True
   patch_norm: bool = True
-  with_cp: bool = False
+  remat: str = 'none'
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x):
-    block_cls = nn.remat(SwinBlock) if self.with_cp else SwinBlock
+    policy = remat_lib.checkpoint_policy(self.remat)
+    block_cls = SwinBlock
+    if self.remat != 'none':
+      block_cls = nn.remat(SwinBlock, policy=policy)
     rates = tuple(self.drop_path_rates) or (0.0,) * self.depth
-    for j in range(self.depth):
+    num_pairs = self.depth // 2
+    start = 0
+    if (self.scan and num_pairs >= MIN_SCANNED_PAIRS
+        and not self.is_initializing()):
+      start = 2 * num_pairs
+      rngs = None
+      if not self.deterministic:
+        rngs = {_DROP_RNG: self.make_rng(_DROP_RNG)}
+      x = remat_lib.scan_layer_params(
+          SwinBlockPair(**self.swin_block_options()), x, (),
+          pair_params(self.variables['params'], num_pairs),
+          names=[f'pair_{k}' for k in range(num_pairs)],
+          policy=policy, remat=self.remat != 'none',
+          per_layer=(np.asarray(rates[:start], np.float32).reshape(
+              num_pairs, 2),), rngs=rngs)
+    for j in range(start, self.depth):
       x = block_cls(**self.swin_block_options(), shift=j % 2 == 1,
                     drop_path_rate=rates[j], name=f'blocks_{j}')(x)
     if not self.downsample:
@@ -386,7 +398,10 @@ class SwinTransformer(nn.Module):
 
   Attributes mirror the reference's arguments; ``frozen_stages`` -1 freezes
   nothing.  ``with_cp`` re-materialises every block in the backward pass
-  (the reference's torch.utils.checkpoint); the numbers do not change.
+  (the reference's torch.utils.checkpoint; policy 'full' unless ``remat``
+  names another); ``remat`` is ``train.remat.backbone`` for the blocks of
+  the trainable stages, ``scan`` is ``train.scan_layers`` (a stage's block
+  pairs scanned, see SwinStage).  None of them changes the numbers.
   """
   embed_dims: int = 96
   depths: Sequence[int] = (2, 2, 6, 2)
@@ -404,6 +419,8 @@ class SwinTransformer(nn.Module):
   drop_path_rate: float = 0.1
   frozen_stages: int = -1
   with_cp: bool = False
+  remat: str = 'none'
+  scan: bool = False
 
   @classmethod
   def from_config(cls, config) -> 'SwinTransformer':
@@ -427,7 +444,9 @@ class SwinTransformer(nn.Module):
                attn_drop_rate=float(b.get('attn_drop_rate', 0.0)),
                drop_path_rate=float(b.get('drop_path_rate', 0.0)),
                frozen_stages=int(b.get('frozen_stages', -1)),
-               with_cp=bool(b.get('with_cp', False)))
+               with_cp=bool(b.get('with_cp', False)),
+               remat=remat_lib.remat_name(config, 'backbone'),
+               scan=remat_lib.scan_layers(config))
 
   @property
   def out_channels(self) -> tuple[int, ...]:
@@ -453,6 +472,12 @@ class SwinTransformer(nn.Module):
       if (self.embed_dims * 2**i) % h:
         raise ValueError(f'stage {i}: {self.embed_dims * 2**i} channels not '
                          f'divisible by {h} heads')
+
+  def _block_remat(self) -> str:
+    """The remat policy of a trainable stage's blocks."""
+    if self.with_cp and self.remat == 'none':
+      return 'full'
+    return self.remat
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -482,8 +507,9 @@ class SwinTransformer(nn.Module):
           attn_drop_rate=self.attn_drop_rate,
           drop_path_rates=tuple(dpr[first:first + depth]),
           downsample=i < len(self.depths) - 1, patch_norm=self.patch_norm,
-          deterministic=not training or stage_frozen, with_cp=self.with_cp,
-          name=f'stages_{i}')(x)
+          deterministic=not training or stage_frozen,
+          remat='none' if stage_frozen else self._block_remat(),
+          scan=self.scan, name=f'stages_{i}')(x)
       if stage_frozen:
         x = jax.lax.stop_gradient(x)
         out = jax.lax.stop_gradient(out)

@@ -1,0 +1,73 @@
+"""Window geometry of the Swin Transformer (mmdet 3.3.0 ``backbones/swin.py``):
+pure functions on NHWC maps and numpy index / mask tables, no parameters.
+
+* ``relative_position_index``: WindowMSA's index into the bias table;
+* ``window_partition`` / ``window_reverse``: map <-> row-major windows;
+* ``shifted_window_mask``: SW-MSA's -100 mask of the shifted regions;
+* ``pad_bottom_right``: AdaptivePadding 'corner' (and a block's padding to
+  whole windows);
+* ``unfold_2x2``: PatchMerging's nn.Unfold in its channel order.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def relative_position_index(window: int) -> np.ndarray:
+  """(w*w, w*w) int32 index into the (2w-1)^2 bias table, built as the
+  reference's ``WindowMSA`` does (double_step_seq, then flip(1))."""
+  seq1 = np.arange(0, (2 * window - 1) * window, 2 * window - 1)
+  seq2 = np.arange(0, window, 1)
+  coords = (seq1[:, None] + seq2[None, :]).reshape(1, -1)
+  return np.ascontiguousarray((coords + coords.T)[:, ::-1]).astype(np.int32)
+
+
+def window_partition(x, window: int):
+  """(B, H, W, C) -> (B * nW, window, window, C), windows row-major."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // window, window, w // window, window, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c)
+
+
+def window_reverse(windows, h: int, w: int):
+  """(B * nW, window, window, C) -> (B, H, W, C)."""
+  window = windows.shape[1]
+  c = windows.shape[-1]
+  b = windows.shape[0] // ((h // window) * (w // window))
+  x = windows.reshape(b, h // window, w // window, window, window, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+
+
+def shifted_window_mask(h_pad: int, w_pad: int, *, window: int,
+                        shift: int) -> np.ndarray:
+  """(nW, N, N) float32 additive mask of SW-MSA on the padded map: 0 within
+  a region, -100 across regions (the reference's value, not -inf)."""
+  img_mask = np.zeros((1, h_pad, w_pad, 1), np.float32)
+  slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+  cnt = 0
+  for hs in slices:
+    for ws in slices:
+      img_mask[:, hs, ws, :] = cnt
+      cnt += 1
+  windows = window_partition(img_mask, window).reshape(-1, window * window)
+  diff = windows[:, None, :] - windows[:, :, None]
+  return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
+
+
+def pad_bottom_right(x, multiple: int):
+  """(B, H, W, C) zero-padded at the bottom / right to multiples of
+  ``multiple`` (AdaptivePadding 'corner' with kernel = stride)."""
+  h, w = x.shape[1], x.shape[2]
+  pad_h, pad_w = (-h) % multiple, (-w) % multiple
+  if pad_h or pad_w:
+    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  return x
+
+
+def unfold_2x2(x):
+  """(B, H, W, C), H and W even -> (B, H/2, W/2, 4C) in nn.Unfold's order:
+  channel c * 4 + kh * 2 + kw."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // 2, 2, w // 2, 2, c)
+  return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, 4 * c)
