@@ -7,8 +7,10 @@ What the reference computes (mmcv/ops/nms.py + csrc/pytorch/cpu/nms.cpp):
   before the NMS (``boxes.max()`` over all 4 coordinates of the boxes it is
   given).  The shift changes the float32 IoU arithmetic, so we reproduce it
   (``batched_offset=True``).
-* The kernel sorts the scores descending (ties keep the index order: torch's
-  CPU sort is stable), then for each still-selected box ``i`` in that order
+* The kernel sorts the scores descending (ours keeps the index order for
+  ties; torch's CPU sort in ``nms_cpu`` is not stable, so exact ties may
+  come out in another order there: docs/PADDING.md), then for each
+  still-selected box ``i`` in that order
   drops every later box ``j`` with ``inter / (area_i + area_j - inter) > thr``
   (float32, strictly greater, no eps; ``area = (x2 - x1) * (y2 - y1)``,
   ``inter = max(0, xx2 - xx1) * max(0, yy2 - yy1)``).
