@@ -135,6 +135,11 @@ def get_config() -> ml_collections.ConfigDict:
   # backbone norm; plus these regexes over parameter paths, e.g. '^neck/'.
   c.optim.frozen_params = ()
   c.optim.clip_norm = 0.1
+  # The update on one flat vector per lr group (few, large fused loops: a
+  # small compiled step) or per parameter (no flat copies: less peak
+  # memory for large models).  Meshes with mesh.model > 1 always update
+  # per parameter.  training/flat_optimizer.py.
+  c.optim.flat_update = True
   c.optim.warmup_steps = 2000
   c.optim.warmup_factor = 1e-4
   c.optim.epochs = 12

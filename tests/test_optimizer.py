@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from ddq_jax.training import optimizer as opt
 
@@ -109,8 +110,11 @@ def _torch_reference(params, grads_seq, labels, lrs, *, wd, max_norm, mult):
   return jax.tree.unflatten(treedef, p)
 
 
-def test_adamw_matches_torch_and_frozen_untouched():
-  config = _config(warmup_steps=3, warmup_factor=0.5, decay_epochs=(1,))
+@pytest.mark.parametrize('flat_update', [True, False])
+def test_adamw_matches_torch_and_frozen_untouched(flat_update):
+  """Flat (one vector per lr group) and per-parameter updates alike."""
+  config = _config(warmup_steps=3, warmup_factor=0.5, decay_epochs=(1,),
+                   flat_update=flat_update)
   params = jax.tree.map(jnp.asarray, _tree())
   tx, sched = opt.make_optimizer(config, steps_per_epoch=3)
   state = tx.init(params)

@@ -206,7 +206,8 @@ def make_optimizer(config, steps_per_epoch: int, params=None):
   untouched.
 
   Args:
-    config: the ml_collections config (sections optim, backbone, mesh).
+    config: the ml_collections config (sections optim, backbone, mesh;
+      ``optim.flat_update``: one vector per lr group, else per parameter).
     steps_per_epoch: iterations per epoch (MultiStepLR milestones).
     params: unused (the labels are computed from the tree given to
       ``init`` / ``step``).
@@ -226,7 +227,7 @@ def make_optimizer(config, steps_per_epoch: int, params=None):
       lr_mults={DEFAULT: 1.0, BACKBONE: float(o.backbone_lr_mult)},
       weight_decay=float(o.weight_decay),
       max_norm=float(o.get('clip_norm', 0.0) or 0.0),
-      concat=model_axis <= 1)
+      concat=bool(o.get('flat_update', True)) and model_axis <= 1)
   return tx, schedule
 
 
