@@ -20,8 +20,9 @@ recomputes the whole update once per parameter; it also drops
 trips when the step is not to be applied, so parameters and state come back
 bit for bit as they were.
 
-With ``mesh.model > 1`` every parameter is its own group (no
-concatenation), so model-sharded parameters and their moments stay local.
+With ``mesh.model > 1`` or ``optim.flat_update=False`` every parameter is
+its own group (no concatenation): model-sharded parameters and their
+moments stay local, and a large model has no flat copies at its peak.
 
 State (per-parameter layout; frozen parameters have no moments)::
 
@@ -95,8 +96,9 @@ def bias_corrections(count, *, b1: float, b2: float):
 
 
 class FlatAdamW:
-  """init(params) -> state; step(grads, state, params, apply=) -> (params,
-  state); update(grads, state, params) -> (updates, state) (optax style).
+  """init(params) -> state; step(grads, state, params, ok=) -> (params,
+  state, info); update(grads, state, params) -> (updates, state) (optax
+  style).
 
   Args:
     labels_fn: params tree -> labels tree ('frozen' | 'backbone' |
@@ -155,8 +157,8 @@ class FlatAdamW:
     p_leaves, tdef = jax.tree.flatten(params)
     g_leaves = tdef.flatten_up_to(grads)
     labels = tdef.flatten_up_to(self.labels_fn(params))
-    mask = lambda tree: tdef.flatten_up_to(tree)  # noqa: E731
-    mu_leaves, nu_leaves = mask(state.mu), mask(state.nu)
+    mu_leaves = tdef.flatten_up_to(state.mu)
+    nu_leaves = tdef.flatten_up_to(state.nu)
     groups = self._groups(labels)
 
     def join(leaves, idx):
@@ -171,24 +173,23 @@ class FlatAdamW:
       # torch clip_grad_norm_: g * min(1, max / (norm + 1e-6)), rounded.
       coef = jnp.minimum(1.0, self.max_norm / (norm + 1e-6))
       g_vec = [(v * coef).astype(v.dtype) for v in g_vec]
-    carry = (state.count, [join(p_leaves, idx) for _, idx in groups],
+    carry = ([join(p_leaves, idx) for _, idx in groups],
              [join(mu_leaves, idx) for _, idx in groups],
              [join(nu_leaves, idx) for _, idx in groups])
-    wd, kw = self.weight_decay, dict(b1=self.b1, b2=self.b2, eps=self.eps)
+    lrs = self.group_lrs(state.count)
+    bc1, bc2_sqrt = bias_corrections(state.count, b1=self.b1, b2=self.b2)
+    kw = dict(bc2_sqrt=bc2_sqrt, zero=jnp.minimum(state.count, 0),
+              b1=self.b1, b2=self.b2, eps=self.eps)
 
     def update(c):
-      count, ps, ms, vs = c
-      lrs = self.group_lrs(count)
-      bc1, bc2_sqrt = bias_corrections(count, b1=self.b1, b2=self.b2)
-      zero = jnp.minimum(count, 0)
       out = [adamw_element_update(
-          p, m, v, g, step_size=lrs[name] / bc1, bc2_sqrt=bc2_sqrt,
-          decay=1.0 - lrs[name] * wd, zero=zero, **kw)
-          for (name, _), p, m, v, g in zip(groups, ps, ms, vs, g_vec)]
-      return (count + 1, [o[0] for o in out], [o[1] for o in out],
-              [o[2] for o in out])
+          p, m, v, g, step_size=lrs[name] / bc1,
+          decay=1.0 - lrs[name] * self.weight_decay, **kw)
+          for (name, _), p, m, v, g in zip(groups, *c, g_vec)]
+      return tuple([o[k] for o in out] for k in range(3))
     applied = jnp.asarray(ok, bool) & jnp.isfinite(norm)
-    count, ps, ms, vs = run_unfused(update, carry, trips=applied)
+    ps, ms, vs = run_unfused(update, carry, trips=applied)
+    count = state.count + applied.astype(state.count.dtype)
 
     new_p, new_mu, new_nu = list(p_leaves), list(mu_leaves), list(nu_leaves)
     for (_, idx), pv, mv, vv in zip(groups, ps, ms, vs):
@@ -203,7 +204,7 @@ class FlatAdamW:
         new_nu[i] = vv[off:off + n].reshape(shape)
         off += n
     lrs = {lr_metric_name(g): jnp.where(applied, v, state.lrs[
-        lr_metric_name(g)]) for g, v in self.group_lrs(state.count).items()}
+        lr_metric_name(g)]) for g, v in lrs.items()}
     new_state = FlatAdamWState(count=count, mu=tdef.unflatten(new_mu),
                                nu=tdef.unflatten(new_nu), lrs=lrs)
     return tdef.unflatten(new_p), new_state, dict(grad_norm=norm,
