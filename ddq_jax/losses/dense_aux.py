@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddq_jax.losses import basic
 from ddq_jax.losses import match_costs as mc
 from ddq_jax.losses.hungarian import hungarian_match_batched
 from ddq_jax.ops import boxes as box_ops
+from ddq_jax.ops.indexing import div_nonneg
 
 
 def _int_pow(x, e):
@@ -81,16 +83,19 @@ def topk_hungarian_assign(probs, boxes_px, *, gt_boxes, gt_labels, gt_valid,
                          img_shapes=img_shapes)                # (.., B, N, G)
   num_gt = jnp.sum(gt_valid, -1)                                # (B,)
   k_img = jnp.where(num_gt > 0,
-                    jnp.minimum(topk, n // jnp.maximum(num_gt, 1)), 0)
+                    jnp.minimum(topk, div_nonneg(
+                        jnp.full(num_gt.shape, n, jnp.int32),
+                        jnp.maximum(num_gt, 1).astype(jnp.int32))), 0)
   rep = jnp.repeat(cost, topk, axis=-1)                         # col g*topk+r
-  col_gt = jnp.arange(g * topk) // topk
-  col_r = jnp.arange(g * topk) % topk
+  col_gt = np.arange(g * topk) // topk
+  col_r = np.arange(g * topk) % topk
   col_valid = gt_valid[:, col_gt] & (col_r[None, :] < k_img[:, None])
   row_valid = jnp.ones(probs.shape[:-1], bool)
   col_valid = jnp.broadcast_to(col_valid, cost.shape[:-2] + (g * topk,))
   col = hungarian_match_batched(rep, row_valid=row_valid, col_valid=col_valid,
                                 solver=solver)
-  assigned = jnp.where(col >= 0, col // topk, -1).astype(jnp.int32)
+  assigned = jnp.where(col >= 0, div_nonneg(jnp.maximum(col, 0), topk),
+                       -1).astype(jnp.int32)
   pos = assigned >= 0
   onehot = (assigned[..., None] == jnp.arange(g)) & pos[..., None]  # (.., N, G)
   m_i = jnp.sum(jnp.where(onehot, metrics, 0.0), -1)

@@ -319,9 +319,6 @@ class DDQDecoder(DeformableSizes, kw_only=True):
 
       def apply_layer(p, *args):
         return layer.apply({'params': p}, *args)
-      if self.remat != 'none':
-        apply_layer = jax.checkpoint(apply_layer, policy=policy,
-                                     prevent_cse=False)
 
       def body(carry, xs):
         query, reference_points, self_attn_mask, candidates = carry
@@ -335,6 +332,11 @@ class DDQDecoder(DeformableSizes, kw_only=True):
             l, query, reference_points, self_attn_mask, candidates)
         return ((query, reference_points, self_attn_mask, candidates),
                 (query, new_refs, keep, head_mask))
+      if self.remat != 'none':
+        # The whole layer step (with the head's branches and the selection)
+        # is rematerialised: a layer keeps only its carry for the backward
+        # pass, and the selection (no gradient) is not recomputed there.
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
 
       carry = (query, reference_points, self_attn_mask, candidates)
       xs = (jnp.arange(n_layers), stacked)

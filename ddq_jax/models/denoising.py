@@ -30,6 +30,8 @@ import jax.numpy as jnp
 
 from ddq_jax.models import initializers as inits
 from ddq_jax.ops import boxes as box_ops
+from ddq_jax.ops.indexing import div_nonneg, rem_nonneg
+from ddq_jax.ops.indexing import take_along_axis_in_range
 
 
 def num_dn_slots(*, num_dn_queries: int, max_gt: int) -> int:
@@ -59,18 +61,18 @@ def dn_layout(gt_valid: jnp.ndarray, *, num_dn_queries: int,
   n = jnp.sum(gt_valid, axis=-1).astype(jnp.int32)            # (B,)
   m = jnp.max(n) if b else jnp.int32(0)
   m1 = jnp.maximum(m, 1)
-  groups = jnp.where(m == 0, 1, jnp.maximum(num_dn_queries // m1, 1)
-                     ).astype(jnp.int32)
+  groups = jnp.where(m == 0, 1, jnp.maximum(div_nonneg(
+      jnp.int32(num_dn_queries), m1), 1)).astype(jnp.int32)
   used = (2 * groups * m).astype(jnp.int32)
   s = jnp.arange(num_slots, dtype=jnp.int32)
   in_range = s < used
-  r = s % (2 * m1)
+  r = rem_nonneg(s, 2 * m1)
   positive_slot = r < m1
   t = jnp.where(positive_slot, r, r - m1)
-  group = jnp.where(in_range, s // (2 * m1), -1)
+  group = jnp.where(in_range, div_nonneg(s, 2 * m1), -1)
   has_gt = in_range[None, :] & (t[None, :] < n[:, None])
   order = jnp.argsort(~gt_valid, axis=-1, stable=True).astype(jnp.int32)
-  col = jnp.take_along_axis(
+  col = take_along_axis_in_range(
       order, jnp.broadcast_to(jnp.minimum(t, max(g_slots - 1, 0)),
                               (b, num_slots)), axis=-1) if g_slots else \
       jnp.zeros((b, num_slots), jnp.int32)
@@ -117,6 +119,14 @@ def build_self_attn_mask(slot_group: jnp.ndarray, *, num_matching: int,
   return mask
 
 
+def _unit_uniform(bits: jnp.ndarray) -> jnp.ndarray:
+  """uint32 random bits -> float32 uniform in [0, 1) (23 mantissa bits, as
+  ``jax.random.uniform``)."""
+  one = jax.lax.bitcast_convert_type(
+      (bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000), jnp.float32)
+  return one - 1.0
+
+
 def noisy_dn_targets(key: jax.Array, *, gt_boxes: jnp.ndarray,
                      gt_labels: jnp.ndarray, img_shapes: jnp.ndarray,
                      layout: dict, num_classes: int,
@@ -128,20 +138,22 @@ def noisy_dn_targets(key: jax.Array, *, gt_boxes: jnp.ndarray,
   """
   has_gt, col = layout['slot_has_gt'], layout['slot_gt_index']
   b, d = has_gt.shape
-  k_p, k_lab, k_sign, k_part = jax.random.split(key, 4)
-  labels = jnp.take_along_axis(gt_labels.astype(jnp.int32), col, axis=1)
+  # One draw of random bits for all the noise (each threefry draw is a loop
+  # of its own in the compiled step): per slot, bits 0: label-noise uniform,
+  # 1: the random class, 2-5: corner signs, 6-9: corner magnitudes.
+  bits = jax.random.bits(key, (b, d, 10), jnp.uint32)
+  labels = take_along_axis_in_range(gt_labels.astype(jnp.int32), col, axis=1)
   # label noise: positions with p < scale / 2 get a random class
-  p = jax.random.uniform(k_p, (b, d))
-  new_labels = jax.random.randint(k_lab, (b, d), 0, num_classes, jnp.int32)
+  p = _unit_uniform(bits[..., 0])
+  new_labels = rem_nonneg(bits[..., 1], num_classes).astype(jnp.int32)
   labels = jnp.where(p < label_noise_scale * 0.5, new_labels, labels)
   labels = jnp.where(has_gt, labels, -1)
   # box noise on normalised xyxy corners
   factor = box_ops.image_size_factor(img_shapes)[:, None, :]   # (B, 1, 4)
-  boxes = jnp.take_along_axis(gt_boxes.astype(jnp.float32),
+  boxes = take_along_axis_in_range(gt_boxes.astype(jnp.float32),
                               col[..., None], axis=1) / factor  # (B, D, 4)
-  sign = jax.random.randint(k_sign, (b, d, 4), 0, 2).astype(jnp.float32)
-  sign = sign * 2.0 - 1.0
-  part = jax.random.uniform(k_part, (b, d, 4))
+  sign = (bits[..., 2:6] & jnp.uint32(1)).astype(jnp.float32) * 2.0 - 1.0
+  part = _unit_uniform(bits[..., 6:10])
   negative = ~layout['slot_positive']
   part = part + negative[None, :, None].astype(jnp.float32)
   part = part * sign

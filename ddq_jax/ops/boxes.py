@@ -8,18 +8,33 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
+_CXCYWH_TO_XYXY = ((1.0, 0.0, 1.0, 0.0), (0.0, 1.0, 0.0, 1.0),
+                   (-0.5, 0.0, 0.5, 0.0), (0.0, -0.5, 0.0, 0.5))
+
+
 def cxcywh_to_xyxy(boxes: jnp.ndarray) -> jnp.ndarray:
   """(..., 4) cxcywh -> (..., 4) xyxy, as mmdet's ``bbox_cxcywh_to_xyxy``."""
-  cx, cy, w, h = jnp.split(boxes, 4, axis=-1)
-  return jnp.concatenate([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w,
-                          cy + 0.5 * h], axis=-1)
+  return _mix_coordinates(boxes, _CXCYWH_TO_XYXY)
+
+
+_XYXY_TO_CXCYWH = ((0.5, 0.0, -1.0, 0.0), (0.0, 0.5, 0.0, -1.0),
+                   (0.5, 0.0, 1.0, 0.0), (0.0, 0.5, 0.0, 1.0))
 
 
 def xyxy_to_cxcywh(boxes: jnp.ndarray) -> jnp.ndarray:
   """(..., 4) xyxy -> (..., 4) cxcywh, as mmdet's ``bbox_xyxy_to_cxcywh``."""
-  x1, y1, x2, y2 = jnp.split(boxes, 4, axis=-1)
-  return jnp.concatenate([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1],
-                         axis=-1)
+  return _mix_coordinates(boxes, _XYXY_TO_CXCYWH)
+
+
+def _mix_coordinates(boxes: jnp.ndarray, matrix) -> jnp.ndarray:
+  """``boxes @ matrix`` for a 4 x k matrix of 0, +-1 and +-0.5, as a
+  product summed over the coordinates: each output has one rounded
+  addition (x2 - x1, cx - w / 2, x1 / 2 + x2 / 2 = (x1 + x2) / 2), so the
+  value is the coordinate-wise formula's, bit for bit, and no coordinate is
+  sliced out (the backward pass has one fused loop, not a pad per
+  coordinate).  Finite boxes only: inf * 0 is nan."""
+  m = jnp.asarray(matrix, boxes.dtype)
+  return jnp.sum(boxes[..., :, None] * m, axis=-2)
 
 
 def image_size_factor(img_hw: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
@@ -32,24 +47,31 @@ def image_size_factor(img_hw: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
 
 def box_area(boxes: jnp.ndarray) -> jnp.ndarray:
   """(..., 4) xyxy -> (...) area (negative extents are not clamped)."""
-  return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+  return jnp.prod(_extents(boxes), -1)
+
+
+_EXTENT = ((-1.0, 0.0), (0.0, -1.0), (1.0, 0.0), (0.0, 1.0))
+_IS_LO = (True, True, False, False)
+
+
+def _extents(boxes):
+  """(..., 4) xyxy -> (..., 2) (x2 - x1, y2 - y1)."""
+  return _mix_coordinates(boxes, _EXTENT)
 
 
 def _overlaps(boxes1, boxes2, *, giou: bool, eps: float):
   """IoU or GIoU of boxes that broadcast against each other: (..., 4)."""
   area1, area2 = box_area(boxes1), box_area(boxes2)
-  lt = jnp.maximum(boxes1[..., :2], boxes2[..., :2])
-  rb = jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
-  wh = jnp.clip(rb - lt, 0)
-  overlap = wh[..., 0] * wh[..., 1]
+  lo = jnp.asarray(_IS_LO)
+  hi, low = jnp.maximum(boxes1, boxes2), jnp.minimum(boxes1, boxes2)
+  wh = jnp.clip(_extents(jnp.where(lo, hi, low)), 0)
+  overlap = jnp.prod(wh, -1)
   union = jnp.maximum(area1 + area2 - overlap, eps)
   ious = overlap / union
   if not giou:
     return ious
-  enclose_lt = jnp.minimum(boxes1[..., :2], boxes2[..., :2])
-  enclose_rb = jnp.maximum(boxes1[..., 2:], boxes2[..., 2:])
-  enclose_wh = jnp.clip(enclose_rb - enclose_lt, 0)
-  enclose_area = jnp.maximum(enclose_wh[..., 0] * enclose_wh[..., 1], eps)
+  enclose_wh = jnp.clip(_extents(jnp.where(lo, low, hi)), 0)
+  enclose_area = jnp.maximum(jnp.prod(enclose_wh, -1), eps)
   return ious - (enclose_area - union) / enclose_area
 
 

@@ -10,7 +10,10 @@ no step directory behind), and the manager keeps the last ``keep``.
 
 Restoring takes the target's abstract state with shardings, so a checkpoint
 written under one mesh / process count restores into another (every process
-reads the slices it owns).
+reads the slices it owns).  The optimiser's moments are always stored per
+parameter (``canonical_state``), whether the state holds them that way or as
+one vector per lr group (``flat_optimizer.FlatMoments``): either layout
+restores from the same checkpoint.
 
 Trust: the directory is checked (a directory, writable) when the
 Checkpointer is made, so a bad path fails the run at once; a save that
@@ -32,6 +35,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from ddq_jax.training import integrity
+from ddq_jax.training.flat_optimizer import canonical_opt_state
+from ddq_jax.training.flat_optimizer import from_canonical_opt_state
 from ddq_jax.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,21 @@ class DamagedCheckpointError(CheckpointError):
 class StateMismatchError(CheckpointError):
   """An intact checkpoint whose arrays do not fit the target state (another
   model / optimiser configuration): not damage, nothing is moved."""
+
+
+def canonical_state(state: TrainState) -> TrainState:
+  """``state`` in the checkpoint layout (moments per parameter); arrays or
+  ``jax.ShapeDtypeStruct`` leaves."""
+  return state.replace(opt_state=canonical_opt_state(state.opt_state,
+                                                     state.params))
+
+
+def from_canonical_state(canonical: TrainState, target: TrainState
+                         ) -> TrainState:
+  """A restored checkpoint-layout state in ``target``'s layout and
+  placement."""
+  return canonical.replace(opt_state=from_canonical_opt_state(
+      canonical.opt_state, target.opt_state))
 
 
 def array_specs(tree) -> dict[str, list]:
@@ -125,6 +145,7 @@ class Checkpointer:
       return False
     if step == self._last_saved or step in self.all_steps():
       return False
+    state = canonical_state(state)
     checksums, finite = integrity.state_fingerprint(state)
     if not finite:
       log.error('checkpoint: step %d NOT saved: the state holds non-finite '
@@ -202,9 +223,10 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    abstract = jax.tree.map(
+    target = jax.tree.map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
         jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    abstract = canonical_state(target)
     try:
       saved = self.read_meta(step).get('arrays')
     except Exception as e:  # pylint: disable=broad-except
@@ -246,7 +268,7 @@ class Checkpointer:
       raise DamagedCheckpointError(step, 'holds non-finite values')
     log.info('checkpoint: restored step %d from %s (checksums verified)',
              step, self.directory)
-    return state, meta
+    return from_canonical_state(state, target), meta
 
   def set_aside(self, step: int) -> str:
     """Moves step ``step``'s directory into ``<dir>.damaged/`` (process 0;

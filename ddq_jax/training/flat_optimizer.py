@@ -8,9 +8,12 @@ scaling, the moments, the parameter, ``apply_updates`` -- about 50k lines of
 HLO for R50's 525 parameters, most of the training step.  Here the trainable
 parameters of each lr group ('default', 'backbone') are concatenated into
 one vector, the whole update (clip, moments, parameters) runs once per group
-on the vectors, and the results are sliced back into the per-parameter
-layout, which the state keeps (checkpoints, 'model' sharding, restoring into
-another mesh unchanged).
+on the vectors, and the new parameters are sliced back into their tree.  The
+moments stay vectors (``FlatMoments``): slicing them back too was 2 x 408
+slices, ~6k lines of R50's step.  Checkpoints hold the per-parameter layout
+all the same (``canonical_opt_state`` / ``from_canonical_opt_state``, used
+by ``checkpoint.py``), so a checkpoint restores into either layout and any
+mesh.
 
 The update runs inside ``run_unfused``: a ``while`` loop of one trip that
 XLA cannot prove is one trip.  Its result is a materialised buffer, so XLA
@@ -24,9 +27,11 @@ With ``mesh.model > 1`` or ``optim.flat_update=False`` every parameter is
 its own group (no concatenation): model-sharded parameters and their
 moments stay local, and a large model has no flat copies at its peak.
 
-State (per-parameter layout; frozen parameters have no moments)::
+State (frozen parameters have no moments)::
 
-    FlatAdamWState(count int32[], mu {path: (*shape) | MaskedNode},
+    FlatAdamWState(count int32[],
+                   mu FlatMoments {group: f32[n_group]} (concatenated) or
+                      {path: (*shape) | MaskedNode} (per parameter),
                    nu (same), lrs {'lr': f32[], 'lr_backbone': f32[]})
 
 ``lrs`` holds the lrs of the most recent applied update (the metrics' lr).
@@ -38,6 +43,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 FROZEN, BACKBONE, DEFAULT = 'frozen', 'backbone', 'default'
@@ -50,9 +56,127 @@ def lr_metric_name(group: str) -> str:
 
 class FlatAdamWState(NamedTuple):
   count: jax.Array  # int32[], updates applied
-  mu: Any           # exp_avg, params' tree (frozen leaves: MaskedNode)
+  mu: Any           # exp_avg: FlatMoments, or params' tree (frozen: MaskedNode)
   nu: Any           # exp_avg_sq
   lrs: dict         # {'lr': f32[], 'lr_backbone': f32[]} of the last update
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class FlatMoments:
+  """One moment of the trainable parameters as a vector per lr group.
+
+  ``layout`` (static): ((group, ((parameter path, shape), ...)), ...), in
+  vector order.
+  Children: the vectors, named by group ('opt_state/mu/default').
+  """
+
+  def __init__(self, vectors, layout):
+    self.vectors, self.layout = tuple(vectors), layout
+
+  def tree_flatten_with_keys(self):
+    return ([(jax.tree_util.DictKey(g), v)
+             for (g, _), v in zip(self.layout, self.vectors)], self.layout)
+
+  def tree_flatten(self):
+    return self.vectors, self.layout
+
+  @classmethod
+  def tree_unflatten(cls, layout, vectors):
+    return cls(vectors, layout)
+
+  def __repr__(self):
+    return f'FlatMoments({dict(zip((g for g, _ in self.layout), self.vectors))})'
+
+
+def _paths(tree) -> list[str]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  return [jax.tree_util.keystr(p) for p, _ in flat]
+
+
+def moments_layout(params, labels: Sequence[str]) -> tuple:
+  """FlatMoments' layout for ``params`` whose leaves have these labels."""
+  paths, leaves = _paths(params), jax.tree.leaves(params)
+  out = []
+  for g in GROUPS:
+    idx = [i for i, l in enumerate(labels) if l == g]
+    if idx:
+      out.append((g, tuple((paths[i], tuple(np.shape(leaves[i])))
+                           for i in idx)))
+  return tuple(out)
+
+
+def per_parameter_moments(moments: FlatMoments, params):
+  """FlatMoments -> {path: (*shape)} (frozen leaves MaskedNode), shaped as
+  ``params``.  Vectors that are arrays come back as numpy views of one host
+  copy each; ``jax.ShapeDtypeStruct`` vectors give structs (their
+  sharding)."""
+  by_path = {}
+  for (_, items), vec in zip(moments.layout, moments.vectors):
+    if isinstance(vec, jax.ShapeDtypeStruct):
+      for path, shape in items:
+        by_path[path] = jax.ShapeDtypeStruct(shape, vec.dtype,
+                                             sharding=vec.sharding)
+      continue
+    host = np.asarray(_host(vec))
+    off = 0
+    for path, shape in items:
+      n = math.prod(shape)
+      by_path[path] = _place(host[off:off + n].reshape(shape), vec.sharding)
+      off += n
+  tdef = jax.tree.structure(params)
+  return tdef.unflatten([by_path.get(p, optax.MaskedNode())
+                         for p in _paths(params)])
+
+
+def flat_moments(tree, like: FlatMoments) -> FlatMoments:
+  """{path: (*shape)} -> FlatMoments laid out and placed as ``like``."""
+  by_path = dict(zip(_paths(tree), jax.tree.leaves(
+      tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))))
+  vectors = []
+  for (_, items), vec in zip(like.layout, like.vectors):
+    missing = [p for p, _ in items if not hasattr(by_path.get(p), 'shape')]
+    if missing:
+      raise ValueError(f'moments of {missing[:3]} missing')
+    host = np.concatenate([np.asarray(_host(by_path[p])).ravel()
+                           for p, _ in items]).astype(vec.dtype)
+    vectors.append(_place(host, getattr(vec, 'sharding', None)))
+  return FlatMoments(vectors, like.layout)
+
+
+def _host(x):
+  """A (replicated) array's value on this host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return x.addressable_data(0)
+  return x
+
+
+def _place(host: np.ndarray, sharding):
+  """The same value on every process -> a global array (any sharding)."""
+  if sharding is None:
+    return jnp.asarray(host)
+  return jax.make_array_from_callback(host.shape, sharding,
+                                      lambda index: host[index])
+
+
+def canonical_opt_state(opt_state, params):
+  """The checkpoint layout of an optimiser state: FlatMoments become
+  per-parameter trees; anything else is returned as it is."""
+  if not isinstance(opt_state, FlatAdamWState) or not isinstance(
+      opt_state.mu, FlatMoments):
+    return opt_state
+  return opt_state._replace(mu=per_parameter_moments(opt_state.mu, params),
+                            nu=per_parameter_moments(opt_state.nu, params))
+
+
+def from_canonical_opt_state(canonical, target):
+  """Inverse of ``canonical_opt_state``: ``canonical`` in the layout (and
+  placement) of ``target``, an optimiser state of arrays or structs."""
+  if not isinstance(target, FlatAdamWState) or not isinstance(
+      target.mu, FlatMoments):
+    return canonical
+  return canonical._replace(mu=flat_moments(canonical.mu, target.mu),
+                            nu=flat_moments(canonical.nu, target.nu))
 
 
 def run_unfused(fn: Callable, carry, *, trips: jax.Array):
@@ -124,10 +248,19 @@ class FlatAdamW:
     return jax.tree.map(lambda l: l != FROZEN, self.labels_fn(params))
 
   def init(self, params) -> FlatAdamWState:
-    mask = self._trainable(params)
-    zeros = lambda: jax.tree.map(  # noqa: E731  (new buffers per call)
-        lambda p, t: jnp.zeros_like(p) if t else optax.MaskedNode(),
-        params, mask)
+    if self.concat:
+      leaves, tdef = jax.tree.flatten(params)
+      layout = moments_layout(params, tdef.flatten_up_to(
+          self.labels_fn(params)))
+      dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+      zeros = lambda: FlatMoments(  # noqa: E731  (new buffers per call)
+          [jnp.zeros((sum(math.prod(s) for _, s in items),), dtype)
+           for _, items in layout], layout)
+    else:
+      mask = self._trainable(params)
+      zeros = lambda: jax.tree.map(  # noqa: E731  (new buffers per call)
+          lambda p, t: jnp.zeros_like(p) if t else optax.MaskedNode(),
+          params, mask)
     lrs = {lr_metric_name(g): jnp.zeros((), jnp.float32) for g in GROUPS}
     return FlatAdamWState(count=jnp.zeros((), jnp.int32), mu=zeros(),
                           nu=zeros(), lrs=lrs)
@@ -157,12 +290,22 @@ class FlatAdamW:
     p_leaves, tdef = jax.tree.flatten(params)
     g_leaves = tdef.flatten_up_to(grads)
     labels = tdef.flatten_up_to(self.labels_fn(params))
-    mu_leaves = tdef.flatten_up_to(state.mu)
-    nu_leaves = tdef.flatten_up_to(state.nu)
     groups = self._groups(labels)
+    flat = isinstance(state.mu, FlatMoments)
+    if flat != self.concat:
+      raise ValueError(f'FlatAdamW(concat={self.concat}) was given a state '
+                       f'with {"flat" if flat else "per-parameter"} moments')
+    if flat:
+      want = moments_layout(params, labels)
+      if state.mu.layout != want:
+        raise ValueError('FlatAdamW: the optimiser state was made for other '
+                         'parameters (its moments layout differs)')
+    else:
+      mu_leaves = tdef.flatten_up_to(state.mu)
+      nu_leaves = tdef.flatten_up_to(state.nu)
 
     def join(leaves, idx):
-      if len(idx) == 1:
+      if len(idx) == 1 and not flat:
         return leaves[idx[0]]
       return jnp.concatenate([jnp.ravel(leaves[i]) for i in idx])
 
@@ -173,9 +316,12 @@ class FlatAdamW:
       # torch clip_grad_norm_: g * min(1, max / (norm + 1e-6)), rounded.
       coef = jnp.minimum(1.0, self.max_norm / (norm + 1e-6))
       g_vec = [(v * coef).astype(v.dtype) for v in g_vec]
-    carry = ([join(p_leaves, idx) for _, idx in groups],
-             [join(mu_leaves, idx) for _, idx in groups],
-             [join(nu_leaves, idx) for _, idx in groups])
+    if flat:
+      moments = (list(state.mu.vectors), list(state.nu.vectors))
+    else:
+      moments = ([join(mu_leaves, idx) for _, idx in groups],
+                 [join(nu_leaves, idx) for _, idx in groups])
+    carry = ([join(p_leaves, idx) for _, idx in groups],) + moments
     lrs = self.group_lrs(state.count)
     bc1, bc2_sqrt = bias_corrections(state.count, b1=self.b1, b2=self.b2)
     kw = dict(bc2_sqrt=bc2_sqrt, zero=jnp.minimum(state.count, 0),
@@ -191,22 +337,26 @@ class FlatAdamW:
     ps, ms, vs = run_unfused(update, carry, trips=applied)
     count = state.count + applied.astype(state.count.dtype)
 
-    new_p, new_mu, new_nu = list(p_leaves), list(mu_leaves), list(nu_leaves)
+    new_p = list(p_leaves)
+    if flat:
+      new_mu = FlatMoments(ms, state.mu.layout)
+      new_nu = FlatMoments(vs, state.nu.layout)
+    else:
+      mu_out, nu_out = list(mu_leaves), list(nu_leaves)
     for (_, idx), pv, mv, vv in zip(groups, ps, ms, vs):
-      if len(idx) == 1:
-        new_p[idx[0]], new_mu[idx[0]], new_nu[idx[0]] = pv, mv, vv
+      if len(idx) == 1 and not flat:
+        new_p[idx[0]], mu_out[idx[0]], nu_out[idx[0]] = pv, mv, vv
         continue
       off = 0
       for i in idx:
         n, shape = p_leaves[i].size, p_leaves[i].shape
         new_p[i] = pv[off:off + n].reshape(shape)
-        new_mu[i] = mv[off:off + n].reshape(shape)
-        new_nu[i] = vv[off:off + n].reshape(shape)
         off += n
+    if not flat:
+      new_mu, new_nu = tdef.unflatten(mu_out), tdef.unflatten(nu_out)
     lrs = {lr_metric_name(g): jnp.where(applied, v, state.lrs[
         lr_metric_name(g)]) for g, v in lrs.items()}
-    new_state = FlatAdamWState(count=count, mu=tdef.unflatten(new_mu),
-                               nu=tdef.unflatten(new_nu), lrs=lrs)
+    new_state = FlatAdamWState(count=count, mu=new_mu, nu=new_nu, lrs=lrs)
     return tdef.unflatten(new_p), new_state, dict(grad_norm=norm,
                                                   applied=applied)
 
