@@ -179,3 +179,48 @@ def test_labels_on_real_model(tiny_config):
             for l in ('frozen', 'backbone', 'default')}
   print(counts)
   assert counts['backbone'] == 3 * (4 + 6 + 3) + 3  # 3 convs/block + 3 downsamples
+
+
+def test_flat_moments_and_their_checkpoint_layout():
+  """Flat moments (one vector per lr group) hold the per-parameter moments
+  in vector order; the checkpoint layout is per parameter; converting there
+  and back is the identity, and a per-parameter state's canonical form is
+  itself."""
+  from ddq_jax.training import flat_optimizer as fo
+  params = jax.tree.map(jnp.asarray, _tree())
+  rng = np.random.default_rng(1)
+  g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)
+                                         .astype(np.float32)), params)
+  states = {}
+  for flat in (True, False):
+    tx, _ = opt.make_optimizer(_config(warmup_steps=3, flat_update=flat),
+                               steps_per_epoch=3)
+    s = tx.init(params)
+    _, s = jax.jit(lambda g, s, p: tx.update(g, s, p))(g, s, params)
+    states[flat] = s
+  flat, per = states[True], states[False]
+  assert isinstance(flat.mu, fo.FlatMoments)
+  assert [k for k, _ in flat.mu.layout] == ['default', 'backbone']
+  canon = fo.canonical_opt_state(flat, params)
+  assert fo.canonical_opt_state(per, params) is per
+  leaves = lambda t: jax.tree.leaves(  # noqa: E731
+      t, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  for a, b in zip(leaves(canon.mu) + leaves(canon.nu),
+                  leaves(per.mu) + leaves(per.nu)):
+    if isinstance(b, optax.MaskedNode):
+      assert isinstance(a, optax.MaskedNode)
+    else:
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
+                                 atol=1e-12)
+  back = fo.from_canonical_opt_state(canon, flat)
+  for a, b in zip(back.mu.vectors + back.nu.vectors,
+                  flat.mu.vectors + flat.nu.vectors):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  # the state's own shape check: moments made for other parameters
+  other = dict(params, extra=jnp.zeros((3, 3), jnp.float32))
+  tx, _ = opt.make_optimizer(_config(), steps_per_epoch=3)
+  with pytest.raises(ValueError, match='moments layout differs'):
+    tx.step(jax.tree.map(jnp.zeros_like, other), flat, other)
+
+
+import optax  # noqa: E402

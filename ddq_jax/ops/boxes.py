@@ -8,31 +8,27 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-_CXCYWH_TO_XYXY = ((1.0, 0.0, 1.0, 0.0), (0.0, 1.0, 0.0, 1.0),
-                   (-0.5, 0.0, 0.5, 0.0), (0.0, -0.5, 0.0, 0.5))
-
-
 def cxcywh_to_xyxy(boxes: jnp.ndarray) -> jnp.ndarray:
   """(..., 4) cxcywh -> (..., 4) xyxy, as mmdet's ``bbox_cxcywh_to_xyxy``."""
-  return _mix_coordinates(boxes, _CXCYWH_TO_XYXY)
-
-
-_XYXY_TO_CXCYWH = ((0.5, 0.0, -1.0, 0.0), (0.0, 0.5, 0.0, -1.0),
-                   (0.5, 0.0, 1.0, 0.0), (0.0, 0.5, 0.0, 1.0))
+  cx, cy, w, h = jnp.split(boxes, 4, axis=-1)
+  return jnp.concatenate([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w,
+                          cy + 0.5 * h], axis=-1)
 
 
 def xyxy_to_cxcywh(boxes: jnp.ndarray) -> jnp.ndarray:
   """(..., 4) xyxy -> (..., 4) cxcywh, as mmdet's ``bbox_xyxy_to_cxcywh``."""
-  return _mix_coordinates(boxes, _XYXY_TO_CXCYWH)
+  x1, y1, x2, y2 = jnp.split(boxes, 4, axis=-1)
+  return jnp.concatenate([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1],
+                         axis=-1)
 
 
 def _mix_coordinates(boxes: jnp.ndarray, matrix) -> jnp.ndarray:
-  """``boxes @ matrix`` for a 4 x k matrix of 0, +-1 and +-0.5, as a
-  product summed over the coordinates: each output has one rounded
-  addition (x2 - x1, cx - w / 2, x1 / 2 + x2 / 2 = (x1 + x2) / 2), so the
-  value is the coordinate-wise formula's, bit for bit, and no coordinate is
-  sliced out (the backward pass has one fused loop, not a pad per
-  coordinate).  Finite boxes only: inf * 0 is nan."""
+  """``boxes @ matrix`` for a 4 x k matrix of 0 and +-1, as a product
+  summed over the coordinates: each output has one rounded addition
+  (x2 - x1), so the value is the coordinate-wise formula's, bit for bit,
+  and no coordinate is sliced out (the backward pass of the overlaps has
+  one fused loop instead of a pad per coordinate).  Finite boxes only:
+  inf * 0 is nan."""
   m = jnp.asarray(matrix, boxes.dtype)
   return jnp.sum(boxes[..., :, None] * m, axis=-2)
 
