@@ -20,13 +20,13 @@ import functools
 import math
 import os
 import threading
-import time
 from typing import Any
 
 import numpy as np
 
 from ddq_jax.data import transforms as T
 from ddq_jax.data.base import DetectionSource, log
+from ddq_jax.data.workers import die_with_parent
 from ddq_jax.data.batching import (collate, eval_canvases, fits_any,
                                    select_canvas)
 
@@ -266,35 +266,6 @@ def _blank(canvas, mean) -> dict:
   return dict(image=img, boxes=np.zeros((0, 4), np.float32),
               labels=np.zeros((0,), np.int32), img_shape=tuple(canvas),
               scale_factor=(1.0, 1.0), orig_size=tuple(canvas), image_id=-1)
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def die_with_parent(parent_pid: int, worker_index: int = 0,
-                    worker_count: int = 0, *, poll_s: float = 0.5) -> None:
-  """Loader-worker init: a daemon thread ends this process as soon as the
-  process that started the loader (``parent_pid``) is gone (its parent pid
-  changes, or ``parent_pid`` no longer exists), so a trainer killed with
-  SIGKILL leaves no orphaned workers behind.  (A watchdog rather than
-  PR_SET_PDEATHSIG, which fires when the creating *thread* exits.)"""
-  del worker_index, worker_count
-  initial = os.getppid()
-
-  def watch():
-    while os.getppid() == initial and _alive(parent_pid):
-      time.sleep(poll_s)
-    os._exit(0)  # pylint: disable=protected-access
-
-  threading.Thread(target=watch, daemon=True,
-                   name='ddq-loader-parent-watchdog').start()
 
 
 class _Iterator:

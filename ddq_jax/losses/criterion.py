@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from ddq_jax.losses import basic
 from ddq_jax.losses.config import CriterionConfig
 from ddq_jax.losses.dense_aux import dense_aux_loss
-from ddq_jax.losses.dn_loss import dn_loss
+from ddq_jax.losses.dn_loss import dn_assignment
 from ddq_jax.losses.hungarian import hungarian_match_batched
 from ddq_jax.losses.set_loss import distinct_match_cost, set_loss
 from ddq_jax.models.outputs import DetectorOutputs
@@ -101,19 +101,32 @@ def ddq_criterion(outputs: DetectorOutputs, *, gt_boxes, gt_labels, gt_valid,
                                      col_valid=gt_valid[None],
                                      solver=cfg.solver)
   assigned = jnp.where(all_mask, assigned, -1)
-  l_cls, l_box, l_iou = set_loss(all_cls, all_box, assigned,
-                                 query_mask=all_mask, img_shapes=img_shapes,
-                                 cfg=cfg, axis_name=axis_name, **gt_kw)
+  sets = [(all_cls, all_box, assigned, all_mask)]
+  if layout.num_dn > 0:
+    dn_cls, dn_box = cls_all[:, :, layout.dn], box_all[:, :, layout.dn]
+    sets.append((dn_cls, dn_box) + dn_assignment(
+        outputs.denoising, lead=dn_cls.shape[:-1]))
+  # The distinct (+ encoder) and denoising set losses as one call: their
+  # query axes padded to one length (padding: masked, unassigned), the
+  # sets stacked on the layer axis; each row keeps its own sums and
+  # average factor.
+  q = max(x[0].shape[2] for x in sets)
+  pad = lambda x, v: jnp.pad(  # noqa: E731
+      x, [(0, 0), (0, 0), (0, q - x.shape[2])] + [(0, 0)] * (x.ndim - 3),
+      constant_values=v)
+  stacked = [jnp.concatenate([pad(x[k], v) for x in sets], 0)
+             for k, v in ((0, 0), (1, 0), (2, -1), (3, False))]
+  l_cls, l_box, l_iou = set_loss(*stacked[:3], query_mask=stacked[3],
+                                 img_shapes=img_shapes, cfg=cfg,
+                                 axis_name=axis_name, **gt_kw)
   for i in range(num_layers):
     put(_layer_prefix(i, num_layers), (l_cls[i], l_box[i], l_iou[i]), names)
-  put('enc_', (l_cls[-1], l_box[-1], l_iou[-1]), names)
-
+  put('enc_', (l_cls[num_layers], l_box[num_layers], l_iou[num_layers]),
+      names)
   if layout.num_dn > 0:
-    dn = dn_loss(cls_all[:, :, layout.dn], box_all[:, :, layout.dn],
-                 outputs.denoising, img_shapes=img_shapes, cfg=cfg,
-                 axis_name=axis_name, **gt_kw)
     for i in range(num_layers):
-      put(_layer_prefix(i, num_layers), [x[i] for x in dn],
+      j = num_layers + 1 + i
+      put(_layer_prefix(i, num_layers), (l_cls[j], l_box[j], l_iou[j]),
           ('dn_loss_cls', 'dn_loss_bbox', 'dn_loss_iou'))
 
   # Dense auxiliary loss: decoder layers and the encoder, one solver call.

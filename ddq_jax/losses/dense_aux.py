@@ -29,7 +29,7 @@ from ddq_jax.losses import basic
 from ddq_jax.losses import match_costs as mc
 from ddq_jax.losses.hungarian import hungarian_match_batched
 from ddq_jax.ops import boxes as box_ops
-from ddq_jax.ops.indexing import div_nonneg
+from ddq_jax.ops.indexing import div_nonneg, take_along_axis_in_range
 
 
 def _int_pow(x, e):
@@ -66,10 +66,11 @@ def topk_hungarian_assign(probs, boxes_px, *, gt_boxes, gt_labels, gt_valid,
   probs = jax.lax.stop_gradient(probs)
   boxes_px = jax.lax.stop_gradient(boxes_px)
   n, g = probs.shape[-2], gt_boxes.shape[-2]
-  labels = jnp.where(gt_valid, gt_labels, 0).astype(jnp.int32)
+  labels = jnp.clip(jnp.where(gt_valid, gt_labels, 0).astype(jnp.int32), 0,
+                    probs.shape[-1] - 1)
   iou = box_ops.pairwise_iou(boxes_px, gt_boxes, eps=1e-6)      # (.., B, N, G)
   idx = jnp.broadcast_to(labels[:, None, :], probs.shape[:-1] + (g,))
-  scores = jnp.take_along_axis(probs, idx, axis=-1)             # (.., B, N, G)
+  scores = take_along_axis_in_range(probs, idx, axis=-1)        # (.., B, N, G)
   metrics = _int_pow(scores, alpha) * _int_pow(iou, beta)
 
   def one(p, bx, gb, gl, hw):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ddq_jax.ops.boxes import cxcywh_to_xyxy
+from ddq_jax.ops.indexing import take_in_range
 from ddq_jax.ops.boxes import image_size_factor
 from ddq_jax.ops.boxes import pairwise_giou
 from ddq_jax.ops.boxes import pairwise_iou
@@ -49,7 +50,8 @@ def focal_loss_cost(cls_logits: jnp.ndarray, gt_labels: jnp.ndarray, *,
   neg = -jnp.log(jnp.maximum(1 - p, 0.0) + eps) * (1 - alpha) * p**gamma
   pos = -jnp.log(jnp.maximum(p, 0.0) + eps) * alpha * (1 - p)**gamma
   labels = jnp.clip(gt_labels.astype(jnp.int32), 0, cls_logits.shape[-1] - 1)
-  cost = jnp.take(pos, labels, axis=-1) - jnp.take(neg, labels, axis=-1)
+  cost = (take_in_range(pos, labels, axis=-1)
+          - take_in_range(neg, labels, axis=-1))
   return cost * weight
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from ddq_jax.models import initializers as inits
 from ddq_jax.models.extents import extent_valid, zero_outside
 from ddq_jax.models import remat as remat_lib
+from ddq_jax.ops.conv import conv2d_tap_weight_grad
 
 # depth -> (block type, blocks per stage); the reference's arch_settings.
 ARCH_SETTINGS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -57,12 +58,33 @@ def resnet_out_channels(*, depth: int, base_channels: int,
 
 
 def _conv(features: int, kernel: int, stride: int, padding: int,
-          name: str) -> nn.Conv:
-  """torch Conv2d(bias=False) with explicit symmetric padding, HWIO kernel."""
+          name: str, tap_weight_grad: bool = False) -> nn.Module:
+  """torch Conv2d(bias=False) with explicit symmetric padding, HWIO kernel;
+  ``tap_weight_grad``: its weight gradient by taps (``ops/conv.py``, for
+  convolutions inside a scan)."""
+  if tap_weight_grad:
+    return TapGradConv(features, kernel, stride, padding, name=name)
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)),
                  use_bias=False, kernel_init=inits.kaiming_normal_fan_out,
                  name=name)
+
+
+class TapGradConv(nn.Module):
+  """``nn.Conv`` as ``_conv`` builds it (the same 'kernel' parameter and
+  forward numbers) with the weight gradient of ``conv2d_tap_weight_grad``."""
+  features: int
+  kernel: int
+  stride: int
+  padding: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.param('kernel', inits.kaiming_normal_fan_out,
+                   (self.kernel, self.kernel, x.shape[-1], self.features),
+                   jnp.float32)
+    x, k = nn.dtypes.promote_dtype(x, k, dtype=None)
+    return conv2d_tap_weight_grad(x, k, self.stride, self.padding)
 
 
 def _valid(extents, stride, x):
@@ -103,10 +125,17 @@ class FrozenBatchNorm(nn.Module):
   eps: float = 1e-5
   affine_trainable: bool = False
   zero_init: bool = False  # scale initialised to 0 (zero_init_residual)
+  # Read the folded form ``fold_frozen_bn`` made (params 'mul', 'shift';
+  # scanned blocks: two stacked arrays per BN instead of four).
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
+    if self.folded:
+      mul = self.param('mul', inits.ones, (c,), jnp.float32)
+      shift = self.param('shift', nn.initializers.zeros, (c,), jnp.float32)
+      return (x * mul + shift).astype(x.dtype)
     scale = self.param('scale',
                        inits.zeros if self.zero_init else inits.ones, (c,),
                        jnp.float32)
@@ -115,13 +144,36 @@ class FrozenBatchNorm(nn.Module):
                          lambda: jnp.zeros((c,), jnp.float32)).value
     var = self.variable('batch_stats', 'var',
                         lambda: jnp.ones((c,), jnp.float32)).value
-    if not self.affine_trainable:
-      scale = jax.lax.stop_gradient(scale)
-      bias = jax.lax.stop_gradient(bias)
-    mean = jax.lax.stop_gradient(mean)
-    var = jax.lax.stop_gradient(var)
-    mul = scale * jax.lax.rsqrt(var + self.eps)
-    return (x * mul + (bias - mean * mul)).astype(x.dtype)
+    mul, shift = fold_frozen_bn(
+        {'scale': scale, 'bias': bias}, {'mean': mean, 'var': var},
+        eps=self.eps, trainable=self.affine_trainable)
+    return (x * mul + shift).astype(x.dtype)
+
+
+def fold_frozen_bn(params: dict, stats: dict, *, eps: float = 1e-5,
+                   trainable: bool = False) -> tuple[jax.Array, jax.Array]:
+  """A frozen BatchNorm as y = x * mul + shift: (mul, shift), each (C,)."""
+  scale, bias = params['scale'], params['bias']
+  if not trainable:
+    scale = jax.lax.stop_gradient(scale)
+    bias = jax.lax.stop_gradient(bias)
+  mean = jax.lax.stop_gradient(stats['mean'])
+  var = jax.lax.stop_gradient(stats['var'])
+  mul = scale * jax.lax.rsqrt(var + eps)
+  return mul, bias - mean * mul
+
+
+def fold_block_bns(params: dict, stats: dict, *, trainable: bool) -> dict:
+  """A block's params with every BatchNorm (a subtree holding 'scale' and
+  'bias', its statistics in ``stats``) as {'mul', 'shift'}."""
+  out = {}
+  for k, v in params.items():
+    if isinstance(v, dict) and set(v) == {'scale', 'bias'}:
+      mul, shift = fold_frozen_bn(v, stats[k], trainable=trainable)
+      out[k] = {'mul': mul, 'shift': shift}
+    else:
+      out[k] = v
+  return out
 
 
 class _ResidualBlock(nn.Module):
@@ -133,10 +185,19 @@ class _ResidualBlock(nn.Module):
   bn_trainable: bool = False
   zero_init_residual: bool = True
   in_stride: int = 1  # stride of the block's input (padding invariance)
+  # Weight gradients by taps (a scanned block: XLA:CPU's own is ~30x slower
+  # inside a loop, ops/conv.py).
+  tap_weight_grad: bool = False
+  folded_bn: bool = False  # BatchNorms read folded (FrozenBatchNorm.folded)
+
+  def conv(self, features: int, kernel: int, stride: int, padding: int,
+           name: str) -> nn.Module:
+    return _conv(features, kernel, stride, padding, name,
+                 self.tap_weight_grad)
 
   def bn(self, name: str, zero: bool = False) -> FrozenBatchNorm:
     return FrozenBatchNorm(affine_trainable=self.bn_trainable,
-                           zero_init=zero, name=name)
+                           zero_init=zero, folded=self.folded_bn, name=name)
 
   def masked(self, y: jax.Array, extents: jax.Array | None,
              stride: int = 1) -> jax.Array:
@@ -148,7 +209,7 @@ class _ResidualBlock(nn.Module):
     """relu(out + identity), identity = x or its 1x1 / BN downsample."""
     identity = x
     if self.with_downsample:
-      identity = _conv(channels, 1, self.stride, 0, 'downsample_0')(x)
+      identity = self.conv(channels, 1, self.stride, 0, 'downsample_0')(x)
       identity = self.bn('downsample_1')(identity)
     return nn.relu(out + identity)
 
@@ -162,10 +223,10 @@ class BasicBlock(_ResidualBlock):
     """extents: optional (B, 2) image (h, w): zero outside it before every
     3x3 conv (x's stride is ``in_stride``)."""
     x = self.masked(x, extents)
-    out = _conv(self.planes, 3, self.stride, 1, 'conv1')(x)
+    out = self.conv(self.planes, 3, self.stride, 1, 'conv1')(x)
     out = nn.relu(self.bn('bn1')(out))
     out = self.masked(out, extents, self.stride)
-    out = _conv(self.planes, 3, 1, 1, 'conv2')(out)
+    out = self.conv(self.planes, 3, 1, 1, 'conv2')(out)
     out = self.bn('bn2', self.zero_init_residual)(out)
     return self.residual(out, x, self.planes)
 
@@ -178,12 +239,12 @@ class Bottleneck(_ResidualBlock):
                ) -> jax.Array:
     """extents: optional (B, 2) image (h, w): zero outside it before every
     3x3 conv (x's stride is ``in_stride``)."""
-    out = _conv(self.planes, 1, 1, 0, 'conv1')(x)
+    out = self.conv(self.planes, 1, 1, 0, 'conv1')(x)
     out = nn.relu(self.bn('bn1')(out))
     out = self.masked(out, extents)
-    out = _conv(self.planes, 3, self.stride, 1, 'conv2')(out)
+    out = self.conv(self.planes, 3, self.stride, 1, 'conv2')(out)
     out = nn.relu(self.bn('bn2')(out))
-    out = _conv(self.planes * 4, 1, 1, 0, 'conv3')(out)
+    out = self.conv(self.planes * 4, 1, 1, 0, 'conv3')(out)
     out = self.bn('bn3', self.zero_init_residual)(out)
     return self.residual(out, x, self.planes * 4)
 
@@ -295,11 +356,16 @@ class ResNet(nn.Module):
         inplanes = planes * expansion
       if scanned:
         names = [f'layer{i + 1}_{j}' for j in range(1, num_blocks)]
+        params, stats = (self.variables['params'],
+                         self.variables['batch_stats'])
+        folded = {n: fold_block_bns(params[n], stats[n],
+                                    trainable=self.bn_trainable)
+                  for n in names}
         x = remat_lib.scan_layer_variables(
-            block_cls(in_stride=stride_now, parent=None, **block_kw), x,
-            (extents,), {col: self.variables[col]
-                         for col in ('params', 'batch_stats')},
-            names=names, policy=remat_lib.checkpoint_policy(self.remat),
+            block_cls(in_stride=stride_now, tap_weight_grad=not frozen,
+                      folded_bn=True, parent=None, **block_kw), x,
+            (extents,), {'params': folded}, names=names,
+            policy=remat_lib.checkpoint_policy(self.remat),
             remat=self.remat != 'none' and not frozen)
       if i + 1 <= self.frozen_stages:
         x = jax.lax.stop_gradient(x)

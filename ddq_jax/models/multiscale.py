@@ -21,8 +21,8 @@ import jax.numpy as jnp
 
 from ddq_jax.models.extents import extent_valid
 from ddq_jax.models.positional_encoding import (interpolate_mask_nearest,
-                                                sine_positional_encoding,
-                                                valid_ratio)
+                                                sine_embed_coordinates,
+                                                sine_encode, valid_ratio)
 
 
 @flax.struct.dataclass
@@ -92,20 +92,27 @@ def prepare_multiscale_inputs(feats: Sequence[jax.Array], *,
     n += h * w
   if masks is None:
     masks = level_masks(pad_mask, spatial_shapes=spatial_shapes)
-  feat_flat, pos_flat, mask_flat, ratios = [], [], [], []
+  feat_flat, y_flat, x_flat, lvl_flat, mask_flat, ratios = ([], [], [], [],
+                                                            [], [])
   for lvl, (feat, mask) in enumerate(zip(feats, masks)):
     b, h, w, c = feat.shape
-    pos = sine_positional_encoding(mask, num_feats=c // 2,
-                                   temperature=temperature,
-                                   normalize=normalize, scale=scale, eps=eps,
-                                   offset=offset)
+    y_embed, x_embed = sine_embed_coordinates(
+        mask, normalize=normalize, scale=scale, eps=eps, offset=offset)
     feat_flat.append(feat.reshape(b, h * w, c))
-    pos_flat.append(pos.reshape(b, h * w, c) + level_embed[lvl][None, None])
+    y_flat.append(y_embed.reshape(b, h * w))
+    x_flat.append(x_embed.reshape(b, h * w))
+    lvl_flat.append(jnp.broadcast_to(level_embed[lvl], (h * w, c)))
     mask_flat.append(mask.reshape(b, h * w))
     ratios.append(valid_ratio(mask))
+  # Every level's positions encoded at once (elementwise: the same numbers
+  # as level by level).
+  c = feats[0].shape[-1]
+  pos = sine_encode(jnp.concatenate(y_flat, axis=1),
+                    jnp.concatenate(x_flat, axis=1), num_feats=c // 2,
+                    temperature=temperature)
   return MultiScaleInputs(
       feat_flatten=jnp.concatenate(feat_flat, axis=1),
-      lvl_pos_embed_flatten=jnp.concatenate(pos_flat, axis=1),
+      lvl_pos_embed_flatten=pos + jnp.concatenate(lvl_flat, axis=0)[None],
       mask_flatten=jnp.concatenate(mask_flat, axis=1),
       valid_ratios=jnp.stack(ratios, axis=1),
       spatial_shapes=spatial_shapes,

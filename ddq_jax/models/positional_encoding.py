@@ -58,23 +58,41 @@ def sine_positional_encoding(mask: jax.Array, *, num_feats: int,
     (B, h, w, 2 * num_feats) float32, channels ordered (y part, x part),
     each part interleaved [sin(d0), cos(d1), sin(d2), ...].
   """
+  y_embed, x_embed = sine_embed_coordinates(mask, normalize=normalize,
+                                            scale=scale, eps=eps,
+                                            offset=offset)
+  return sine_encode(y_embed, x_embed, num_feats=num_feats,
+                     temperature=temperature)
+
+
+def sine_embed_coordinates(mask: jax.Array, *, normalize: bool = True,
+                           scale: float = 2 * math.pi, eps: float = 1e-6,
+                           offset: float = 0.) -> tuple[jax.Array, jax.Array]:
+  """The (normalised) cumulative row / column counts of the valid pixels:
+  (B, h, w) bool mask -> y_embed, x_embed, each (B, h, w) float32."""
   not_mask = 1.0 - jnp.asarray(mask).astype(jnp.float32)
   y_embed = jnp.cumsum(not_mask, axis=1)
   x_embed = jnp.cumsum(not_mask, axis=2)
   if normalize:
     y_embed = (y_embed + offset) / (y_embed[:, -1:, :] + eps) * scale
     x_embed = (x_embed + offset) / (x_embed[:, :, -1:] + eps) * scale
+  return y_embed, x_embed
+
+
+def sine_encode(y_embed: jax.Array, x_embed: jax.Array, *, num_feats: int,
+                temperature: float = 10000.) -> jax.Array:
+  """Elementwise: y_embed, x_embed (...) -> (..., 2 * num_feats), the y part
+  then the x part, channel j sin (even j) or cos (odd j) of
+  embed / temperature ** (2 * (j // 2) / num_feats).  Any leading shape, so
+  every level's positions can be encoded at once."""
   dim_t = jnp.arange(num_feats, dtype=jnp.float32)
   dim_t = jnp.float32(temperature) ** (2 * (dim_t // 2) / num_feats)
-  pos_x = x_embed[..., None] / dim_t
-  pos_y = y_embed[..., None] / dim_t
-  b, h, w = not_mask.shape
+  even = jnp.arange(num_feats) % 2 == 0
 
-  def interleave(p):
-    return jnp.stack((jnp.sin(p[..., 0::2]), jnp.cos(p[..., 1::2])),
-                     axis=4).reshape(b, h, w, -1)
-
-  return jnp.concatenate((interleave(pos_y), interleave(pos_x)), axis=3)
+  def encode(e):
+    p = e[..., None] / dim_t
+    return jnp.where(even, jnp.sin(p), jnp.cos(p))
+  return jnp.concatenate((encode(y_embed), encode(x_embed)), axis=-1)
 
 
 def valid_ratio(mask: jax.Array) -> jax.Array:

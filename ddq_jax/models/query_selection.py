@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from ddq_jax.ops import boxes as box_ops
 from ddq_jax.ops import nms as nms_ops
+from ddq_jax.ops.indexing import take_along_axis_in_range
 
 
 def proposal_scores_and_boxes(enc_outputs_class: jnp.ndarray,
@@ -42,7 +43,7 @@ def proposal_scores_and_boxes(enc_outputs_class: jnp.ndarray,
 def gather_padded(x: jnp.ndarray, indices: jnp.ndarray) -> jnp.ndarray:
   """x (B, N, ...) rows at indices (B, M) (-1 = padding -> zeros): (B, M, ...)."""
   safe = jnp.maximum(indices, 0)
-  out = jnp.take_along_axis(
+  out = take_along_axis_in_range(
       x, safe.reshape(safe.shape + (1,) * (x.ndim - 2)), axis=1)
   pad = (indices < 0).reshape(indices.shape + (1,) * (x.ndim - 2))
   return jnp.where(pad, jnp.zeros((), x.dtype), out)

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddq_jax.models import remat as remat_lib
+from ddq_jax.models.drop_path import drop_path, drop_path_rates
 from ddq_jax.models.swin_windows import (  # pylint: disable=unused-import
     pad_bottom_right, relative_position_index, shifted_window_mask,
     unfold_2x2, window_partition, window_reverse)
@@ -98,28 +99,6 @@ def swin_out_channels(*, embed_dims: int, out_indices: Sequence[int]
                       ) -> tuple[int, ...]:
   """Channels of the backbone's outputs (the neck's ``in_channels``)."""
   return tuple(int(embed_dims * 2**i) for i in out_indices)
-
-
-def drop_path_rates(drop_path_rate: float, depths: Sequence[int]
-                    ) -> list[float]:
-  """Per-block stochastic depth rates: torch.linspace(0, rate, sum(depths))
-  in float32, as the reference's ``dpr``."""
-  total = int(sum(depths))
-  return [float(x) for x in
-          np.linspace(0.0, drop_path_rate, total, dtype=np.float32)]
-
-
-def drop_path(x, *, rate, rng: Optional[jax.Array]):
-  """mmcv drop_path: per sample (axis 0) ``x / keep * floor(keep + U)``;
-  identity when ``rng`` is None or the rate is a Python 0.  ``rate`` may be
-  a traced float32 scalar (a scanned block's): a traced 0 gives
-  ``x / 1 * 1``, the same numbers."""
-  if rng is None or (isinstance(rate, (int, float)) and rate == 0.0):
-    return x
-  keep = 1.0 - rate
-  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-  random = keep + jax.random.uniform(rng, shape, x.dtype)
-  return x / keep * jnp.floor(random)
 
 
 def is_frozen_param(names: Sequence[str], *, frozen_stages: int) -> bool:

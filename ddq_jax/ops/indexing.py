@@ -28,3 +28,10 @@ def take_along_axis_in_range(arr, indices, axis: int):
   """``jnp.take_along_axis`` for indices in [0, arr.shape[axis])."""
   return jnp.take_along_axis(arr, jnp.asarray(indices).astype(jnp.uint32),
                              axis=axis, mode='promise_in_bounds')
+
+
+def take_in_range(arr, indices, axis: int):
+  """``jnp.take`` for indices in [0, arr.shape[axis]) (clamped, never
+  filled: jnp.take has no 'promise_in_bounds')."""
+  return jnp.take(arr, jnp.asarray(indices).astype(jnp.uint32), axis=axis,
+                  mode='clip')
