@@ -1,0 +1,58 @@
+"""conv2d_tap_weight_grad: XLA's convolution forward and input gradient (the
+same numbers), the weight gradient as one im2col matmul (float32 rounding
+only), inside a scan as outside; and the folded frozen BatchNorm."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddq_jax.models.backbone import fold_frozen_bn
+from ddq_jax.ops.conv import conv2d_tap_weight_grad
+
+
+def _xla_conv(x, k, stride, padding):
+  return jax.lax.conv_general_dilated(
+      x, k, (stride, stride), ((padding, padding),) * 2,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('kernel,stride,padding', [(1, 1, 0), (3, 1, 1),
+                                                    (3, 2, 1), (1, 2, 0),
+                                                    (7, 2, 3)])
+def test_conv_tap_weight_grad(kernel, stride, padding):
+  r = np.random.default_rng(kernel * 10 + stride)
+  x = jnp.asarray(r.normal(size=(2, 21, 16, 6)).astype(np.float32))
+  k = jnp.asarray(r.normal(size=(3, kernel, kernel, 6, 5)).astype(np.float32))
+
+  def scanned(conv):
+    def loss(x, k):
+      def body(c, kk):
+        return c, jnp.sum(jnp.tanh(conv(x, kk, stride, padding)))
+      return jnp.sum(jax.lax.scan(body, 0.0, k)[1])
+    return jax.jit(jax.grad(loss, (0, 1)))
+
+  np.testing.assert_array_equal(
+      conv2d_tap_weight_grad(x, k[0], stride, padding),
+      _xla_conv(x, k[0], stride, padding))
+  (dx, dk), (dx0, dk0) = (scanned(conv2d_tap_weight_grad)(x, k),
+                          scanned(_xla_conv)(x, k))
+  np.testing.assert_allclose(dx, dx0, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dk, dk0, rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(dk0).max()))
+
+
+def test_folded_batchnorm_is_the_formula():
+  r = np.random.default_rng(0)
+  c = 7
+  p = {'scale': jnp.asarray(r.normal(size=c), jnp.float32),
+       'bias': jnp.asarray(r.normal(size=c), jnp.float32)}
+  s = {'mean': jnp.asarray(r.normal(size=c), jnp.float32),
+       'var': jnp.asarray(r.random(c) + 0.1, jnp.float32)}
+  mul, shift = fold_frozen_bn(p, s, eps=1e-5)
+  x = jnp.asarray(r.normal(size=(3, c)), jnp.float32)
+  want = (x - s['mean']) / jnp.sqrt(s['var'] + 1e-5) * p['scale'] + p['bias']
+  np.testing.assert_allclose(x * mul + shift, want, rtol=1e-5, atol=1e-5)
+  g = jax.grad(lambda p: jnp.sum(fold_frozen_bn(p, s)[0]))(p)
+  assert not np.asarray(g['scale']).any()  # frozen: no gradient
+  g = jax.grad(lambda p: jnp.sum(fold_frozen_bn(p, s, trainable=True)[0]))(p)
+  assert np.asarray(g['scale']).all()
