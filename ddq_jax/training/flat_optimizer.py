@@ -108,9 +108,8 @@ def moments_layout(params, labels: Sequence[str]) -> tuple:
 
 def per_parameter_moments(moments: FlatMoments, params):
   """FlatMoments -> {path: (*shape)} (frozen leaves MaskedNode), shaped as
-  ``params``.  Vectors that are arrays come back as numpy views of one host
-  copy each; ``jax.ShapeDtypeStruct`` vectors give structs (their
-  sharding)."""
+  ``params``: arrays placed with their vector's sharding, cut from one host
+  copy of it; ``jax.ShapeDtypeStruct`` vectors give structs."""
   by_path = {}
   for (_, items), vec in zip(moments.layout, moments.vectors):
     if isinstance(vec, jax.ShapeDtypeStruct):
@@ -145,8 +144,10 @@ def flat_moments(tree, like: FlatMoments) -> FlatMoments:
 
 
 def _host(x):
-  """A (replicated) array's value on this host."""
+  """A replicated array's value on this host."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if not x.is_fully_replicated:
+      raise ValueError(f'flat moments must be replicated, got {x.sharding}')
     return x.addressable_data(0)
   return x
 
