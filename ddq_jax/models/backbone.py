@@ -45,6 +45,7 @@ ARCH_SETTINGS: dict[int, tuple[str, tuple[int, ...]]] = {
     152: ('bottleneck', (3, 8, 36, 3)),
 }
 EXPANSION = {'basic': 1, 'bottleneck': 4}
+BN_EPS = 1e-5  # torch BatchNorm2d's default
 
 
 def resnet_out_channels(*, depth: int, base_channels: int,
@@ -122,7 +123,7 @@ class FrozenBatchNorm(nn.Module):
   ``affine_trainable=False`` (the reference's ``requires_grad=False``) stops
   the gradient of ``scale`` / ``bias``.
   """
-  eps: float = 1e-5
+  eps: float = BN_EPS
   affine_trainable: bool = False
   zero_init: bool = False  # scale initialised to 0 (zero_init_residual)
   # Read the folded form ``fold_frozen_bn`` made (params 'mul', 'shift';
@@ -150,7 +151,7 @@ class FrozenBatchNorm(nn.Module):
     return (x * mul + shift).astype(x.dtype)
 
 
-def fold_frozen_bn(params: dict, stats: dict, *, eps: float = 1e-5,
+def fold_frozen_bn(params: dict, stats: dict, *, eps: float = BN_EPS,
                    trainable: bool = False) -> tuple[jax.Array, jax.Array]:
   """A frozen BatchNorm as y = x * mul + shift: (mul, shift), each (C,)."""
   scale, bias = params['scale'], params['bias']

@@ -22,17 +22,6 @@ def xyxy_to_cxcywh(boxes: jnp.ndarray) -> jnp.ndarray:
                          axis=-1)
 
 
-def _mix_coordinates(boxes: jnp.ndarray, matrix) -> jnp.ndarray:
-  """``boxes @ matrix`` for a 4 x k matrix of 0 and +-1, as a product
-  summed over the coordinates: each output has one rounded addition
-  (x2 - x1), so the value is the coordinate-wise formula's, bit for bit,
-  and no coordinate is sliced out (the backward pass of the overlaps has
-  one fused loop instead of a pad per coordinate).  Finite boxes only:
-  inf * 0 is nan."""
-  m = jnp.asarray(matrix, boxes.dtype)
-  return jnp.sum(boxes[..., :, None] * m, axis=-2)
-
-
 def image_size_factor(img_hw: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
   """(..., 2) (h, w) -> (..., 4) [w, h, w, h]: the reference's ``factor``
   that maps normalised boxes to ``img_shape`` pixels."""
@@ -51,8 +40,13 @@ _IS_LO = (True, True, False, False)
 
 
 def _extents(boxes):
-  """(..., 4) xyxy -> (..., 2) (x2 - x1, y2 - y1)."""
-  return _mix_coordinates(boxes, _EXTENT)
+  """(..., 4) xyxy -> (..., 2) (x2 - x1, y2 - y1), as ``boxes @ _EXTENT``
+  summed over the coordinates: each output has one rounded addition, so
+  the value is the coordinate-wise formula's, bit for bit, and no
+  coordinate is sliced out (the overlaps' backward pass has one fused loop
+  instead of a pad per coordinate).  Finite boxes only: inf * 0 is nan."""
+  m = jnp.asarray(_EXTENT, boxes.dtype)
+  return jnp.sum(boxes[..., :, None] * m, axis=-2)
 
 
 def _overlaps(boxes1, boxes2, *, giou: bool, eps: float):

@@ -1,4 +1,4 @@
-"""NHWC convolution whose weight gradient is one matmul per kernel tap.
+"""NHWC convolution whose weight gradient is one im2col matmul.
 
 XLA:CPU computes a convolution's weight gradient about 30x slower inside a
 ``while`` body (a scanned layer) than outside one: 15.2 s against 0.5 s
@@ -27,7 +27,8 @@ def _conv(x, kernel, stride: int, padding: int):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d_tap_weight_grad(x, kernel, stride: int, padding: int):
   """Conv2d, x (B, H, W, Cin), kernel (kh, kw, Cin, Cout), symmetric
-  ``padding``, ``stride`` -> (B, Ho, Wo, Cout); the weight gradient by taps.
+  ``padding``, ``stride`` -> (B, Ho, Wo, Cout); the weight gradient from
+  the input each kernel tap saw (im2col), one matmul.
   """
   return _conv(x, kernel, stride, padding)
 
@@ -42,7 +43,7 @@ def _bwd(stride, padding, res, g):
   (dx,) = vjp_x(g)
   kh, kw, cin, cout = kernel.shape
   b, ho, wo, _ = g.shape
-  if kh == kw == 1 and stride == 1 and padding == 0:
+  if kh == kw == 1 and stride == 1 and padding == 0:  # the input itself
     dk = jnp.einsum('nhwc,nhwo->co', x, g).reshape(kernel.shape)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
