@@ -66,7 +66,8 @@ class Targets:
   loss_first: float = 1e-4   # total loss and every term at step 1
   loss_later: float = 1e-3   # ... at every later step
   grad_norm: float = 1e-3    # pre-clip global gradient norm, every step
-  param: float = 1e-3        # max |ours - ref| / max |ref - start|, last step
+  param: float = 1e-3        # ||ours - ref|| / ||ref - start||, last step,
+                             # plus each tensor's float32 floor
 
 
 # ------------------------------------------------------------ bundle / config
@@ -307,17 +308,52 @@ def compare_history(ours: Mapping, ref: Mapping, *, steps: int,
   return out
 
 
+def update_tolerance(ref_final, ref_init, *, steps: int,
+                     budget: float) -> float:
+  """Tolerance of ``update_error`` for one tensor: ``budget`` plus the
+  float32 floor.
+
+  Each of ``steps`` updates is stored in float32, so every element can land
+  half an ulp of its own magnitude away on each step whatever the host's
+  arithmetic (FMA contraction, vector widths, summation order): at most
+  ``steps * ulp(|p|)`` per element.  Relative to the reference's update that
+  is ``steps * rms(ulp(|p|)) / rms(delta)``, which is large where a tensor's
+  lr is small against its values (the backbone's x0.1 group).  ``budget``
+  covers the rest: gradients agree to float32 summation order, and Adam's
+  scale-free step turns an element whose gradient is within its own
+  rounding noise into an O(lr) difference of that element alone, so the
+  error of the update *as a whole* is the guaranteed quantity, not each
+  element's.
+  """
+  want = np.asarray(ref_final, np.float32)
+  delta = want.astype(np.float64) - np.asarray(ref_init, np.float64)
+  ulp = np.spacing(np.abs(want)).astype(np.float64)
+  floor = steps * np.sqrt(np.mean(ulp ** 2)) / np.sqrt(np.mean(delta ** 2))
+  return float(budget + floor)
+
+
+def update_error(final, ref_final, ref_init) -> float:
+  """||ours - ref|| / ||ref - init|| over one tensor (L2, float64)."""
+  want = np.asarray(ref_final, np.float64)
+  err = np.asarray(final, np.float64) - want
+  return float(np.linalg.norm(err) /
+               np.linalg.norm(want - np.asarray(ref_init, np.float64)))
+
+
 def compare_params(final: Mapping, start: Mapping, ref: Mapping, *,
-                   targets: Targets = Targets()) -> list[Comparison]:
+                   steps: int, targets: Targets = Targets()
+                   ) -> list[Comparison]:
   """``param/<name>`` after the last step against the reference's.
 
   Args:
     final, start: our params in reference names (after the run / before).
     ref: the reference's trajectory arrays (``init/<name>``, ``param/<name>``).
+    steps: optimiser steps both runs took.
   A parameter the reference did not move must be bit-identical to its
-  start; the others are within ``targets.param`` of the reference relative
-  to the reference's change (max |ours - ref| / max |ref - init|).  Our start
-  must equal the reference's ``init/`` exactly.
+  start; the others compare the update as a whole (``update_error``)
+  within ``update_tolerance`` (``targets.param`` plus the float32 floor of
+  that tensor).  Per-element figures are host-dependent and only reported
+  (``ulp_summary``).  Our start must equal the reference's ``init/`` exactly.
   """
   out = []
   for key in sorted(k for k in ref if k.startswith('param/')):
@@ -325,27 +361,28 @@ def compare_params(final: Mapping, start: Mapping, ref: Mapping, *,
     if name not in final:
       out.append(Comparison(f'{key} (no such parameter)', np.inf, 0.0, 'rel'))
       continue
-    want = np.asarray(ref[key], np.float64)
-    init = np.asarray(ref.get(f'init/{name}', start[name]), np.float64)
+    init = ref.get(f'init/{name}', start[name])
     if f'init/{name}' in ref:
       out.append(Comparison(f'init/{name}', float(np.sum(
           np.asarray(start[name]) != ref[f'init/{name}'])), 0.0, 'mismatches'))
-    change = float(np.abs(want - init).max())
-    if change == 0.0:
+    if np.array_equal(np.asarray(ref[key]), np.asarray(init)):
       out.append(Comparison(f'{key} (frozen)', float(np.sum(
           np.asarray(final[name]) != np.asarray(start[name]))), 0.0,
                             'mismatches'))
       continue
-    err = float(np.abs(np.asarray(final[name], np.float64) - want).max())
-    out.append(Comparison(key, err / change, targets.param, 'rel'))
+    out.append(Comparison(
+        f'{key} (update)', update_error(final[name], ref[key], init),
+        update_tolerance(ref[key], init, steps=steps, budget=targets.param),
+        'rel'))
   return out
 
 
 def ulp_summary(final: Mapping, ref: Mapping) -> list[str]:
-  """Per moved ``param/<name>``: entries bit-identical to the reference, the
-  largest difference in float32 ulps at the tensor's largest value, and
-  what one such ulp is relative to the largest change (the float32 floor
-  of the ``param`` target)."""
+  """Per moved ``param/<name>``, reported and not asserted (they depend on
+  the host CPU's float32 code): entries bit-identical to the reference, the
+  largest difference in float32 ulps at the tensor's largest value, the
+  largest element error relative to the largest change, and what one such
+  ulp is relative to that change."""
   lines = []
   for key in sorted(k for k in ref if k.startswith('param/')):
     name = key[len('param/'):]
@@ -359,7 +396,8 @@ def ulp_summary(final: Mapping, ref: Mapping) -> list[str]:
     ulp = float(np.spacing(np.abs(want).max()))
     err = float(np.abs(ours.astype(np.float64) - want).max())
     lines.append(f'     {key}: {np.mean(ours == want):.1%} bit-identical, '
-                 f'max error {err / ulp:.2g} ulp of max |p|; that ulp is '
+                 f'max error {err / ulp:.2g} ulp of max |p| '
+                 f'({err / change:.2g} of the max change); that ulp is '
                  f'{ulp / change:.2g} of the change')
   return lines
 
@@ -470,7 +508,8 @@ def verify_steps(bundle: str, *, steps: int, overrides: Optional[dict] = None,
           f'term {row["worst_term"]:.2e} ({row["worst_term_key"]})  '
           f'grad_global_norm {row["grad_global_norm"]:.2e}')
     if steps == n_ref:
-      results += compare_params(final, start, ref)
+      results += compare_params(final, start, ref, steps=n)
+      out('per-element figures (host-dependent, not asserted):')
       for line in ulp_summary(final, ref):
         out(line)
     else:
