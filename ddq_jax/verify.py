@@ -132,6 +132,20 @@ def _global_norm(tree):
                            for x in jax.tree.leaves(tree))))
 
 
+def _nms_cut_check(stage, intermediates, config, out):
+  """The encoder NMS's candidate bound: how many survivors each image kept
+  among its ``nms_pre_topk`` candidates, and a check that no image may have
+  lost one to the bound."""
+  from ddq_jax.parity import Comparison
+  cut = np.asarray(intermediates['nms_cut']).reshape(-1)
+  kept = np.asarray(intermediates['num_kept_after_nms']).reshape(-1)
+  out(f'{stage}: encoder NMS kept {kept.tolist()} of {config.nms_pre_topk} '
+      f'candidates per image; static bound may have cut '
+      f'{int(cut.sum())} image(s)')
+  return Comparison(f'{stage} encoder NMS candidates cut (images)',
+                    float(cut.sum()), 0.0, 'mismatches')
+
+
 def verify(bundle: str, *, train: bool = False, dump: str | None = None,
            config=None, overrides: dict | None = None, out=print,
            padding_invariant: bool = False,
@@ -167,6 +181,7 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
 
   ours, seconds = run_inference(model, variables, inputs)
   out(f'inference: {seconds:.1f} s (compile + run)')
+  results.append(_nms_cut_check('inference', ours, config, out))
   dumped.update((key, np.asarray(value)) for key, value in ours.items())
   ref_path = os.path.join(bundle, 'infer.npz')
   if os.path.isfile(ref_path):
@@ -187,6 +202,7 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
     loss, tout, losses, grads, d_ours, seconds = run_training(
         model, config, variables, inputs)
     out(f'training forward + loss + gradients: {seconds:.1f} s')
+    results.append(_nms_cut_check('training', tout, config, out))
     d_ref = int(inputs['dn_label_ids'].shape[1])
     num_queries = tout['decoder_query_in'].shape[1]   # our Q = D + rest
     train_dump = {}

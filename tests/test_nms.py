@@ -97,9 +97,10 @@ def test_topk_after_nms_exact(quantise):
     boxes, scores = random_boxes(rng, n, quantise=quantise)
     ref = ref_batched_nms(boxes, scores, 0.7)
     # full candidate set: always exact
-    idx, num_kept = jax.jit(lambda b, s: nms_ops.topk_after_nms(
+    idx, num_kept, cut = jax.jit(lambda b, s: nms_ops.topk_after_nms(
         b, s, iou_threshold=0.7, pre_topk=1000, num_keep=num_keep))(
             boxes, scores)
+    assert not bool(cut)
     expected = np.full(num_keep, -1)
     expected[:min(num_keep, len(ref))] = ref[:num_keep]
     np.testing.assert_array_equal(np.asarray(idx), expected)
@@ -108,11 +109,15 @@ def test_topk_after_nms_exact(quantise):
     rank = np.empty(n, int)
     rank[np.argsort(-scores, kind='stable')] = np.arange(n)
     last_rank = rank[ref[min(num_keep, len(ref)) - 1]]
-    for pre in (last_rank + 1, last_rank + 7, n // 2):
-      idx, _ = nms_ops.topk_after_nms(boxes, scores, iou_threshold=0.7,
-                                      pre_topk=int(pre), num_keep=num_keep)
+    for pre in (last_rank + 1, last_rank + 7, n // 2, 5, last_rank):
+      idx, _, cut = nms_ops.topk_after_nms(
+          boxes, scores, iou_threshold=0.7, pre_topk=int(pre),
+          num_keep=num_keep)
       if pre > last_rank:
         np.testing.assert_array_equal(np.asarray(idx), expected)
+      # Nothing is cut silently: a result that differs is flagged.
+      if not np.array_equal(np.asarray(idx), expected):
+        assert bool(cut), (pre, last_rank)
 
 
 def test_topk_after_nms_pads_and_sorts_only():
@@ -120,21 +125,22 @@ def test_topk_after_nms_pads_and_sorts_only():
   boxes, scores = random_boxes(rng, 30, quantise=True)
   # everything identical: one survivor, the rest padding
   same = np.tile(np.float32([[0.1, 0.2, 0.5, 0.7]]), (30, 1))
-  idx, num_kept = nms_ops.topk_after_nms(same, scores, iou_threshold=0.8,
-                                         pre_topk=30, num_keep=10)
+  idx, num_kept, cut = nms_ops.topk_after_nms(
+      same, scores, iou_threshold=0.8, pre_topk=30, num_keep=10)
+  assert not bool(cut)
   ref = ref_batched_nms(same, scores, 0.8)
   assert int(num_kept) == len(ref) == 1
   np.testing.assert_array_equal(np.asarray(idx), [ref[0]] + [-1] * 9)
   # iou_threshold=None: only sorting (stable on ties)
-  idx, num_kept = nms_ops.topk_after_nms(boxes, scores, iou_threshold=None,
-                                         pre_topk=5, num_keep=12)
+  idx, num_kept, _ = nms_ops.topk_after_nms(
+      boxes, scores, iou_threshold=None, pre_topk=5, num_keep=12)
   np.testing.assert_array_equal(np.asarray(idx),
                                 np.argsort(-scores, kind='stable')[:12])
   assert int(num_kept) == 30
   # batched with validity
   valid = np.ones((2, 30), bool)
   valid[1, ::2] = False
-  idx, num_kept = nms_ops.topk_after_nms(
+  idx, num_kept, _ = nms_ops.topk_after_nms(
       np.stack([boxes, boxes]), np.stack([scores, scores]),
       iou_threshold=0.5, pre_topk=30, num_keep=30, valid=valid)
   sub = np.nonzero(valid[1])[0]

@@ -97,3 +97,65 @@ def test_pre_decoder_pads_with_zeros():
   np.testing.assert_array_equal(np.asarray(out['reference_points'][0, 1:]), 0.5)
   np.testing.assert_array_equal(np.asarray(out['enc_outputs_class'][0, 1:]), 0)
   assert np.isfinite(np.asarray(out['query'])).all()
+
+
+def _invalid_flood(rng, n, n_invalid):
+  """Proposals as at the published init on a padded image: ``n_invalid``
+  positions with +inf coordinates and one shared logit vector (the class
+  branch of zeroed memory) that outranks every valid proposal."""
+  k = 5
+  logits = rng.normal(0, 1, (n, k)).astype(np.float32) - 2.0
+  cxcy = rng.uniform(0.05, 0.95, (n, 2))
+  wh = rng.uniform(0.02, 0.3, (n, 2))
+  dup = rng.integers(0, n, n // 3)
+  cxcy[: n // 3] = cxcy[dup] + rng.normal(0, 0.005, (n // 3, 2))
+  wh[: n // 3] = wh[dup]
+  unact = np.log(np.concatenate([cxcy, wh], -1) /
+                 (1 - np.concatenate([cxcy, wh], -1))).astype(np.float32)
+  invalid = np.zeros(n, bool)
+  invalid[rng.choice(n, n_invalid, replace=False)] = True
+  unact[invalid] = np.inf
+  logits[invalid] = np.float32([3.0, -1.0, 0.5, -2.0, 1.0])
+  return logits, unact, invalid
+
+
+def _reference_selection(logits, unact, num_select, thr):
+  """The reference's pre_decoder over *all* proposals (no candidate bound):
+  batched_nms, first ``num_select`` survivors."""
+  from test_nms import ref_batched_nms
+  scores = np.asarray(jax.nn.sigmoid(jnp.asarray(logits.max(-1))))
+  xy = np.asarray(jax.nn.sigmoid(jnp.asarray(unact)))
+  boxes = np.concatenate([xy[:, :2] - xy[:, 2:] / 2,
+                          xy[:, :2] + xy[:, 2:] / 2], -1)
+  kept = ref_batched_nms(boxes, scores, thr)[:num_select]
+  out = np.full(num_select, -1)
+  out[:len(kept)] = kept
+  return out
+
+
+def test_invalid_proposals_enter_the_candidates_as_one():
+  """Thousands of identical invalid proposals (padding, centre outside
+  (0.01, 0.99)) outranking the valid ones must not fill the static top-k:
+  the selection equals the NMS over all proposals, and the cut flag stays
+  off; with a bound too small for the valid survivors it is raised."""
+  rng = np.random.default_rng(7)
+  n, num_select, thr = 400, 40, 0.8
+  batch = [_invalid_flood(rng, n, n_inv) for n_inv in (300, 0)]
+  logits = np.stack([b[0] for b in batch])
+  unact = np.stack([b[1] for b in batch])
+  mem = rng.normal(size=(2, n, 8)).astype(np.float32)
+  want = np.stack([_reference_selection(l, u, num_select, thr)
+                   for l, u in zip(logits, unact)])
+  fn = jax.jit(lambda c, r, m, k: qs.select_queries(
+      c, r, m, query_map=None, num_select=num_select, iou_threshold=thr,
+      pre_topk=k), static_argnums=3)
+  out = fn(logits, unact, mem, 60)
+  np.testing.assert_array_equal(np.asarray(out['indices']), want)
+  # one invalid representative, the lowest index of the tied group
+  first_invalid = np.flatnonzero(batch[0][2])[0]
+  assert first_invalid in np.asarray(out['indices'][0])
+  assert not np.asarray(out['cut']).any()
+  # a bound that cannot hold num_select survivors is reported, not silent
+  small = fn(logits, unact, mem, 20)
+  assert np.asarray(small['cut']).all()
+  assert (np.asarray(small['num_kept']) < num_select).all()

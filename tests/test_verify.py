@@ -24,7 +24,7 @@ def test_every_tensor_within_target(verified):
   ok, lines, _ = verified
   failures = [l for l in lines if l.startswith('FAIL')]
   assert ok and not failures, '\n'.join(failures)
-  assert lines[-2].startswith('115 of 115')
+  assert lines[-2].startswith('117 of 117')
 
 
 def test_dump_uses_fixture_names(verified, tiny_infer, tiny_train):

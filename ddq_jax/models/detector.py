@@ -212,6 +212,7 @@ class DDQDETR(nn.Module):
         pre_topk=c.nms_pre_topk, valid=valid)
     self.record(topk_indices=sel['topk_indices'],
                 num_kept_after_nms=sel['num_kept_after_nms'],
+                nms_cut=sel['nms_cut'],
                 decoder_query_in=sel['query'],
                 decoder_reference_in=sel['reference_points'])
     return sel
@@ -259,6 +260,7 @@ class DDQDETR(nn.Module):
     self.record(
         topk_indices=sel['topk_indices'],
         num_kept_after_nms=sel['num_kept_after_nms'],
+        nms_cut=sel['nms_cut'],
         dense_topk_indices=sel['dense_topk_indices'],
         decoder_query_in=sel['query'],
         decoder_reference_in=sel['reference_points'],
@@ -271,7 +273,7 @@ class DDQDETR(nn.Module):
         dn_meta_num_denoising_groups=denoising.num_groups,
         dn_meta_num_dense_queries=jnp.asarray(num_dense, jnp.int32))
     return (sel['query'], sel['reference_points'], dn['attn_mask'], layout,
-            encoder, denoising)
+            encoder, denoising, sel['nms_cut'])
 
   # ---- entry points ------------------------------------------------------
   def __call__(self, images: jnp.ndarray, pad_mask: jnp.ndarray, *,
@@ -331,7 +333,8 @@ class DDQDETR(nn.Module):
           sel['query'], sel['reference_points'], enc, layout=layout,
           semantics=semantics, invariant=invariant)
       out = O.DetectorOutputs(cls_logits=cls, boxes=box,
-                              distinct_masks=masks, layout=layout)
+                              distinct_masks=masks, layout=layout,
+                              encoder_nms_cut=sel['nms_cut'])
       if img_shapes is not None:  # scale_factors None: no rescale
         out = out.replace(detections=postprocess(
             self.config, out, img_shapes, scale_factors))
@@ -345,7 +348,8 @@ class DDQDETR(nn.Module):
     if missing:
       raise ValueError(f'train=True needs {missing} (padded ground truth '
                        'and the real (h, w) of each image)')
-    query, refs, attn_mask, layout, encoder, denoising = self.training_queries(
+    (query, refs, attn_mask, layout, encoder, denoising,
+     nms_cut) = self.training_queries(
         enc['memory'], output_memory, output_proposals,
         gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
         img_shapes=img_shapes, dn_inject=dn_inject, dn_rng=dn_rng,
@@ -356,7 +360,7 @@ class DDQDETR(nn.Module):
                                        invariant=invariant)
     return O.DetectorOutputs(cls_logits=cls, boxes=box, distinct_masks=masks,
                              layout=layout, encoder=encoder,
-                             denoising=denoising)
+                             denoising=denoising, encoder_nms_cut=nms_cut)
 
 
 def postprocess(config, out: O.DetectorOutputs, img_shapes,

@@ -112,6 +112,9 @@ class DetectorOutputs:
   encoder: training only, the encoder proposals' predictions.
   denoising: training only, the denoising slots' targets.
   detections: inference with ``img_shapes``: post-processed detections.
+  encoder_nms_cut: (B,) bool, True where the encoder NMS's static candidate
+    bound (``nms_pre_topk``) may have dropped a distinct query the
+    reference would keep (``ops.nms.TopKAfterNms.cut``).
   """
   cls_logits: jax.Array
   boxes: jax.Array
@@ -121,3 +124,4 @@ class DetectorOutputs:
   encoder: Optional[EncoderPredictions] = None
   denoising: Optional[DenoisingTargets] = None
   detections: Optional[Detections] = None
+  encoder_nms_cut: Optional[jax.Array] = None

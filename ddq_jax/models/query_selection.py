@@ -14,6 +14,12 @@ Reference behaviour reproduced:
   over all proposals, first ``num_queries`` survivors in score order; when
   fewer survive the rows are zero-padded (logits 0, coords_unact 0 -> box
   0.5, content query 0): ``align_tensor``;
+* invalid proposals (padding, or centre outside (0.01, 0.99): +inf
+  coordinates and zeroed memory) all share one box (sigmoid(+inf) = 1) and,
+  from the same zero vector, one score; the NMS keeps at most one of them,
+  so they enter the static candidate set as one (``nms_candidates``).
+  Which of the tied positions the reference keeps depends on torch's
+  unstable CPU sort; we keep the lowest index (docs/PADDING.md);
 * dense queries (training): sorted by score only, first
   ``int(num_queries * dense_topk_ratio)``;
 * content query = ``query_map(stop_gradient(memory))`` at the kept
@@ -49,6 +55,31 @@ def gather_padded(x: jnp.ndarray, indices: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(pad, jnp.zeros((), x.dtype), out)
 
 
+def nms_candidates(scores: jnp.ndarray, coords_unact: jnp.ndarray, *,
+                   valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """Positions that may enter the distinct-query NMS: (B, N) bool.
+
+  Every position with non-finite coordinates has the same box (xyxy of
+  sigmoid(+inf) cxcywh = (0.5, 0.5, 1.5, 1.5), area 1), so the highest
+  scoring of them (lowest index among equal scores) suppresses all the
+  others if it is kept, and whatever suppresses it suppresses them too:
+  only that one can survive, and only it needs a candidate slot.  This
+  keeps thousands of invalid proposals from filling the static top-k
+  while valid ones ranked below them would survive.
+
+  Args:
+    scores: (B, N) NMS scores; coords_unact: (B, N, 4) inverse-sigmoid
+      cxcywh (+inf at invalid positions).
+    valid: optional (B, N) bool, positions allowed in at all.
+  """
+  if valid is None:
+    valid = jnp.ones(scores.shape, bool)
+  invalid = ~jnp.all(jnp.isfinite(coords_unact), axis=-1) & valid
+  rep = jnp.argmax(jnp.where(invalid, scores, -jnp.inf), axis=-1)
+  is_rep = jnp.arange(scores.shape[-1])[None, :] == rep[:, None]
+  return valid & (~invalid | (is_rep & jnp.any(invalid, -1, keepdims=True)))
+
+
 def select_queries(enc_outputs_class: jnp.ndarray,
                    enc_outputs_coord_unact: jnp.ndarray,
                    memory: jnp.ndarray, *,
@@ -72,17 +103,21 @@ def select_queries(enc_outputs_class: jnp.ndarray,
     valid: optional (B, N) bool, positions allowed to be selected (the
       reference lets every position in, padding included: default).
   Returns dict:
-    indices (B, S) int32 (-1 = padding), num_kept (B,) int32,
+    indices (B, S) int32 (-1 = padding), num_kept (B,) int32 (NMS
+    survivors among the candidates), cut (B,) bool (the static candidate
+    bound may have dropped a survivor: ``ops.nms.TopKAfterNms``),
     class_logits (B, S, K), coords_unact (B, S, 4), query (B, S, C) (zeros at
     padding, as ``align_tensor``), pad (B, S) bool.
   """
   scores, boxes = proposal_scores_and_boxes(
       jax.lax.stop_gradient(enc_outputs_class),
       jax.lax.stop_gradient(enc_outputs_coord_unact))
-  indices, num_kept = nms_ops.topk_after_nms(
+  if iou_threshold is not None:
+    valid = nms_candidates(scores, enc_outputs_coord_unact, valid=valid)
+  indices, num_kept, cut = nms_ops.topk_after_nms(
       boxes, scores, iou_threshold=iou_threshold, pre_topk=pre_topk,
       num_keep=num_select, valid=valid, method=nms_method)
-  out = dict(indices=indices, num_kept=num_kept, pad=indices < 0,
+  out = dict(indices=indices, num_kept=num_kept, cut=cut, pad=indices < 0,
              class_logits=gather_padded(enc_outputs_class, indices),
              coords_unact=gather_padded(enc_outputs_coord_unact, indices))
   if query_map is not None:
@@ -124,6 +159,7 @@ def pre_decoder(enc_outputs_class: jnp.ndarray,
     reference_points: (B, D + Q [+ Qd], 4) sigmoid cxcywh (no gradient to
       the encoder branches).
     topk_indices (B, Q) int32 (-1 padding), num_kept_after_nms (B,),
+    nms_cut (B,) bool (see ``select_queries``),
     distinct_pad (B, Q) bool (zero-padded distinct slots),
     enc_outputs_class (B, Q, K) logits, enc_outputs_coord (B, Q, 4) sigmoid
       cxcywh: the head's encoder-loss inputs (with gradient);
@@ -137,6 +173,7 @@ def pre_decoder(enc_outputs_class: jnp.ndarray,
                         valid=valid, nms_method=nms_method)
   out = dict(topk_indices=dist['indices'],
              num_kept_after_nms=dist['num_kept'],
+             nms_cut=dist['cut'],
              distinct_pad=dist['pad'],
              enc_outputs_class=dist['class_logits'],
              enc_outputs_coord=jax.nn.sigmoid(dist['coords_unact']))

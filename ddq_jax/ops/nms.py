@@ -25,7 +25,7 @@ leading batch axis and vmap themselves).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -202,20 +202,38 @@ def first_kept(keep: jnp.ndarray, *, num_keep: int) -> jnp.ndarray:
   return jnp.where(top > 0, n - top, -1)
 
 
+class TopKAfterNms(NamedTuple):
+  """``topk_after_nms``'s result (with a leading batch axis when batched).
+
+  indices: (num_keep,) int32 positions into the N boxes, survivors in score
+    order, -1 for padding.
+  num_kept: () int32, survivors among the pre_topk candidates (not clipped
+    to num_keep).
+  cut: () bool, True when the static candidate bound may have dropped a
+    survivor: fewer than num_keep survived among the candidates while valid
+    boxes ranked below them were left out.  False guarantees the result
+    equals the NMS over all valid boxes.
+  """
+  indices: jnp.ndarray
+  num_kept: jnp.ndarray
+  cut: jnp.ndarray
+
+
 def topk_after_nms(boxes: jnp.ndarray, scores: jnp.ndarray, *,
                    iou_threshold: Optional[float],
                    pre_topk: int,
                    num_keep: int,
                    valid: Optional[jnp.ndarray] = None,
                    batched_offset: bool = True,
-                   method: str = 'auto'):
+                   method: str = 'auto') -> TopKAfterNms:
   """The first ``num_keep`` survivors of ``batched_nms``, in score order.
 
-  The top ``pre_topk`` boxes by score (static; ties in index order) go
-  through the exact greedy NMS; the result equals the NMS over all N boxes
-  whenever the reference's ``num_keep``-th survivor ranks within
-  ``pre_topk`` (always when pre_topk >= N).  The ``batched_nms`` shift uses
-  the max over all N (valid) boxes, as the reference does.
+  The top ``pre_topk`` valid boxes by score (static; ties in index order)
+  go through the exact greedy NMS; the result equals the NMS over all
+  valid boxes whenever the reference's ``num_keep``-th survivor ranks
+  within ``pre_topk`` (always when pre_topk >= the number of valid boxes),
+  and ``cut`` says when that is not certain.  The ``batched_nms`` shift
+  uses the max over all N (valid) boxes, as the reference does.
 
   Args:
     boxes: (N, 4) or (B, N, 4) xyxy.
@@ -226,10 +244,7 @@ def topk_after_nms(boxes: jnp.ndarray, scores: jnp.ndarray, *,
     num_keep: static number of output slots.
     valid: optional (N,) / (B, N) bool; invalid boxes never survive.
   Returns:
-    indices: (num_keep,) / (B, num_keep) int32 positions into the N boxes,
-      survivors in score order, -1 for padding.
-    num_kept: () / (B,) int32, survivors among the pre_topk candidates
-      (not clipped to num_keep).
+    ``TopKAfterNms`` (indices, num_kept, cut).
   """
   if boxes.ndim == 3:
     return jax.vmap(lambda b, s, v: topk_after_nms(
@@ -253,4 +268,8 @@ def topk_after_nms(boxes: jnp.ndarray, scores: jnp.ndarray, *,
     keep = greedy_nms_sorted(sup, valid_k, method=method)
   pos = first_kept(keep, num_keep=num_keep)
   indices = jnp.where(pos >= 0, order[jnp.maximum(pos, 0)], -1)
-  return indices, jnp.sum(keep.astype(jnp.int32))
+  num_kept = jnp.sum(keep.astype(jnp.int32))
+  left_out = jnp.sum(valid.astype(jnp.int32)) - jnp.sum(
+      valid_k.astype(jnp.int32))
+  cut = (num_kept < num_keep) & (left_out > 0)
+  return TopKAfterNms(indices, num_kept, cut)

@@ -5,7 +5,8 @@
 
 ``batch`` follows the data contract (ddq_jax/data): images, pad_mask,
 img_shapes, gt_boxes (xyxy pixels), gt_labels, gt_valid.  ``losses`` holds
-every loss term under the reference's key names.  Mixed precision is not
+every loss term under the reference's key names, and ``encoder_nms_cut``
+(not a loss).  Mixed precision is not
 applied here: ``training/step.py`` casts the parameters and images once.
 """
 from __future__ import annotations
@@ -13,11 +14,16 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 
 from ddq_jax.losses.config import CriterionConfig
 from ddq_jax.losses.criterion import ddq_criterion, total_loss
 from ddq_jax.models.detector import INTERMEDIATES
 from ddq_jax.models.outputs import DetectorOutputs
+
+# The training metric counting images whose encoder-level NMS may have been
+# cut short by ``nms_pre_topk`` (0 means the selection is the reference's).
+NMS_CUT_METRIC = 'encoder_nms_cut'
 
 
 def forward_and_losses(model, variables: dict, batch: dict, rng: jax.Array, *,
@@ -46,6 +52,9 @@ def forward_and_losses(model, variables: dict, batch: dict, rng: jax.Array, *,
       out, gt_boxes=batch['gt_boxes'], gt_labels=batch['gt_labels'],
       gt_valid=batch['gt_valid'], img_shapes=batch['img_shapes'], cfg=cfg,
       axis_name=axis_name)
+  # Not a loss (no 'loss' in the key, so total_loss skips it): the images
+  # whose encoder NMS may have lost a survivor to the static candidate bound.
+  losses[NMS_CUT_METRIC] = jnp.sum(out.encoder_nms_cut.astype(jnp.float32))
   return losses, out, intermediates
 
 
