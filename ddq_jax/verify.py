@@ -83,8 +83,9 @@ def run_training(model, config, variables, inputs):
                gt_boxes=inputs['gt_boxes'].astype(np.float32),
                gt_labels=inputs['gt_labels'].astype(np.int32),
                gt_valid=inputs['gt_valid'].astype(bool))
-  inject = dict(label_ids=inputs['dn_label_ids'],
-                reference_points=inputs['dn_reference_points'])
+  inject = (dict(label_ids=inputs['dn_label_ids'],
+                 reference_points=inputs['dn_reference_points'])
+            if 'dn_label_ids' in inputs else None)  # else the config's noise
   num_dn_slots = []
 
   def objective(params):
@@ -132,6 +133,57 @@ def _global_norm(tree):
                            for x in jax.tree.leaves(tree))))
 
 
+INIT_JSON = 'init.json'
+
+
+def init_weights(path: str, config=None):
+  """(variables, config) of a bundle whose weights are a fresh
+  initialisation: ``init.json`` = {"config": NAME, "seed": S,
+  "overrides": {KEY: VALUE}}, ``init_variables`` of that config (jitted)
+  with ``jax.random.key(S)``.  ``config`` replaces the named one."""
+  import json
+  import jax
+  from ddq_jax.config import load_config
+  from ddq_jax.models.detector import build_model
+  from ddq_jax.models.variables import init_variables
+  with open(path) as f:
+    spec = json.load(f)
+  if config is None:
+    config = load_config(spec['config'], spec.get('overrides', {}))
+  model = build_model(config)
+  variables = jax.jit(lambda k: init_variables(model, config, k))(
+      jax.random.key(int(spec['seed'])))
+  return jax.device_get(variables), config
+
+
+def bundle_inputs(inputs: dict) -> dict:
+  """A bundle's inputs; ``images`` generated when the bundle holds only
+  ``images_seed``: uniform [0, 1) float32 over the ``pad_mask`` canvas
+  (NumPy's PCG64 stream, the same on every host), as mmdetection's own
+  detector test feeds ``torch.rand`` images."""
+  if 'images' not in inputs and 'images_seed' in inputs:
+    inputs = dict(inputs)
+    b, h, w = inputs['pad_mask'].shape
+    inputs['images'] = np.random.default_rng(
+        int(inputs['images_seed'])).random((b, h, w, 3), dtype=np.float32)
+  return inputs
+
+
+def clip_survivor_counts(ours: dict, ref: dict, config) -> tuple[dict, dict]:
+  """``num_kept_after_nms`` counts the reference's NMS survivors among all
+  proposals, ours among the ``nms_pre_topk`` candidates.  When there were
+  more proposals than candidates, only the distinct queries kept (the count
+  clipped at ``num_queries``) are comparable: both views get that instead."""
+  key = 'num_kept_after_nms'
+  if (key not in ours or key not in ref or
+      np.shape(ours['output_proposals'])[1] <= config.nms_pre_topk):
+    return ours, ref
+  ours, ref = dict(ours), dict(ref)
+  for d in (ours, ref):
+    d[key] = np.minimum(np.asarray(d[key]), config.num_queries)
+  return ours, ref
+
+
 def _nms_cut_check(stage, intermediates, config, out):
   """The encoder NMS's candidate bound: how many survivors each image kept
   among its ``nms_pre_topk`` candidates, and a check that no image may have
@@ -159,19 +211,25 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
   from ddq_jax.parity import compare
 
   ckpt = os.path.join(bundle, 'checkpoint.pth')
+  init = os.path.join(bundle, INIT_JSON)
   inputs_path = os.path.join(bundle, 'inputs.npz')
-  for path in (ckpt, inputs_path):
+  for path in ((ckpt if not os.path.isfile(init) else init), inputs_path):
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path}: missing; a bundle holds checkpoint.pth '
-                              'and inputs.npz (optionally infer.npz, train.npz)')
+                              f'(or {INIT_JSON}) and inputs.npz (optionally '
+                              'infer.npz, train.npz)')
   given = config is not None
-  variables, config, report = convert_checkpoint(ckpt, config)
+  if os.path.isfile(init):
+    variables, config = init_weights(init, config)
+    out(f'initialised the weights as {INIT_JSON} says; config {config.name}')
+  else:
+    variables, config, report = convert_checkpoint(ckpt, config)
+    out(f'converted {report.converted} tensors ({len(report.ignored)} '
+        f'ignored) config {config.name}')
   if not given:
     apply_overrides(config, overrides or {})
-  out(f'converted {report.converted} tensors ({len(report.ignored)} ignored) '
-      f'config {config.name}')
   config.padding_invariant = bool(padding_invariant)
-  inputs = _load_npz(inputs_path)
+  inputs = bundle_inputs(_load_npz(inputs_path))
   if canvas is not None:
     from ddq_jax.canvas_parity import place_in_canvas  # pylint: disable=g-import-not-at-top
     inputs = place_in_canvas(inputs, canvas=canvas)
@@ -192,6 +250,7 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
                                          unpadded_view)
       view = unpadded_view(dumped, ref)
       view.update(tie_ordered_detections(view, ref))
+    view, ref = clip_survivor_counts(view, ref, config)
     for key in sorted(ref):
       if key in view:
         results.append(compare(key, view[key], ref[key]))
@@ -203,7 +262,8 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
         model, config, variables, inputs)
     out(f'training forward + loss + gradients: {seconds:.1f} s')
     results.append(_nms_cut_check('training', tout, config, out))
-    d_ref = int(inputs['dn_label_ids'].shape[1])
+    d_ref = (int(inputs['dn_label_ids'].shape[1]) if 'dn_label_ids' in inputs
+             else d_ours)  # drawn, not injected: no slot layout to map
     num_queries = tout['decoder_query_in'].shape[1]   # our Q = D + rest
     train_dump = {}
     for key, value in tout.items():
@@ -220,6 +280,7 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
     ref_path = os.path.join(bundle, 'train.npz')
     if os.path.isfile(ref_path):
       ref = _load_npz(ref_path)
+      train_dump, ref = clip_survivor_counts(train_dump, ref, config)
       for key in sorted(ref):
         if key.startswith('grad/'):
           g = _grad_of(grads, key[5:], ref[key])
