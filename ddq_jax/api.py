@@ -203,13 +203,14 @@ class Detector:
     """From a converted weights directory, an mmdetection ``.pth`` or a
     ``train.py`` workdir (``weights.load_weights``); ``config``: the
     architecture (default: the one stored with the weights, then
-    ``overrides`` {'key.sub': value} apply).  ``kwargs``: see the class."""
-    from ddq_jax.config import apply_overrides  # pylint: disable=g-import-not-at-top
+    ``overrides`` {'key.sub': value} apply).  ``kwargs``: see the class.
+
+    Raises ``weights_fit.WeightsMismatchError`` (a ValueError) when the
+    weights do not fit the model of that config, or are not finite."""
     from ddq_jax.weights import load_weights  # pylint: disable=g-import-not-at-top
-    given = config is not None
-    variables, config = load_weights(os.fspath(path), config)
-    if not given and overrides:
-      apply_overrides(config, overrides)
+    variables, config = load_weights(
+        os.fspath(path), config,
+        overrides=None if config is not None else overrides)
     return cls(variables, config, **kwargs)
 
   def trace_count(self) -> int:

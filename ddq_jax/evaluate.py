@@ -113,12 +113,11 @@ def main(argv=None) -> dict:
   else:
     from ddq_jax.weights import load_weights  # pylint: disable=g-import-not-at-top
     try:
-      variables, config = load_weights(args.weights, config)
+      variables, config = load_weights(
+          args.weights, config, overrides=None if args.config else overrides)
     except Exception as e:  # pylint: disable=broad-except
       cli.fail(parser, f'--weights {args.weights}: cannot load: '
                    f'{type(e).__name__}: {e}')
-    if not args.config:
-      cli.override_or_fail(parser, config, overrides)
   d = config.data
   if args.ann_file:
     d.source = 'coco_dir'
