@@ -9,10 +9,22 @@ Multi-host: every process runs the same command plus either
 JAX_COORDINATOR_ADDRESS...).  ``--cpu_collectives=gloo`` for CPU-only
 multi-process runs.  Re-running with the same workdir resumes.
 
+The workdir belongs to one run at a time: train.py locks it
+(WORKDIR/train.lock, released by the OS when the process ends), and a
+second run on it stops at once naming the holder's pid and host.  A
+--workdir must be new, empty or a training run's; a converted-weights
+folder (pass it as --config.train.init_from) or a folder of other files is
+refused before anything is written.  The terminal gets one line per
+message; library tracebacks go to WORKDIR/train.log.
+
 Exit status: 0 finished; 143 stopped by SIGTERM (preemption) and 130 by
 SIGINT, each after saving a checkpoint (re-run to resume); 2 the workdir's
-checkpoint has another config; 3 too many non-finite steps in a row; 4 a
-checkpoint could not be written or none could be read (ddq_jax.training.loop).
+checkpoint has another config, a bad config value, a workdir in use or not
+a training run's, or an init_from that cannot be read or does not fit the
+model (--config.train.init_from_partial=True loads the tensors that fit);
+3 too many non-finite steps in a row; 4 a checkpoint or the training log
+could not be written (disk full) or no checkpoint could be read
+(ddq_jax.training.loop); 1 anything else (its traceback in train.log).
 """
 import argparse
 import logging
@@ -49,6 +61,12 @@ def main(argv=None) -> int:
                                    args.process_id is None):
     cli.fail(parser, '--coordinator_address needs --num_processes and '
              '--process_id')
+  from ddq_jax.training import loop, run_log, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  try:
+    loop.check_train_config(config)
+    workdir_lib.check_workdir(args.workdir)
+  except ValueError as e:
+    cli.fail(parser, str(e))
   import jax  # pylint: disable=g-import-not-at-top
   from ddq_jax.compilation_cache import enable_compilation_cache; enable_compilation_cache()  # pylint: disable=g-import-not-at-top,multiple-statements
   if args.cpu_collectives:
@@ -59,23 +77,41 @@ def main(argv=None) -> int:
                                args.process_id)
   elif args.multihost or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize()
-  logging.basicConfig(level=logging.WARNING,
-                      format='%(asctime)s %(name)s %(levelname)s %(message)s')
-  logging.getLogger('ddq_jax').setLevel(
-      logging.INFO if jax.process_index() == 0 else logging.WARNING)
+  main_process = jax.process_index() == 0
+  try:
+    with workdir_lib.hold(args.workdir, enabled=main_process):
+      log_path = run_log.setup_logging(
+          args.workdir, main=main_process,
+          file_name='train.log' if main_process else
+          f'train.{jax.process_index()}.log')
+      return _run(config, args.workdir, log_path)
+  except Exception as e:  # pylint: disable=broad-except
+    code = loop.exit_code_for(e)
+    if code is None:  # not even the lock or the log file: say why
+      raise
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
+    return code
+
+
+def _run(config, workdir: str, log_path: str) -> int:
+  """train() with the exit codes of the docstring; one line per error."""
+  import jax  # pylint: disable=g-import-not-at-top
   from ddq_jax.training.loop import exit_code_for, train  # pylint: disable=g-import-not-at-top
+  from ddq_jax.training.run_log import report_unexpected  # pylint: disable=g-import-not-at-top
   logging.getLogger('ddq_jax').info(
       'process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
       jax.process_count(), jax.local_device_count(), jax.device_count(),
       jax.devices()[0].platform)
   config.lock()
   try:
-    result = train(config, args.workdir)
+    result = train(config, workdir)
   except Exception as e:  # pylint: disable=broad-except
     code = exit_code_for(e)
     if code is None:
-      raise
-    print(f'error: {e}', file=sys.stderr, flush=True)
+      print(report_unexpected(e, log_path), file=sys.stderr, flush=True)
+      return 1
+    logging.getLogger('ddq_jax.train').debug('stopped', exc_info=True)
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
     return code
   if jax.process_index() == 0:
     print({k: result[k] for k in ('step', 'compiles', 'stopped')},
