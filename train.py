@@ -61,7 +61,7 @@ def main(argv=None) -> int:
                                    args.process_id is None):
     cli.fail(parser, '--coordinator_address needs --num_processes and '
              '--process_id')
-  from ddq_jax.training import loop, run_log, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from ddq_jax.training import loop, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
     loop.check_train_config(config)
     workdir_lib.check_workdir(args.workdir)
@@ -77,48 +77,25 @@ def main(argv=None) -> int:
                                args.process_id)
   elif args.multihost or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize()
-  main_process = jax.process_index() == 0
-  try:
-    with workdir_lib.hold(args.workdir, enabled=main_process):
-      log_path = run_log.setup_logging(
-          args.workdir, main=main_process,
-          file_name='train.log' if main_process else
-          f'train.{jax.process_index()}.log')
-      return _run(config, args.workdir, log_path)
-  except Exception as e:  # pylint: disable=broad-except
-    code = loop.exit_code_for(e)
-    if code is None:  # not even the lock or the log file: say why
-      raise
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
-    return code
+  from ddq_jax.training.entry import run_training  # pylint: disable=g-import-not-at-top
 
+  def run():
+    logging.getLogger('ddq_jax').info(
+        'process %d/%d, %d local / %d global devices (%s)',
+        jax.process_index(), jax.process_count(), jax.local_device_count(),
+        jax.device_count(), jax.devices()[0].platform)
+    config.lock()
+    return loop.train(config, args.workdir)
 
-def _run(config, workdir: str, log_path: str) -> int:
-  """train() with the exit codes of the docstring; one line per error."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from ddq_jax.training.loop import exit_code_for, train  # pylint: disable=g-import-not-at-top
-  from ddq_jax.training.run_log import report_unexpected  # pylint: disable=g-import-not-at-top
-  logging.getLogger('ddq_jax').info(
-      'process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
-      jax.process_count(), jax.local_device_count(), jax.device_count(),
-      jax.devices()[0].platform)
-  config.lock()
-  try:
-    result = train(config, workdir)
-  except Exception as e:  # pylint: disable=broad-except
-    code = exit_code_for(e)
-    if code is None:
-      print(report_unexpected(e, log_path), file=sys.stderr, flush=True)
-      return 1
-    logging.getLogger('ddq_jax.train').debug('stopped', exc_info=True)
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
-    return code
-  if jax.process_index() == 0:
-    print({k: result[k] for k in ('step', 'compiles', 'stopped')},
-          result['last_metrics'], result['eval'] or '', flush=True)
-  if jax.process_count() > 1:
-    jax.distributed.shutdown()
-  return exit_code_for(result=result)  # 143 / 130 when stopped by a signal
+  def done(result):
+    if jax.process_index() == 0:
+      print({k: result[k] for k in ('step', 'compiles', 'stopped')},
+            result['last_metrics'], result['eval'] or '', flush=True)
+    if jax.process_count() > 1:
+      jax.distributed.shutdown()
+
+  return run_training(run, args.workdir, process_index=jax.process_index(),
+                      on_result=done)
 
 
 if __name__ == '__main__':

@@ -140,7 +140,9 @@ def setup_logging(workdir: str, *, main: bool = True,
   term.setLevel(logging.INFO if main else logging.WARNING)
   term.addFilter(lambda r: r.name.startswith('ddq_jax'))
   root.addHandler(term)
-  logging.getLogger('absl').propagate = True  # orbax logs through absl
+  absl = logging.getLogger('absl')  # orbax logs through absl: its INFO is
+  absl.propagate = True             # a line per array; warnings and up
+  absl.setLevel(logging.WARNING)
 
   def thread_failed(args):
     logging.getLogger('ddq_jax.thread').debug(
