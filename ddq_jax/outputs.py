@@ -11,7 +11,10 @@ ValueError) with one line naming the path and what to do.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 
 
 class OutputPathError(ValueError):
@@ -75,3 +78,40 @@ def write_text(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+@contextlib.contextmanager
+def temporary_dir(out: str):
+  """A new directory beside ``out`` (same file system, so it can be renamed
+  into place); removed on the way out unless ``publish_dir`` moved it."""
+  out = os.path.abspath(out)
+  tmp = tempfile.mkdtemp(prefix=f'.tmp-{os.path.basename(out)}.'
+                         f'{os.getpid()}.', dir=os.path.dirname(out))
+  try:
+    yield tmp
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(tmp: str, out: str, ours) -> None:
+  """Moves the complete directory ``tmp`` to ``out``: a rename when ``out``
+  is absent or empty; else ``out`` (holding only ``ours``, checked by the
+  caller) is swapped out first and its files removed afterwards."""
+  out = os.path.abspath(out)
+  if os.path.isdir(out) and not os.listdir(out):
+    os.rmdir(out)
+  if not os.path.lexists(out):
+    os.rename(tmp, out)
+    return
+  extra = set(os.listdir(out)) - set(ours)
+  if extra:
+    raise OutputPathError(f'{out}: holds {sorted(extra)[0]}, not ours; '
+                          'nothing was replaced')
+  old = tempfile.mkdtemp(prefix=f'.old-{os.path.basename(out)}.'
+                         f'{os.getpid()}.', dir=os.path.dirname(out))
+  os.rmdir(old)
+  os.rename(out, old)
+  os.rename(tmp, out)
+  for name in os.listdir(old):
+    os.remove(os.path.join(old, name))
+  os.rmdir(old)

@@ -84,12 +84,12 @@ def read_weights(path: str, config: ml_collections.ConfigDict | None = None
                        'weights (convert_weights.py)')
     return weights_io.load_converted(path)
   weight_format(path, state_dict={})  # existence check, no read
-  from ddq_jax.conversion.converter import convert_checkpoint  # pylint: disable=g-import-not-at-top
+  from ddq_jax.conversion.converter import ConversionError, convert_checkpoint  # pylint: disable=g-import-not-at-top
   from ddq_jax.conversion.mmdet_config import ConfigParseError  # pylint: disable=g-import-not-at-top
   try:  # the architecture the checkpoint carries, whatever ``config`` says
     variables, stored, _ = convert_checkpoint(path, None)
     return variables, stored
-  except ConfigParseError:
+  except (ConfigParseError, ConversionError):
     if config is None:
       raise
   variables, _, _ = convert_checkpoint(path, config)
