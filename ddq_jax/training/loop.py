@@ -444,7 +444,7 @@ def _train(config, workdir: str, *, components, devices) -> dict:
           raise
         # a step that raised may have consumed (donated) the state; the
         # original error propagates
-        log.error('final checkpoint failed: %s', e)
+        log.warning('final checkpoint failed too: %s', e)
       finally:
         if hasattr(data, 'close'):
           data.close()

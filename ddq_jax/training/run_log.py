@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 import jax
 import numpy as np
@@ -123,7 +124,7 @@ def setup_logging(workdir: str, *, main: bool = True,
   """The terminal gets ddq_jax's records as one line each (INFO on the main
   process, WARNING elsewhere); ``workdir/file_name`` gets every logger's
   records with their tracebacks (absl / orbax included), and so do
-  exceptions of other threads.  Returns the log file's path."""
+  exceptions of other threads and of atexit callbacks.  Returns the log file's path."""
   import threading  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, file_name)
   logging.raiseExceptions = False  # a full disk must not print tracebacks
@@ -149,6 +150,12 @@ def setup_logging(workdir: str, *, main: bool = True,
         'thread %s failed', getattr(args.thread, 'name', '?'),
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
   threading.excepthook = thread_failed
+
+  def unraisable(args):  # e.g. an atexit flush of tensorboardX on a full disk
+    logging.getLogger('ddq_jax.thread').debug(
+        'ignored: %s', args.err_msg or 'exception', exc_info=(
+            args.exc_type, args.exc_value, args.exc_traceback))
+  sys.unraisablehook = unraisable
   return path
 
 
