@@ -18,6 +18,8 @@ tensors instead, and says which.
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from typing import Any
 
@@ -88,10 +90,19 @@ def fit_problems(variables: dict, want: dict[str, tuple]) -> dict:
 
 
 def expected_shapes(config) -> dict[str, tuple]:
-  """{path: shape} of every variable the model of ``config`` creates."""
+  """{path: shape} of every variable the model of ``config`` creates
+  (traced once per distinct config in a process: a few seconds for R50)."""
+  return dict(_expected_shapes(config.to_json_best_effort()))
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_shapes(config_json: str) -> tuple:
+  from ddq_jax.conversion.weights_io import _tuples  # pylint: disable=g-import-not-at-top
   from ddq_jax.models.variables import variable_shapes  # pylint: disable=g-import-not-at-top
-  return {p: tuple(x.shape)
-          for p, x in flatten(variable_shapes(config)).items()}
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(_tuples(json.loads(config_json)))
+  return tuple((p, tuple(x.shape))
+               for p, x in flatten(variable_shapes(config)).items())
 
 
 def architecture_differences(stored, config) -> list[tuple[str, Any, Any]]:
