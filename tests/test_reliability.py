@@ -77,6 +77,8 @@ def test_fewer_decoder_layers_refused_at_every_entry_point(converted, capsys,
 
 
 def test_num_classes_mismatch_is_one_line_not_a_traceback(tiny_dir):
+  import ddq_jax
+  assert ddq_jax.WeightsMismatchError is WeightsMismatchError
   from ddq_jax.api import Detector
   from ddq_jax.config import load_config
   pth = os.path.join(tiny_dir, 'checkpoint.pth')
