@@ -261,3 +261,17 @@ def test_bad_init_from_is_exit_2_one_line(tmp_path):
                  components=fault_driver.components())
     assert '\n' not in str(e.value) and path in str(e.value)
     assert loop.exit_code_for(e.value) == 2
+
+
+def test_init_from_partial_drops_what_does_not_fit(converted):
+  from ddq_jax.config import load_config
+  from ddq_jax.weights import load_pretrained
+  from ddq_jax.weights_fit import flatten
+  cfg = load_config('tiny', {'num_classes': 5})
+  with pytest.raises(WeightsMismatchError,
+                     match=r'--config\.train\.init_from_partial=True'):
+    load_pretrained(converted, cfg)
+  cfg.train.init_from_partial = True
+  kept = flatten(load_pretrained(converted, cfg))
+  assert 'params/bbox_head/cls_branches_0/kernel' not in kept
+  assert 'params/bbox_head/reg_branches_0_0/kernel' in kept
