@@ -9,10 +9,22 @@ Multi-host: every process runs the same command plus either
 JAX_COORDINATOR_ADDRESS...).  ``--cpu_collectives=gloo`` for CPU-only
 multi-process runs.  Re-running with the same workdir resumes.
 
+The workdir belongs to one run at a time: train.py locks it
+(WORKDIR/train.lock, released by the OS when the process ends), and a
+second run on it stops at once naming the holder's pid and host.  A
+--workdir must be new, empty or a training run's; a converted-weights
+folder (pass it as --config.train.init_from) or a folder of other files is
+refused before anything is written.  The terminal gets one line per
+message; library tracebacks go to WORKDIR/train.log.
+
 Exit status: 0 finished; 143 stopped by SIGTERM (preemption) and 130 by
 SIGINT, each after saving a checkpoint (re-run to resume); 2 the workdir's
-checkpoint has another config; 3 too many non-finite steps in a row; 4 a
-checkpoint could not be written or none could be read (ddq_jax.training.loop).
+checkpoint has another config, a bad config value, a workdir in use or not
+a training run's, or an init_from that cannot be read or does not fit the
+model (--config.train.init_from_partial=True loads the tensors that fit);
+3 too many non-finite steps in a row; 4 a checkpoint or the training log
+could not be written (disk full) or no checkpoint could be read
+(ddq_jax.training.loop); 1 anything else (its traceback in train.log).
 """
 import argparse
 import logging
@@ -49,6 +61,12 @@ def main(argv=None) -> int:
                                    args.process_id is None):
     cli.fail(parser, '--coordinator_address needs --num_processes and '
              '--process_id')
+  from ddq_jax.training import loop, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  try:
+    loop.check_train_config(config)
+    workdir_lib.check_workdir(args.workdir)
+  except ValueError as e:
+    cli.fail(parser, str(e))
   import jax  # pylint: disable=g-import-not-at-top
   from ddq_jax.compilation_cache import enable_compilation_cache; enable_compilation_cache()  # pylint: disable=g-import-not-at-top,multiple-statements
   if args.cpu_collectives:
@@ -59,30 +77,25 @@ def main(argv=None) -> int:
                                args.process_id)
   elif args.multihost or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize()
-  logging.basicConfig(level=logging.WARNING,
-                      format='%(asctime)s %(name)s %(levelname)s %(message)s')
-  logging.getLogger('ddq_jax').setLevel(
-      logging.INFO if jax.process_index() == 0 else logging.WARNING)
-  from ddq_jax.training.loop import exit_code_for, train  # pylint: disable=g-import-not-at-top
-  logging.getLogger('ddq_jax').info(
-      'process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
-      jax.process_count(), jax.local_device_count(), jax.device_count(),
-      jax.devices()[0].platform)
-  config.lock()
-  try:
-    result = train(config, args.workdir)
-  except Exception as e:  # pylint: disable=broad-except
-    code = exit_code_for(e)
-    if code is None:
-      raise
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    return code
-  if jax.process_index() == 0:
-    print({k: result[k] for k in ('step', 'compiles', 'stopped')},
-          result['last_metrics'], result['eval'] or '', flush=True)
-  if jax.process_count() > 1:
-    jax.distributed.shutdown()
-  return exit_code_for(result=result)  # 143 / 130 when stopped by a signal
+  from ddq_jax.training.entry import run_training  # pylint: disable=g-import-not-at-top
+
+  def run():
+    logging.getLogger('ddq_jax').info(
+        'process %d/%d, %d local / %d global devices (%s)',
+        jax.process_index(), jax.process_count(), jax.local_device_count(),
+        jax.device_count(), jax.devices()[0].platform)
+    config.lock()
+    return loop.train(config, args.workdir)
+
+  def done(result):
+    if jax.process_index() == 0:
+      print({k: result[k] for k in ('step', 'compiles', 'stopped')},
+            result['last_metrics'], result['eval'] or '', flush=True)
+    if jax.process_count() > 1:
+      jax.distributed.shutdown()
+
+  return run_training(run, args.workdir, process_index=jax.process_index(),
+                      on_result=done)
 
 
 if __name__ == '__main__':

@@ -156,6 +156,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.eval_every = -1         # -1: once per epoch
   c.train.init_from = ''          # converted checkpoint dir, or torchvision .pth
+  # True: init_from's tensors the model has no place for, or of another
+  # shape (e.g. another num_classes when fine-tuning), are dropped (listed
+  # in the log) and the model's missing ones stay at init; False: any
+  # mismatch stops the run (exit 2).
+  c.train.init_from_partial = False
   c.train.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay fp32)
   c.train.max_nonfinite_steps = 10   # stop (exit 3) after this many in a row
   c.train.inject_nan_at_steps = ()   # test hook: NaN images at these steps

@@ -152,6 +152,14 @@ def _as_rgb(image, index: int) -> np.ndarray:
   return image
 
 
+def check_score_threshold(value) -> float:
+  """``value`` as a float in [0, 1] (a ValueError naming it otherwise)."""
+  v = float(value)
+  if not 0.0 <= v <= 1.0:
+    raise ValueError(f'score_threshold {value!r}: expected a score in [0, 1]')
+  return v
+
+
 def _is_one(images) -> bool:
   return (isinstance(images, (str, os.PathLike))
           or (isinstance(images, np.ndarray) and images.ndim in (2, 3))
@@ -181,6 +189,7 @@ class Detector:
       raise ValueError(f'batch_size: expected >= 1, got {batch_size}')
     if canvas is not None and (len(canvas) != 2 or min(canvas) < 1):
       raise ValueError(f'canvas: expected (H, W) positive, got {canvas}')
+    check_score_threshold(score_threshold)
     self.config = inference_config(config)
     self.dtype = dtype
     self.batch_size = int(batch_size)
@@ -203,13 +212,14 @@ class Detector:
     """From a converted weights directory, an mmdetection ``.pth`` or a
     ``train.py`` workdir (``weights.load_weights``); ``config``: the
     architecture (default: the one stored with the weights, then
-    ``overrides`` {'key.sub': value} apply).  ``kwargs``: see the class."""
-    from ddq_jax.config import apply_overrides  # pylint: disable=g-import-not-at-top
+    ``overrides`` {'key.sub': value} apply).  ``kwargs``: see the class.
+
+    Raises ``weights_fit.WeightsMismatchError`` (a ValueError) when the
+    weights do not fit the model of that config, or are not finite."""
     from ddq_jax.weights import load_weights  # pylint: disable=g-import-not-at-top
-    given = config is not None
-    variables, config = load_weights(os.fspath(path), config)
-    if not given and overrides:
-      apply_overrides(config, overrides)
+    variables, config = load_weights(
+        os.fspath(path), config,
+        overrides=None if config is not None else overrides)
     return cls(variables, config, **kwargs)
 
   def trace_count(self) -> int:
@@ -243,7 +253,7 @@ class Detector:
     if not items:
       return []
     thr = self.score_threshold if score_threshold is None else float(
-        score_threshold)
+        check_score_threshold(score_threshold))
     samples = [self.prepare(im, i) for i, im in enumerate(items)]
     groups: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(samples):

@@ -216,10 +216,6 @@ def run(args) -> dict:
   from ddq_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
   config = args.config_dict
   devices = jax.devices()[:args.devices] if args.devices else jax.devices()
-  if args.batch < 1:
-    raise SystemExit(f'--batch must be >= 1, got {args.batch}')
-  if args.steps < 1:
-    raise SystemExit(f'--steps must be >= 1, got {args.steps}')
   mesh = make_mesh(config, devices)
   if args.batch % int(mesh.shape['data']):
     raise SystemExit(f'--batch {args.batch} is not divisible by the '
@@ -302,6 +298,21 @@ def run(args) -> dict:
   return res
 
 
+def bad_argument(args) -> str | None:
+  """One line naming the first numeric argument out of range, or None."""
+  for flag, value, least in (('--batch', args.batch, 1),
+                             ('--steps', args.steps, 1),
+                             ('--warmup', args.warmup, 0),
+                             ('--top', args.top, 1),
+                             ('--devices', args.devices, 1)):
+    if value is not None and value < least:
+      return f'{flag} must be >= {least}, got {value}'
+  if min(args.size) < 1:
+    return (f'--size {args.size[0]} {args.size[1]}: expected a positive '
+            'height and width')
+  return None
+
+
 def main(argv=None) -> dict:
   from ddq_jax import cli  # pylint: disable=g-import-not-at-top
   parser = _parser()
@@ -311,6 +322,9 @@ def main(argv=None) -> dict:
   elif not args.config:
     cli.fail(parser, '--config is required')
   else:
+    problem = bad_argument(args)
+    if problem:
+      cli.fail(parser, problem)
     args.config_dict = cli.load_or_fail(parser, args.config, overrides)
     from ddq_jax.compilation_cache import enable_compilation_cache  # pylint: disable=g-import-not-at-top
     enable_compilation_cache(not args.no_compilation_cache)

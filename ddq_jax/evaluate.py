@@ -16,9 +16,18 @@ canvases (data.eval_canvas_sizes) keep COCO to at most 3 compiles.  Crowd
 regions stay in the ground truth the metrics see: ignore regions, as in
 pycocotools.
 
-Writes OUT/metrics.json (the 12 COCO box numbers AP ... ARl, plus image /
-detection counts, timing, devices) and OUT/detections.json (COCO results:
-image_id, category_id, bbox [x, y, w, h] in original pixels, score).
+Writes OUT/metrics.json (the 12 COCO box numbers AP ... ARl, plus the
+images evaluated and dropped, detection counts, timing, devices) and
+OUT/detections.json (COCO results: image_id, category_id, bbox [x, y, w, h]
+in original pixels, score).  --out is checked before any work: its parent
+must exist, and earlier results in it are kept unless --overwrite.
+
+Bad images: by default (--strict) an image that cannot be evaluated is an
+error, because an AP over a subset of the split is not comparable with
+published numbers: image files missing at start-up stop the command before
+any work; images that fail to decode during the run are recorded in
+metrics.json and the command exits 2.  --skip-bad-images evaluates the
+rest, names each dropped image and records them (exit 0).
 """
 from __future__ import annotations
 
@@ -63,7 +72,18 @@ def _parser() -> argparse.ArgumentParser:
                  'prepared dataset')
   p.add_argument('--split', help='split name (default config '
                  'data.eval_split, "validation")')
-  p.add_argument('--out', required=True, help='output directory')
+  p.add_argument('--out', required=True, help='output directory (its parent '
+                 'must exist; checked before any work)')
+  p.add_argument('--overwrite', action='store_true', help='replace '
+                 'metrics.json / detections.json of an earlier run in --out')
+  bad = p.add_mutually_exclusive_group()
+  bad.add_argument('--strict', action='store_true', default=True,
+                   help='(default) an image that is missing or does not '
+                   'decode is an error (exit 2): the AP of a subset is not '
+                   'the AP of the split')
+  bad.add_argument('--skip-bad-images', action='store_true',
+                   help='evaluate the other images; each dropped image is '
+                   'named on stderr and recorded in metrics.json')
   p.add_argument('--max-images', type=int, help='evaluate only the first N '
                  'images (quick runs)')
   p.add_argument('--batch-size', type=int, help='images per step (default '
@@ -74,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
                  '(default config data.num_workers)')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
   return p
+
+
+RESULT_FILES = ('metrics.json', 'detections.json')
+
+
+def _missing_at_start(source) -> list[str]:
+  return list(getattr(source, 'missing_files', ()) or ())
 
 
 def main(argv=None) -> dict:
@@ -100,6 +127,17 @@ def main(argv=None) -> dict:
     cli.fail(parser, f'--tfds-data-dir {args.tfds_data_dir}: no such directory')
   if args.max_images is not None and args.max_images < 1:
     cli.fail(parser, '--max-images must be >= 1')
+  for flag, value in (('--batch-size', args.batch_size),
+                      ('--devices', args.devices),
+                      ('--num-workers', args.num_workers)):
+    if value is not None and value < (0 if flag == '--num-workers' else 1):
+      cli.fail(parser, f'{flag} {value}: expected >= '
+               f'{0 if flag == "--num-workers" else 1}')
+  from ddq_jax.outputs import OutputPathError, check_out_dir, write_text  # pylint: disable=g-import-not-at-top
+  try:
+    check_out_dir(args.out, RESULT_FILES, overwrite=args.overwrite)
+  except OutputPathError as e:
+    cli.fail(parser, str(e))
 
   config = (cli.load_or_fail(parser, args.config, overrides)
             if args.config else None)
@@ -113,12 +151,11 @@ def main(argv=None) -> dict:
   else:
     from ddq_jax.weights import load_weights  # pylint: disable=g-import-not-at-top
     try:
-      variables, config = load_weights(args.weights, config)
+      variables, config = load_weights(
+          args.weights, config, overrides=None if args.config else overrides)
     except Exception as e:  # pylint: disable=broad-except
       cli.fail(parser, f'--weights {args.weights}: cannot load: '
                    f'{type(e).__name__}: {e}')
-    if not args.config:
-      cli.override_or_fail(parser, config, overrides)
   d = config.data
   if args.ann_file:
     d.source = 'coco_dir'
@@ -138,6 +175,14 @@ def main(argv=None) -> dict:
     source = build_dataset(config, split)
   except (FileNotFoundError, ValueError, OSError) as e:
     cli.fail(parser, f'cannot open the {d.source} {split!r} split: {e}')
+  missing = _missing_at_start(source)
+  if missing and not args.skip_bad_images:
+    cli.fail(parser, f'{len(missing)} image files of the {split!r} split are '
+             f'missing (first: {missing[0]}); --skip-bad-images evaluates the '
+             'others and records the missing ones')
+  if len(source) == 0:
+    cli.fail(parser, f'the {d.source} {split!r} split has no image to '
+             'evaluate')
 
   from ddq_jax.evaluation import evaluate_model  # pylint: disable=g-import-not-at-top
   from ddq_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
@@ -160,6 +205,11 @@ def main(argv=None) -> dict:
                                  config=config,
                                  progress=not args.no_progress,
                                  max_images=args.max_images)
+  dropped = list(metrics.pop('dropped_image_ids', []))
+  metrics.update(images_evaluated=int(metrics['num_images']),
+                 images_dropped=len(dropped) + len(missing),
+                 dropped_image_ids=dropped, missing_files=missing,
+                 strict=not args.skip_bad_images)
   metrics.update(config=str(config.get('name', args.config)),
                  weights=args.weights or 'random-init', split=split,
                  source=str(d.source), batch_size=batch,
@@ -168,12 +218,26 @@ def main(argv=None) -> dict:
                  date=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
   if jax.process_index() == 0:
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'metrics.json'), 'w') as f:
-      json.dump(metrics, f, indent=1)
-    with open(os.path.join(args.out, 'detections.json'), 'w') as f:
-      json.dump(dets, f)
+    write_text(os.path.join(args.out, 'detections.json'), json.dumps(dets))
+    write_text(os.path.join(args.out, 'metrics.json'),
+               json.dumps(metrics, indent=1))
     print(f'wrote {args.out}/metrics.json and {args.out}/detections.json '
           f'({len(dets)} detections)', file=sys.stderr)
+    for image_id in dropped:
+      print(f'dropped image id {image_id}: could not be read', file=sys.stderr)
+    for name in missing:
+      print(f'dropped image {name}: missing at start-up', file=sys.stderr)
+    if dropped or missing:
+      print(f'{len(dropped) + len(missing)} images dropped, '
+            f'{metrics["images_evaluated"]} evaluated', file=sys.stderr)
+  if metrics['images_evaluated'] == 0:
+    cli.fail(parser, f'no image of the {split!r} split could be evaluated; '
+             f'the metrics in {args.out} are empty')
+  if dropped and not args.skip_bad_images:
+    cli.fail(parser, f'{len(dropped)} images could not be read (ids '
+             f'{", ".join(map(str, dropped[:5]))}); metrics.json in '
+             f'{args.out} covers the other {metrics["images_evaluated"]} and '
+             'records them (--skip-bad-images accepts that with exit 0)')
   return metrics
 
 

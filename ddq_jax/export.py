@@ -21,6 +21,16 @@ image_sizes int32 (N, 2) its (h, w) there; scale_factors float32 (N, 2) the
 in original pixels, scores float32 (N, K) (0 for empty slots), labels int32
 (N, K); K = max_per_img.  Normalisation, the padding mask, the model and the
 post-processing are inside; the weights are constants of the program.
+
+Everything is validated before DIR is created (the weights against the
+model of the config, the canvas against the test-time resize, the ONNX
+tools for --format onnx|both); the artifact set is written into a
+temporary directory beside DIR and renamed into place, so DIR holds one
+complete export or none.  A DIR holding anything but a previous export is
+refused.  ONNX needs (jax2onnx pins an older orbax-checkpoint than
+training uses, so it is installed without its dependencies):
+
+  pip install "ddq-jax[export]" && pip install --no-deps "jax2onnx==0.17.1"
 """
 from __future__ import annotations
 
@@ -38,6 +48,47 @@ PLATFORMS = ('cpu', 'cuda', 'tpu')
 # The ONNX graph runs the NMS as a while loop of dense (N, N) steps (a
 # fori_loop under vmap has no lowering in jax2onnx).
 ONNX_NMS_METHOD = 'fixed_point'
+# The one install that makes --format onnx|both work (see pyproject.toml).
+ONNX_INSTALL = ('pip install "ddq-jax[export]" && pip install --no-deps '
+                '"jax2onnx==0.17.1"')
+ARTIFACTS = ('model.jax', 'model.onnx', 'signature.json', 'README.md')
+
+
+def check_onnx_tools() -> None:
+  """ImportError naming ``ONNX_INSTALL`` when jax2onnx / onnx are absent."""
+  missing = []
+  for module in ('onnx', 'jax2onnx'):
+    try:
+      __import__(module)
+    except ImportError:
+      missing.append(module)
+  if missing:
+    raise ImportError(f'ONNX export (--format onnx|both) needs '
+                      f'{" and ".join(missing)}: {ONNX_INSTALL}; or pass '
+                      '--format jax')
+
+
+def canvas_fits_some_image(canvas, test_scale) -> bool:
+  """Whether any image, resized by the test-time rule, fits ``canvas``
+  (H, W): the rule takes the long side to max(test_scale) or the short side
+  to min(test_scale), so a canvas fits one iff a side reaches the long
+  limit or both reach the short one."""
+  h, w = (int(v) for v in canvas)
+  lo, hi = min(test_scale), max(test_scale)
+  return max(h, w) >= hi or min(h, w) >= lo
+
+
+def check_out(out: str) -> None:
+  """``out`` may be new, empty or a previous export (ValueError naming it
+  otherwise); its parent must exist."""
+  from ddq_jax.outputs import check_out_dir  # pylint: disable=g-import-not-at-top
+  check_out_dir(out, (), flag='--out')
+  if os.path.isdir(out):
+    other = sorted(set(os.listdir(out)) - set(ARTIFACTS))
+    if other:
+      raise ValueError(f'--out {out}: holds {len(other)} entries that are not '
+                       f'an export ({", ".join(other[:3])}); nothing was '
+                       'written.  Choose a new or empty directory')
 
 
 def serving_fn(detect, variables):
@@ -79,8 +130,8 @@ def export_onnx(serve, specs, path: str) -> dict:
     from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
     import onnx  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError('ONNX export needs the "export" extra: pip install '
-                      '"ddq-jax[export]" (jax2onnx, onnx, onnxruntime)') from e
+    raise ImportError(f'ONNX export needs jax2onnx and onnx: {ONNX_INSTALL}'
+                      ) from e
   import jax  # pylint: disable=g-import-not-at-top
   from ddq_jax.ops.nms import auto_method  # pylint: disable=g-import-not-at-top
   # Trace with plain JAX first: the converter then sees lax primitives only
@@ -201,8 +252,9 @@ def signature(config, *, batch: int, canvas, dtype: str, platforms,
                     meaning='index into class_names')],
       resize=dict(
           rule='keep ratio: factor = min(max(test_scale) / max(h, w), '
-          'min(test_scale) / min(h, w)); new_w = int(w * factor + 0.5), '
-          'new_h = int(h * factor + 0.5); cv2.resize(INTER_LINEAR) of the '
+          'min(test_scale) / min(h, w)); new_w = max(1, int(w * factor + '
+          '0.5)), new_h = max(1, int(h * factor + 0.5)); '
+          'cv2.resize(INTER_LINEAR) of the '
           'RGB image',
           test_scale=[int(v) for v in config.data.test_scale]),
       normalisation=dict(mean=[float(v) for v in config.data.mean],
@@ -234,7 +286,7 @@ def prepare(path):
     rgb = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     h, w = rgb.shape[:2]
     f = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    nw, nh = int(w * f + 0.5), int(h * f + 0.5)
+    nw, nh = max(1, int(w * f + 0.5)), max(1, int(h * f + 0.5))
     assert nh <= H and nw <= W, 'image does not fit the canvas'
     canvas = np.zeros((H, W, 3), np.uint8)
     canvas[:nh, :nw] = cv2.resize(rgb, (nw, nh),
@@ -274,52 +326,66 @@ in the original image's pixels; `sig['class_names'][labels[i, j]]` names it.
 def export(*, weights: str, out: str, batch: int, canvas, fmt: str = 'both',
            dtype: str = 'float32', config=None, overrides=None,
            platforms=PLATFORMS, log=print) -> dict:
-  """Writes DIR/{model.jax, model.onnx, signature.json, README.md};
-  returns the timings, sizes and ONNX op counts."""
+  """Writes DIR/{model.jax, model.onnx, signature.json, README.md} as one
+  set (temporary directory, then a rename); returns the timings, sizes and
+  ONNX op counts.  Every input is checked before DIR is created."""
   from ddq_jax.api import Detector, make_detect_fn  # pylint: disable=g-import-not-at-top
   if fmt not in ('jax', 'onnx', 'both'):
     raise ValueError(f"--format {fmt!r}: expected 'jax', 'onnx' or 'both'")
   if int(batch) < 1 or len(canvas) != 2 or min(int(v) for v in canvas) < 1:
     raise ValueError(f'--batch {batch} --canvas {canvas}: expected a positive '
                      'batch and a positive (H, W)')
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ValueError(f'--out {out}: exists and is not a directory')
-  os.makedirs(out, exist_ok=True)
+  if dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"--dtype {dtype!r}: expected 'float32' or 'bfloat16'")
+  check_out(out)
+  if not os.path.exists(weights):
+    raise FileNotFoundError(f'--weights {weights}: no such file or directory')
+  if fmt in ('onnx', 'both'):
+    check_onnx_tools()
   report: dict = {}
   t = time.perf_counter()
   det = Detector.load(weights, config=config, overrides=overrides,
                       dtype=dtype)
   report['load_s'] = time.perf_counter() - t
+  scale = tuple(int(v) for v in det.config.data.test_scale)
+  if not canvas_fits_some_image(canvas, scale):
+    raise ValueError(
+        f'--canvas {canvas[0]} {canvas[1]}: no image fits it after the '
+        f'test-time resize (test_scale {scale} takes the long side to '
+        f'{max(scale)} or the short side to {min(scale)}); use a side >= '
+        f'{max(scale)} or both sides >= {min(scale)}, e.g. --canvas '
+        f'{min(scale)} {max(scale)}')
   specs = input_specs(batch=int(batch), canvas=canvas)
   serve = serving_fn(make_detect_fn(det.config, dtype=dtype), det.variables)
-  plats = []
-  if fmt in ('jax', 'both'):
-    t = time.perf_counter()
-    data, plats = export_jax(serve, specs, platforms=platforms)
-    path = os.path.join(out, 'model.jax')
-    _write_bytes(path, data)
-    report['jax_export_s'] = time.perf_counter() - t
-    report['jax_bytes'] = len(data)
-    report['platforms'] = plats
-    log(f'model.jax: {len(data) / 2**20:.1f} MiB for {plats} in '
-        f'{report["jax_export_s"]:.1f} s')
-  if fmt in ('onnx', 'both'):
-    t = time.perf_counter()
-    path = os.path.join(out, 'model.onnx')
-    report.update(export_onnx(serve, specs, path + '.tmp'))
-    os.replace(path + '.tmp', path)
-    report['onnx_export_s'] = time.perf_counter() - t
-    report['onnx_bytes'] = os.path.getsize(path)
-    log(f'model.onnx: {report["onnx_bytes"] / 2**20:.1f} MiB, '
-        f'{sum(report["ops"].values())} nodes of {len(report["ops"])} op '
-        f'types in {report["onnx_export_s"]:.1f} s')
-  sig = signature(det.config, batch=int(batch), canvas=canvas, dtype=dtype,
-                  platforms=plats, class_names=det.class_names)
-  _write_bytes(os.path.join(out, 'signature.json'),
-               (json.dumps(sig, indent=1) + '\n').encode())
-  h, w = (int(v) for v in canvas)
-  _write_bytes(os.path.join(out, 'README.md'), README.format(
-      batch=int(batch), h=h, w=w, k=int(det.config.max_per_img)).encode())
+  from ddq_jax.outputs import publish_dir, temporary_dir  # pylint: disable=g-import-not-at-top
+  with temporary_dir(out) as tmp:
+    plats = []
+    if fmt in ('jax', 'both'):
+      t = time.perf_counter()
+      data, plats = export_jax(serve, specs, platforms=platforms)
+      _write_bytes(os.path.join(tmp, 'model.jax'), data)
+      report['jax_export_s'] = time.perf_counter() - t
+      report['jax_bytes'] = len(data)
+      report['platforms'] = plats
+      log(f'model.jax: {len(data) / 2**20:.1f} MiB for {plats} in '
+          f'{report["jax_export_s"]:.1f} s')
+    if fmt in ('onnx', 'both'):
+      t = time.perf_counter()
+      path = os.path.join(tmp, 'model.onnx')
+      report.update(export_onnx(serve, specs, path))
+      report['onnx_export_s'] = time.perf_counter() - t
+      report['onnx_bytes'] = os.path.getsize(path)
+      log(f'model.onnx: {report["onnx_bytes"] / 2**20:.1f} MiB, '
+          f'{sum(report["ops"].values())} nodes of {len(report["ops"])} op '
+          f'types in {report["onnx_export_s"]:.1f} s')
+    sig = signature(det.config, batch=int(batch), canvas=canvas, dtype=dtype,
+                    platforms=plats, class_names=det.class_names)
+    _write_bytes(os.path.join(tmp, 'signature.json'),
+                 (json.dumps(sig, indent=1) + '\n').encode())
+    h, w = (int(v) for v in canvas)
+    _write_bytes(os.path.join(tmp, 'README.md'), README.format(
+        batch=int(batch), h=h, w=w, k=int(det.config.max_per_img)).encode())
+    publish_dir(tmp, out, ARTIFACTS)
   return report
 
 
@@ -344,7 +410,8 @@ def main(argv=None) -> int:
   parser.add_argument('--canvas', type=int, nargs=2, required=True,
                       metavar=('H', 'W'), help='static canvas height, width')
   parser.add_argument('--format', default='both',
-                      choices=('jax', 'onnx', 'both'))
+                      choices=('jax', 'onnx', 'both'),
+                      help='default both; onnx needs: ' + ONNX_INSTALL)
   parser.add_argument('--dtype', default='float32',
                       choices=('float32', 'bfloat16'))
   parser.add_argument('--platforms', default=','.join(PLATFORMS),
@@ -362,7 +429,7 @@ def main(argv=None) -> int:
                     platforms=tuple(p for p in args.platforms.split(',') if p))
   except (ValueError, TypeError, FileNotFoundError, OSError,
           ImportError) as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     return 2
   print(json.dumps({k: v for k, v in report.items() if k != 'ops'}))
   return 0

@@ -69,29 +69,59 @@ def drawing_paths(paths, draw_dir: str) -> list[str]:
   return out
 
 
+def read_images(paths, *, skip_bad: bool = False, report=print
+                ) -> tuple[list[str], list]:
+  """(the paths that decode, their RGB arrays).  A missing or undecodable
+  file is a ValueError naming it, or with ``skip_bad`` a line to
+  ``report`` ('skipped IMAGE: why') and a count at the end."""
+  from ddq_jax.data.transforms import read_image  # pylint: disable=g-import-not-at-top
+  good, arrays, skipped = [], [], 0
+  for path in paths:
+    why = None
+    if not os.path.isfile(path):
+      why = 'no such file'
+    else:
+      arr = read_image(path)
+      if arr is None or 0 in arr.shape[:2]:
+        why = 'not a decodable image (JPEG/PNG/... that OpenCV reads)'
+    if why is None:
+      good.append(path)
+      arrays.append(arr)
+    elif skip_bad:
+      skipped += 1
+      report(f'skipped {path}: {why}')
+    else:
+      raise ValueError(f'image {path}: {why}; --skip-bad-images skips such '
+                       'images')
+  if skipped:
+    report(f'{skipped} of {len(paths)} images skipped')
+  return good, arrays
+
+
 def predict_files(paths, *, weights: str, config=None,
                   overrides: dict | None = None,
-                  score_threshold: float = 0.3, draw_dir: str | None = None
-                  ) -> list[dict]:
+                  score_threshold: float = 0.3, draw_dir: str | None = None,
+                  skip_bad: bool = False) -> list[dict]:
   """Detections (COCO-style records) of image files.  ``config``: the
   architecture, default the one stored with the weights (then
-  ``overrides`` apply to it)."""
+  ``overrides`` apply to it).  ``skip_bad``: see ``read_images``."""
   from ddq_jax.api import Detector
-  from ddq_jax.data.transforms import read_image
 
+  report = lambda line: print(line, file=sys.stderr, flush=True)
+  good, arrays = read_images(paths, skip_bad=skip_bad, report=report)
   det = Detector.load(weights, config=config, overrides=overrides,
-                      batch_size=max(1, min(len(paths), 8)))
-  results = det(list(paths), score_threshold=score_threshold)
+                      batch_size=max(1, min(len(good), 8)))
+  results = det(arrays, score_threshold=score_threshold) if good else []
   records = []
   if draw_dir:
     os.makedirs(draw_dir, exist_ok=True)
-    drawings = drawing_paths(paths, draw_dir)
-  for i, (path, result) in enumerate(zip(paths, results)):
+    drawings = drawing_paths(good, draw_dir)
+  for i, (path, result) in enumerate(zip(good, results)):
     dets = result.to_records(path)
     records += dets
     if draw_dir:
-      draw_detections(read_image(path), dets, drawings[i])
-      print(f'drawing: {path} -> {drawings[i]}', file=sys.stderr)
+      draw_detections(arrays[i], dets, drawings[i])
+      report(f'drawing: {path} -> {drawings[i]}')
   return records
 
 
@@ -105,14 +135,36 @@ def main(argv=None) -> int:
   cli.add_config_argument(parser, help_text='default: the one stored with '
                           'the weights.')
   parser.add_argument('--score-threshold', type=float, default=0.3,
-                      help='drop detections below this score (default 0.3)')
+                      help='drop detections below this score, in [0, 1] '
+                      '(default 0.3)')
   parser.add_argument('--draw', default=None, metavar='DIR',
                       help='also write DIR/<image stem>.png with the boxes '
                       'drawn (<stem>-2.png ... when the name is taken: '
                       'nothing is overwritten)')
   parser.add_argument('--out', default=None,
-                      help='write the JSON here instead of standard output')
+                      help='write the JSON to this file instead of standard '
+                      'output (checked before any work: its directory must '
+                      'exist; an existing file is kept unless --overwrite)')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace an existing --out file')
+  parser.add_argument('--skip-bad-images', action='store_true',
+                      help='skip images that are missing or do not decode '
+                      '(each named on stderr, then the count); by default '
+                      'such an image stops the command before any work')
   args, overrides = cli.parse_args(parser, argv)
+  if not 0.0 <= args.score_threshold <= 1.0:
+    cli.fail(parser, f'--score-threshold {args.score_threshold}: expected a '
+             'score in [0, 1]')
+  from ddq_jax.outputs import OutputPathError, check_out_file, write_text  # pylint: disable=g-import-not-at-top
+  try:
+    if args.out:
+      check_out_file(args.out, overwrite=args.overwrite)
+    if args.draw and os.path.lexists(args.draw) and not os.path.isdir(
+        args.draw):
+      raise OutputPathError(f'--draw {args.draw}: an existing file, not a '
+                            'directory')
+  except OutputPathError as e:
+    cli.fail(parser, str(e))
   config = (cli.load_or_fail(parser, args.config, overrides)
             if args.config else None)
   from ddq_jax.compilation_cache import enable_compilation_cache; enable_compilation_cache()  # pylint: disable=g-import-not-at-top,multiple-statements
@@ -120,14 +172,15 @@ def main(argv=None) -> int:
     records = predict_files(args.images, weights=args.weights,
                             config=config, overrides=overrides,
                             score_threshold=args.score_threshold,
-                            draw_dir=args.draw)
+                            draw_dir=args.draw,
+                            skip_bad=args.skip_bad_images)
+    text = json.dumps(records, indent=1)
+    if args.out:
+      write_text(args.out, text + '\n')
   except (ValueError, TypeError, FileNotFoundError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     return 2
-  text = json.dumps(records, indent=1)
   if args.out:
-    with open(args.out, 'w') as f:
-      f.write(text + '\n')
     print(f'{len(records)} detections -> {args.out}')
   else:
     print(text)

@@ -68,30 +68,71 @@ def weight_format(path: str, state_dict: dict | None = None) -> str:
   return 'torchvision' if is_torchvision_resnet(state_dict) else 'mmdet'
 
 
-def load_weights(path: str, config: ml_collections.ConfigDict | None = None
-                 ) -> tuple[dict, ml_collections.ConfigDict]:
-  """(variables, config) of a whole detector ('converted', a training
-  checkpoint, or 'mmdet').
-  The config stored with the weights wins unless one is given.  Errors
-  name the path and what was expected."""
+def read_weights(path: str, config: ml_collections.ConfigDict | None = None
+                 ) -> tuple[dict, ml_collections.ConfigDict | None]:
+  """(variables, the weights' own config or None) of a whole detector
+  ('converted', a training checkpoint, or 'mmdet'), unchecked.  ``config``
+  is needed only where the weights carry none."""
   if os.path.isdir(path):
     trained = load_train_checkpoint(path, config)
     if trained is not None:
-      return trained
+      return trained[0], _workdir_config(path) or (
+          None if config is not None else trained[1])
     fmt = weight_format(path)
     if fmt != 'converted':
       raise ValueError(f'{path}: a {fmt} directory; expected converted '
                        'weights (convert_weights.py)')
-    variables, stored = weights_io.load_converted(path)
-    config = config or stored
+    return weights_io.load_converted(path)
+  weight_format(path, state_dict={})  # existence check, no read
+  from ddq_jax.conversion.converter import ConversionError, convert_checkpoint  # pylint: disable=g-import-not-at-top
+  from ddq_jax.conversion.mmdet_config import ConfigParseError  # pylint: disable=g-import-not-at-top
+  try:  # the architecture the checkpoint carries, whatever ``config`` says
+    variables, stored, _ = convert_checkpoint(path, None)
+    return variables, stored
+  except (ConfigParseError, ConversionError):
     if config is None:
+      raise
+  variables, _, _ = convert_checkpoint(path, config)
+  return variables, None
+
+
+def load_weights(path: str, config: ml_collections.ConfigDict | None = None,
+                 *, overrides: dict | None = None,
+                 allow_partial: bool = False, opt_in: str = ''
+                 ) -> tuple[dict, ml_collections.ConfigDict]:
+  """(variables, config) of a whole detector ('converted', a training
+  checkpoint, or 'mmdet'), checked against the model of that config.
+
+  The config stored with the weights wins unless one is given; then
+  ``overrides`` ({'key.sub': value}) apply to the stored one.  Errors name
+  the path and what was expected; weights that do not fit the model (or are
+  not finite) are a ``weights_fit.WeightsMismatchError`` (one line), unless
+  ``allow_partial`` (see ``weights_fit.check_fit``)."""
+  from ddq_jax.weights_fit import check_fit  # pylint: disable=g-import-not-at-top
+  variables, stored = read_weights(path, config)
+  if config is None:
+    if stored is None:
       raise ValueError(f'{path}: no config.json beside the weights; pass '
                        '--config')
-    return variables, config
-  weight_format(path, state_dict={})  # existence check, no read
-  from ddq_jax.conversion.converter import convert_checkpoint  # pylint: disable=g-import-not-at-top
-  variables, config, _ = convert_checkpoint(path, config)
+    config = stored.copy_and_resolve_references()
+    if overrides:
+      from ddq_jax.config import apply_overrides  # pylint: disable=g-import-not-at-top
+      apply_overrides(config, overrides)
+  variables = check_fit(variables, config, source=path, stored_config=stored,
+                        allow_partial=allow_partial, opt_in=opt_in)
   return variables, config
+
+
+def _workdir_config(path: str) -> ml_collections.ConfigDict | None:
+  """The config.json of the train.py workdir ``path`` is in (a workdir,
+  its checkpoints/ or one step), or None."""
+  path = os.path.abspath(path)
+  for d in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(
+      path))):
+    cfg = os.path.join(d, weights_io.CONFIG_FILE)
+    if os.path.isdir(os.path.join(d, 'checkpoints')) and os.path.isfile(cfg):
+      return weights_io.load_config_json(cfg)
+  return None
 
 
 def torchvision_backbone_variables(state_dict: dict, config) -> dict:
@@ -128,8 +169,12 @@ def load_pretrained(path: str, config) -> dict:
                'unused %s, kept at init %s', path, rep['loaded'],
                rep['unused'], rep['not_in_checkpoint'])
       return variables
-  log.info('init_from: converted weights %s', path)
-  variables, _ = load_weights(path, config)
+  log.info('init_from: detector weights %s', path)
+  partial = bool(config.train.get('init_from_partial', False))
+  variables, _ = load_weights(
+      path, config, allow_partial=partial,
+      opt_in='allow a partial load (the fitting tensors) with '
+      '--config.train.init_from_partial=True')
   return variables
 
 

@@ -56,26 +56,25 @@ def components(sleep=0.0):
 
 
 def main(argv):
-  logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                      format='%(levelname)s %(name)s: %(message)s')
-  logging.getLogger('absl').setLevel(logging.WARNING)
+  """As train.py's main: the workdir lock, train.log, one line and the
+  exit code of ``loop.exit_code_for`` on an error."""
   workdir, overrides = argv[0], {}
   for kv in argv[1:]:
     k, v = kv.split('=', 1)
     overrides[k] = ast.literal_eval(v)
   sleep = float(overrides.pop('step_sleep', 0.0))
   from ddq_jax.training import loop  # pylint: disable=g-import-not-at-top
-  try:
-    result = loop.train(make_config(**overrides), workdir,
-                        components=components(sleep))
-  except Exception as e:  # pylint: disable=broad-except
-    code = loop.exit_code_for(e)
-    if code is None:
-      raise
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    return code
-  print('result', result['step'], result['stopped'], flush=True)
-  return loop.exit_code_for(result=result)
+  from ddq_jax.training.entry import run_training  # pylint: disable=g-import-not-at-top
+
+  def run():
+    logging.getLogger('ddq_jax').info('fault driver pid %d', os.getpid())
+    return loop.train(make_config(**overrides), workdir,
+                      components=components(sleep))
+
+  def done(result):
+    print('result', result['step'], result['stopped'], flush=True)
+
+  return run_training(run, workdir, on_result=done)
 
 
 if __name__ == '__main__':

@@ -110,7 +110,13 @@ def test_benchmark_compile_only(capsys):
   assert res['lower_s'] > 0 and res['compile_s'] > 0
 
 
-def test_benchmark_rejects_empty_batch():
+def test_benchmark_rejects_empty_batch_and_size(capsys):
   import pytest  # pylint: disable=g-import-not-at-top
-  with pytest.raises(SystemExit, match='--batch must be >= 1, got 0'):
-    main(['--config', 'tiny', '--batch', '0', '--no-compilation-cache'])
+  for args, want in ((['--batch', '0'], '--batch must be >= 1, got 0'),
+                     (['--size', '0', '0'], '--size 0 0: expected a positive'),
+                     (['--steps', '0'], '--steps must be >= 1, got 0')):
+    with pytest.raises(SystemExit) as e:
+      main(['--config', 'tiny', '--no-compilation-cache', *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert want in err and len(err.splitlines()) == 1

@@ -7,11 +7,15 @@ Written atomically: everything goes to a temporary sibling directory that is
 renamed into place, so a crash never leaves a half-written checkpoint.  A
 non-empty directory that is not a previous conversion, or an existing file,
 is refused (no user file is ever deleted; see ``check_output_dir``).
+Temporary directories left by a killed conversion (``.tmp-OUT.<pid>.*``
+of a process that is gone, holding only our files) are removed by the next
+conversion into the same place.  Non-finite weights are refused.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -75,6 +79,40 @@ def check_output_dir(out_dir: str, *, overwrite: bool = False,
       f'{", ".join(OUR_FILES)} into it (its other files are kept)')
 
 
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def stale_temporaries(parent: str, base: str) -> list[str]:
+  """Temporary directories of earlier conversions into ``parent/base`` that
+  no live process owns and that hold only our files: ``.tmp-BASE.<pid>.*``
+  / ``.old-BASE.<pid>.*`` of a dead pid, or the older ``.tmp-BASE*`` naming
+  (no pid)."""
+  pattern = re.compile(r'^\.(?:tmp|old)-' + re.escape(base)
+                       + r'(?:\.(\d+)\.[^.]+|[A-Za-z0-9_]{8})$')
+  out = []
+  for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+    m = pattern.match(name)
+    path = os.path.join(parent, name)
+    if not m or not os.path.isdir(path) or os.path.islink(path):
+      continue
+    if m.group(1) and _pid_alive(int(m.group(1))):
+      continue
+    if set(os.listdir(path)) <= set(OUR_FILES):
+      out.append(path)
+  return out
+
+
+def _temp_dir(parent: str, kind: str, base: str) -> str:
+  return tempfile.mkdtemp(prefix=f'.{kind}-{base}.{os.getpid()}.', dir=parent)
+
+
 def save_converted(out_dir: str, variables: dict,
                    config: ml_collections.ConfigDict,
                    extra: dict | None = None, *, overwrite: bool = False,
@@ -91,9 +129,18 @@ def save_converted(out_dir: str, variables: dict,
   """
   out_dir = os.path.abspath(out_dir)
   mode = check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
+  from ddq_jax.weights_fit import nonfinite_paths  # pylint: disable=g-import-not-at-top
+  bad = nonfinite_paths(variables)
+  if bad:
+    raise ValueError(
+        f'{len(bad)} tensors hold NaN or infinite values (first: '
+        f'{", ".join(bad[:3])}); nothing was written to {out_dir}')
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.tmp-' + os.path.basename(out_dir), dir=parent)
+  base = os.path.basename(out_dir)
+  for stale in stale_temporaries(parent, base):
+    shutil.rmtree(stale, ignore_errors=True)
+  tmp = _temp_dir(parent, 'tmp', base)
   try:
     numpy_tree = _to_numpy(variables)
     with open(os.path.join(tmp, VARIABLES_FILE), 'wb') as f:
@@ -110,8 +157,7 @@ def save_converted(out_dir: str, variables: dict,
         os.rmdir(out_dir)  # empty (checked); rmdir refuses anything else
       os.rename(tmp, out_dir)
     elif mode == 'replace':
-      old = tempfile.mkdtemp(prefix='.old-' + os.path.basename(out_dir),
-                             dir=parent)
+      old = _temp_dir(parent, 'old', base)
       os.rmdir(old)
       os.rename(out_dir, old)
       os.rename(tmp, out_dir)
@@ -143,8 +189,18 @@ def _tuples(value):
 
 
 def load_config_json(path: str) -> ml_collections.ConfigDict:
+  """A config.json as a ConfigDict; a file that is not a JSON object is a
+  ValueError naming it."""
   with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+    try:
+      data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f'{path}: not a JSON config ({e}); restore it from '
+                       'the run or conversion that wrote it') from None
+  if not isinstance(data, dict):
+    raise ValueError(f'{path}: expected a JSON object (a config), got '
+                     f'{type(data).__name__}')
+  return ml_collections.ConfigDict(_tuples(data))
 
 
 def load_converted(weights_dir: str) -> tuple[dict, ml_collections.ConfigDict]:

@@ -246,6 +246,7 @@ class CocoFolderSource(DetectionSource):
     self.sizes = (None if stats['no_size'] else
                   np.asarray(sizes, np.int32).reshape(-1, 2))
     self.files, self._boxes, self._labels = files, boxes, labels
+    self.missing_files = missing  # file_names dropped at start-up
     self.stats.update(stats)
     self._kept_ids = set(ids)
     if stats['missing_file']:

@@ -408,7 +408,7 @@ class EvalBatchFn:
     g = self.order[k * self.gb:(k + 1) * self.gb]
     local = list(g[self.p * self.b:(self.p + 1) * self.b])
     local += [-1] * (self.b - len(local))
-    samples = []
+    samples, lost = [], {}  # lost: slot -> image id of an unreadable image
     for idx in local:
       s = None
       if idx >= 0:
@@ -417,6 +417,8 @@ class EvalBatchFn:
           s = T.apply_test_transform(r['image'], r['boxes'], r['labels'],
                                      scale=self.scale)
           s.update(image_id=r['image_id'], orig_size=r['orig_size'])
+        else:
+          lost[len(samples)] = int(r['image_id'])
       samples.append(s)
     shapes = [s['image'].shape[:2] for s in samples if s is not None]
     canvas = None
@@ -444,12 +446,16 @@ class EvalBatchFn:
         log.warning('image %s: decoded size %s differs from its metadata and '
                     'fits no agreed canvas; skipped', s['image_id'],
                     s['orig_size'])
+        lost[i] = int(s['image_id'])
         samples[i] = None
     valid = [s is not None for s in samples]
     samples = [s if s is not None else _blank(canvas, self.mean)
                for s in samples]
-    return collate(samples, canvas=canvas, max_gt=self.max_gt,
-                   mean=self.mean, std=self.std, valid=valid)
+    out = collate(samples, canvas=canvas, max_gt=self.max_gt,
+                  mean=self.mean, std=self.std, valid=valid)
+    for i, image_id in lost.items():  # sample_valid False, id kept
+      out['image_ids'][i] = image_id
+    return out
 
 
 class EvalIterator(_Iterator):
@@ -475,7 +481,8 @@ def make_eval_iterator(config, *, batch_size: int, split: str | None = None,
     dataset: an already built source (default: build_dataset).
   Returns:
     EvalIterator of batch-contract dicts; samples past the end of the split
-    (and unreadable images) have sample_valid False and image_ids -1.
+    have sample_valid False and image_ids -1, unreadable images (dropped)
+    sample_valid False and their image id.
     Samples are ordered landscape-first when sizes are known.
     With data.eval_canvas == 'exact' the canvas is the batch's largest image
     rounded up to data.pad_size_divisor (not a static canvas): with

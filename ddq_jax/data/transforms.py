@@ -62,7 +62,8 @@ def rescale_size(*, size_hw: Sequence[int],
   """mmcv.rescale_size for a tuple scale (keep_ratio=True).
 
   factor = min(max(scale) / long side, min(scale) / short side);
-  new side = int(side * factor + 0.5).
+  new side = max(1, int(side * factor + 0.5)) (mmcv's rounding; where it
+  gives 0, extreme aspect ratios such as 1 x 5000, we keep 1).
 
   Args:
     size_hw: (h, w) of the input.
@@ -73,8 +74,10 @@ def rescale_size(*, size_hw: Sequence[int],
   h, w = int(size_hw[0]), int(size_hw[1])
   max_long, max_short = max(scale), min(scale)
   factor = min(max_long / max(h, w), max_short / min(h, w))
-  new_w = int(w * float(factor) + 0.5)
-  new_h = int(h * float(factor) + 0.5)
+  # At least 1: a side that mmcv rounds to 0 (1 x 5000 at (1333, 800)) has
+  # no image for OpenCV to make; ours keeps one row / column there.
+  new_w = max(1, int(w * float(factor) + 0.5))
+  new_h = max(1, int(h * float(factor) + 0.5))
   return (new_h, new_w), factor
 
 

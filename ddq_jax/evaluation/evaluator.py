@@ -101,7 +101,8 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
   Returns:
     (metrics, detections): metrics has the 12 COCO numbers 'AP', 'AP50',
     'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl'
-    plus 'num_images', 'num_detections', 'seconds' (the loop, compilation
+    plus 'num_images' (evaluated), 'num_dropped' / 'dropped_image_ids'
+    (images that could not be read), 'num_detections', 'seconds' (the loop, compilation
     included), 'compile_s' / 'num_compiles' (one per canvas shape),
     'data_wait_s' (time blocked on the iterator) and 'images_per_s'
     (images / (seconds - compile_s)); detections is the COCO results list (dataset image and
@@ -143,6 +144,7 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
 
   detections: list[dict] = []
   seen: list[int] = []
+  dropped: list[int] = []  # unreadable images (sample_valid False, id kept)
   pending = None
   timing = dict(compile=0.0, data=0.0, compiles=0)
   t0 = time.perf_counter()
@@ -161,6 +163,7 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
         image_ids=ids, sample_valid=valid, category_ids=category_ids))
     ok = valid & (ids >= 0)
     seen.extend(int(i) for i in ids[ok])
+    dropped.extend(int(i) for i in ids[~valid & (ids >= 0)])
     if bar is not None:
       bar.update(int(np.sum(ok)))
       el = time.perf_counter() - t0 - timing['compile']
@@ -206,7 +209,9 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
   metrics = coco_box_metrics(gt, detections, image_ids=seen)
   run_s = seconds - timing['compile']
   ips = len(seen) / run_s if run_s > 0 else 0.0
-  metrics.update(num_images=len(seen), num_detections=len(detections),
+  metrics.update(num_images=len(seen), num_dropped=len(dropped),
+                 dropped_image_ids=sorted(set(dropped)),
+                 num_detections=len(detections),
                  seconds=round(seconds, 3),
                  compile_s=round(timing['compile'], 3),
                  num_compiles=timing['compiles'],

@@ -27,6 +27,7 @@ CHECKSUM_ALGO = 'u32-position-weighted-sum-v1'
 RESUME_MAY_CHANGE = (
     'train.max_steps', 'train.log_every', 'train.eval_every',
     'train.checkpoint_every', 'train.keep_checkpoints', 'train.init_from',
+    'train.init_from_partial',
     'train.max_nonfinite_steps', 'train.inject_nan_at_steps',
     'train.resume_may_change', 'eval.', 'mesh.', 'data.num_workers',
     'loss.hungarian_solver')

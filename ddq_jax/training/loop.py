@@ -22,10 +22,16 @@ Faults (nothing lost, nothing silently wrong):
     ``train.max_nonfinite_steps`` in a row the run stops (NonFiniteError)
     keeping the last finite checkpoint; ``train.inject_nan_at_steps``
     poisons the images of those steps (a test hook);
-  * a failed save raises CheckpointError.
+  * a failed save raises CheckpointError, a failed log write (disk full)
+    OutputWriteError;
+  * the workdir is locked for the run (``training.workdir``): a second run
+    on it, a converted-weights folder or a folder of other files stop at
+    once (WorkdirError); an ``init_from`` that cannot be read or does not
+    fit the model stops before training (InitFromError).
 Exit codes of train.py (``exit_code_for``): 0 finished, EXIT_PREEMPTED (143
 = 128 + SIGTERM) or 130 (SIGINT) stopped by a signal after its checkpoint,
-EXIT_CONFIG_MISMATCH (2), EXIT_NONFINITE (3), EXIT_CHECKPOINT (4).
+EXIT_CONFIG_MISMATCH (2: also a bad config value, workdir or init_from),
+EXIT_NONFINITE (3), EXIT_CHECKPOINT (4: a checkpoint or log not written).
 Per-step scalars also go to ``workdir/metrics.jsonl`` (one JSON per line).
 """
 from __future__ import annotations
@@ -49,6 +55,8 @@ from ddq_jax.training import nonfinite
 from ddq_jax.training import optimizer as opt_lib
 from ddq_jax.training import state as state_lib
 from ddq_jax.training import step as step_lib
+from ddq_jax.training import workdir as workdir_lib
+from ddq_jax.training.run_log import OutputWriteError, RunLogger
 from ddq_jax.weights import load_pretrained
 
 log = logging.getLogger('ddq_jax.train')
@@ -69,14 +77,45 @@ class ConfigMismatchError(ValueError):
   """The resumed checkpoint was written with another config."""
 
 
+class TrainConfigError(ValueError):
+  """A config value training cannot run with (one line naming it)."""
+
+
+class InitFromError(ValueError):
+  """``train.init_from`` cannot be read or does not fit the model."""
+
+
+def check_train_config(config) -> None:
+  """Raises TrainConfigError naming the first field training cannot use."""
+  t = config.train
+  checks = (
+      (int(t.get('max_steps', -1)) >= -1, 'train.max_steps',
+       '-1 (epochs) or >= 0'),
+      (int(t.global_batch_size) >= 1, 'train.global_batch_size', '>= 1'),
+      (int(t.get('log_every', 1)) >= 1, 'train.log_every', '>= 1'),
+      (int(t.get('checkpoint_every', 1)) >= 1, 'train.checkpoint_every',
+       '>= 1'),
+      (int(t.get('keep_checkpoints', 0)) >= 0, 'train.keep_checkpoints',
+       '>= 0 (0 keeps all)'))
+  for ok, key, want in checks:
+    if not ok:
+      value = t[key.split('.', 1)[1]]
+      raise TrainConfigError(f'config field {key!r} is {value!r}; expected '
+                             f'{want}')
+
+
 def exit_code_for(error: BaseException | None = None,
                   result: dict | None = None) -> int | None:
   """train.py's exit code for a raised error or a returned result; None for
   an error this module does not know."""
   if error is not None:
     for cls, code in ((ConfigMismatchError, EXIT_CONFIG_MISMATCH),
+                      (TrainConfigError, EXIT_CONFIG_MISMATCH),
+                      (InitFromError, EXIT_CONFIG_MISMATCH),
+                      (workdir_lib.WorkdirError, EXIT_CONFIG_MISMATCH),
                       (nonfinite.NonFiniteError, EXIT_NONFINITE),
-                      (ckpt_lib.CheckpointError, EXIT_CHECKPOINT)):
+                      (ckpt_lib.CheckpointError, EXIT_CHECKPOINT),
+                      (OutputWriteError, EXIT_CHECKPOINT)):
       if isinstance(error, cls):
         return code
     return None
@@ -241,54 +280,13 @@ def _write_config(config, workdir: str) -> None:
   text = config.to_json_best_effort(indent=2) if hasattr(
       config, 'to_json_best_effort') else json.dumps(config, indent=2)
   tmp = os.path.join(workdir, 'config.json.tmp')
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, os.path.join(workdir, 'config.json'))
-
-
-class _Logger:
-  """tqdm bar + tensorboardX scalars on process 0; no-ops elsewhere."""
-
-  def __init__(self, workdir, total, initial):
-    self.main = jax.process_index() == 0
-    self.bar = self.tb = self.jsonl = None
-    if not self.main:
-      return
-    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
-    except ImportError:
-      log.warning('tensorboardX not installed: no tb scalars')
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True,
-                    desc='train')
-
-  def scalars(self, step, values: dict, prefix='train/'):
-    if self.jsonl is not None:
-      self.jsonl.write(json.dumps(
-          {'step': int(step), **{prefix + k: float(v)
-                                 for k, v in values.items()}}) + '\n')
-      self.jsonl.flush()
-    if self.tb is not None:
-      for k, v in values.items():
-        if np.isfinite(float(v)):  # non-finite steps: logged, in the jsonl
-          self.tb.add_scalar(prefix + k, float(v), step)
-      self.tb.flush()
-
-  def update(self, n, postfix=None):
-    if self.bar is not None:
-      self.bar.update(n)
-      if postfix:
-        self.bar.set_postfix(postfix, refresh=False)
-
-  def close(self):
-    if self.jsonl is not None:
-      self.jsonl.close()
-    if self.bar is not None:
-      self.bar.close()
-    if self.tb is not None:
-      self.tb.close()
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(workdir, 'config.json'))
+  except OSError as e:
+    raise OutputWriteError(e.errno, f'cannot write config.json in {workdir}: '
+                           f'{e.strerror or e}') from None
 
 
 def train(config, workdir: str, *, components: Optional[Components] = None,
@@ -296,12 +294,38 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
   """Trains until ``train.max_steps`` (or ``optim.epochs``) or a stop
   signal.  Returns {'step', 'last_metrics', 'eval', 'compiles', 'stopped',
   'signal', 'nonfinite_steps'} (``exit_code_for(result=...)`` maps it).
+  The workdir is checked and locked first (``training.workdir``).
 
   Raises:
-    ConfigMismatchError, nonfinite.NonFiniteError, checkpoint.CheckpointError
-    (see the module docstring; ``exit_code_for(error)``).
+    TrainConfigError, workdir.WorkdirError, ConfigMismatchError,
+    InitFromError, nonfinite.NonFiniteError, checkpoint.CheckpointError,
+    OutputWriteError (see the module docstring; ``exit_code_for(error)``).
   """
   workdir = os.path.abspath(workdir)
+  check_train_config(config)
+  workdir_lib.check_workdir(workdir)
+  with workdir_lib.hold(workdir, enabled=jax.process_index() == 0):
+    return _train(config, workdir, components=components, devices=devices)
+
+
+def _init_from(state, config, tx):
+  """The state with ``train.init_from``'s weights; InitFromError (one line)
+  when they cannot be read or do not fit."""
+  path = config.train.init_from
+  try:
+    loaded = load_pretrained(path, config)
+    state, report = state_lib.merge_variables(state, loaded, tx)
+  except (OSError, ValueError, KeyError, ckpt_lib.CheckpointError) as e:
+    log.debug('init_from %s failed', path, exc_info=True)
+    raise InitFromError(f'--config.train.init_from={path}: '
+                        f'{" ".join(str(e).split())}') from None
+  log.info('init_from %s: %d arrays loaded, %d left at init, %d unused',
+           path, report['loaded'], len(report['missing']),
+           len(report['unexpected']))
+  return state
+
+
+def _train(config, workdir: str, *, components, devices) -> dict:
   mesh = mesh_lib.make_mesh(config, devices)
   # Checkpoint directory usable, and a resume's config matches, before
   # anything is written.
@@ -340,11 +364,7 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
     start = int(meta['data_position'])
     log.info('resumed from step %d', start)
   elif config.train.get('init_from', ''):
-    loaded = load_pretrained(config.train.init_from, config)
-    state, report = state_lib.merge_variables(state, loaded, tx)
-    log.info('init_from %s: %d arrays loaded, %d left at init, %d unused',
-             config.train.init_from, report['loaded'], len(report['missing']),
-             len(report['unexpected']))
+    state = _init_from(state, config, tx)
   if start:
     if hasattr(data, 'set_state'):
       data.set_state({'step': start})
@@ -358,7 +378,7 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
   log_every = max(int(config.train.log_every), 1)
   eval_every = int(config.train.get('eval_every', -1))
   eval_every = spe if eval_every == -1 else eval_every
-  logger = _Logger(workdir, total, start)
+  logger = RunLogger(workdir, total, start)
   pending, last, eval_metrics, stopped = [], {}, {}, False
   t_log, n_log = time.time(), 0
   guard = nonfinite.NonFiniteGuard(int(config.train.get(
@@ -424,12 +444,12 @@ def train(config, workdir: str, *, components: Optional[Components] = None,
           raise
         # a step that raised may have consumed (donated) the state; the
         # original error propagates
-        log.error('final checkpoint failed: %s', e)
+        log.warning('final checkpoint failed too: %s', e)
       finally:
         if hasattr(data, 'close'):
           data.close()
         if failed is not None:
-          logger.close()
+          logger.close(quiet=True)
           try:
             ckpt.close()
           except Exception:  # pylint: disable=broad-except
