@@ -86,7 +86,44 @@ def stable_batched_nms(boxes, scores, idxs, nms_cfg, class_agnostic=False):
   return torch.cat([boxes[keep], scores[keep][:, None]], -1), keep
 
 
-def build(cfg_file, *, weights, torch_init, sort):
+def capture_dn_queries(model, store):
+  """Wraps the denoising query generator so each call leaves the queries
+  it drew in ``store``, in the fixtures' slot layout: ``dn_label_ids``
+  (B, D) noisy class ids (-1 = padded slot) and ``dn_reference_points``
+  (B, D, 4) sigmoid cxcywh (padded slots 0.5)."""
+  gen = model.dn_query_generator
+  ids = []
+  emb = gen.label_embedding
+  emb_forward = emb.forward
+
+  def record_ids(x):
+    ids.append(x.detach().clone())
+    return emb_forward(x)
+  emb.forward = record_ids
+  call = type(gen).__call__
+
+  def wrapped(batch_data_samples):
+    ids.clear()
+    label_q, bbox_q, attn_mask, meta = call(gen, batch_data_samples)
+    if not ids or not len(ids[-1]):
+      return label_q, bbox_q, attn_mask, meta
+    batch_idx = torch.cat([torch.full((len(s.gt_instances.labels),), i,
+                                      dtype=torch.long)
+                           for i, s in enumerate(batch_data_samples)])
+    flat = (ids[-1].float() + 1).reshape(-1, 1)
+    n_groups = meta['num_denoising_groups']
+    slots, _ = gen.collate_dn_queries(flat, bbox_q.new_zeros(len(flat), 4),
+                                      batch_idx, len(batch_data_samples),
+                                      n_groups)
+    store['dn_label_ids'] = (slots[..., 0].round().long() - 1).numpy()
+    store['dn_reference_points'] = bbox_q.detach().sigmoid().numpy()
+    store['dn_attn_mask'] = attn_mask.numpy()
+    store['dn_num_groups'] = np.int64(n_groups)
+    return label_q, bbox_q, attn_mask, meta
+  type(gen).__call__ = lambda self, samples: wrapped(samples)
+
+
+def build(cfg_file, *, weights, torch_init, sort, dn_noise='tiny'):
   from mmengine.config import Config
   from mmdet.registry import MODELS
   from mmdet.utils import register_all_modules
@@ -94,8 +131,9 @@ def build(cfg_file, *, weights, torch_init, sort):
   cfg = Config.fromfile(cfg_file)
   m = cfg.model
   m.backbone.init_cfg = None   # no download: random ResNet, as in CI
-  m.dn_cfg.label_noise_scale = 1e-12
-  m.dn_cfg.box_noise_scale = 1e-12
+  if dn_noise == 'tiny':
+    m.dn_cfg.label_noise_scale = 1e-12
+    m.dn_cfg.box_noise_scale = 1e-12
   model = MODELS.build(m)
   torch.manual_seed(torch_init or 0)
   model.init_weights()
@@ -226,17 +264,25 @@ def main():
   p.add_argument('--sort', choices=('stable', 'torch'), required=True)
   p.add_argument('--image-seed', type=int, default=1)
   p.add_argument('--out', default=HERE, help='folder of the bundles')
+  p.add_argument('--dn-noise', choices=('tiny', 'real'), default='real',
+                 help="'real': the config's noise, the drawn queries written "
+                 "into the bundle's inputs.npz for injection; 'tiny': 1e-12 "
+                 '(the queries are the ground truth)')
   a = p.parse_args()
   torch.set_num_threads(2)
   import mmdet
   cfg_file = os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs',
                           'ddq', CONFIGS[a.variant])
   model, records = build(cfg_file, weights=a.weights,
-                         torch_init=a.torch_init, sort=a.sort)
-  if a.torch_init is not None:
-    sd = {k: v.numpy() for k, v in model.state_dict().items()
-          if not k.endswith('num_batches_tracked')}
-    np.savez(os.path.join(a.out, f'{a.variant}_torch_init.npz'), **sd)
+                         torch_init=a.torch_init, sort=a.sort,
+                         dn_noise=a.dn_noise)
+  torch.manual_seed(0)   # the denoising draws
+  dn = {}
+  capture_dn_queries(model, dn)
+  if a.torch_init is not None:  # the weights, for ddq-jax to load
+    os.makedirs(a.out, exist_ok=True)
+    torch.save({'state_dict': model.state_dict()},
+               os.path.join(a.out, f'{a.variant}_torch_init.pth'))
   x = torch.from_numpy(images(a.image_seed, 2).transpose(0, 3, 1, 2).copy())
   prefix = '' if a.sort == 'stable' else 'torch_sort_'
   for case in a.cases.split(','):
@@ -245,6 +291,13 @@ def main():
                       data == 'coco', train=mode == 'train')
     d = os.path.join(a.out, f'{a.variant}_{data}')
     os.makedirs(d, exist_ok=True)
+    if mode == 'train' and dn and a.dn_noise == 'real':
+      path = os.path.join(d, 'inputs.npz')
+      with np.load(path) as f:
+        inputs = {k: f[k] for k in f.files}
+      inputs.update(dn)
+      np.savez_compressed(path, **inputs)
+      dn.clear()
     np.savez_compressed(os.path.join(d, f'{prefix}{mode}.npz'), **arrays)
     print(case, {k: (np.asarray(v).tolist() if np.size(v) < 3
                      else np.shape(v))
