@@ -1,0 +1,46 @@
+"""The platform the traced program is built for: the one place the model asks.
+
+Formulations that only pay off on one backend (the sequential NMS and the
+host Hungarian solver on XLA:CPU) are chosen from ``platform()``, never from
+``jax.default_backend()`` directly.  Usually the two agree; a deviceless
+compile for a TPU or GPU target (``ddq_jax.accelerators``) traces on a
+CPU-only host, so it wraps tracing in ``target_platform('tpu')`` and the
+graph gets the formulation the target would get on its own host.
+
+Tracing happens at ``jit(...).lower()`` (or the first call), so the context
+must cover that, not the compile.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import jax
+
+PLATFORMS = ('cpu', 'gpu', 'tpu')
+_STACK: list[str] = []
+
+
+def platform() -> str:
+  """'cpu', 'gpu' or 'tpu': the innermost ``target_platform``, else the
+  default backend (jax names CUDA and ROCm devices 'gpu')."""
+  if _STACK:
+    return _STACK[-1]
+  name = jax.default_backend()
+  return 'gpu' if name in ('cuda', 'rocm') else name
+
+
+def is_cpu() -> bool:
+  return platform() == 'cpu'
+
+
+@contextlib.contextmanager
+def target_platform(name: str) -> Iterator[None]:
+  """Traces inside this context build the program for ``name``."""
+  if name not in PLATFORMS:
+    raise ValueError(f'platform {name!r}: expected one of {PLATFORMS}')
+  _STACK.append(name)
+  try:
+    yield
+  finally:
+    _STACK.pop()
