@@ -44,3 +44,18 @@ def target_platform(name: str) -> Iterator[None]:
     yield
   finally:
     _STACK.pop()
+
+
+
+def per_image_attention_projections() -> bool:
+  """The decoder self-attention's q/k/v and out projections as one matmul
+  per image (GPU), else one matmul over every image's queries.  XLA:GPU
+  fuses the heads <-> channels transposes into Triton GEMMs (the out
+  projection's input, the q/k/v projections' input gradients) whose rows
+  are (image, query) merged; when the query count is not a multiple of the
+  row tile (R50: 2,450 queries; tiny: 115) no tiling exists and the compile
+  fails (deviceless, where nothing is autotuned).  With the image as the
+  dot's batch dimension the rows are the queries alone.  Elsewhere the
+  plain matmul, bit for bit what CPU parity and the trajectory check were
+  measured with."""
+  return platform() == 'gpu'
