@@ -149,16 +149,28 @@ def compile_stats(compiled, platform: str, *, lower_s: float,
   return res
 
 
-def compile_for_target(config, target: Target, *, mode: str,
-                       batch_per_chip: int, size, hlo_out: str | None = None
+def compile_for_target(config, target: Target, *, mode: str, size,
+                       batch_per_chip: int | None = None,
+                       batch: int | None = None, hlo_out: str | None = None
                        ) -> dict:
-  """Lowers and compiles the step for ``target``; returns the JSON fields."""
+  """Lowers and compiles the step for ``target``; returns the JSON fields.
+
+  The global batch is ``batch_per_chip`` x the mesh's data axis, or
+  ``batch`` (which that axis must divide); default 1 image per chip."""
   import jax  # pylint: disable=g-import-not-at-top
   from ddq_jax import backend  # pylint: disable=g-import-not-at-top
   from ddq_jax.parallel.mesh import DATA, make_mesh  # pylint: disable=g-import-not-at-top
   devices = topology_devices(target)
   mesh = make_mesh(config, devices)
-  batch = batch_per_chip * int(mesh.shape[DATA])
+  data = int(mesh.shape[DATA])
+  if batch_per_chip is None:
+    batch_per_chip = 1 if batch is None else batch // data
+    if batch is not None and (batch < 1 or batch % data):
+      raise ValueError(f'--batch {batch} is not a positive multiple of the '
+                       f'{data} devices of the data axis')
+  if batch_per_chip < 1:
+    raise ValueError(f'--batch-per-chip must be >= 1, got {batch_per_chip}')
+  batch = batch_per_chip * data
   with backend.target_platform(target.platform):
     fn, args = abstract_step(config, mode, abstract_batch(
         config, mode, batch, tuple(size), mesh), mesh)

@@ -68,7 +68,18 @@ def gpu_target_config(chip: str) -> str:
 
 
 def _have(*modules: str) -> bool:
-  return any(importlib.util.find_spec(m) is not None for m in modules)
+  for m in modules:
+    try:
+      if importlib.util.find_spec(m) is not None:
+        return True
+    except ImportError:  # a dotted name whose parent is missing
+      pass
+  return False
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else repr(e)
 
 
 def use_cpu_runtime() -> None:
@@ -90,15 +101,19 @@ def topology_devices(target: Target) -> list:
       topo = topologies.get_topology_desc(topology_name=target.name,
                                           platform='tpu')
     except Exception as e:  # pylint: disable=broad-except
-      msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
       raise TargetError(f'--target {target.spec}: libtpu does not know '
-                        f'topology {target.name!r} ({msg})') from None
+                        f'topology {target.name!r} ({_first_line(e)})'
+                        ) from None
     return list(topo.devices)
   if not _have('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_plugins.xla_cuda12',
                'jax_plugins.xla_cuda13'):
     raise TargetError(f"--target {target.spec}: the jax CUDA plugin is not "
                       "installed (pip install 'ddq-jax[cuda]')")
-  topo = topologies.get_topology_desc(
-      platform='cuda', topology=f'1x{target.hosts}x{target.per_host}',
-      target_config=gpu_target_config(target.name))
+  try:
+    topo = topologies.get_topology_desc(
+        platform='cuda', topology=f'1x{target.hosts}x{target.per_host}',
+        target_config=gpu_target_config(target.name))
+  except Exception as e:  # pylint: disable=broad-except
+    raise TargetError(f'--target {target.spec}: no CUDA topology '
+                      f'({_first_line(e)})') from None
   return list(topo.devices)
