@@ -1,8 +1,15 @@
 """The platform the traced program is built for: the one place the model asks.
 
-Formulations that only pay off on one backend (the sequential NMS and the
-host Hungarian solver on XLA:CPU) are chosen from ``platform()``, never from
-``jax.default_backend()`` directly.  Usually the two agree; a deviceless
+Formulations that only pay off on one backend are chosen from
+``platform()``, never from ``jax.default_backend()`` directly:
+
+* the sequential NMS on XLA:CPU, the fixed-point one elsewhere
+  (``ops/nms.py``, ``method='auto'``);
+* the scipy Hungarian solver behind a host callback for a one-device CPU
+  step, the jax one elsewhere (``losses/hungarian.resolve_solver``);
+* the decoder self-attention's projections one matmul per image on GPU
+  (``per_image_attention_projections`` below).
+  Usually the two agree; a deviceless
 compile for a TPU or GPU target (``ddq_jax.accelerators``) traces on a
 CPU-only host, so it wraps tracing in ``target_platform('tpu')`` and the
 graph gets the formulation the target would get on its own host.

@@ -35,12 +35,6 @@ from ddq_jax.accelerators.targets import Target, topology_devices
 GB = 2.0 ** 30
 
 
-def gpu_compiler_options(target: Target) -> dict:
-  """XLA options the project sets for a target (none for now)."""
-  del target
-  return {}
-
-
 def _abstract(tree, shardings):
   import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(
@@ -151,12 +145,15 @@ def compile_stats(compiled, platform: str, *, lower_s: float,
 
 def compile_for_target(config, target: Target, *, mode: str, size,
                        batch_per_chip: int | None = None,
-                       batch: int | None = None, hlo_out: str | None = None
-                       ) -> dict:
+                       batch: int | None = None, hlo_out: str | None = None,
+                       compiler_options: dict | None = None) -> dict:
   """Lowers and compiles the step for ``target``; returns the JSON fields.
 
   The global batch is ``batch_per_chip`` x the mesh's data axis, or
-  ``batch`` (which that axis must divide); default 1 image per chip."""
+  ``batch`` (which that axis must divide); default 1 image per chip.
+  ``compiler_options``: XLA options for this compile (e.g.
+  ``{'xla_dump_to': DIR}`` for the buffer assignment); the project sets
+  none by default, for any target."""
   import jax  # pylint: disable=g-import-not-at-top
   from ddq_jax import backend  # pylint: disable=g-import-not-at-top
   from ddq_jax.parallel.mesh import DATA, make_mesh  # pylint: disable=g-import-not-at-top
@@ -177,7 +174,7 @@ def compile_for_target(config, target: Target, *, mode: str, size,
     t = time.perf_counter()
     lowered = fn.lower(*args)
     lower_s = time.perf_counter() - t
-  options = gpu_compiler_options(target) if target.platform == 'gpu' else {}
+  options = dict(compiler_options or {})
   t = time.perf_counter()
   compiled = lowered.compile(compiler_options=options or None)
   compile_s = time.perf_counter() - t
