@@ -9,8 +9,9 @@ Formulations that only pay off on one backend are chosen from
   step, the jax one elsewhere (``losses/hungarian.resolve_solver``);
 * the decoder self-attention's projections one matmul per image on GPU
   (``per_image_attention_projections`` below).
-  Usually the two agree; a deviceless
-compile for a TPU or GPU target (``ddq_jax.accelerators``) traces on a
+
+Usually ``platform()`` is the default backend; a deviceless compile for a
+TPU or GPU target (``ddq_jax.accelerators``) traces on a
 CPU-only host, so it wraps tracing in ``target_platform('tpu')`` and the
 graph gets the formulation the target would get on its own host.
 
