@@ -67,3 +67,20 @@ def per_image_attention_projections() -> bool:
   plain matmul, bit for bit what CPU parity and the trajectory check were
   measured with."""
   return platform() == 'gpu'
+
+
+# The deformable attention's query blocks on TPU (see below).
+TPU_DEFORM_ATTN_QUERY_CHUNKS = 8
+
+
+def deform_attn_query_chunks() -> int:
+  """Query blocks the deformable attention samples in sequence: 8 on TPU,
+  1 (all at once) elsewhere.  On TPU v5e the R50 training step's peak was
+  almost all (10.9 of 11.3 GiB) the encoder's backward: the re-gathered
+  samples (B * H * Q * L * P * 4 * Dh floats, 2.7 GiB at 2 images per
+  chip), a copy of them relaid with the 64 samples per query as the minor
+  dimension, padded to 128 lanes (5.5 GiB), and the scatter contributions
+  (2.7 GiB), from the compiled buffer assignment.  GPU and CPU have no lane
+  padding and fit without it; blocks reorder the value gradient's sums,
+  so the CPU keeps the unblocked order that parity was measured with."""
+  return TPU_DEFORM_ATTN_QUERY_CHUNKS if platform() == 'tpu' else 1

@@ -101,7 +101,7 @@ def topology_devices(target: Target) -> list:
       topo = topologies.get_topology_desc(topology_name=target.name,
                                           platform='tpu')
     except Exception as e:  # pylint: disable=broad-except
-      raise TargetError(f'--target {target.spec}: libtpu does not know '
+      raise TargetError(f'--target {target.spec}: libtpu could not build '
                         f'topology {target.name!r} ({_first_line(e)})'
                         ) from None
     return list(topo.devices)
