@@ -8,7 +8,11 @@ Formulations that only pay off on one backend are chosen from
 * the scipy Hungarian solver behind a host callback for a one-device CPU
   step, the jax one elsewhere (``losses/hungarian.resolve_solver``);
 * the decoder self-attention's projections one matmul per image on GPU
-  (``per_image_attention_projections`` below).
+  (``per_image_attention_projections`` below);
+* the deformable attention's queries sampled in blocks on TPU
+  (``deform_attn_query_chunks``);
+* scanned ResNet blocks' weight gradients by taps (im2col) on XLA:CPU
+  (``conv_weight_grad_by_taps``).
 
 Usually ``platform()`` is the default backend; a deviceless compile for a
 TPU or GPU target (``ddq_jax.accelerators``) traces on a
@@ -84,3 +88,10 @@ def deform_attn_query_chunks() -> int:
   padding and fit without it; blocks reorder the value gradient's sums,
   so the CPU keeps the unblocked order that parity was measured with."""
   return TPU_DEFORM_ATTN_QUERY_CHUNKS if platform() == 'tpu' else 1
+
+
+def conv_weight_grad_by_taps() -> bool:
+  """Scanned ResNet blocks' convolution weight gradients as one im2col
+  matmul (``ops/conv.py``) on XLA:CPU, whose own weight gradient is ~30x
+  slower inside a loop; XLA's own convolution gradient elsewhere."""
+  return platform() == 'cpu'

@@ -18,7 +18,8 @@ def test_platform_follows_target():
     with backend.target_platform('gpu'):
       assert backend.per_image_attention_projections()
     assert not backend.per_image_attention_projections()
-  assert backend.platform() == 'cpu'
+    assert not backend.conv_weight_grad_by_taps()
+  assert backend.platform() == 'cpu' and backend.conv_weight_grad_by_taps()
   with pytest.raises(ValueError, match='expected one of'):
     with backend.target_platform('cuda'):
       pass
