@@ -3,6 +3,12 @@
   python -m ddq_jax.benchmark --config tiny --mode infer --batch 2 --size 128 128
   python -m ddq_jax.benchmark --config ddq_r50_4scale --mode train --batch 1 \\
       --size 800 1333 --steps 3
+  python -m ddq_jax.benchmark --config ddq_r50_4scale --mode train \\
+      --target tpu:v5e:2x4 --batch-per-chip 2 --size 800 1344   # no run
+
+With --target the step is compiled for that TPU / GPU target on this
+machine (``ddq_jax/accelerators``) and the line holds its per-chip
+figures, collectives and host callbacks instead of step times.
 
 Prints one JSON line: config, mode, batch, size, devices, device_kind,
 init_s, lower_s and compile_s (tracing + lowering, XLA compile; apart from the
