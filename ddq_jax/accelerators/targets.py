@@ -87,6 +87,9 @@ def use_cpu_runtime() -> None:
   is initialised; harmless after, when it already is the CPU)."""
   import jax  # pylint: disable=g-import-not-at-top
   os.environ['JAX_PLATFORMS'] = 'cpu'
+  # Nothing here opens a TPU: a second deviceless compile (or one beside a
+  # job that holds the chips) must not stop at libtpu's process lockfile.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   jax.config.update('jax_platforms', 'cpu')
 
 
