@@ -3,6 +3,12 @@
   python -m ddq_jax.benchmark --config tiny --mode infer --batch 2 --size 128 128
   python -m ddq_jax.benchmark --config ddq_r50_4scale --mode train --batch 1 \\
       --size 800 1333 --steps 3
+  python -m ddq_jax.benchmark --config ddq_r50_4scale --mode train \\
+      --target tpu:v5e:2x4 --batch-per-chip 2 --size 800 1344   # no run
+
+With --target the step is compiled for that TPU / GPU target on this
+machine (``ddq_jax/accelerators``) and the line holds its per-chip
+figures, collectives and host callbacks instead of step times.
 
 Prints one JSON line: config, mode, batch, size, devices, device_kind,
 init_s, lower_s and compile_s (tracing + lowering, XLA compile; apart from the
@@ -56,7 +62,20 @@ def _parser() -> argparse.ArgumentParser:
                  help='infer: the jitted predict fn; train: the training '
                  'step (training/step.py: forward, losses, gradients, '
                  'optimizer update)')
-  p.add_argument('--batch', type=int, default=1, help='global batch size')
+  p.add_argument('--batch', type=int, default=None, help='global batch size '
+                 '(default 1, or --batch-per-chip x the data axis)')
+  p.add_argument('--batch-per-chip', type=int, default=None, metavar='N',
+                 help='images per device of the data axis (the global batch '
+                 'is N x that axis); with --target the default is 1')
+  p.add_argument('--target', metavar='SPEC', help='compile the step for an '
+                 'accelerator this machine need not have, with abstract '
+                 'inputs only, and print its per-chip figures (no run): '
+                 'tpu:<topology> (tpu:v5e:2x4, tpu:v4:2x2x1, tpu:v6e:2x4, '
+                 '...) or gpu:<h100|h200|a100>[:<count>] (gpu:h100:8); '
+                 "needs pip install 'ddq-jax[tpu]' / 'ddq-jax[cuda]' "
+                 '(ddq_jax/accelerators)')
+  p.add_argument('--hlo-out', metavar='FILE', help='with --target: write '
+                 'the optimised HLO (compiled.as_text()) here')
   p.add_argument('--size', type=int, nargs=2, default=(800, 1333),
                  metavar=('H', 'W'), help='canvas height and width')
   p.add_argument('--devices', type=int, help='first K devices (default all); '
@@ -213,9 +232,12 @@ def run(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ddq_jax.models.detector import build_model  # pylint: disable=g-import-not-at-top
-  from ddq_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  from ddq_jax.parallel.mesh import make_mesh, mesh_shape  # pylint: disable=g-import-not-at-top
   config = args.config_dict
   devices = jax.devices()[:args.devices] if args.devices else jax.devices()
+  if args.batch is None:
+    args.batch = (args.batch_per_chip or 1) * (
+        mesh_shape(config, len(devices))[0] if args.batch_per_chip else 1)
   mesh = make_mesh(config, devices)
   if args.batch % int(mesh.shape['data']):
     raise SystemExit(f'--batch {args.batch} is not divisible by the '
@@ -313,6 +335,25 @@ def bad_argument(args) -> str | None:
   return None
 
 
+def run_target(parser, args, overrides) -> dict:
+  """--target: the deviceless compile of ``ddq_jax.accelerators``."""
+  from ddq_jax import cli  # pylint: disable=g-import-not-at-top
+  from ddq_jax.accelerators import targets  # pylint: disable=g-import-not-at-top
+  try:
+    target = targets.parse_target(args.target)
+  except targets.TargetError as e:
+    cli.fail(parser, str(e))
+  targets.use_cpu_runtime()
+  config = cli.load_or_fail(parser, args.config, overrides)
+  from ddq_jax.accelerators import deviceless  # pylint: disable=g-import-not-at-top
+  try:
+    return deviceless.compile_for_target(
+        config, target, mode=args.mode, batch_per_chip=args.batch_per_chip,
+        batch=args.batch, size=tuple(args.size), hlo_out=args.hlo_out)
+  except (targets.TargetError, ValueError) as e:
+    cli.fail(parser, str(e))
+
+
 def main(argv=None) -> dict:
   from ddq_jax import cli  # pylint: disable=g-import-not-at-top
   parser = _parser()
@@ -321,6 +362,8 @@ def main(argv=None) -> dict:
     res = analyze(args.analyze, top=args.top)
   elif not args.config:
     cli.fail(parser, '--config is required')
+  elif args.target:
+    res = run_target(parser, args, overrides)
   else:
     problem = bad_argument(args)
     if problem:

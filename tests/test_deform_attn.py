@@ -195,3 +195,30 @@ def test_custom_vjp_equals_autodiff():
       value, loc, attn)
   sizes = sorted(x.size for x in jax.tree_util.tree_leaves(vjp))
   assert max(sizes) <= max(value.size, loc.size, attn.size), sizes
+
+
+def test_query_blocks_equal_unblocked():
+  """Sampling the queries in blocks (the TPU's memory choice,
+  backend.deform_attn_query_chunks) gives the same value and gradients,
+  with a block count that does not divide the queries; the backend picks 1
+  block on the CPU and 8 for a TPU target."""
+  from ddq_jax import backend
+  value, loc, attn = _random_inputs(7, b=2, q=7, nh=2, dh=3, npt=3)
+  cot = np.random.default_rng(8).normal(size=(2, 7, 6)).astype(np.float32)
+
+  def f(v, l, a, chunks):
+    out = multi_scale_deformable_attention(
+        v, spatial_shapes=SHAPES, sampling_locations=l, attention_weights=a,
+        query_chunks=chunks)
+    return (out * cot).sum()
+  res = {c: jax.jit(jax.value_and_grad(
+      lambda v, l, a, c=c: f(v, l, a, c), argnums=(0, 1, 2)))(value, loc, attn)
+         for c in (1, 3, 7, 9)}
+  for c in (3, 7, 9):
+    assert_close(res[c][0], res[1][0], rel=1e-6, name=f'value {c}')
+    for name, a, e in zip(('d value', 'd loc', 'd attn'), res[c][1],
+                          res[1][1]):
+      assert_close(a, e, rel=1e-6, name=f'{name} {c}')
+  assert backend.deform_attn_query_chunks() == 1
+  with backend.target_platform('tpu'):
+    assert backend.deform_attn_query_chunks() == 8

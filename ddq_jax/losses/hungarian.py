@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from ddq_jax import backend
+
 # ----------------------------------------------------------------------------
 # scipy through a host callback
 # ----------------------------------------------------------------------------
@@ -299,5 +301,5 @@ def resolve_solver(name: str, *, num_devices: int = 1) -> str:
                      "'scipy' or 'jax'")
   if name != 'auto':
     return name
-  single_cpu = num_devices == 1 and jax.default_backend() == 'cpu'
+  single_cpu = num_devices == 1 and backend.is_cpu()
   return 'scipy' if single_cpu else 'jax'

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddq_jax import backend
 from ddq_jax.models import initializers as inits
 from ddq_jax.models.extents import extent_valid, zero_outside
 from ddq_jax.models import remat as remat_lib
@@ -62,8 +63,9 @@ def _conv(features: int, kernel: int, stride: int, padding: int,
           name: str, tap_weight_grad: bool = False) -> nn.Module:
   """torch Conv2d(bias=False) with explicit symmetric padding, HWIO kernel;
   ``tap_weight_grad``: its weight gradient by taps (``ops/conv.py``, for
-  convolutions inside a scan)."""
-  if tap_weight_grad:
+  convolutions inside a scan) where ``backend.conv_weight_grad_by_taps()``
+  says so (XLA:CPU); the same parameter either way."""
+  if tap_weight_grad and backend.conv_weight_grad_by_taps():
     return TapGradConv(features, kernel, stride, padding, name=name)
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)),

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddq_jax import backend
 from ddq_jax.models import initializers as inits
 from ddq_jax.models import remat as remat_lib
 from ddq_jax.models.deform_attn import (DeformableSizes,
@@ -68,8 +69,21 @@ class _InProj(nn.Module):
     c = self.embed_dims
     kernel = self.param('kernel', nn.initializers.xavier_uniform(), (c, 3 * c))
     bias = self.param('bias', nn.initializers.zeros, (3 * c,))
-    return (q @ kernel[:, :c] + bias[:c], k @ kernel[:, c:2 * c] +
-            bias[c:2 * c], v @ kernel[:, 2 * c:] + bias[2 * c:])
+    if backend.per_image_attention_projections():
+      mm = _per_image_matmul
+    else:
+      mm = lambda x, w: x @ w  # noqa: E731
+    return (mm(q, kernel[:, :c]) + bias[:c], mm(k, kernel[:, c:2 * c]) +
+            bias[c:2 * c], mm(v, kernel[:, 2 * c:]) + bias[2 * c:])
+
+
+def _per_image_matmul(x, kernel):
+  """x (B, N, C) @ kernel (C, D) as one matmul per image: the kernel is
+  broadcast over the batch, which becomes the dot's batch dimension, so
+  the rows of each matmul (and of its gradients) are one image's queries.
+  See ``backend.per_image_attention_projections``."""
+  kernel = jnp.broadcast_to(kernel, (x.shape[0],) + kernel.shape)
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (1,)), ((0,), (0,))))
 
 
 class MultiheadAttention(nn.Module):
@@ -102,8 +116,24 @@ class MultiheadAttention(nn.Module):
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, nq, c)
     # torch: out_proj bias 0 (MHA._reset_parameters), weight xavier (the
     # detector's pass over the decoder's >1-dim parameters).
+    if backend.per_image_attention_projections():
+      return _PerImageDense(c, name='out_proj')(out)
     return nn.Dense(c, kernel_init=inits.xavier_uniform,
                     bias_init=inits.zeros, name='out_proj')(out)
+
+
+class _PerImageDense(nn.Module):
+  """``nn.Dense`` (same 'kernel' / 'bias', same values) as one matmul per
+  image (``_per_image_matmul``)."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', inits.xavier_uniform,
+                        (x.shape[-1], self.features))
+    bias = self.param('bias', inits.zeros, (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+    return _per_image_matmul(x, kernel) + bias
 
 
 class SelfAttention(nn.Module):

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddq_jax import backend
+
 
 def _level_constants(spatial_shapes: Sequence[Sequence[int]]):
   """Per-level numpy constants: heights, widths, start offsets, each (L,)."""
@@ -120,25 +122,59 @@ def _sample(value, sampling_locations, attention_weights, spatial_shapes):
   return _weighted_sum(wts, sampled)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _sample_vjp(value, sampling_locations, attention_weights, spatial_shapes):
-  return _sample(value, sampling_locations, attention_weights, spatial_shapes)
+def _query_blocks(x, chunks: int, axis: int):
+  """x split along ``axis`` (queries) into ``chunks`` equal blocks, stacked
+  first; the last block is zero-padded (zero attention weights, so padded
+  queries add nothing and their results are dropped)."""
+  q = x.shape[axis]
+  size = -(-q // chunks)
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, chunks * size - q)
+  x = jnp.pad(x, pad)
+  x = x.reshape(x.shape[:axis] + (chunks, size) + x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
 
 
-def _sample_fwd(value, sampling_locations, attention_weights, spatial_shapes):
-  out = _sample(value, sampling_locations, attention_weights, spatial_shapes)
+def _unblock(x, axis: int, q: int):
+  """Inverse of ``_query_blocks`` for a result stacked first with its
+  query block at ``axis`` (counted without the stacking axis)."""
+  x = jnp.moveaxis(x, 0, axis)
+  x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+  return jax.lax.slice_in_dim(x, 0, q, axis=axis)
+
+
+def _sample_blocked(value, loc, attn, spatial_shapes, chunks):
+  """``_sample`` over ``chunks`` query blocks in sequence (``lax.map``):
+  only one block's gathered samples exist at a time.  Each query's result
+  is computed exactly as unblocked."""
+  if chunks <= 1:
+    return _sample(value, loc, attn, spatial_shapes)
+  q = loc.shape[1]
+  out = jax.lax.map(lambda la: _sample(value, la[0], la[1], spatial_shapes),
+                    (_query_blocks(loc, chunks, 1),
+                     _query_blocks(attn, chunks, 1)))  # (C, B, H, q', Dh)
+  return _unblock(out, 2, q)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _sample_vjp(value, sampling_locations, attention_weights, spatial_shapes,
+                chunks):
+  return _sample_blocked(value, sampling_locations, attention_weights,
+                         spatial_shapes, chunks)
+
+
+def _sample_fwd(value, sampling_locations, attention_weights, spatial_shapes,
+                chunks):
+  out = _sample_blocked(value, sampling_locations, attention_weights,
+                        spatial_shapes, chunks)
   # Residuals: the inputs only; corners and gathers are recomputed.
   return out, (value, sampling_locations, attention_weights)
 
 
-def _sample_bwd(spatial_shapes, res, g):
-  """g (B, H, Q, Dh) -> cotangents of (value, locations, weights).
-
-  out[b,h,q] = sum_k wts[b,h,q,k] * v[b,h,idx[b,h,q,k]], so
-  d v = scatter-add of wts * g at idx, d wts[k] = <g, v[idx[k]]>, and the
-  locations / attention weights get d wts through the (small) corner-weight
-  function's own VJP."""
-  value, loc, attn = res
+def _bwd_core(spatial_shapes, value, loc, attn, g, d_v=None):
+  """The backward of one query set; its value cotangent ((B, H, N, Dh), in
+  at least float32: many samples land on one row) added to ``d_v``, or
+  alone when ``d_v`` is None."""
   b, n, num_heads, dh = value.shape
   q = loc.shape[1]
   (idx, wts), corners_vjp = jax.vjp(
@@ -153,15 +189,46 @@ def _sample_bwd(spatial_shapes, res, g):
   k = wts.shape[-1]
   contrib = (wts[..., None] * g[:, :, :, None, :]).reshape(
       b, num_heads, q * k, dh)
-  # Accumulated in (at least) float32: many samples land on one row.
   acc = jnp.promote_types(value.dtype, jnp.float32)
-  d_v = jax.vmap(jax.vmap(
-      lambda ii, cc: jnp.zeros((n, dh), acc).at[ii].add(
-          cc.astype(acc), mode='clip')))(idx, contrib)  # (B, H, N, Dh)
-  d_v = d_v.astype(value.dtype)
+  if d_v is None:
+    d_v = jax.vmap(jax.vmap(
+        lambda ii, cc: jnp.zeros((n, dh), acc).at[ii].add(
+            cc.astype(acc), mode='clip')))(idx, contrib)  # (B, H, N, Dh)
+  else:
+    d_v = jax.vmap(jax.vmap(
+        lambda dd, ii, cc: dd.at[ii].add(cc.astype(acc), mode='clip')))(
+            d_v, idx, contrib)
   d_idx = np.zeros(idx.shape, jax.dtypes.float0)
   d_loc, d_attn = corners_vjp((d_idx, d_wts.astype(wts.dtype)))
-  return d_v.transpose(0, 2, 1, 3), d_loc, d_attn
+  return d_v, d_loc, d_attn
+
+
+def _sample_bwd(spatial_shapes, chunks, res, g):
+  """g (B, H, Q, Dh) -> cotangents of (value, locations, weights).
+
+  out[b,h,q] = sum_k wts[b,h,q,k] * v[b,h,idx[b,h,q,k]], so
+  d v = scatter-add of wts * g at idx, d wts[k] = <g, v[idx[k]]>, and the
+  locations / attention weights get d wts through the (small) corner-weight
+  function's own VJP.  With ``chunks`` > 1 the query blocks run in sequence
+  (``lax.scan``), adding into one value cotangent."""
+  value, loc, attn = res
+  b, n, num_heads, dh = value.shape
+  if chunks <= 1:
+    d_v, d_loc, d_attn = _bwd_core(spatial_shapes, value, loc, attn, g)
+  else:
+    zeros = jnp.zeros((b, num_heads, n, dh),
+                      jnp.promote_types(value.dtype, jnp.float32))
+    q = loc.shape[1]
+
+    def body(d_v, xs):
+      d_v, d_l, d_a = _bwd_core(spatial_shapes, value, *xs, d_v)
+      return d_v, (d_l, d_a)
+    d_v, (d_loc, d_attn) = jax.lax.scan(
+        body, zeros, (_query_blocks(loc, chunks, 1),
+                      _query_blocks(attn, chunks, 1),
+                      _query_blocks(g, chunks, 2)))
+    d_loc, d_attn = _unblock(d_loc, 1, q), _unblock(d_attn, 1, q)
+  return d_v.astype(value.dtype).transpose(0, 2, 1, 3), d_loc, d_attn
 
 
 _sample_vjp.defvjp(_sample_fwd, _sample_bwd)
@@ -171,7 +238,8 @@ def multi_scale_deformable_attention(
     value: jnp.ndarray, *, spatial_shapes: Sequence[Sequence[int]],
     sampling_locations: jnp.ndarray,
     attention_weights: jnp.ndarray,
-    custom_vjp: bool = True) -> jnp.ndarray:
+    custom_vjp: bool = True,
+    query_chunks: int | None = None) -> jnp.ndarray:
   """Bilinear multi-scale deformable sampling + attention-weighted sum.
 
   Args:
@@ -184,6 +252,10 @@ def multi_scale_deformable_attention(
       recomputes corners and gathers (memory: nothing of size
       B * H * Q * L * P * 4 survives the forward pass); False: plain
       autodiff (keeps the gathered samples), for tests.
+    query_chunks: with custom_vjp, the queries are sampled in this many
+      blocks in sequence, forward and backward, so only one block's
+      gathered samples (``B * H * Q * L * P * 4 * Dh`` floats in all) are
+      alive at a time; None: ``backend.deform_attn_query_chunks()``.
 
   Returns:
     (B, Q, H * Dh), channel index = head * Dh + d (as mmcv).
@@ -191,6 +263,11 @@ def multi_scale_deformable_attention(
   b, q = sampling_locations.shape[:2]
   num_heads, dh = value.shape[2:]
   shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
-  fn = _sample_vjp if custom_vjp else _sample
-  out = fn(value, sampling_locations, attention_weights, shapes)
+  if custom_vjp:
+    chunks = (backend.deform_attn_query_chunks() if query_chunks is None
+              else int(query_chunks))
+    out = _sample_vjp(value, sampling_locations, attention_weights, shapes,
+                      max(1, min(chunks, q)))
+  else:
+    out = _sample(value, sampling_locations, attention_weights, shapes)
   return out.transpose(0, 2, 1, 3).reshape(b, q, num_heads * dh)

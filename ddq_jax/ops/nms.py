@@ -30,6 +30,7 @@ from typing import Iterator, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from ddq_jax import backend
 
 _AUTO_OVERRIDE: list[str] = []
 
@@ -115,7 +116,7 @@ def greedy_nms_sorted(sup: jnp.ndarray, valid: jnp.ndarray, *,
   if method == 'auto' and _AUTO_OVERRIDE:
     method = _AUTO_OVERRIDE[-1]
   if method == 'auto':
-    method = 'sequential' if jax.default_backend() == 'cpu' else 'fixed_point'
+    method = 'sequential' if backend.is_cpu() else 'fixed_point'
   upper = jnp.triu(jnp.ones((n, n), bool), k=1)
   sup = sup & upper
   if method == 'sequential':

@@ -1,0 +1,2 @@
+"""Deviceless compiles for TPU and NVIDIA GPU targets (``targets.py``,
+``deviceless.py``, ``hlo_stats.py``)."""

@@ -1,0 +1,97 @@
+"""The platform the traced program is built for: the one place the model asks.
+
+Formulations that only pay off on one backend are chosen from
+``platform()``, never from ``jax.default_backend()`` directly:
+
+* the sequential NMS on XLA:CPU, the fixed-point one elsewhere
+  (``ops/nms.py``, ``method='auto'``);
+* the scipy Hungarian solver behind a host callback for a one-device CPU
+  step, the jax one elsewhere (``losses/hungarian.resolve_solver``);
+* the decoder self-attention's projections one matmul per image on GPU
+  (``per_image_attention_projections`` below);
+* the deformable attention's queries sampled in blocks on TPU
+  (``deform_attn_query_chunks``);
+* scanned ResNet blocks' weight gradients by taps (im2col) on XLA:CPU
+  (``conv_weight_grad_by_taps``).
+
+Usually ``platform()`` is the default backend; a deviceless compile for a
+TPU or GPU target (``ddq_jax.accelerators``) traces on a
+CPU-only host, so it wraps tracing in ``target_platform('tpu')`` and the
+graph gets the formulation the target would get on its own host.
+
+Tracing happens at ``jit(...).lower()`` (or the first call), so the context
+must cover that, not the compile.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import jax
+
+PLATFORMS = ('cpu', 'gpu', 'tpu')
+_STACK: list[str] = []
+
+
+def platform() -> str:
+  """'cpu', 'gpu' or 'tpu': the innermost ``target_platform``, else the
+  default backend (jax names CUDA and ROCm devices 'gpu')."""
+  if _STACK:
+    return _STACK[-1]
+  name = jax.default_backend()
+  return 'gpu' if name in ('cuda', 'rocm') else name
+
+
+def is_cpu() -> bool:
+  return platform() == 'cpu'
+
+
+@contextlib.contextmanager
+def target_platform(name: str) -> Iterator[None]:
+  """Traces inside this context build the program for ``name``."""
+  if name not in PLATFORMS:
+    raise ValueError(f'platform {name!r}: expected one of {PLATFORMS}')
+  _STACK.append(name)
+  try:
+    yield
+  finally:
+    _STACK.pop()
+
+
+
+def per_image_attention_projections() -> bool:
+  """The decoder self-attention's q/k/v and out projections as one matmul
+  per image (GPU), else one matmul over every image's queries.  XLA:GPU
+  fuses the heads <-> channels transposes into Triton GEMMs (the out
+  projection's input, the q/k/v projections' input gradients) whose rows
+  are (image, query) merged; when the query count is not a multiple of the
+  row tile (R50: 2,450 queries; tiny: 115) no tiling exists and the compile
+  fails (deviceless, where nothing is autotuned).  With the image as the
+  dot's batch dimension the rows are the queries alone.  Elsewhere the
+  plain matmul, bit for bit what CPU parity and the trajectory check were
+  measured with."""
+  return platform() == 'gpu'
+
+
+# The deformable attention's query blocks on TPU (see below).
+TPU_DEFORM_ATTN_QUERY_CHUNKS = 8
+
+
+def deform_attn_query_chunks() -> int:
+  """Query blocks the deformable attention samples in sequence: 8 on TPU,
+  1 (all at once) elsewhere.  On TPU v5e the R50 training step's peak was
+  almost all (10.9 of 11.3 GiB) the encoder's backward: the re-gathered
+  samples (B * H * Q * L * P * 4 * Dh floats, 2.7 GiB at 2 images per
+  chip), a copy of them relaid with the 64 samples per query as the minor
+  dimension, padded to 128 lanes (5.5 GiB), and the scatter contributions
+  (2.7 GiB), from the compiled buffer assignment.  GPU and CPU have no lane
+  padding and fit without it; blocks reorder the value gradient's sums,
+  so the CPU keeps the unblocked order that parity was measured with."""
+  return TPU_DEFORM_ATTN_QUERY_CHUNKS if platform() == 'tpu' else 1
+
+
+def conv_weight_grad_by_taps() -> bool:
+  """Scanned ResNet blocks' convolution weight gradients as one im2col
+  matmul (``ops/conv.py``) on XLA:CPU, whose own weight gradient is ~30x
+  slower inside a loop; XLA's own convolution gradient elsewhere."""
+  return platform() == 'cpu'
