@@ -48,6 +48,7 @@ import statistics
 import sys
 import time
 
+from ddq_jax.accelerators.hlo_stats import memory_figures
 from ddq_jax.profiling import analyze, hot_spots
 
 
@@ -118,20 +119,12 @@ def compiled_stats(compiled, *, lower_s: float, compile_s: float) -> dict:
   encoder / decoder layers it is a lower bound: compare runs with
   ``--set train.scan_layers=False``); hlo_lines = lines of
   ``compiled.as_text()``."""
-  gb = 2.0 ** 30
   res = dict(lower_s=round(lower_s, 2), compile_s=round(compile_s, 2))
   try:
     m = compiled.memory_analysis()
   except Exception:  # pylint: disable=broad-except
     m = None
-  if m is not None:
-    peak = (m.temp_size_in_bytes + m.argument_size_in_bytes +
-            m.output_size_in_bytes - m.alias_size_in_bytes)
-    res.update(peak_memory_gb=round(peak / gb, 3),
-               temp_memory_gb=round(m.temp_size_in_bytes / gb, 3),
-               argument_memory_gb=round(m.argument_size_in_bytes / gb, 3),
-               output_memory_gb=round(m.output_size_in_bytes / gb, 3),
-               alias_memory_gb=round(m.alias_size_in_bytes / gb, 3))
+  res.update(memory_figures(m))
   try:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):

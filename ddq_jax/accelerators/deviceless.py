@@ -123,15 +123,7 @@ def compile_stats(compiled, platform: str, *, lower_s: float,
   """Per-chip memory, FLOPs, HLO lines, collectives and host callbacks."""
   text = compiled.as_text()
   res = dict(lower_s=round(lower_s, 2), compile_s=round(compile_s, 2))
-  m = compiled.memory_analysis()
-  if m is not None:
-    peak = (m.temp_size_in_bytes + m.argument_size_in_bytes +
-            m.output_size_in_bytes - m.alias_size_in_bytes)
-    res.update(peak_memory_gb=round(peak / GB, 3),
-               temp_memory_gb=round(m.temp_size_in_bytes / GB, 3),
-               argument_memory_gb=round(m.argument_size_in_bytes / GB, 3),
-               output_memory_gb=round(m.output_size_in_bytes / GB, 3),
-               alias_memory_gb=round(m.alias_size_in_bytes / GB, 3))
+  res.update(hlo_stats.memory_figures(compiled.memory_analysis()))
   f = flops(compiled, platform)
   if f is not None:
     res['gflops'] = round(f / 1e9, 1)

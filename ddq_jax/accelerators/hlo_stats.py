@@ -76,3 +76,19 @@ def host_callbacks(hlo_text: str) -> int:
         _INSTR.match(line).group(2) == 'send':
       n += 1
   return n
+
+
+def memory_figures(analysis) -> dict:
+  """``compiled.memory_analysis()`` as the benchmark line's GB fields
+  (peak = temp + arguments + outputs - aliased); {} when there is none."""
+  if analysis is None:
+    return {}
+  gb = 2.0 ** 30
+  m = analysis
+  peak = (m.temp_size_in_bytes + m.argument_size_in_bytes +
+          m.output_size_in_bytes - m.alias_size_in_bytes)
+  return dict(peak_memory_gb=round(peak / gb, 3),
+              temp_memory_gb=round(m.temp_size_in_bytes / gb, 3),
+              argument_memory_gb=round(m.argument_size_in_bytes / gb, 3),
+              output_memory_gb=round(m.output_size_in_bytes / gb, 3),
+              alias_memory_gb=round(m.alias_size_in_bytes / gb, 3))
