@@ -150,6 +150,7 @@ def export_onnx(serve, specs, path: str) -> dict:
   model = onnx.shape_inference.infer_shapes(model)
   fixes = dict(bool_where=_bool_where_as_logic(model.graph),
                identities=_drop_identities(model.graph))
+  fixes['duplicate_outputs'] = _unique_outputs(model.graph)
   onnx.save(model, path)
   ops: dict[str, int] = {}
   for node in model.graph.node:
@@ -230,6 +231,29 @@ def _drop_identities(graph) -> int:
   graph.node.extend(nodes)
   _rename_inputs(graph, mapping)
   return count + len(mapping)
+
+
+def _unique_outputs(graph) -> int:
+  """Gives every repeated output of a graph (and of every subgraph) its own
+  Identity: jax2onnx writes a branch that returns one value twice (the
+  decoder's ``cond`` returns its head mask as the next candidates and as
+  the recorded mask) as an If branch listing one name twice, and
+  onnxruntime then fills the second If output with garbage inside a
+  Loop.  Returns the count."""
+  from onnx import helper  # pylint: disable=g-import-not-at-top
+  count = 0
+  for n in graph.node:
+    for g in _subgraphs(n):
+      count += _unique_outputs(g)
+  seen = set()
+  for i, out in enumerate(graph.output):
+    if out.name in seen:
+      name = f'{out.name}_dup{i}'
+      graph.node.append(helper.make_node('Identity', [out.name], [name]))
+      out.name = name
+      count += 1
+    seen.add(out.name)
+  return count
 
 
 def signature(config, *, batch: int, canvas, dtype: str, platforms,
