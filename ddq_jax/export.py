@@ -151,6 +151,8 @@ def export_onnx(serve, specs, path: str) -> dict:
   fixes = dict(bool_where=_bool_where_as_logic(model.graph),
                identities=_drop_identities(model.graph))
   fixes['duplicate_outputs'] = _unique_outputs(model.graph)
+  fixes['unused_initializers'] = _drop_unused_initializers(model.graph)
+  fixes['broadcast_constants'] = _broadcast_constants(model.graph)
   onnx.save(model, path)
   ops: dict[str, int] = {}
   for node in model.graph.node:
@@ -253,6 +255,73 @@ def _unique_outputs(graph) -> int:
       out.name = name
       count += 1
     seen.add(out.name)
+  return count
+
+
+def _used_names(graph) -> set:
+  """Names read by ``graph``'s nodes, its subgraphs' nodes (outer-scope
+  reads) and its outputs."""
+  used = {o.name for o in graph.output}
+  for n in graph.node:
+    used.update(n.input)
+    for g in _subgraphs(n):
+      used |= _used_names(g)
+  return used
+
+
+def _drop_unused_initializers(graph) -> int:
+  """Removes initializers nothing reads (jax2onnx leaves constants of
+  folded subexpressions behind; onnxruntime warns about each on load)."""
+  count = 0
+  for n in graph.node:
+    for g in _subgraphs(n):
+      count += _drop_unused_initializers(g)
+  used = _used_names(graph)
+  keep = [x for x in graph.initializer if x.name in used]
+  if len(keep) < len(graph.initializer):
+    count += len(graph.initializer) - len(keep)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+  return count
+
+
+def _broadcast_constants(graph, min_size: int = 4096) -> int:
+  """Initializers that repeat along some axes (jax2onnx folds broadcasts of
+  constants: the normalisation mean over the whole canvas, zeros) become
+  the one slice they repeat and an Expand to the full shape: the same
+  values, a smaller file.  Returns the count."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from onnx import helper, numpy_helper  # pylint: disable=g-import-not-at-top
+  count = 0
+  for n in graph.node:
+    for g in _subgraphs(n):
+      count += _broadcast_constants(g, min_size)
+  keep, nodes = [], []
+  for x in graph.initializer:
+    if int(np.prod(x.dims, dtype=np.int64)) < min_size:
+      keep.append(x)
+      continue
+    a = numpy_helper.to_array(x)
+    small = a
+    for axis in range(a.ndim):
+      first = small.take([0], axis=axis)
+      if small.shape[axis] > 1 and (small == first).all():
+        small = first
+    if small.size * 4 > a.size:
+      keep.append(x)
+      continue
+    keep.append(numpy_helper.from_array(small, x.name + '_slice'))
+    keep.append(numpy_helper.from_array(
+        np.asarray(a.shape, np.int64), x.name + '_shape'))
+    nodes.append(helper.make_node(
+        'Expand', [x.name + '_slice', x.name + '_shape'], [x.name]))
+    count += 1
+  if nodes:
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    rest = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + rest)
   return count
 
 
