@@ -191,6 +191,22 @@ def test_onnx_matches_detector_swin(tmp_path):
                 which=(0, 1))
 
 
+def test_check_artifacts(tiny_dir, tiny_config, exported):
+  """--check's comparison: the fresh model.jax agrees with the Detector on
+  the user's images; run next to other weights, each image is named."""
+  import jax
+  out_dir, _ = exported
+  det = api.Detector.load(os.path.join(tiny_dir, 'checkpoint.pth'),
+                          config=tiny_config, batch_size=BATCH)
+  assert export.check_artifacts(out_dir, det, [SAMPLE] * 3,
+                                canvas=CANVAS) == []
+  other = api.Detector(
+      jax.tree.map(lambda x: x * 1.05 if x.dtype.kind == 'f' else x,
+                   det.variables), det.config, batch_size=BATCH)
+  diffs = export.check_artifacts(out_dir, other, [SAMPLE], canvas=CANVAS)
+  assert len(diffs) == 1 and diffs[0].startswith(f'model.jax {SAMPLE}: ')
+
+
 def test_cli_errors(tmp_path, capsys):
   assert export.main(['--weights', str(tmp_path / 'missing.pth'), '--out',
                       str(tmp_path / 'o'), '--canvas', '64', '64']) == 2
@@ -198,3 +214,10 @@ def test_cli_errors(tmp_path, capsys):
   with pytest.raises(SystemExit):
     export.main(['--weights', 'w', '--out', 'o', '--canvas', '64', '64',
                  '--format', 'tflite'])
+  weights = tmp_path / 'w.pth'
+  weights.write_bytes(b'')
+  assert export.main(['--weights', str(weights), '--out', str(tmp_path / 'o'),
+                      '--canvas', '64', '64', '--format', 'jax', '--check',
+                      str(tmp_path / 'missing.jpg')]) == 2
+  assert '--check' in capsys.readouterr().err
+  assert not (tmp_path / 'o').exists()
