@@ -2,7 +2,7 @@
 
     python -m ddq_jax.export --weights WEIGHTS --out DIR --batch N
         --canvas H W [--format jax|onnx|both] [--dtype float32|bfloat16]
-        [--config PATH|NAME] [--config.KEY=VALUE ...]
+        [--config PATH|NAME] [--config.KEY=VALUE ...] [--check IMG ...]
 
 WEIGHTS: a converted weights directory, an mmdetection .pth or a train.py
 workdir.  DIR receives
@@ -148,8 +148,8 @@ def export_onnx(serve, specs, path: str) -> dict:
                   input_names=list(INPUT_NAMES),
                   output_names=list(OUTPUT_NAMES))
   model = onnx.shape_inference.infer_shapes(model)
-  fixes = dict(bool_where=_bool_where_as_logic(model.graph),
-               identities=_drop_identities(model.graph))
+  from ddq_jax.onnx_graph import fix_graph  # pylint: disable=g-import-not-at-top
+  fixes = fix_graph(model.graph)
   onnx.save(model, path)
   ops: dict[str, int] = {}
   for node in model.graph.node:
@@ -158,78 +158,6 @@ def export_onnx(serve, specs, path: str) -> dict:
           'onnx_fixes': fixes,
           'opset': [dict(domain=o.domain, version=o.version)
                     for o in model.opset_import]}
-
-
-# ---- graph fixes for onnxruntime (CPU) ------------------------------------
-
-
-def _subgraphs(node):
-  import onnx  # pylint: disable=g-import-not-at-top
-  return [a.g for a in node.attribute
-          if a.type == onnx.AttributeProto.GRAPH]
-
-
-def _elem_types(graph, outer: dict) -> dict:
-  types = dict(outer)
-  for v in list(graph.input) + list(graph.value_info) + list(graph.output):
-    if v.type.HasField('tensor_type'):
-      types[v.name] = v.type.tensor_type.elem_type
-  for x in graph.initializer:
-    types[x.name] = x.data_type
-  return types
-
-
-def _bool_where_as_logic(graph, outer: dict | None = None) -> int:
-  """Where(c, x, y) on bool x, y (no CPU kernel in onnxruntime) ->
-  Or(And(c, x), And(Not(c), y)); every subgraph too.  Returns the count."""
-  from onnx import TensorProto, helper  # pylint: disable=g-import-not-at-top
-  types = _elem_types(graph, outer or {})
-  nodes, count = [], 0
-  for n in graph.node:
-    for g in _subgraphs(n):
-      count += _bool_where_as_logic(g, types)
-    if n.op_type == 'Where' and TensorProto.BOOL in (
-        types.get(n.input[1]), types.get(n.input[2])):
-      c, x, y = n.input
-      p = n.name or n.output[0]
-      nodes += [helper.make_node('And', [c, x], [p + '_t']),
-                helper.make_node('Not', [c], [p + '_nc']),
-                helper.make_node('And', [p + '_nc', y], [p + '_f']),
-                helper.make_node('Or', [p + '_t', p + '_f'],
-                                 [n.output[0]])]
-      count += 1
-    else:
-      nodes.append(n)
-  del graph.node[:]
-  graph.node.extend(nodes)
-  return count
-
-
-def _rename_inputs(graph, mapping: dict) -> None:
-  for n in graph.node:
-    for i, x in enumerate(n.input):
-      if x in mapping:
-        n.input[i] = mapping[x]
-    for g in _subgraphs(n):
-      _rename_inputs(g, mapping)
-
-
-def _drop_identities(graph) -> int:
-  """Removes Identity nodes (consumers read the source; onnxruntime's
-  optimiser otherwise loses some Identity-of-initializer values)."""
-  outputs = {o.name for o in graph.output}
-  mapping, nodes, count = {}, [], 0
-  for n in graph.node:
-    for g in _subgraphs(n):
-      count += _drop_identities(g)
-    if n.op_type == 'Identity' and n.output[0] not in outputs:
-      mapping[n.output[0]] = mapping.get(n.input[0], n.input[0])
-    else:
-      nodes.append(n)
-  del graph.node[:]
-  graph.node.extend(nodes)
-  _rename_inputs(graph, mapping)
-  return count + len(mapping)
 
 
 def signature(config, *, batch: int, canvas, dtype: str, platforms,
@@ -325,7 +253,7 @@ in the original image's pixels; `sig['class_names'][labels[i, j]]` names it.
 
 def export(*, weights: str, out: str, batch: int, canvas, fmt: str = 'both',
            dtype: str = 'float32', config=None, overrides=None,
-           platforms=PLATFORMS, log=print) -> dict:
+           platforms=PLATFORMS, check=(), log=print) -> dict:
   """Writes DIR/{model.jax, model.onnx, signature.json, README.md} as one
   set (temporary directory, then a rename); returns the timings, sizes and
   ONNX op counts.  Every input is checked before DIR is created."""
@@ -342,6 +270,10 @@ def export(*, weights: str, out: str, batch: int, canvas, fmt: str = 'both',
     raise FileNotFoundError(f'--weights {weights}: no such file or directory')
   if fmt in ('onnx', 'both'):
     check_onnx_tools()
+  missing = [p for p in check if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f'--check {missing[0]}: no such file '
+                            f'({len(missing)} of {len(check)} missing)')
   report: dict = {}
   t = time.perf_counter()
   det = Detector.load(weights, config=config, overrides=overrides,
@@ -386,7 +318,59 @@ def export(*, weights: str, out: str, batch: int, canvas, fmt: str = 'both',
     _write_bytes(os.path.join(tmp, 'README.md'), README.format(
         batch=int(batch), h=h, w=w, k=int(det.config.max_per_img)).encode())
     publish_dir(tmp, out, ARTIFACTS)
+  if check:
+    from ddq_jax.api import Detector as _Detector  # pylint: disable=g-import-not-at-top
+    ref = _Detector(det.variables, det.config, dtype=dtype,
+                    batch_size=int(batch))
+    diffs = check_artifacts(out, ref, list(check), canvas=canvas)
+    report['check'] = dict(images=len(check), differences=diffs)
   return report
+
+
+# Beyond these an artifact differs from the Detector (issue 21).
+CHECK_BOX_PX, CHECK_SCORE = 1e-2, 1e-4
+
+
+def check_artifacts(out: str, detector, paths, *, canvas) -> list[str]:
+  """Runs the artifacts in ``out`` next to ``detector`` (its batch size
+  is the export's) on the images ``paths``; returns one line per image and
+  artifact that differs (a label, a box by more than CHECK_BOX_PX, a score
+  by more than CHECK_SCORE, or anything not finite), [] when all agree."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  runners = {}
+  if os.path.exists(os.path.join(out, 'model.jax')):
+    import jax  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(out, 'model.jax'), 'rb') as f:
+      exp = jax.export.deserialize(bytearray(f.read()))
+    runners['model.jax'] = lambda *a: [np.asarray(x) for x in exp.call(*a)]
+  if os.path.exists(os.path.join(out, 'model.onnx')):
+    import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+    sess = ort.InferenceSession(os.path.join(out, 'model.onnx'),
+                                providers=['CPUExecutionProvider'])
+    runners['model.onnx'] = lambda *a: sess.run(
+        None, dict(zip(INPUT_NAMES, a)))
+  samples = [detector.prepare(p, i) for i, p in enumerate(paths)]
+  for p, s in zip(paths, samples):
+    if s['img_shape'][0] > canvas[0] or s['img_shape'][1] > canvas[1]:
+      raise ValueError(f'--check {p}: resized to {tuple(s["img_shape"])}, '
+                       f'larger than the canvas {tuple(canvas)}')
+  diffs, n = [], detector.batch_size
+  for start in range(0, len(samples), n):
+    chunk = samples[start:start + n]
+    inputs = detector._batch(chunk, tuple(canvas))  # pylint: disable=protected-access
+    want = detector.run(*inputs)
+    for name, run in runners.items():
+      boxes, scores, labels = run(*inputs)
+      for j in range(len(chunk)):
+        lab = int((labels[j] != want.labels[j]).sum())
+        box = float(np.abs(boxes[j] - want.boxes[j]).max())
+        score = float(np.abs(scores[j] - want.scores[j]).max())
+        if lab or not box <= CHECK_BOX_PX or not score <= CHECK_SCORE:
+          diffs.append(f'{name} {paths[start + j]}: {lab} of '
+                       f'{labels.shape[1]} labels differ, box error '
+                       f'{box:.3g} px, score error {score:.3g} vs the '
+                       'Detector')
+  return diffs
 
 
 def _write_bytes(path: str, data: bytes) -> None:
@@ -417,6 +401,10 @@ def main(argv=None) -> int:
   parser.add_argument('--platforms', default=','.join(PLATFORMS),
                       help='jax.export platforms (default cpu,cuda,tpu; '
                       'ones this jax cannot lower for are dropped)')
+  parser.add_argument('--check', nargs='+', default=(), metavar='IMG',
+                      help='after the export, run the artifacts next to '
+                      'the Detector on these images; exit 1 with one line '
+                      'per difference')
   cli.add_config_argument(parser, help_text='default: the one stored with '
                           'the weights.')
   args, overrides = cli.parse_args(parser, argv)
@@ -426,13 +414,17 @@ def main(argv=None) -> int:
     report = export(weights=args.weights, out=args.out, batch=args.batch,
                     canvas=args.canvas, fmt=args.format, dtype=args.dtype,
                     config=config, overrides=overrides,
-                    platforms=tuple(p for p in args.platforms.split(',') if p))
+                    platforms=tuple(p for p in args.platforms.split(',') if p),
+                    check=tuple(args.check))
   except (ValueError, TypeError, FileNotFoundError, OSError,
           ImportError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     return 2
   print(json.dumps({k: v for k, v in report.items() if k != 'ops'}))
-  return 0
+  diffs = report.get('check', {}).get('differences', [])
+  for line in diffs:
+    print(f'error: {line}', file=sys.stderr)
+  return 1 if diffs else 0
 
 
 if __name__ == '__main__':
