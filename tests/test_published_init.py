@@ -70,6 +70,14 @@ def test_no_ground_truth():
   assert not unexpected, '\n'.join(unexpected)
 
 
+@pytest.mark.slow
+def test_five_scale_inference():
+  """The 5-scale config (71,221 proposals per image at 800x1067): the
+  distinct queries, every decoder layer's keep set and the detections."""
+  ok, failures, _ = _run('r50_5scale_coco', train=False)
+  assert ok and not failures, '\n'.join(failures)
+
+
 def test_torch_sort_ties_change_nothing_here():
   """The reference as it runs (torch's unstable sort) and with stable
   sorts give the same selections and losses on this batch: exact ties do
