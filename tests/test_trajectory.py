@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddq_jax import trajectory, verify
+from ddq_jax import trajectory, trajectory_compare, verify
 from ddq_jax.training.optimizer import torch_adamw
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
@@ -204,19 +204,19 @@ def test_comparisons_catch_misses():
   ours = {'loss_total': np.array([2.0 * (1 + 2e-4), 1.0]),
           'loss/a': np.array([1.0, 0.5 * (1 + 2e-3)]),
           'grad_global_norm': np.array([3.0, 3.0])}
-  bad = {r.key for r in trajectory.compare_history(ours, ref, steps=2)
+  bad = {r.key for r in trajectory_compare.compare_history(ours, ref, steps=2)
          if not r.ok}
   assert bad == {'loss_total step 1', 'loss/a steps 2-2'}
   start = {'w': ref['init/w'], 'f': ref['init/f']}
   final = {'w': np.full(3, 1.0005, np.float32),
            'f': np.nextafter(ref['init/f'], 2)}
-  res = {r.key: r.ok for r in trajectory.compare_params(final, start, ref,
+  res = {r.key: r.ok for r in trajectory_compare.compare_params(final, start, ref,
                                                         steps=2)}
   assert res == {'init/w': True, 'param/w (update)': True, 'init/f': True,
                  'param/f (frozen)': False}
   # The whole update off by 2e-3 of itself: beyond the budget.
   final['w'] = np.full(3, 1.002, np.float32)
-  res = {r.key: r.ok for r in trajectory.compare_params(final, start, ref,
+  res = {r.key: r.ok for r in trajectory_compare.compare_params(final, start, ref,
                                                         steps=2)}
   assert not res['param/w (update)']
 
@@ -227,9 +227,9 @@ def test_update_tolerance_floor():
   gets a tolerance of that size."""
   init = np.full(100, 1.0, np.float32)
   final = init + np.float32(2 ** -20)  # 8 ulps of 1.0
-  tol = trajectory.update_tolerance(final, init, steps=4, budget=1e-3)
+  tol = trajectory_compare.update_tolerance(final, init, steps=4, budget=1e-3)
   assert tol == pytest.approx(1e-3 + 4 * 2 ** -23 / 2 ** -20)
-  assert trajectory.update_error(final, final, init) == 0.0
+  assert trajectory_compare.update_error(final, final, init) == 0.0
 
 
 def test_cli_errors(tmp_path, capsys):
