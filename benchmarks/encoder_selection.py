@@ -21,7 +21,7 @@ import numpy as np
 def selection_stats(model, variables, images, pad_mask) -> list[dict]:
   """Per image: the figures above (the model's inference forward)."""
   import jax
-  from ddq_jax.models.detector import DDQDETR, INTERMEDIATES
+  from ddq_jax.model.detector import DDQDETR, INTERMEDIATES
 
   def fn(v, x, m):
     _, st = model.apply(v, x, m, mutable=[INTERMEDIATES])
@@ -53,20 +53,20 @@ def main(argv=None):
   p.add_argument('bundle', help="a verify bundle (its inputs.npz's images, "
                  'and its weights unless --weights)')
   p.add_argument('--weights', help='other weights (any format '
-                 'ddq_jax.weights.load_weights reads)')
+                 'ddq_jax.io.weights.load_weights reads)')
   a = p.parse_args(argv)
-  from ddq_jax import verify
-  from ddq_jax.models.detector import build_model
+  from ddq_jax.parity import verify
+  from ddq_jax.model.detector import build_model
   inputs = verify.bundle_inputs(verify._load_npz(  # pylint: disable=protected-access
       os.path.join(a.bundle, 'inputs.npz')))
   init = os.path.join(a.bundle, verify.INIT_JSON)
   if a.weights:
-    from ddq_jax.weights import load_weights
+    from ddq_jax.io.weights import load_weights
     variables, config = load_weights(a.weights)
   elif os.path.isfile(init):
     variables, config = verify.init_weights(init)
   else:
-    from ddq_jax.conversion.converter import convert_checkpoint
+    from ddq_jax.io.conversion.converter import convert_checkpoint
     variables, config, _ = convert_checkpoint(
         os.path.join(a.bundle, 'checkpoint.pth'))
   images, pad = inputs['images'], inputs['pad_mask']

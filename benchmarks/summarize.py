@@ -1,4 +1,4 @@
-"""Turns ``python -m ddq_jax.benchmark`` JSON lines into markdown.
+"""Turns ``python -m ddq_jax benchmark`` JSON lines into markdown.
 
   python benchmarks/summarize.py run1.json run2.json ... > table.md
 

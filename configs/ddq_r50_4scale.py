@@ -166,7 +166,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.inject_nan_at_steps = ()   # test hook: NaN images at these steps
   c.train.resume_may_change = ()     # extra config keys a resume may change
   # Rematerialisation per part: 'none' | 'minimal' | 'full' (see
-  # ddq_jax/models/remat.py); values and gradients do not depend on it.
+  # ddq_jax/model/remat.py); values and gradients do not depend on it.
   c.train.remat = ml_collections.ConfigDict()
   c.train.remat.encoder = 'full'    # each encoder layer
   c.train.remat.decoder = 'full'    # each decoder layer

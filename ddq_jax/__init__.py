@@ -10,9 +10,9 @@ __all__ = ['Detector', 'WeightsMismatchError']
 
 def __getattr__(name):
   if name == 'Detector':
-    from ddq_jax.api import Detector  # pylint: disable=g-import-not-at-top
+    from ddq_jax.serve.api import Detector  # pylint: disable=g-import-not-at-top
     return Detector
   if name == 'WeightsMismatchError':
-    from ddq_jax.weights_fit import WeightsMismatchError  # pylint: disable=g-import-not-at-top
+    from ddq_jax.io.weights_fit import WeightsMismatchError  # pylint: disable=g-import-not-at-top
     return WeightsMismatchError
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

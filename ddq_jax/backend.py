@@ -15,7 +15,7 @@ Formulations that only pay off on one backend are chosen from
   (``conv_weight_grad_by_taps``).
 
 Usually ``platform()`` is the default backend; a deviceless compile for a
-TPU or GPU target (``ddq_jax.accelerators``) traces on a
+TPU or GPU target (``ddq_jax.tools.accelerators``) traces on a
 CPU-only host, so it wraps tracing in ``target_platform('tpu')`` and the
 graph gets the formulation the target would get on its own host.
 

@@ -1,7 +1,7 @@
 """The command-line grammar every entry point shares.
 
     python train.py --config configs/tiny.py --workdir runs/x --config.optim.lr=1e-4
-    python -m ddq_jax.evaluate --config tiny --weights W --out O --config.eval.batch_size=4
+    python -m ddq_jax evaluate --config tiny --weights W --out O --config.eval.batch_size=4
 
 ``--config PATH|NAME`` picks a config file (a path, or a name in
 ``configs/``); ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``) overrides

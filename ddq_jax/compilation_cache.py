@@ -12,7 +12,7 @@ Where it lives, first match wins:
 2. ``JAX_COMPILATION_CACHE_DIR`` (JAX's own variable), if set;
 3. ``$XDG_CACHE_HOME/ddq_jax/jax``, else ``~/.cache/ddq_jax/jax``.
 
-``python -m ddq_jax.benchmark --no-compilation-cache`` turns it off for one
+``python -m ddq_jax benchmark --no-compilation-cache`` turns it off for one
 run.  Deleting the directory is always safe.
 """
 from __future__ import annotations

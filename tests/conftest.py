@@ -51,14 +51,14 @@ def tiny_train():
 
 @pytest.fixture(scope='session')
 def tiny_state_dict():
-  from ddq_jax.conversion.torch_pickle import load_torch_checkpoint, state_dict_of
+  from ddq_jax.io.conversion.torch_pickle import load_torch_checkpoint, state_dict_of
   return state_dict_of(load_torch_checkpoint(os.path.join(TINY, 'checkpoint.pth')))
 
 
 @pytest.fixture(scope='session')
 def tiny_variables(tiny_state_dict):
   """{'params': ..., 'batch_stats': ...} of the whole model, numpy leaves."""
-  from ddq_jax.conversion.mapping import convert_state_dict
+  from ddq_jax.io.conversion.mapping import convert_state_dict
   variables, _, unmapped = convert_state_dict(tiny_state_dict)
   assert not unmapped, unmapped
   return variables

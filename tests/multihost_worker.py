@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import standin  # noqa: E402
 
-from ddq_jax.training.checkpoint import Checkpointer  # noqa: E402
+from ddq_jax.train.checkpoint import Checkpointer
 
 
 def main():

@@ -163,11 +163,11 @@ STEPS_PER_EPOCH = 4
 
 def setup(config, devices=None, *, min_size=None, seed=0):
   """mesh, tx, fresh state, its shardings and the jitted step."""
-  from ddq_jax.parallel import mesh as mesh_lib
-  from ddq_jax.parallel import sharding as shd
-  from ddq_jax.training import optimizer as opt
-  from ddq_jax.training import state as state_lib
-  from ddq_jax.training import step as step_lib
+  from ddq_jax.train.parallel import mesh as mesh_lib
+  from ddq_jax.train.parallel import sharding as shd
+  from ddq_jax.train import optimizer as opt
+  from ddq_jax.train import state as state_lib
+  from ddq_jax.train import step as step_lib
   mesh = mesh_lib.make_mesh(config, devices)
   tx, _ = opt.make_optimizer(config, STEPS_PER_EPOCH)
   state, shardings = state_lib.init_train_state(
@@ -184,7 +184,7 @@ def run_steps(setup_, state, start, n, *, global_batch=8, checkpointer=None,
               config=None):
   """Runs steps start..start+n-1 (feeding this process's rows); returns
   (state, losses)."""
-  from ddq_jax.parallel import sharding as shd
+  from ddq_jax.train.parallel import sharding as shd
   losses = []
   for i in range(start, start + n):
     local = make_batch(i, global_batch, process_index=jax.process_index(),

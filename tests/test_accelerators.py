@@ -1,4 +1,4 @@
-"""Deviceless TPU / GPU compiles (ddq_jax/accelerators): the --target
+"""Deviceless TPU / GPU compiles (ddq_jax/tools/accelerators): the --target
 grammar, the optimised-HLO collective / callback counts, and (slow, skipped
 without the compilers) the tiny training step compiled for one TPU and one
 GPU target in a process of its own."""
@@ -9,10 +9,9 @@ import sys
 
 import pytest
 
-from ddq_jax.accelerators import hlo_stats
-from ddq_jax.accelerators.targets import (TargetError, gpu_target_config,
-                                          parse_target)
-from ddq_jax.benchmark import main
+from ddq_jax.tools.accelerators import hlo_stats
+from ddq_jax.tools.accelerators.targets import TargetError, gpu_target_config, parse_target
+from ddq_jax.tools.benchmark import main
 
 
 def test_parse_target_forms():
@@ -92,7 +91,7 @@ def _compile(target):
   """The tiny training step for ``target``, in its own process (the CPU
   runtime must be chosen before any backend starts)."""
   out = subprocess.run(
-      [sys.executable, '-m', 'ddq_jax.benchmark', '--config', 'tiny',
+      [sys.executable, '-m', 'ddq_jax.tools.benchmark', '--config', 'tiny',
        '--mode', 'train', '--target', target, '--batch-per-chip', '2',
        '--size', '128', '128', '--config.loss.hungarian_solver=jax'],
       capture_output=True, text=True, timeout=1800, check=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import ddq_jax
-from ddq_jax import api
+from ddq_jax.serve import api
 
 SAMPLE = os.path.join(os.path.dirname(api.__file__), 'assets', 'sample.jpg')
 
@@ -27,7 +27,7 @@ def test_lazy_import():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = ('import sys, ddq_jax; assert "jax" not in sys.modules, "jax"; '
           'assert ddq_jax.Detector.__name__ == "Detector"; '
-          'assert "ddq_jax.api" in sys.modules')
+          'assert "ddq_jax.serve.api" in sys.modules')
   subprocess.run([sys.executable, '-c', code], check=True,
                  env=dict(os.environ, PYTHONPATH=root))
 
@@ -36,7 +36,7 @@ def test_serving_program_matches_fixture(detector):
   """raw uint8 images + sizes + scale factors -> the reference's batch-1
   detections of each image (tiny_single a and b, sharing one canvas that no
   stride divides; normalisation and padding mask computed inside)."""
-  from ddq_jax.canvas_parity import tie_ordered_detections
+  from ddq_jax.parity.canvas import tie_ordered_detections
   single = os.path.join(os.path.dirname(__file__), 'data', 'tiny_single')
   bundles = []
   for name in ('a', 'b'):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
-from ddq_jax.models.backbone import ResNet, resnet_out_channels
-from ddq_jax.models.neck import ChannelMapper
+from ddq_jax.model.resnet import ResNet, resnet_out_channels
+from ddq_jax.model.neck import ChannelMapper
 
 
 def _sub(variables, name):

@@ -7,7 +7,7 @@ import pytest
 
 from ddq_jax import backend
 from ddq_jax.losses.hungarian import resolve_solver
-from ddq_jax.models.decoder import MultiheadAttention
+from ddq_jax.model.decoder import MultiheadAttention
 from ddq_jax.ops import nms
 
 

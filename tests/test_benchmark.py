@@ -2,8 +2,8 @@
 times, and one short end-to-end run (tiny, infer, 2 fake CPU devices)."""
 import json
 
-from ddq_jax.benchmark import main
-from ddq_jax.profiling import hlo_instructions, self_times, stage_of
+from ddq_jax.tools.benchmark import main
+from ddq_jax.tools.profiling import hlo_instructions, self_times, stage_of
 
 HLO = '''
 HloModule jit_f

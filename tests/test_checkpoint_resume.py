@@ -10,9 +10,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import standin  # noqa: E402
 
-from ddq_jax.parallel import sharding as shd  # noqa: E402
-from ddq_jax import weights  # noqa: E402
-from ddq_jax.training.checkpoint import Checkpointer, load_params_only  # noqa: E402
+from ddq_jax.train.parallel import sharding as shd
+from ddq_jax.io import weights
+from ddq_jax.train.checkpoint import Checkpointer, load_params_only
 
 
 @pytest.fixture(scope='module')
@@ -99,7 +99,7 @@ class _Iter:
 
 
 def _train(workdir, evals, kill_at=None):
-  from ddq_jax.training.loop import Components, train
+  from ddq_jax.train.loop import Components, train
   config = standin.config(max_steps=6, log_every=1, checkpoint_every=4,
                           keep_checkpoints=2, eval_every=3, init_from='')
   comps = Components(
@@ -136,11 +136,11 @@ def test_init_from_pretrained(tiny_config, tiny_state_dict, tiny_variables,
   """init_from: an mmdetection .pth (whole detector) and a torchvision ResNet
   state dict (backbone only) load into a real-model TrainState."""
   import jax.numpy as jnp
-  from ddq_jax.models.variables import variable_shapes
-  from ddq_jax.parallel import mesh as mesh_lib
-  from ddq_jax.training import loop
-  from ddq_jax.training import optimizer as opt
-  from ddq_jax.training import state as state_lib
+  from ddq_jax.model.variables import variable_shapes
+  from ddq_jax.train.parallel import mesh as mesh_lib
+  from ddq_jax.train import loop
+  from ddq_jax.train import optimizer as opt
+  from ddq_jax.train import state as state_lib
   shapes = variable_shapes(tiny_config)
   mesh = mesh_lib.make_mesh(tiny_config)
   tx, _ = opt.make_optimizer(tiny_config, 10)

@@ -1,4 +1,4 @@
-"""`python -m ddq_jax.evaluate` at its defaults reproduces the reference's own
+"""`python -m ddq_jax evaluate` at its defaults reproduces the reference's own
 test loop (mmdet CocoDataset + test_pipeline + batch-1 test_step +
 CocoMetric) on coco_eval_tiny: 12 images resized to a short side of 800,
 batched 8 to a canvas, with padding invariance on by default.
@@ -10,7 +10,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from ddq_jax import evaluate
+from ddq_jax.evaluation import cli as evaluate
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 SET = os.path.join(DATA, 'coco_eval_tiny')

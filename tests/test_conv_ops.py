@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddq_jax.models.backbone import fold_frozen_bn
+from ddq_jax.model.resnet import fold_frozen_bn
 from ddq_jax.ops.conv import conv2d_tap_weight_grad
 
 

@@ -4,8 +4,8 @@ import os
 
 import numpy as np
 
-from ddq_jax.conversion.mapping import match_rule
-from ddq_jax.conversion.naming import flax_module_path
+from ddq_jax.io.conversion.mapping import match_rule
+from ddq_jax.io.conversion.naming import flax_module_path
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 

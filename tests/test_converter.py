@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 from ddq_jax.config import load_config
-from ddq_jax.conversion import cli, weights_io
-from ddq_jax.conversion.converter import (ConversionError, convert_checkpoint,
-                                          convert_state_dict_checked)
-from ddq_jax.conversion.mmdet_config import ConfigParseError, config_from_mmdet
-from ddq_jax.conversion.torch_pickle import CheckpointReadError
+from ddq_jax.io.conversion import cli, weights_io
+from ddq_jax.io.conversion.converter import ConversionError, convert_checkpoint, convert_state_dict_checked
+from ddq_jax.io.conversion.mmdet_config import ConfigParseError, config_from_mmdet
+from ddq_jax.io.conversion.torch_pickle import CheckpointReadError
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 

@@ -13,8 +13,8 @@ from ddq_jax.losses import criterion as C
 from ddq_jax.losses import set_loss as S
 from ddq_jax.losses.config import CriterionConfig
 from ddq_jax.losses.hungarian import hungarian_match_batched
-from ddq_jax.models import outputs as O
-from ddq_jax.models.denoising import dn_layout
+from ddq_jax.model import outputs as O
+from ddq_jax.model.denoising import dn_layout
 
 NUM_DENSE = 45
 NUM_DN_QUERIES = 20

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
-from ddq_jax.models.decoder import (DDQDecoder, coordinate_to_encoding,
-                                    row0_of_inverted)
-from ddq_jax.models.head import DDQHead
+from ddq_jax.model.decoder import DDQDecoder, coordinate_to_encoding, row0_of_inverted
+from ddq_jax.model.head import DDQHead
 
 
 class _DecoderAndHead(nn.Module):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import assert_close
-from ddq_jax.models.deform_attn import MultiScaleDeformableAttention
+from ddq_jax.model.deform_attn import MultiScaleDeformableAttention
 from ddq_jax.ops.deform_attn import multi_scale_deformable_attention
 
 SHAPES = ((6, 7), (3, 4), (2, 2), (1, 1))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import assert_close
-from ddq_jax.models import denoising as dn
+from ddq_jax.model import denoising as dn
 
 
 def _gen(cfg, g):

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
-from ddq_jax.models.encoder import (DeformableEncoder, FFN,
-                                    get_encoder_reference_points)
-from ddq_jax.models.proposals import gen_encoder_output_proposals
+from ddq_jax.model.encoder import DeformableEncoder, FFN, get_encoder_reference_points
+from ddq_jax.model.proposals import gen_encoder_output_proposals
 
 
 def _spatial_shapes(infer):

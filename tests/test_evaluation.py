@@ -123,7 +123,7 @@ OVERRIDES = ['data.canvas_sizes=((160, 160),)', f'data.synthetic_num_eval={N_IMA
 def cli_run(tmp_path_factory):
   """The CLI on the tiny fixture weights, synthetic split, all 8 devices."""
   import jax
-  from ddq_jax import evaluate
+  from ddq_jax.evaluation import cli as evaluate
   assert jax.device_count() == 8
   out = str(tmp_path_factory.mktemp('eval'))
   args = ['--config', 'tiny', '--weights', TINY_PTH, '--out', out,
@@ -167,10 +167,10 @@ def test_sharded_equals_single_device(cli_run):
   from ddq_jax.config import load_config
   from ddq_jax.data import build_dataset, make_eval_iterator
   from ddq_jax.evaluation import evaluate_model
-  from ddq_jax.parallel.mesh import make_mesh
-  from ddq_jax.models.detector import build_model
-  from ddq_jax.models.inference import make_predict_fn
-  from ddq_jax.weights import load_weights
+  from ddq_jax.train.parallel.mesh import make_mesh
+  from ddq_jax.model.detector import build_model
+  from ddq_jax.serve.inference import make_predict_fn
+  from ddq_jax.io.weights import load_weights
   config = load_config('tiny', {'data.canvas_sizes': ((160, 160),),
                                 'data.synthetic_num_eval': N_IMAGES})
   variables, config = load_weights(TINY_PTH, config)
@@ -209,7 +209,7 @@ def test_sharded_equals_single_device(cli_run):
 
 
 def test_cli_errors(tmp_path, capsys):
-  from ddq_jax import evaluate
+  from ddq_jax.evaluation import cli as evaluate
   with pytest.raises(SystemExit) as e:
     evaluate.main(['--config', 'tiny', '--weights', TINY_PTH, '--out',
                    str(tmp_path), '--coco-dir', str(tmp_path / 'nope')])

@@ -1,4 +1,4 @@
-"""``python -m ddq_jax.export``: model.jax loaded in a fresh process that
+"""``python -m ddq_jax export``: model.jax loaded in a fresh process that
 never imports ddq_jax gives the Detector's detections; onnxruntime on
 model.onnx gives the same within 1e-2 px / 1e-4 score; signature and
 README; errors."""
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from ddq_jax import api, export
+from ddq_jax.serve import api, export
 
 SAMPLE = os.path.join(os.path.dirname(api.__file__), 'assets', 'sample.jpg')
 BATCH, CANVAS = 2, (128, 160)  # tiny test_scale (160, 128), landscape
@@ -168,9 +168,9 @@ def test_onnx_matches_detector_5_levels_20_classes(tmp_path):
   image: issue 21's case (onnxruntime was 71 px off, 30% labels equal)."""
   import jax
   from ddq_jax.config import load_config
-  from ddq_jax.conversion.weights_io import save_converted
-  from ddq_jax.models.detector import build_model
-  from ddq_jax.models.variables import init_variables
+  from ddq_jax.io.conversion.weights_io import save_converted
+  from ddq_jax.model.detector import build_model
+  from ddq_jax.model.variables import init_variables
   config = load_config('tiny', {'num_levels': 5, 'num_classes': 20,
                                 'backbone.out_indices': (0, 1, 2, 3)})
   model = build_model(config)

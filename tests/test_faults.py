@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import fault_driver  # noqa: E402
 import standin  # noqa: E402
 
-from ddq_jax.training import checkpoint as ckpt_lib  # noqa: E402
-from ddq_jax.training import loop  # noqa: E402
-from ddq_jax.training import nonfinite  # noqa: E402
+from ddq_jax.train import checkpoint as ckpt_lib
+from ddq_jax.train import loop
+from ddq_jax.train import nonfinite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, 'tests', 'fault_driver.py')
@@ -403,7 +403,7 @@ def test_intact_checkpoint_of_another_state_is_not_set_aside(tmp_path):
 def test_checksum_host_and_in_graph_paths_agree():
   """A checkpoint written by one process verifies under many (and back)."""
   import jax.numpy as jnp
-  from ddq_jax.training import integrity
+  from ddq_jax.train import integrity
   r = np.random.default_rng(0)
   leaves = [jnp.asarray(r.normal(size=(5, 7)).astype(np.float32)),
             jnp.asarray(r.normal(size=(9,))).astype(jnp.bfloat16),

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from ddq_jax.conversion import cli, weights_io
+from ddq_jax.io.conversion import cli, weights_io
 
 
 @pytest.fixture()

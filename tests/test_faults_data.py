@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ddq_jax.class_names import COCO_CATEGORY_IDS, COCO_CLASSES
+from ddq_jax.data.class_names import COCO_CATEGORY_IDS, COCO_CLASSES
 from ddq_jax.data.coco_folder import CocoFolderSource, parse_coco_json
 from ddq_jax.data.image_size import image_size
 
@@ -149,7 +149,7 @@ def test_categories_vs_model_classes(tmp_path, caplog):
 
 
 def test_drawing_names_are_unique_and_never_overwrite(tmp_path):
-  from ddq_jax.predict import drawing_paths
+  from ddq_jax.serve.predict import drawing_paths
   d = tmp_path / 'draw'
   d.mkdir()
   (d / 'b.png').write_bytes(b'earlier drawing')

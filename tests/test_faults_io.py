@@ -20,11 +20,12 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import fault_driver  # noqa: E402
 
-from ddq_jax import evaluate, export, predict  # noqa: E402
-from ddq_jax.training import loop, run_log  # noqa: E402
+from ddq_jax.evaluation import cli as evaluate
+from ddq_jax.serve import export, predict
+from ddq_jax.train import loop, run_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(ROOT, 'ddq_jax', 'assets', 'sample.jpg')
+SAMPLE = os.path.join(ROOT, 'ddq_jax', 'serve', 'assets', 'sample.jpg')
 DRIVER = os.path.join(ROOT, 'tests', 'fault_driver.py')
 TINY_PTH = os.path.join(ROOT, 'tests', 'data', 'tiny', 'checkpoint.pth')
 
@@ -169,7 +170,7 @@ def test_extreme_aspect_ratios_resize_to_at_least_one_pixel():
 
 
 def test_extreme_aspect_ratios_run_in_the_detector():
-  from ddq_jax.api import Detector
+  from ddq_jax.serve.api import Detector
   from ddq_jax.config import load_config
   det = Detector.load(TINY_PTH, config=load_config('tiny'))
   rng = np.random.default_rng(0)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ddq_jax.config import load_config
-from ddq_jax.models.detector import build_model
-from ddq_jax.models.variables import init_variables
+from ddq_jax.model.detector import build_model
+from ddq_jax.model.variables import init_variables
 
 
 @pytest.fixture(scope='module')

@@ -16,7 +16,7 @@ AP50_THRESHOLD = 0.2
 @pytest.mark.slow
 def test_tiny_synthetic_learns(tmp_path):
   from ddq_jax.config import load_config
-  from ddq_jax.training.loop import train
+  from ddq_jax.train.loop import train
   config = load_config('tiny_synthetic')
   result = train(config, str(tmp_path / 'run'))
   assert result['step'] == 400 and result['compiles'] <= len(

@@ -14,7 +14,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 import standin  # noqa: E402
 
-from ddq_jax.training.checkpoint import Checkpointer  # noqa: E402
+from ddq_jax.train.checkpoint import Checkpointer
 
 WORKER = os.path.join(os.path.dirname(__file__), 'multihost_worker.py')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

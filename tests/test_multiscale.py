@@ -7,11 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
-from ddq_jax.models.multiscale import prepare_multiscale_inputs
-from ddq_jax.models.positional_encoding import (interpolate_mask_nearest,
-                                                nearest_source_indices,
-                                                sine_positional_encoding,
-                                                valid_ratio)
+from ddq_jax.model.multiscale import prepare_multiscale_inputs
+from ddq_jax.model.positional_encoding import interpolate_mask_nearest, nearest_source_indices, sine_positional_encoding, valid_ratio
 
 
 def _neck_feats(tiny_infer, num_levels):

@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 
-from ddq_jax.models import postprocess as pp
+from ddq_jax.model import postprocess as pp
 
 
 def _run(cfg, fx, inp, mask):

@@ -1,10 +1,10 @@
-"""`python -m ddq_jax.predict` on the bundled sample image."""
+"""`python -m ddq_jax predict` on the bundled sample image."""
 import json
 import os
 
 
 
-from ddq_jax import predict
+from ddq_jax.serve import predict
 
 SAMPLE = os.path.join(os.path.dirname(predict.__file__), 'assets', 'sample.jpg')
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddq_jax.models.proposals import exact_divide, gen_encoder_output_proposals
+from ddq_jax.model.proposals import exact_divide, gen_encoder_output_proposals
 
 
 def _reference_valid(valid_hw, shape_hw):

@@ -12,14 +12,14 @@ when they did).  The reference there was recorded with stable sorts in its
 effect (docs/PADDING.md).
 
 Full size on a 2-core CPU: several minutes per case, so these are slow
-tests; ``python -m ddq_jax.verify tests/data/published/r50_4scale_coco
+tests; ``python -m ddq_jax verify tests/data/published/r50_4scale_coco
 --train`` is the same check by hand.
 """
 import os
 
 import pytest
 
-from ddq_jax import verify
+from ddq_jax.parity import verify
 
 PUBLISHED = os.path.join(os.path.dirname(__file__), 'data', 'published')
 

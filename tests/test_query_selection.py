@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
-from ddq_jax.models import query_selection as qs
+from ddq_jax.model import query_selection as qs
 
 HI = jax.lax.Precision.HIGHEST
 

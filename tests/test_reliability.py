@@ -5,7 +5,6 @@ owner, and the config values training refuses.
 Fast cases only; the processes (two train.py on one workdir, a full disk)
 are in tests/test_faults_io.py.
 """
-import importlib.util
 import os
 import shutil
 import socket
@@ -14,14 +13,15 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from ddq_jax.conversion import cli as convert_cli
-from ddq_jax.conversion import weights_io
-from ddq_jax.training import loop
-from ddq_jax.training import workdir as workdir_lib
-from ddq_jax.weights_fit import WeightsMismatchError, check_fit, fit_problems
+from ddq_jax.io.conversion import cli as convert_cli
+from ddq_jax.io.conversion import weights_io
+from ddq_jax.train import loop
+from ddq_jax.train import workdir as workdir_lib
+from ddq_jax.train import cli as train_cli
+from ddq_jax.io.weights_fit import WeightsMismatchError, check_fit, fit_problems
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(ROOT, 'ddq_jax', 'assets', 'sample.jpg')
+SAMPLE = os.path.join(ROOT, 'ddq_jax', 'serve', 'assets', 'sample.jpg')
 
 
 @pytest.fixture(scope='module')
@@ -33,11 +33,7 @@ def converted(tmp_path_factory, tiny_dir):
 
 
 def _train_main():
-  spec = importlib.util.spec_from_file_location(
-      'train_main', os.path.join(ROOT, 'train.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.main
+  return train_cli.main
 
 
 # ------------------------------------------------------------ weights fit
@@ -52,8 +48,9 @@ def test_fit_problems_names_each_kind():
 
 def test_fewer_decoder_layers_refused_at_every_entry_point(converted, capsys,
                                                            tmp_path):
-  from ddq_jax import evaluate, export, predict
-  from ddq_jax.api import Detector
+  from ddq_jax.evaluation import cli as evaluate
+  from ddq_jax.serve import export, predict
+  from ddq_jax.serve.api import Detector
   assert predict.main([SAMPLE, '--weights', converted,
                        '--config.num_decoder_layers=2']) == 2
   err = capsys.readouterr().err.strip()
@@ -79,7 +76,7 @@ def test_fewer_decoder_layers_refused_at_every_entry_point(converted, capsys,
 def test_num_classes_mismatch_is_one_line_not_a_traceback(tiny_dir):
   import ddq_jax
   assert ddq_jax.WeightsMismatchError is WeightsMismatchError
-  from ddq_jax.api import Detector
+  from ddq_jax.serve.api import Detector
   from ddq_jax.config import load_config
   pth = os.path.join(tiny_dir, 'checkpoint.pth')
   with pytest.raises(WeightsMismatchError) as e:
@@ -106,19 +103,19 @@ def test_partial_load_is_an_explicit_opt_in(tiny_variables):
 
 
 def _shapes(cfg):
-  from ddq_jax.weights_fit import expected_shapes
+  from ddq_jax.io.weights_fit import expected_shapes
   return expected_shapes(cfg)
 
 
 def test_train_checkpoint_is_checked_too(tmp_path, tiny_variables):
   """A train.py workdir (config.json + checkpoints/<step>) as weights."""
   import jax
-  from ddq_jax.api import Detector
+  from ddq_jax.serve.api import Detector
   from ddq_jax.config import load_config
-  from ddq_jax.parallel import mesh as mesh_lib
-  from ddq_jax.training import checkpoint as ckpt_lib
-  from ddq_jax.training import optimizer as opt_lib
-  from ddq_jax.training import state as state_lib
+  from ddq_jax.train.parallel import mesh as mesh_lib
+  from ddq_jax.train import checkpoint as ckpt_lib
+  from ddq_jax.train import optimizer as opt_lib
+  from ddq_jax.train import state as state_lib
   cfg = load_config('tiny')
   tx, _ = opt_lib.make_optimizer(cfg, 10)
   mesh = mesh_lib.make_mesh(cfg, jax.devices()[:1])
@@ -136,7 +133,7 @@ def test_train_checkpoint_is_checked_too(tmp_path, tiny_variables):
 
 def test_non_finite_weights_refused_at_conversion_and_load(
     tmp_path, converted, tiny_variables, capsys):
-  from ddq_jax.api import Detector
+  from ddq_jax.serve.api import Detector
   from ddq_jax.config import load_config
   bad = jax_tree_copy(tiny_variables)
   bad['params']['bbox_head']['cls_branches_0']['bias'][3] = np.nan
@@ -179,7 +176,7 @@ def test_stale_temporaries_of_a_killed_conversion_are_removed(
 
 
 def test_config_json_that_is_not_json_is_named(tmp_path, converted, capsys):
-  from ddq_jax import predict
+  from ddq_jax.serve import predict
   d = tmp_path / 'w'
   shutil.copytree(converted, d)
   (d / 'config.json').write_text('{not json')
@@ -265,8 +262,8 @@ def test_bad_init_from_is_exit_2_one_line(tmp_path):
 
 def test_init_from_partial_drops_what_does_not_fit(converted):
   from ddq_jax.config import load_config
-  from ddq_jax.weights import load_pretrained
-  from ddq_jax.weights_fit import flatten
+  from ddq_jax.io.weights import load_pretrained
+  from ddq_jax.io.weights_fit import flatten
   cfg = load_config('tiny', {'num_classes': 5})
   with pytest.raises(WeightsMismatchError,
                      match=r'--config\.train\.init_from_partial=True'):

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from ddq_jax.models.detector import build_model
-from ddq_jax.models.remat import checkpoint_policy, remat_name, scan_layers
-from ddq_jax.training.objective import make_loss_fn
+from ddq_jax.model.detector import build_model
+from ddq_jax.model.remat import checkpoint_policy, remat_name, scan_layers
+from ddq_jax.train.objective import make_loss_fn
 
 TRAIN_INPUTS = ('images', 'pad_mask', 'img_shapes', 'gt_boxes', 'gt_labels',
                 'gt_valid')

@@ -11,11 +11,11 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, os.path.dirname(__file__))
 import standin  # noqa: E402
 
-from ddq_jax.parallel import mesh as mesh_lib  # noqa: E402
-from ddq_jax.parallel import sharding as shd  # noqa: E402
-from ddq_jax.training import optimizer as opt  # noqa: E402
-from ddq_jax.training import state as state_lib  # noqa: E402
-from ddq_jax.training import step as step_lib  # noqa: E402
+from ddq_jax.train.parallel import mesh as mesh_lib
+from ddq_jax.train.parallel import sharding as shd
+from ddq_jax.train import optimizer as opt
+from ddq_jax.train import state as state_lib
+from ddq_jax.train import step as step_lib
 
 STEPS = 4
 LOSS_RTOL = 1e-5
@@ -141,8 +141,8 @@ def test_real_model_8_devices_equals_1():
   hangs in an XLA CPU all-reduce rendezvous (the callback is partitioned to
   device 0)."""
   from ddq_jax.config import load_config
-  from ddq_jax.training.loop import TRAIN_KEYS, default_components
-  from ddq_jax.weights import load_weights
+  from ddq_jax.train.loop import TRAIN_KEYS, default_components
+  from ddq_jax.io.weights import load_weights
   c = load_config('tiny', {'train.global_batch_size': 8,
                            'data.num_workers': 0,
                            'loss.hungarian_solver': 'jax'})

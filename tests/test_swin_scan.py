@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ddq_jax.config import load_config
-from ddq_jax.models import swin
+from ddq_jax.model import swin
 
 # Stage 0: one block (never scanned); stage 1: five blocks, two (regular,
 # shifted) pairs scanned and the odd last block unrolled.  20x28 input: the

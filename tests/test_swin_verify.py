@@ -1,11 +1,11 @@
-"""`python -m ddq_jax.verify` on the Swin bundle (tests/data/tiny_swin): the
+"""`python -m ddq_jax verify` on the Swin bundle (tests/data/tiny_swin): the
 whole Swin DDQ-DETR against the reference, inference and training, with no
 Swin-specific code in verify (the backbone type comes from meta['cfg'])."""
 import os
 
 import pytest
 
-from ddq_jax import verify
+from ddq_jax.parity import verify
 
 TINY_SWIN = os.path.join(os.path.dirname(__file__), 'data', 'tiny_swin')
 

@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from ddq_jax.conversion.torchvision import (expected_backbone_shapes,
-                                            torchvision_resnet_to_variables)
+from ddq_jax.io.conversion.torchvision import expected_backbone_shapes, torchvision_resnet_to_variables
 
 
 def _torchvision_style(tiny_state_dict):

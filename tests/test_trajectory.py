@@ -17,8 +17,8 @@ import numpy as np
 import optax
 import pytest
 
-from ddq_jax import trajectory, trajectory_compare, verify
-from ddq_jax.training.optimizer import torch_adamw
+from ddq_jax.parity import trajectory, trajectory_compare, verify
+from ddq_jax.train.optimizer import torch_adamw
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 BUNDLE = os.path.join(DATA, 'tiny_trajectory')
@@ -44,7 +44,7 @@ def six_steps(tmp_path_factory):
   env['PYTHONPATH'] = os.pathsep.join(
       p for p in (root, env.get('PYTHONPATH', '')) if p)
   run = subprocess.run(
-      [sys.executable, '-m', 'ddq_jax.verify', BUNDLE, '--steps', '6',
+      [sys.executable, '-m', 'ddq_jax.parity.verify', BUNDLE, '--steps', '6',
        '--dump', dump], env=env, capture_output=True, text=True, check=False)
   assert run.returncode in (0, 1), run.stderr[-2000:]
   return run.returncode == 0, run.stdout.splitlines(), _npz(dump)
@@ -142,7 +142,7 @@ def test_torch_adamw_rounds_like_torch():
 
 # ------------------------------------------------------------ the pieces
 def test_export_inverts_the_converter(tiny_state_dict, tiny_variables):
-  from ddq_jax.conversion.export import to_reference_names
+  from ddq_jax.io.conversion.export import to_reference_names
   names = {k: v.ndim for k, v in tiny_state_dict.items()}
   back = to_reference_names(tiny_variables, names)
   assert set(back) == {k for k in names if not k.endswith(

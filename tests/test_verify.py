@@ -1,4 +1,4 @@
-"""`python -m ddq_jax.verify`: the whole model against the reference, end to end.
+"""`python -m ddq_jax verify`: the whole model against the reference, end to end.
 
 One run covers inference (every infer.npz tensor) and training (every
 train.npz intermediate, every loss term, every listed gradient)."""
@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from ddq_jax import verify
+from ddq_jax.parity import verify
 
 
 @pytest.fixture(scope='module')
@@ -48,7 +48,7 @@ def test_cli_bad_bundle(tmp_path, capsys):
 def test_ranked_indices_tolerate_near_tie_swaps_only():
   """Neighbouring ranks exchanged (scores equal to float32 rounding) are
   reported, not failed; any other difference in the ranking fails."""
-  from ddq_jax.parity import adjacent_swaps, compare
+  from ddq_jax.parity.compare import adjacent_swaps, compare
   ref = np.array([[5, 9, 1, 7, -1]])
   assert adjacent_swaps([5, 1, 9, 7, -1], ref[0]) == (1, 0)
   ok = compare('topk_indices', np.array([[5, 1, 9, 7, -1]]), ref)

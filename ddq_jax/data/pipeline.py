@@ -62,7 +62,7 @@ def build_dataset(config, split: str) -> DetectionSource:
                         config.num_classes),
         max_objects=_cfg(d, 'synthetic_max_objects', 6))
   if d.source == 'coco_dir':
-    from ddq_jax.class_names import class_names_for  # pylint: disable=g-import-not-at-top
+    from ddq_jax.data.class_names import class_names_for  # pylint: disable=g-import-not-at-top
     from ddq_jax.data.coco_folder import CocoFolderSource  # pylint: disable=g-import-not-at-top
     sub = _COCO_SPLITS.get(split, split)
     prefix = 'train' if is_train else 'eval'

@@ -37,7 +37,7 @@ import numpy as np
 from ddq_jax.data.base import DetectionSource, coco_gt_from_arrays, log
 from ddq_jax.data.transforms import decode_image
 
-from ddq_jax.class_names import COCO_CATEGORY_IDS  # noqa: E402
+from ddq_jax.data.class_names import COCO_CATEGORY_IDS
 
 
 def _get(record: Mapping[str, Any], key: str):

@@ -20,9 +20,9 @@ from jax.sharding import Mesh
 
 from ddq_jax.evaluation.coco_metrics import (coco_box_metrics,
                                              detections_to_coco, format_table)
-from ddq_jax.parallel import mesh as mesh_lib
-from ddq_jax.parallel import sharding as shd
-from ddq_jax.parallel.mesh import DATA
+from ddq_jax.train.parallel import mesh as mesh_lib
+from ddq_jax.train.parallel import sharding as shd
+from ddq_jax.train.parallel.mesh import DATA
 
 log = logging.getLogger('ddq_jax.evaluation')
 
@@ -230,8 +230,8 @@ def evaluate_on_split(config, variables, *, split: Optional[str] = None,
                       **kwargs) -> tuple[dict[str, float], list[dict]]:
   """Convenience: builds the model, predict fn and split from ``config``."""
   from ddq_jax.data import build_dataset  # pylint: disable=g-import-not-at-top
-  from ddq_jax.models.detector import build_model  # pylint: disable=g-import-not-at-top
-  from ddq_jax.models.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
+  from ddq_jax.model.detector import build_model  # pylint: disable=g-import-not-at-top
+  from ddq_jax.serve.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
   source = build_dataset(config, split or config.data.eval_split)
   predict = make_predict_fn(build_model(config))
   return evaluate_model(predict, variables, source, config=config, **kwargs)

@@ -35,7 +35,7 @@ from ddq_jax.losses.dense_aux import dense_aux_loss
 from ddq_jax.losses.dn_loss import dn_assignment
 from ddq_jax.losses.hungarian import hungarian_match_batched
 from ddq_jax.losses.set_loss import distinct_match_cost, set_loss
-from ddq_jax.models.outputs import DetectorOutputs
+from ddq_jax.model.outputs import DetectorOutputs
 
 
 def layer_distinct_masks(distinct_masks, *, num_layers: int, num_queries: int,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ddq_jax.models.outputs import DenoisingTargets
+from ddq_jax.model.outputs import DenoisingTargets
 
 
 def dn_assignment(denoising: DenoisingTargets, *, lead):

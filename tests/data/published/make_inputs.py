@@ -80,8 +80,8 @@ def main():
     with open(os.path.join(d, 'init.json'), 'w') as f:
       json.dump(init, f, indent=1)
   if a.weights:
-    from ddq_jax.conversion.export import to_reference_names
-    from ddq_jax.verify import init_weights
+    from ddq_jax.io.conversion.export import to_reference_names
+    from ddq_jax.parity.verify import init_weights
     variables, _ = init_weights(os.path.join(HERE, f'{a.variant}_coco',
                                              'init.json'))
     with open(os.path.join(HERE, '..', manifest_name)) as f:

@@ -1,0 +1,55 @@
+"""Backbone selection from the config: ``config.backbone.type``.
+
+    'resnet' -> ``backbone.ResNet`` (mmdet ResNet, style 'pytorch')
+    'swin'   -> ``swin.SwinTransformer`` (mmdet SwinTransformer)
+
+Both take (B, H, W, 3) NHWC images and return a list of NHWC maps, one per
+``out_indices``; the neck and everything above do not depend on the type.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+
+BACKBONE_TYPES = ('resnet', 'swin')
+
+
+def backbone_type(config) -> str:
+  """The config's backbone type (default 'resnet'), checked."""
+  kind = str(config.backbone.get('type', 'resnet')).lower()
+  if kind not in BACKBONE_TYPES:
+    raise ValueError(f'config.backbone.type {kind!r}: expected one of '
+                     f'{BACKBONE_TYPES}')
+  return kind
+
+
+def build_backbone(config) -> nn.Module:
+  """The backbone module of ``config`` (unbound; the detector names it
+  ``backbone``)."""
+  if backbone_type(config) == 'swin':
+    from ddq_jax.model.swin import SwinTransformer
+    return SwinTransformer.from_config(config)
+  from ddq_jax.model.resnet import ResNet
+  return ResNet.from_config(config)
+
+
+def backbone_out_channels(config) -> tuple[int, ...]:
+  """Channels of the backbone's outputs (the neck's ``in_channels``)."""
+  b = config.backbone
+  if backbone_type(config) == 'swin':
+    from ddq_jax.model.swin import swin_out_channels
+    return swin_out_channels(embed_dims=int(b.embed_dims),
+                             out_indices=tuple(b.out_indices))
+  from ddq_jax.model.resnet import resnet_out_channels
+  return resnet_out_channels(depth=int(b.depth),
+                             base_channels=int(b.base_channels),
+                             out_indices=tuple(b.out_indices))
+
+
+def supports_padding_invariance(config) -> bool:
+  """Whether the backbone can zero activations outside each image's extent
+  (``config.padding_invariant``).  ResNet can; Swin's shifted windows would
+  also need per-image attention masks from the extents, which it does not
+  build yet, so a Swin model runs with the reference's batched padding."""
+  return backbone_type(config) == 'resnet'

@@ -1,0 +1,386 @@
+"""DDQ-DETR: the root Flax module that assembles every part.
+
+Reference: mmdet 3.3.0 ``detectors/ddq_detr.py`` (over DINO / DeformableDETR
+/ DetectionTransformer).  Submodules carry the torch names (backbone, neck,
+encoder, decoder, bbox_head, memory_trans_fc, memory_trans_norm, query_map,
+dn_query_generator, param level_embed) so a converted checkpoint applies
+directly: ``model.apply(variables, images, pad_mask, ...)``.
+
+Flow (``__call__``): backbone -> neck -> multi-scale flatten (+ sine pos +
+level embed, masks, valid ratios) -> deformable encoder -> pre_decoder
+(two-stage proposals, class-agnostic NMS picks ``num_queries`` distinct
+queries; in training also the dense top-k and the denoising queries) ->
+DDQ decoder (per-layer distinct-query NMS) -> head forward -> (inference)
+post-processing.  Returns a ``models.outputs.DetectorOutputs``; the parity
+intermediates go to the ``'intermediates'`` collection (``sow``) under the
+reference fixtures' names, for callers that apply with
+``mutable=['intermediates']``.
+
+Padding invariance (``config.padding_invariant``, inference only unless
+asked for explicitly): each image's own extent is taken from ``pad_mask``
+(top-left placement), the backbone zeroes activations outside it before
+every space-mixing layer, the neck's GroupNorm counts only the extent,
+level masks come from the unpadded map sizes, and padded positions do not
+enter the encoder's top-k / NMS; an image on any canvas then gives its
+batch-1 unpadded result (see docs/PADDING.md).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ddq_jax.model.backbones import build_backbone, supports_padding_invariance
+from ddq_jax.model.decoder import LN_EPS, DDQDecoder
+from ddq_jax.model.denoising import CdnQueryGenerator
+from ddq_jax.model.encoder import DeformableEncoder
+from ddq_jax.model.head import DDQHead
+from ddq_jax.model import initializers as inits
+from ddq_jax.model.extents import extent_valid, image_extents
+from ddq_jax.model.multiscale import level_masks_from_extents, prepare_multiscale_inputs
+from ddq_jax.model.neck import ChannelMapper
+from ddq_jax.model import outputs as O
+from ddq_jax.model.postprocess import predict_by_feat
+from ddq_jax.model import query_selection
+from ddq_jax.model.proposals import gen_encoder_output_proposals
+
+
+INTERMEDIATES = 'intermediates'
+
+
+def _nhwc_to_nchw(x):
+  return jnp.transpose(x, (0, 3, 1, 2))
+
+
+def _keep_last(_, value):
+  """``sow`` reduce: store the value itself (not a tuple of calls)."""
+  return value
+
+
+class DDQDETR(nn.Module):
+  """The whole detector.  ``config``: an ml_collections config (tiny.py,
+  ddq_r50_4scale.py); every size comes from it."""
+  config: Any
+
+  def setup(self):
+    c = self.config
+    self.backbone = build_backbone(c)
+    self.neck = ChannelMapper.from_config(c)
+    self.encoder = DeformableEncoder.from_config(c)
+    self.decoder = DDQDecoder.from_config(c)
+    self.bbox_head = DDQHead.from_config(c)
+    # Init as DDQDETR.init_weights: memory_trans_fc weight xavier_uniform
+    # (bias torch default); query_map is never re-initialised (torch
+    # default Linear); level_embed normal_; the rest in the submodules.
+    self.memory_trans_fc = nn.Dense(
+        c.embed_dims, kernel_init=inits.xavier_uniform,
+        bias_init=inits.torch_linear_bias(c.embed_dims))
+    self.memory_trans_norm = nn.LayerNorm(epsilon=LN_EPS)
+    self.query_map = nn.Dense(
+        c.embed_dims, kernel_init=inits.torch_linear_kernel,
+        bias_init=inits.torch_linear_bias(c.embed_dims))
+    self.dn_query_generator = CdnQueryGenerator(
+        num_classes=c.num_classes, embed_dims=c.embed_dims,
+        num_dn_queries=c.dn.num_dn_queries,
+        label_noise_scale=c.dn.label_noise_scale,
+        box_noise_scale=c.dn.box_noise_scale)
+    self.level_embed = self.param('level_embed', inits.normal_std1,
+                                  (c.num_levels, c.embed_dims))
+
+  def record(self, **tensors) -> None:
+    """Sows parity intermediates under the fixtures' names (a no-op unless
+    the caller made ``'intermediates'`` mutable)."""
+    for name, value in tensors.items():
+      self.sow(INTERMEDIATES, name, value, reduce_fn=_keep_last,
+               init_fn=lambda: None)
+
+  @property
+  def num_dense_queries(self) -> int:
+    return query_selection.num_dense_queries(
+        num_queries=self.config.num_queries,
+        dense_topk_ratio=self.config.dense_topk_ratio)
+
+  # ---- stages ------------------------------------------------------------
+  def level_strides(self) -> tuple[int, ...]:
+    """Stride of every transformer level: the backbone outputs', then x2
+    per extra neck level."""
+    strides = list(self.backbone.out_strides)
+    while len(strides) < self.config.num_levels:
+      strides.append(strides[-1] * 2)
+    return tuple(strides)
+
+  def forward_encoder(self, images: jnp.ndarray, pad_mask: jnp.ndarray, *,
+                      invariant: bool = False) -> dict:
+    """Backbone, neck, flatten, encoder: the multi-scale inputs + memory.
+    ``invariant``: padding-invariant mode."""
+    masks = None
+    if invariant:
+      extents = image_extents(pad_mask)
+      strides = self.level_strides()
+      feats = self.backbone(images, extents)
+      neck = self.neck(feats, lambda lvl, shape: extent_valid(
+          extents, stride=strides[lvl], shape=shape))
+      masks = level_masks_from_extents(
+          extents, strides=strides,
+          spatial_shapes=[f.shape[1:3] for f in neck])
+    else:
+      feats = self.backbone(images)
+      neck = self.neck(feats)
+    self.record(**{f'backbone_feat_{i}': _nhwc_to_nchw(f)
+                   for i, f in enumerate(feats)})
+    self.record(**{f'neck_feat_{i}': _nhwc_to_nchw(f)
+                   for i, f in enumerate(neck)})
+    ms = prepare_multiscale_inputs(
+        neck, pad_mask=pad_mask, level_embed=self.level_embed,
+        temperature=self.config.pos_temperature,
+        offset=self.config.pos_offset, masks=masks)
+    memory = self.encoder(
+        ms.feat_flatten, query_pos=ms.lvl_pos_embed_flatten,
+        key_padding_mask=ms.mask_flatten, spatial_shapes=ms.spatial_shapes,
+        valid_ratios=ms.valid_ratios)
+    self.record(feat_mask=ms.mask_flatten, feat_pos=ms.lvl_pos_embed_flatten,
+                valid_ratios=ms.valid_ratios, memory_mask=ms.mask_flatten,
+                memory=memory,
+                spatial_shapes=jnp.asarray(ms.spatial_shapes, jnp.int32),
+                level_start_index=jnp.asarray(ms.level_start_index,
+                                              jnp.int32))
+    return dict(memory=memory, memory_mask=ms.mask_flatten,
+                spatial_shapes=ms.spatial_shapes,
+                valid_ratios=ms.valid_ratios)
+
+  def encoder_outputs(self, memory, memory_mask, spatial_shapes):
+    """gen_encoder_output_proposals + memory_trans_fc/norm."""
+    output_memory, output_proposals = gen_encoder_output_proposals(
+        memory, memory_mask=memory_mask, spatial_shapes=spatial_shapes)
+    output_memory = self.memory_trans_norm(self.memory_trans_fc(output_memory))
+    self.record(output_memory=output_memory,
+                output_proposals=output_proposals)
+    return output_memory, output_proposals
+
+  def run_decoder(self, query, reference_points, enc, *,
+                  layout: O.QueryLayout, self_attn_mask=None,
+                  semantics=None, invariant=False):
+    """The decoder with the head's branches, then the head forward:
+    (cls_logits (L, B, Q, K), boxes (L, B, Q, 4), distinct masks)."""
+    num_dense = layout.num_dense
+    dec = self.decoder(
+        query, value=enc['memory'], key_padding_mask=enc['memory_mask'],
+        self_attn_mask=self_attn_mask, reference_points=reference_points,
+        spatial_shapes=enc['spatial_shapes'],
+        valid_ratios=enc['valid_ratios'], reg_fn=self.bbox_head.reg,
+        cls_fn=self.bbox_head.cls,
+        aux_reg_fn=self.bbox_head.aux_reg if num_dense else None,
+        dis_start=layout.num_dn, num_dis=layout.num_distinct,
+        num_dense=num_dense, distinct_mask_semantics=semantics,
+        image_normalized_pos=invariant)
+    cls, box = self.bbox_head(dec['hidden_states'], dec['references'],
+                              num_dense=num_dense)
+    self.record(hidden_states=dec['hidden_states'],
+                references=dec['references'], all_layers_cls_scores=cls,
+                all_layers_bbox_preds=box)
+    for l in range(dec['distinct_keep'].shape[0]):
+      self.record(**{f'distinct_keep_{l}': dec['distinct_keep'][l],
+                     f'head_query_mask_{l}': dec['head_query_mask'][l]})
+    return cls, box, dec['head_query_mask']
+
+  # ---- pre_decoder -------------------------------------------------------
+  def encoder_branches(self, output_memory, output_proposals, *,
+                       dense: bool = False):
+    """Encoder-level branch outputs: (class logits, coords unact) from
+    branch L (distinct) or L + 1 (dense)."""
+    i = self.config.num_decoder_layers + (1 if dense else 0)
+    return (self.bbox_head.cls(i, output_memory),
+            self.bbox_head.reg(i, output_memory) + output_proposals)
+
+  def select_distinct(self, memory, output_memory, output_proposals, *,
+                      valid=None):
+    """Inference ``pre_decoder``: the encoder heads score every position,
+    class-agnostic NMS keeps the first ``num_queries`` survivors
+    (zero-padded); content = query_map(memory) at those positions.
+    ``valid`` (B, N) bool: positions allowed in (default all, as the
+    reference's batched padding)."""
+    c = self.config
+    enc_class, enc_coord_unact = self.encoder_branches(output_memory,
+                                                       output_proposals)
+    sel = query_selection.pre_decoder(
+        enc_class, enc_coord_unact, memory, query_map=self.query_map,
+        num_queries=c.num_queries, iou_threshold=c.nms_iou_threshold,
+        pre_topk=c.nms_pre_topk, valid=valid)
+    self.record(topk_indices=sel['topk_indices'],
+                num_kept_after_nms=sel['num_kept_after_nms'],
+                nms_cut=sel['nms_cut'],
+                decoder_query_in=sel['query'],
+                decoder_reference_in=sel['reference_points'])
+    return sel
+
+  def training_queries(self, memory, output_memory, output_proposals, *,
+                       gt_boxes, gt_labels, gt_valid, img_shapes,
+                       dn_inject=None, dn_rng=None, valid=None):
+    """Training ``pre_decoder``: distinct (NMS) + dense (top-k by score)
+    encoder queries, the denoising queries in front, and the full
+    self-attention mask [dn (D static slots) | distinct | dense].
+
+    Returns (query, reference_points, self_attn_mask, layout, encoder
+    predictions, denoising targets)."""
+    c = self.config
+    num_dense = min(self.num_dense_queries, memory.shape[1])
+    enc_class, enc_unact = self.encoder_branches(output_memory,
+                                                 output_proposals)
+    dense_class, dense_unact = self.encoder_branches(
+        output_memory, output_proposals, dense=True)
+    inject = dn_inject or {}
+    dn = self.dn_query_generator(
+        gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
+        img_shapes=img_shapes, num_matching_queries=c.num_queries,
+        num_dense_queries=num_dense, rng=dn_rng,
+        injected_label_ids=inject.get('label_ids'),
+        injected_reference_points=inject.get('reference_points'))
+    sel = query_selection.pre_decoder(
+        enc_class, enc_unact, memory, query_map=self.query_map,
+        num_queries=c.num_queries, iou_threshold=c.nms_iou_threshold,
+        pre_topk=c.nms_pre_topk, dense_enc_outputs_class=dense_class,
+        dense_enc_outputs_coord_unact=dense_unact,
+        dense_topk_ratio=c.dense_topk_ratio,
+        dn_label_query=dn['dn_label_query'],
+        dn_bbox_query=dn['dn_bbox_query'], valid=valid)
+    meta = dn['dn_meta']
+    layout = O.QueryLayout(num_dn=int(meta['num_dn_slots']),
+                           num_distinct=int(c.num_queries),
+                           num_dense=num_dense)
+    encoder = O.EncoderPredictions(
+        cls_logits=sel['enc_outputs_class'],
+        boxes=sel['enc_outputs_coord'],
+        dense_cls_logits=sel['aux_enc_outputs_class'],
+        dense_boxes=sel['aux_enc_outputs_coord'])
+    denoising = O.DenoisingTargets.from_layout(meta)
+    self.record(
+        topk_indices=sel['topk_indices'],
+        num_kept_after_nms=sel['num_kept_after_nms'],
+        nms_cut=sel['nms_cut'],
+        dense_topk_indices=sel['dense_topk_indices'],
+        decoder_query_in=sel['query'],
+        decoder_reference_in=sel['reference_points'],
+        self_attn_mask_in=dn['attn_mask'],
+        head_in_enc_outputs_class=encoder.cls_logits,
+        head_in_enc_outputs_coord=encoder.boxes,
+        head_in_aux_enc_outputs_class=encoder.dense_cls_logits,
+        head_in_aux_enc_outputs_coord=encoder.dense_boxes,
+        dn_meta_num_denoising_queries=denoising.num_queries,
+        dn_meta_num_denoising_groups=denoising.num_groups,
+        dn_meta_num_dense_queries=jnp.asarray(num_dense, jnp.int32))
+    return (sel['query'], sel['reference_points'], dn['attn_mask'], layout,
+            encoder, denoising, sel['nms_cut'])
+
+  # ---- entry points ------------------------------------------------------
+  def __call__(self, images: jnp.ndarray, pad_mask: jnp.ndarray, *,
+               img_shapes: Optional[jnp.ndarray] = None,
+               scale_factors: Optional[jnp.ndarray] = None,
+               train: bool = False, gt_boxes=None, gt_labels=None,
+               gt_valid=None, dn_inject: Optional[dict] = None,
+               dn_rng: Optional[jax.Array] = None,
+               semantics: Optional[str] = None,
+               padding_invariant: Optional[bool] = None
+               ) -> O.DetectorOutputs:
+    """Inference (``train=False``) or the training forward.
+
+    Args:
+      images: (B, H, W, 3) float32 normalised RGB, NHWC.
+      pad_mask: (B, H, W) bool, True = padding.
+      img_shapes: (B, 2) real (h, w) of each image on the canvas; scale_factors
+        (B, 2) (w, h) of img_shapes over the original image.  Inference:
+        given img_shapes, the output has ``detections`` (in original-image
+        pixels when scale_factors is given, else in img_shapes pixels).
+        Training: img_shapes normalises the ground truth.
+      train: training forward (dense + denoising queries).
+      gt_boxes (B, G, 4) xyxy pixels, gt_labels (B, G) int, gt_valid (B, G)
+        bool: padded ground truth (training).
+      dn_inject: optional injected denoising queries (the reference's slot
+        layout): {'label_ids' (B, D), 'reference_points' (B, D, 4)};
+        otherwise noise is drawn from ``dn_rng``.
+      semantics: override config.distinct_mask_semantics ('row0' /
+        'kept_set').
+      padding_invariant: override; default ``config.padding_invariant``
+        for inference and the reference's batched padding for training.
+
+    Returns:
+      ``DetectorOutputs``.  Inference: the distinct block only, and
+      ``detections``; training: [dn | distinct | dense] with ``encoder`` and
+      ``denoising`` filled.
+    """
+    invariant = padding_invariant
+    if invariant is None:
+      # A config written before the switch existed gets the default (on).
+      invariant = (not train and bool(self.config.get('padding_invariant',
+                                                      True))
+                   and supports_padding_invariance(self.config))
+    elif invariant and not supports_padding_invariance(self.config):
+      raise ValueError(f'padding_invariant=True: backbone type '
+                       f'{self.config.backbone.get("type", "resnet")!r} does '
+                       'not support padding-invariant inference yet')
+    enc = self.forward_encoder(images, pad_mask, invariant=invariant)
+    output_memory, output_proposals = self.encoder_outputs(
+        enc['memory'], enc['memory_mask'], enc['spatial_shapes'])
+    valid = ~enc['memory_mask'] if invariant else None
+    if not train:
+      sel = self.select_distinct(enc['memory'], output_memory,
+                                 output_proposals, valid=valid)
+      layout = O.QueryLayout(num_distinct=int(self.config.num_queries))
+      cls, box, masks = self.run_decoder(
+          sel['query'], sel['reference_points'], enc, layout=layout,
+          semantics=semantics, invariant=invariant)
+      out = O.DetectorOutputs(cls_logits=cls, boxes=box,
+                              distinct_masks=masks, layout=layout,
+                              encoder_nms_cut=sel['nms_cut'])
+      if img_shapes is not None:  # scale_factors None: no rescale
+        out = out.replace(detections=postprocess(
+            self.config, out, img_shapes, scale_factors))
+        d = out.detections
+        self.record(det_bboxes=d.boxes, det_scores=d.scores,
+                    det_labels=d.labels, det_valid=d.valid)
+      return out
+    missing = [n for n, x in (('gt_boxes', gt_boxes), ('gt_labels', gt_labels),
+                              ('gt_valid', gt_valid),
+                              ('img_shapes', img_shapes)) if x is None]
+    if missing:
+      raise ValueError(f'train=True needs {missing} (padded ground truth '
+                       'and the real (h, w) of each image)')
+    (query, refs, attn_mask, layout, encoder, denoising,
+     nms_cut) = self.training_queries(
+        enc['memory'], output_memory, output_proposals,
+        gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
+        img_shapes=img_shapes, dn_inject=dn_inject, dn_rng=dn_rng,
+        valid=valid)
+    cls, box, masks = self.run_decoder(query, refs, enc, layout=layout,
+                                       self_attn_mask=attn_mask,
+                                       semantics=semantics,
+                                       invariant=invariant)
+    return O.DetectorOutputs(cls_logits=cls, boxes=box, distinct_masks=masks,
+                             layout=layout, encoder=encoder,
+                             denoising=denoising, encoder_nms_cut=nms_cut)
+
+
+def postprocess(config, out: O.DetectorOutputs, img_shapes,
+                scale_factors) -> O.Detections:
+  """Detections from the last decoder layer (``models/postprocess.py``),
+  over the distinct queries of the head's last distinct mask."""
+  masks = out.distinct_masks
+  sl = out.layout.distinct
+  return predict_by_feat(
+      out.cls_logits[-1][:, sl], out.boxes[-1][:, sl],
+      query_mask=masks[-1] if masks.shape[0] else None,
+      img_shapes=img_shapes, scale_factors=scale_factors,
+      max_per_img=config.max_per_img)
+
+
+def build_model(config) -> DDQDETR:
+  """The detector for a config (``ddq_jax.config.load_config(...)``)."""
+  if config.get('padding_invariant', True) and not \
+      supports_padding_invariance(config):
+    logging.getLogger('ddq_jax.model').warning(
+        'padding_invariant is on, but the %s backbone does not support it '
+        'yet: inference uses the reference\'s batched padding (evaluate at '
+        'batch 1 for the reference\'s numbers)', config.backbone.get('type'))
+  return DDQDETR(config)

@@ -1,0 +1,497 @@
+"""Swin Transformer backbone: mmdet 3.3.0 ``backbones/swin.py``.
+
+The reference as DDQ-DETR's Swin-L setting uses it (patch size 4, strides
+(4, 2, 2, 2), LayerNorm eps 1e-5, exact-erf GELU, no absolute position
+embedding), with mmcv's FFN / DropPath semantics.  NHWC in, a list of NHWC
+maps out (one per ``out_indices``, after that stage's ``norm{i}``).
+
+Module tree (the torch names under the naming rule, so a converted
+checkpoint loads as is):
+
+    patch_embed/{projection, norm}
+    stages_{i}/blocks_{j}/{norm1, attn/w_msa/{qkv, proj,
+        relative_position_bias_table}, norm2, ffn/{layers_0_0, layers_1}}
+    stages_{i}/downsample/{norm, reduction}      (i < num_stages - 1)
+    norm{i}                                      (i in out_indices)
+
+What the reference does and this reproduces:
+  * PatchEmbed pads the image bottom/right with zeros to a multiple of the
+    patch size (AdaptivePadding 'corner'), conv k=s=4, then LayerNorm.
+  * Each block pads its (normed) map bottom/right with zeros to whole
+    windows; the padded tokens take part in the attention as keys (no mask
+    hides them), and are cropped afterwards.
+  * Odd blocks shift by window // 2 (cyclic roll) with the -100 attention
+    mask of the shifted regions, computed on the padded map.
+  * PatchMerging pads to even sizes, gathers 2x2 neighbours in nn.Unfold's
+    channel order (c * 4 + kh * 2 + kw), LayerNorm(4C), Linear(4C, 2C)
+    without bias.
+  * Stochastic depth: rate ``linspace(0, drop_path_rate, sum(depths))`` per
+    block, once on the attention branch and once on the FFN branch, per
+    sample, ``x / keep * floor(keep + U)``.  Dropout and drop-path are active
+    only in training: when the module is applied with a ``'dropout'`` rng
+    (Flax's convention); without one (evaluation, ``init``) they are off.
+  * Frozen stages (``frozen_stages`` = k >= 0): patch_embed, stages 0..k-1
+    and their output norms get no gradient (stop_gradient) and run in eval
+    mode (no drop-path), as ``_freeze_stages`` sets ``requires_grad=False``
+    and ``.eval()``.  ``is_frozen_param`` names them for the optimiser.
+
+Memory and compile time (no change to the numbers): ``train.remat.backbone``
+re-materialises each trainable block; ``train.scan_layers`` scans each
+stage's (regular, shifted) block pairs (``SwinBlockPair``; stage 3 of
+Swin-L: 9 pairs traced once).  The window geometry is in swin_windows.py.
+
+Init (``init_cfg=None``): Linear weights truncated normal std 0.02 and
+biases 0, LayerNorm 1 / 0, the relative position bias tables zeros (the
+reference never re-initialises them: its ``init_weights`` does not recurse),
+the patch-embedding conv torch's default.  A real run loads the ImageNet
+weights over this (``train.init_from``, ``ddq_jax/io/conversion/swin.py``).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddq_jax.model import remat as remat_lib
+from ddq_jax.model.drop_path import drop_path, drop_path_rates
+from ddq_jax.model.swin_windows import pad_bottom_right, relative_position_index, shifted_window_mask, unfold_2x2, window_partition, window_reverse
+
+LN_EPS = 1e-5  # mmcv build_norm_layer(dict(type='LN')): torch's default
+# A stage scans its block pairs when it has at least this many: in a scan
+# the remat of a pair holds on XLA:CPU (unrolled, XLA overlaps the
+# recomputed forward passes: measured, benchmarks/RESULTS.md "Swin-L").
+MIN_SCANNED_PAIRS = 1
+_DROP_RNG = 'dropout'
+
+_trunc_normal_02 = nn.initializers.truncated_normal(0.02, lower=-100.0,
+                                                    upper=100.0)
+# torch Conv2d default: kaiming_uniform(a=sqrt(5)) -> U(+-1/sqrt(fan_in)).
+_torch_conv_kernel = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in',
+                                                      'uniform')
+
+
+def _torch_conv_bias(fan_in: int):
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def _layer_norm(name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name)
+
+
+def _dense(features: int, name: str, use_bias: bool = True) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, kernel_init=_trunc_normal_02,
+                  bias_init=nn.initializers.zeros, name=name)
+
+
+# ---------------------------------------------------------------- pure parts
+def swin_out_channels(*, embed_dims: int, out_indices: Sequence[int]
+                      ) -> tuple[int, ...]:
+  """Channels of the backbone's outputs (the neck's ``in_channels``)."""
+  return tuple(int(embed_dims * 2**i) for i in out_indices)
+
+
+def is_frozen_param(names: Sequence[str], *, frozen_stages: int) -> bool:
+  """Does the backbone parameter at ``names`` (its path below ``backbone``)
+  have ``requires_grad=False`` under the reference's ``_freeze_stages``?"""
+  if frozen_stages < 0 or not names:
+    return False
+  head = names[0]
+  if head in ('patch_embed', 'absolute_pos_embed'):
+    return True
+  m = re.match(r'^(?:stages_|norm)(\d+)$', head)
+  return bool(m) and int(m.group(1)) < frozen_stages
+
+
+# ------------------------------------------------------------------ modules
+class WindowMSA(nn.Module):
+  """Window multi-head self-attention with the relative position bias."""
+  embed_dims: int
+  num_heads: int
+  window_size: int
+  qkv_bias: bool = True
+  qk_scale: float = 0.0   # 0 (or None): head_dim ** -0.5, as the reference
+  attn_drop_rate: float = 0.0
+  proj_drop_rate: float = 0.0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    """x (B*nW, N, C); mask (nW, N, N) additive or None -> (B*nW, N, C)."""
+    bn, n, c = x.shape
+    h = self.num_heads
+    w = self.window_size
+    table = self.param('relative_position_bias_table', nn.initializers.zeros,
+                       ((2 * w - 1) * (2 * w - 1), h), jnp.float32)
+    qkv = _dense(3 * c, 'qkv', self.qkv_bias)(x)
+    qkv = qkv.reshape(bn, n, 3, h, c // h).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    scale = self.qk_scale or (c // h) ** -0.5
+    attn = jnp.einsum('bhnd,bhmd->bhnm', q * scale, k)
+    index = relative_position_index(w).reshape(-1)
+    bias = table[index].reshape(n, n, h).transpose(2, 0, 1)
+    attn = attn + bias[None].astype(attn.dtype)
+    if mask is not None:
+      nw = mask.shape[0]
+      attn = attn.reshape(bn // nw, nw, h, n, n) + jnp.asarray(
+          mask, attn.dtype)[None, :, None]
+      attn = attn.reshape(bn, h, n, n)
+    attn = jax.nn.softmax(attn, axis=-1)
+    attn = nn.Dropout(self.attn_drop_rate, deterministic=self.deterministic,
+                      rng_collection=_DROP_RNG)(attn)
+    out = jnp.einsum('bhnm,bhmd->bnhd', attn, v).reshape(bn, n, c)
+    out = _dense(c, 'proj')(out)
+    return nn.Dropout(self.proj_drop_rate, deterministic=self.deterministic,
+                      rng_collection=_DROP_RNG)(out)
+
+
+class _WindowAttentionOptions(nn.Module, kw_only=True):
+  """The attributes a Swin stage hands on to its blocks, and a block to its
+  ShiftWindowMSA."""
+  embed_dims: int
+  num_heads: int
+  window_size: int = 7
+  qkv_bias: bool = True
+  qk_scale: float = 0.0
+  attn_drop_rate: float = 0.0
+  deterministic: bool = True
+
+  def window_attention_options(self) -> dict:
+    """These attributes as keyword arguments."""
+    return dict(embed_dims=self.embed_dims, num_heads=self.num_heads,
+                window_size=self.window_size, qkv_bias=self.qkv_bias,
+                qk_scale=self.qk_scale, attn_drop_rate=self.attn_drop_rate,
+                deterministic=self.deterministic)
+
+
+class _SwinBlockOptions(_WindowAttentionOptions, kw_only=True):
+  """The attributes a Swin stage hands on to each of its blocks."""
+  feedforward_channels: int
+  drop_rate: float = 0.0
+
+  def swin_block_options(self) -> dict:
+    """These attributes as keyword arguments."""
+    return dict(self.window_attention_options(),
+                feedforward_channels=self.feedforward_channels,
+                drop_rate=self.drop_rate)
+
+
+class ShiftWindowMSA(_WindowAttentionOptions, kw_only=True):
+  """(S)W-MSA on a (B, H, W, C) map, with window padding and drop-path."""
+  shift_size: int = 0
+  proj_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, drop_path_rate=None):
+    """x (B, H, W, C); ``drop_path_rate`` (traced scalar) overrides the
+    attribute (a scanned block's rate)."""
+    b, h, w, c = x.shape
+    ws, s = self.window_size, self.shift_size
+    if not 0 <= s < ws:
+      raise ValueError(f'shift_size {s} must be in [0, window {ws})')
+    x = pad_bottom_right(x, ws)
+    h_pad, w_pad = x.shape[1], x.shape[2]
+    mask = None
+    if s > 0:
+      x = jnp.roll(x, shift=(-s, -s), axis=(1, 2))
+      mask = shifted_window_mask(h_pad, w_pad, window=ws, shift=s)
+    windows = window_partition(x, ws).reshape(-1, ws * ws, c)
+    windows = WindowMSA(
+        embed_dims=self.embed_dims, num_heads=self.num_heads, window_size=ws,
+        qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
+        attn_drop_rate=self.attn_drop_rate,
+        proj_drop_rate=self.proj_drop_rate, deterministic=self.deterministic,
+        name='w_msa')(windows, mask)
+    x = window_reverse(windows.reshape(-1, ws, ws, c), h_pad, w_pad)
+    if s > 0:
+      x = jnp.roll(x, shift=(s, s), axis=(1, 2))
+    x = x[:, :h, :w, :]
+    rng = None if self.deterministic else self.make_rng(_DROP_RNG)
+    rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+    return drop_path(x, rate=rate, rng=rng)
+
+
+class SwinFFN(nn.Module):
+  """mmcv FFN(num_fcs=2, GELU, add_identity) with DropPath on the branch."""
+  embed_dims: int
+  feedforward_channels: int
+  ffn_drop: float = 0.0
+  drop_path_rate: float = 0.0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, identity, drop_path_rate=None):
+    drop = lambda y: nn.Dropout(self.ffn_drop, deterministic=self.deterministic,
+                                rng_collection=_DROP_RNG)(y)
+    out = _dense(self.feedforward_channels, 'layers_0_0')(x)
+    out = drop(jax.nn.gelu(out, approximate=False))
+    out = drop(_dense(self.embed_dims, 'layers_1')(out))
+    rng = None if self.deterministic else self.make_rng(_DROP_RNG)
+    rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+    return identity + drop_path(out, rate=rate, rng=rng)
+
+
+class SwinBlock(_SwinBlockOptions, kw_only=True):
+  """norm1 -> (S)W-MSA -> + x -> norm2 -> FFN -> + x, on (B, H, W, C)."""
+  shift: bool = False
+  drop_path_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, drop_path_rate=None):
+    """x (B, H, W, C) -> (B, H, W, C); ``drop_path_rate`` (traced scalar)
+    overrides the attribute (a scanned block's rate)."""
+    identity = x
+    x = _layer_norm('norm1')(x)
+    x = ShiftWindowMSA(
+        **self.window_attention_options(),
+        shift_size=self.window_size // 2 if self.shift else 0,
+        proj_drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate,
+        name='attn')(x, drop_path_rate)
+    x = x + identity
+    return SwinFFN(
+        embed_dims=self.embed_dims,
+        feedforward_channels=self.feedforward_channels,
+        ffn_drop=self.drop_rate, drop_path_rate=self.drop_path_rate,
+        deterministic=self.deterministic, name='ffn')(_layer_norm('norm2')(x),
+                                                      x, drop_path_rate)
+
+
+class SwinBlockPair(_SwinBlockOptions, kw_only=True):
+  """A regular block then a shifted one (a stage's blocks 2k and 2k + 1),
+  their drop-path rates traced: the unit a stage scans.  Its parameters
+  ``{'regular': blocks_{2k}, 'shifted': blocks_{2k+1}}`` are assembled
+  from the stage's on the fly (``pair_params``), so the checkpoint layout
+  does not change."""
+
+  @nn.compact
+  def __call__(self, x, rates):
+    """x (B, H, W, C), rates (2,) float32 -> (B, H, W, C)."""
+    opts = self.swin_block_options()
+    x = SwinBlock(**opts, shift=False, name='regular')(x, rates[0])
+    return SwinBlock(**opts, shift=True, name='shifted')(x, rates[1])
+
+
+def pair_params(params, num_pairs: int) -> dict:
+  """A stage's ``blocks_{j}`` parameters regrouped as ``pair_{k}``:
+  {'regular': blocks_{2k}, 'shifted': blocks_{2k+1}} (no copy)."""
+  return {f'pair_{k}': {'regular': params[f'blocks_{2 * k}'],
+                        'shifted': params[f'blocks_{2 * k + 1}']}
+          for k in range(num_pairs)}
+
+
+class PatchMerging(nn.Module):
+  """2x2 unfold (padding to even sizes) -> LayerNorm(4C) -> Linear(2C)."""
+  out_channels: int
+  patch_norm: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    x = unfold_2x2(pad_bottom_right(x, 2))
+    if self.patch_norm:
+      x = _layer_norm('norm')(x)
+    return _dense(self.out_channels, 'reduction', use_bias=False)(x)
+
+
+class PatchEmbed(nn.Module):
+  """Zero pad to the patch size -> conv k=s=patch -> LayerNorm."""
+  embed_dims: int
+  patch_size: int = 4
+  patch_norm: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.patch_size
+    fan_in = p * p * x.shape[-1]
+    x = pad_bottom_right(x, p)
+    x = nn.Conv(self.embed_dims, (p, p), strides=(p, p), padding='VALID',
+                kernel_init=_torch_conv_kernel,
+                bias_init=_torch_conv_bias(fan_in), name='projection')(x)
+    if self.patch_norm:
+      x = _layer_norm('norm')(x)
+    return x
+
+
+class SwinStage(_SwinBlockOptions, kw_only=True):
+  """SwinBlockSequence: ``depth`` blocks (odd ones shifted), then the
+  optional PatchMerging.  Returns (input of the next stage, this stage's
+  output before its norm).
+
+  ``remat`` ('none' | 'minimal' | 'full', models/remat.py) re-materialises
+  each block (each scanned pair) in the backward pass.  ``scan``: the
+  (regular, shifted) pairs are one ``lax.scan`` over their stacked
+  parameters (a block pair traced once; an odd last block stays unrolled).
+  Neither changes the numbers beyond float32 rounding.
+  """
+  depth: int
+  drop_path_rates: Sequence[float] = ()
+  downsample: bool = True
+  patch_norm: bool = True
+  remat: str = 'none'
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    policy = remat_lib.checkpoint_policy(self.remat)
+    block_cls = SwinBlock
+    if self.remat != 'none':
+      block_cls = nn.remat(SwinBlock, policy=policy)
+    rates = tuple(self.drop_path_rates) or (0.0,) * self.depth
+    num_pairs = self.depth // 2
+    start = 0
+    if (self.scan and num_pairs >= MIN_SCANNED_PAIRS
+        and not self.is_initializing()):
+      start = 2 * num_pairs
+      rngs = None
+      if not self.deterministic:
+        rngs = {_DROP_RNG: self.make_rng(_DROP_RNG)}
+      x = remat_lib.scan_layer_params(
+          SwinBlockPair(**self.swin_block_options()), x, (),
+          pair_params(self.variables['params'], num_pairs),
+          names=[f'pair_{k}' for k in range(num_pairs)],
+          policy=policy, remat=self.remat != 'none',
+          per_layer=(np.asarray(rates[:start], np.float32).reshape(
+              num_pairs, 2),), rngs=rngs)
+    for j in range(start, self.depth):
+      x = block_cls(**self.swin_block_options(), shift=j % 2 == 1,
+                    drop_path_rate=rates[j], name=f'blocks_{j}')(x)
+    if not self.downsample:
+      return x, x
+    down = PatchMerging(2 * self.embed_dims, self.patch_norm,
+                        name='downsample')(x)
+    return down, x
+
+
+class SwinTransformer(nn.Module):
+  """mmdet SwinTransformer (patch size 4, strides (4, 2, 2, 2)).
+
+  Attributes mirror the reference's arguments; ``frozen_stages`` -1 freezes
+  nothing.  ``with_cp`` re-materialises every block in the backward pass
+  (the reference's torch.utils.checkpoint; policy 'full' unless ``remat``
+  names another); ``remat`` is ``train.remat.backbone`` for the blocks of
+  the trainable stages, ``scan`` is ``train.scan_layers`` (a stage's block
+  pairs scanned, see SwinStage).  None of them changes the numbers.
+  """
+  embed_dims: int = 96
+  depths: Sequence[int] = (2, 2, 6, 2)
+  num_heads: Sequence[int] = (3, 6, 12, 24)
+  window_size: int = 7
+  mlp_ratio: float = 4
+  patch_size: int = 4
+  strides: Sequence[int] = (4, 2, 2, 2)
+  out_indices: Sequence[int] = (0, 1, 2, 3)
+  qkv_bias: bool = True
+  qk_scale: float = 0.0
+  patch_norm: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.1
+  frozen_stages: int = -1
+  with_cp: bool = False
+  remat: str = 'none'
+  scan: bool = False
+
+  @classmethod
+  def from_config(cls, config) -> 'SwinTransformer':
+    """Builds from ``config.backbone`` (type 'swin')."""
+    b = config.backbone
+    if bool(b.get('use_abs_pos_embed', False)):
+      raise ValueError('backbone.use_abs_pos_embed=True is not supported '
+                       '(DDQ-DETR Swin configs use False)')
+    return cls(embed_dims=int(b.embed_dims),
+               depths=tuple(int(d) for d in b.depths),
+               num_heads=tuple(int(h) for h in b.num_heads),
+               window_size=int(b.window_size),
+               mlp_ratio=float(b.get('mlp_ratio', 4)),
+               patch_size=int(b.get('patch_size', 4)),
+               strides=tuple(int(s) for s in b.get('strides', (4, 2, 2, 2))),
+               out_indices=tuple(int(i) for i in b.out_indices),
+               qkv_bias=bool(b.get('qkv_bias', True)),
+               qk_scale=float(b.get('qk_scale', 0.0) or 0.0),
+               patch_norm=bool(b.get('patch_norm', True)),
+               drop_rate=float(b.get('drop_rate', 0.0)),
+               attn_drop_rate=float(b.get('attn_drop_rate', 0.0)),
+               drop_path_rate=float(b.get('drop_path_rate', 0.0)),
+               frozen_stages=int(b.get('frozen_stages', -1)),
+               with_cp=bool(b.get('with_cp', False)),
+               remat=remat_lib.remat_name(config, 'backbone'),
+               scan=remat_lib.scan_layers(config))
+
+  @property
+  def out_channels(self) -> tuple[int, ...]:
+    return swin_out_channels(embed_dims=self.embed_dims,
+                             out_indices=self.out_indices)
+
+  def _check(self):
+    n = len(self.depths)
+    if len(self.num_heads) != n or len(self.strides) != n:
+      raise ValueError(f'depths {tuple(self.depths)}, num_heads '
+                       f'{tuple(self.num_heads)} and strides '
+                       f'{tuple(self.strides)} must have the same length')
+    if self.strides[0] != self.patch_size:
+      raise ValueError(f'strides[0] {self.strides[0]} must equal patch_size '
+                       f'{self.patch_size} (non-overlapping patch embed)')
+    if any(s != 2 for s in self.strides[1:]):
+      raise ValueError(f'patch merging strides {tuple(self.strides[1:])}: '
+                       'only 2 is supported')
+    if not self.out_indices or max(self.out_indices) >= n:
+      raise ValueError(f'out_indices {tuple(self.out_indices)} out of range '
+                       f'for {n} stages')
+    for i, h in enumerate(self.num_heads):
+      if (self.embed_dims * 2**i) % h:
+        raise ValueError(f'stage {i}: {self.embed_dims * 2**i} channels not '
+                         f'divisible by {h} heads')
+
+  def _block_remat(self) -> str:
+    """The remat policy of a trainable stage's blocks."""
+    if self.with_cp and self.remat == 'none':
+      return 'full'
+    return self.remat
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    """x: (B, H, W, 3) NHWC -> [(B, h_i, w_i, embed * 2**i) for i in
+    out_indices], h_0 = ceil(H / 4), h_{i+1} = ceil(h_i / 2)."""
+    self._check()
+    training = self.has_rng(_DROP_RNG) and not self.is_initializing()
+    frozen = self.frozen_stages
+    x = PatchEmbed(self.embed_dims, self.patch_size, self.patch_norm,
+                   name='patch_embed')(x)
+    if training and frozen < 0:  # drop_after_pos (eval when frozen)
+      x = nn.Dropout(self.drop_rate, deterministic=False,
+                     rng_collection=_DROP_RNG)(x)
+    if frozen >= 0:
+      x = jax.lax.stop_gradient(x)
+    dpr = drop_path_rates(self.drop_path_rate, self.depths)
+    outs = []
+    channels = self.embed_dims
+    for i, depth in enumerate(self.depths):
+      stage_frozen = i < frozen
+      first = sum(self.depths[:i])
+      x, out = SwinStage(
+          embed_dims=channels, num_heads=self.num_heads[i], depth=depth,
+          feedforward_channels=int(self.mlp_ratio * channels),
+          window_size=self.window_size, qkv_bias=self.qkv_bias,
+          qk_scale=self.qk_scale, drop_rate=self.drop_rate,
+          attn_drop_rate=self.attn_drop_rate,
+          drop_path_rates=tuple(dpr[first:first + depth]),
+          downsample=i < len(self.depths) - 1, patch_norm=self.patch_norm,
+          deterministic=not training or stage_frozen,
+          remat='none' if stage_frozen else self._block_remat(),
+          scan=self.scan, name=f'stages_{i}')(x)
+      if stage_frozen:
+        x = jax.lax.stop_gradient(x)
+        out = jax.lax.stop_gradient(out)
+      channels = x.shape[-1]
+      if i in self.out_indices:
+        out = _layer_norm(f'norm{i}')(out)
+        outs.append(jax.lax.stop_gradient(out) if stage_frozen else out)
+    return outs

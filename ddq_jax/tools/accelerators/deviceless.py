@@ -1,0 +1,183 @@
+"""Compile the real training or inference step for a TPU / GPU target here.
+
+    python -m ddq_jax benchmark --config ddq_r50_4scale --mode train \\
+        --target tpu:v5e:2x4 --batch-per-chip 2 --size 800 1344
+
+Nothing is materialised: the variables, the train state and the batch are
+``jax.ShapeDtypeStruct``s (``jax.eval_shape``) carrying ``NamedSharding``s on
+a mesh of the target's devices, built with the same ``make_mesh``,
+``state_shardings``, ``make_loss_fn``, ``make_optimizer`` and
+``jit_train_step`` as training (inference: ``make_predict_fn`` with the
+parameters under ``config.mesh``'s partition rules).  Tracing runs inside
+``backend.target_platform`` so the graph is the one the target's own host
+would build.  The figures are per chip, from the target compiler's own
+accounting:
+
+* memory: ``compiled.memory_analysis()`` (peak = temp + arguments +
+  outputs - aliased);
+* FLOPs: ``compiled.cost_analysis()``; on the GPU path that returns None,
+  so the optimised HLO module goes through the CPU client's
+  ``hlo_module_cost_analysis`` (a ``while`` body counts once either way);
+* collectives and host callbacks: parsed from ``compiled.as_text()``
+  (``hlo_stats.py``).
+
+Nothing is autotuned on the GPU path (default Triton tiles, cuDNN
+convolutions with ``algo -1`` and no workspace, so convolution workspaces
+are missing from the temp bytes).
+"""
+from __future__ import annotations
+
+import time
+
+from ddq_jax.tools.accelerators import hlo_stats
+from ddq_jax.tools.accelerators.targets import Target, topology_devices
+
+GB = 2.0 ** 30
+
+
+def _abstract(tree, shardings):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
+
+
+def abstract_batch(config, mode: str, batch: int, size, mesh) -> dict:
+  """The benchmark's batch (``benchmark._inputs``) as sharded shapes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ddq_jax.train.parallel import sharding as shd  # pylint: disable=g-import-not-at-top
+  h, w = size
+  g = int(config.loss.max_gt)
+  spec = dict(images=((batch, h, w, 3), jnp.float32),
+              pad_mask=((batch, h, w), jnp.bool_),
+              img_shapes=((batch, 2), jnp.int32))
+  if mode == 'infer':
+    spec['scale_factors'] = ((batch, 2), jnp.float32)
+  else:
+    spec.update(gt_boxes=((batch, g, 4), jnp.float32),
+                gt_labels=((batch, g), jnp.int32),
+                gt_valid=((batch, g), jnp.bool_))
+  sharding = shd.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding)
+          for k, (s, d) in spec.items()}
+
+
+def abstract_step(config, mode: str, batch: dict, mesh):
+  """(jitted step, abstract args): the benchmark's ``build_step`` on
+  shapes only."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddq_jax.model.detector import build_model  # pylint: disable=g-import-not-at-top
+  from ddq_jax.model.variables import variable_shapes  # pylint: disable=g-import-not-at-top
+  from ddq_jax.train.parallel import sharding as shd  # pylint: disable=g-import-not-at-top
+  model = build_model(config)
+  variables = variable_shapes(config)
+  if mode == 'infer':
+    from ddq_jax.serve.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
+    rules, min_size = shd.rules_from_config(config)
+    shardings = shd.tree_shardings(variables, mesh, min_size=min_size,
+                                   rules=rules)
+    fn = make_predict_fn(model).jitted
+    return fn, (_abstract(variables, shardings), batch['images'],
+                batch['pad_mask'], batch['img_shapes'],
+                batch['scale_factors'])
+  from ddq_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from ddq_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from ddq_jax.train.objective import make_loss_fn  # pylint: disable=g-import-not-at-top
+  from ddq_jax.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  loss_fn = make_loss_fn(model, config, num_devices=int(mesh.devices.size))
+  tx, _ = make_optimizer(config, steps_per_epoch=1000)
+  abstract = jax.eval_shape(lambda v: state_lib.create_train_state(
+      v, tx, jax.random.PRNGKey(0)), variables)
+  shardings = state_lib.state_shardings(abstract, mesh)
+  fn = step_lib.jit_train_step(
+      step_lib.make_train_step(loss_fn, tx, compute_dtype=str(
+          config.train.compute_dtype)), mesh, shardings)
+  return fn, (_abstract(abstract, shardings), batch)
+
+
+def flops(compiled, platform: str) -> float | None:
+  """FLOPs per chip of the compiled step (None when unknown)."""
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else None
+    if cost and 'flops' in cost:
+      return float(cost['flops'])
+  except Exception:  # pylint: disable=broad-except
+    pass
+  if platform != 'gpu':
+    return None
+  try:  # the GPU path: the CPU client's analysis of the optimised module
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+    module = compiled.runtime_executable().hlo_modules()[0]
+    cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend('cpu'), module)
+    return float(cost.get('flops', 0.0))
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def compile_stats(compiled, platform: str, *, lower_s: float,
+                  compile_s: float) -> dict:
+  """Per-chip memory, FLOPs, HLO lines, collectives and host callbacks."""
+  text = compiled.as_text()
+  res = dict(lower_s=round(lower_s, 2), compile_s=round(compile_s, 2))
+  res.update(hlo_stats.memory_figures(compiled.memory_analysis()))
+  f = flops(compiled, platform)
+  if f is not None:
+    res['gflops'] = round(f / 1e9, 1)
+  res['hlo_lines'] = text.count('\n') + 1
+  coll = hlo_stats.collectives(text)
+  res['collectives'] = coll
+  res['collective_gb'] = round(sum(c['bytes'] for c in coll.values()) / GB, 4)
+  res['host_callbacks'] = hlo_stats.host_callbacks(text)
+  return res
+
+
+def compile_for_target(config, target: Target, *, mode: str, size,
+                       batch_per_chip: int | None = None,
+                       batch: int | None = None, hlo_out: str | None = None,
+                       compiler_options: dict | None = None) -> dict:
+  """Lowers and compiles the step for ``target``; returns the JSON fields.
+
+  The global batch is ``batch_per_chip`` x the mesh's data axis, or
+  ``batch`` (which that axis must divide); default 1 image per chip.
+  ``compiler_options``: XLA options for this compile (e.g.
+  ``{'xla_dump_to': DIR}`` for the buffer assignment); the project sets
+  none by default, for any target."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddq_jax import backend  # pylint: disable=g-import-not-at-top
+  from ddq_jax.train.parallel.mesh import DATA, make_mesh  # pylint: disable=g-import-not-at-top
+  devices = topology_devices(target)
+  mesh = make_mesh(config, devices)
+  data = int(mesh.shape[DATA])
+  if batch_per_chip is None:
+    batch_per_chip = 1 if batch is None else batch // data
+    if batch is not None and (batch < 1 or batch % data):
+      raise ValueError(f'--batch {batch} is not a positive multiple of the '
+                       f'{data} devices of the data axis')
+  if batch_per_chip < 1:
+    raise ValueError(f'--batch-per-chip must be >= 1, got {batch_per_chip}')
+  batch = batch_per_chip * data
+  with backend.target_platform(target.platform):
+    fn, args = abstract_step(config, mode, abstract_batch(
+        config, mode, batch, tuple(size), mesh), mesh)
+    t = time.perf_counter()
+    lowered = fn.lower(*args)
+    lower_s = time.perf_counter() - t
+  options = dict(compiler_options or {})
+  t = time.perf_counter()
+  compiled = lowered.compile(compiler_options=options or None)
+  compile_s = time.perf_counter() - t
+  if hlo_out:
+    with open(hlo_out, 'w', encoding='utf-8') as f:
+      f.write(compiled.as_text())
+  stats = compile_stats(compiled, target.platform, lower_s=lower_s,
+                        compile_s=compile_s)
+  return dict(config=str(config.get('name', '')), mode=mode, target=target.spec,
+              device_kind=devices[0].device_kind, devices=len(devices),
+              batch=batch, batch_per_chip=batch_per_chip, size=list(size),
+              compute_dtype=str(config.train.compute_dtype),
+              compiler_options={k: str(v) for k, v in options.items()},
+              jax=jax.__version__, **stats)

@@ -1,0 +1,1 @@
+"""ddq_jax.train."""

@@ -1,0 +1,467 @@
+"""The training loop: data -> sharded step -> logs / checkpoints / eval.
+
+    train(config, workdir)                    # the real DDQ-DETR
+    train(config, workdir, components=Components(init_variables, loss_fn,
+          make_iterator=...))               # any model (tests)
+
+Per run: ``workdir/config.json``, ``workdir/checkpoints/<step>/`` (orbax,
+async, keeps ``train.keep_checkpoints``), ``workdir/tb/`` (tensorboardX
+scalars, process 0).  A run resumes from its latest checkpoint (state +
+data position), else initialises from ``train.init_from`` (a converted
+weights directory, an mmdetection .pth, a torchvision ResNet .pth, or
+another run's checkpoint directory), else from scratch.  SIGINT / SIGTERM
+stop the loop at the next step boundary after saving a checkpoint.
+
+Faults (nothing lost, nothing silently wrong):
+  * a resume whose config differs from the checkpoint's (outside
+    ``integrity.RESUME_MAY_CHANGE`` and ``train.resume_may_change``) stops
+    before anything is written, naming the keys (ConfigMismatchError);
+  * the newest checkpoint damaged -> reported by step, moved aside, the
+    newest intact one is used (checkpoint.restore_latest_good);
+  * a step with a non-finite loss / gradient is not applied; after
+    ``train.max_nonfinite_steps`` in a row the run stops (NonFiniteError)
+    keeping the last finite checkpoint; ``train.inject_nan_at_steps``
+    poisons the images of those steps (a test hook);
+  * a failed save raises CheckpointError, a failed log write (disk full)
+    OutputWriteError;
+  * the workdir is locked for the run (``training.workdir``): a second run
+    on it, a converted-weights folder or a folder of other files stop at
+    once (WorkdirError); an ``init_from`` that cannot be read or does not
+    fit the model stops before training (InitFromError).
+Exit codes of train.py (``exit_code_for``): 0 finished, EXIT_PREEMPTED (143
+= 128 + SIGTERM) or 130 (SIGINT) stopped by a signal after its checkpoint,
+EXIT_CONFIG_MISMATCH (2: also a bad config value, workdir or init_from),
+EXIT_NONFINITE (3), EXIT_CHECKPOINT (4: a checkpoint or log not written).
+Per-step scalars also go to ``workdir/metrics.jsonl`` (one JSON per line).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import numpy as np
+
+from ddq_jax.train.parallel import mesh as mesh_lib
+from ddq_jax.train.parallel import sharding as shd
+from ddq_jax.train import checkpoint as ckpt_lib
+from ddq_jax.train import integrity
+from ddq_jax.train import nonfinite
+from ddq_jax.train import optimizer as opt_lib
+from ddq_jax.train import state as state_lib
+from ddq_jax.train import step as step_lib
+from ddq_jax.train import workdir as workdir_lib
+from ddq_jax.train.run_log import OutputWriteError, RunLogger
+from ddq_jax.io.weights import load_pretrained
+
+log = logging.getLogger('ddq_jax.train')
+
+# Batch entries the train step consumes (image_ids etc. stay on the host).
+TRAIN_KEYS = ('images', 'pad_mask', 'img_shapes', 'scale_factors', 'gt_boxes',
+              'gt_labels', 'gt_valid', 'sample_valid')
+
+# Exit codes (train.py returns them; schedulers tell the cases apart).
+EXIT_PREEMPTED = 128 + signal.SIGTERM   # 143: SIGTERM, checkpoint saved
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: SIGINT, checkpoint saved
+EXIT_CONFIG_MISMATCH = 2
+EXIT_NONFINITE = 3
+EXIT_CHECKPOINT = 4
+
+
+class ConfigMismatchError(ValueError):
+  """The resumed checkpoint was written with another config."""
+
+
+class TrainConfigError(ValueError):
+  """A config value training cannot run with (one line naming it)."""
+
+
+class InitFromError(ValueError):
+  """``train.init_from`` cannot be read or does not fit the model."""
+
+
+def check_train_config(config) -> None:
+  """Raises TrainConfigError naming the first field training cannot use."""
+  t = config.train
+  checks = (
+      (int(t.get('max_steps', -1)) >= -1, 'train.max_steps',
+       '-1 (epochs) or >= 0'),
+      (int(t.global_batch_size) >= 1, 'train.global_batch_size', '>= 1'),
+      (int(t.get('log_every', 1)) >= 1, 'train.log_every', '>= 1'),
+      (int(t.get('checkpoint_every', 1)) >= 1, 'train.checkpoint_every',
+       '>= 1'),
+      (int(t.get('keep_checkpoints', 0)) >= 0, 'train.keep_checkpoints',
+       '>= 0 (0 keeps all)'))
+  for ok, key, want in checks:
+    if not ok:
+      value = t[key.split('.', 1)[1]]
+      raise TrainConfigError(f'config field {key!r} is {value!r}; expected '
+                             f'{want}')
+
+
+def exit_code_for(error: BaseException | None = None,
+                  result: dict | None = None) -> int | None:
+  """train.py's exit code for a raised error or a returned result; None for
+  an error this module does not know."""
+  if error is not None:
+    for cls, code in ((ConfigMismatchError, EXIT_CONFIG_MISMATCH),
+                      (TrainConfigError, EXIT_CONFIG_MISMATCH),
+                      (InitFromError, EXIT_CONFIG_MISMATCH),
+                      (workdir_lib.WorkdirError, EXIT_CONFIG_MISMATCH),
+                      (nonfinite.NonFiniteError, EXIT_NONFINITE),
+                      (ckpt_lib.CheckpointError, EXIT_CHECKPOINT),
+                      (OutputWriteError, EXIT_CHECKPOINT)):
+      if isinstance(error, cls):
+        return code
+    return None
+  if result and result.get('stopped'):
+    return 128 + int(result.get('signal') or signal.SIGTERM)
+  return 0
+
+
+@dataclasses.dataclass
+class Components:
+  """What the loop needs from the model side.
+
+  init_variables: rng -> {'params', 'batch_stats'}.
+  loss_fn: (params, batch_stats, batch, rng) -> (loss, metrics).
+  make_iterator: (start_step, process_index, process_count) -> iterator of
+    host batches with ``.steps_per_epoch`` (and ideally ``set_state``).
+  evaluate_fn: optional (state) -> {name: float}.
+  """
+  init_variables: Callable[[jax.Array], dict]
+  loss_fn: Callable
+  make_iterator: Callable[[int, int, int], Iterator[dict]]
+  evaluate_fn: Optional[Callable[[Any], dict]] = None
+
+
+def default_components(config, *, mesh=None) -> Components:
+  """The real model (models.detector), objective (training.objective), data
+  (data.pipeline) and, when importable, evaluation, for a step on ``mesh``
+  (default: one device)."""
+  from ddq_jax.data.pipeline import build_dataset, make_train_iterator  # pylint: disable=g-import-not-at-top
+  from ddq_jax.model.detector import build_model  # pylint: disable=g-import-not-at-top
+  from ddq_jax.model.variables import init_variables  # pylint: disable=g-import-not-at-top
+  from ddq_jax.train.objective import make_loss_fn  # pylint: disable=g-import-not-at-top
+
+  model = build_model(config)
+  seed = int(config.train.seed)
+  dataset = build_dataset(config, config.data.train_split)
+
+  def make_iterator(start_step, process_index, process_count):
+    return make_train_iterator(config, seed=seed, start_step=start_step,
+                               process_index=process_index,
+                               process_count=process_count, dataset=dataset)
+
+  return Components(
+      init_variables=lambda rng: init_variables(model, config, rng),
+      loss_fn=make_loss_fn(
+          model, config,
+          num_devices=int(mesh.devices.size) if mesh is not None else 1),
+      make_iterator=make_iterator,
+      evaluate_fn=default_evaluate_fn(config, model, mesh=mesh))
+
+
+def default_evaluate_fn(config, model, *, mesh=None) -> Optional[Callable]:
+  """COCO evaluation via ddq_jax.evaluation, or None (logged) if absent.
+  It runs on the training ``mesh`` and reads the state's parameters with
+  their training shardings (nothing is re-replicated)."""
+  try:
+    from ddq_jax.data.pipeline import build_dataset  # pylint: disable=g-import-not-at-top
+    from ddq_jax.evaluation.evaluator import evaluate_model  # pylint: disable=g-import-not-at-top
+    from ddq_jax.serve.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    log.warning('evaluation unavailable (%s): periodic eval skipped', e)
+    return None
+  cache = {}
+
+  def evaluate(state):
+    if 'predict' not in cache:
+      cache['predict'] = make_predict_fn(model)
+      cache['source'] = build_dataset(config, config.data.eval_split)
+    metrics, _ = evaluate_model(
+        cache['predict'], {'params': state.params,
+                           'batch_stats': state.batch_stats},
+        cache['source'], config=config, mesh=mesh, progress=False,
+        max_images=config.eval.get('max_images', None) or None)
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float, np.floating, np.integer))}
+  return evaluate
+
+
+# -------------------------------------------------------------------- stop
+class StopSignal:
+  """SIGINT / SIGTERM set a flag; the loop saves and stops at a step end.
+  A second SIGINT raises KeyboardInterrupt as usual."""
+
+  def __init__(self):
+    self.requested = False
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    log.warning('signal %d: checkpoint and stop at the end of this step',
+                signum)
+    self.requested = True
+    self.signum = self.signum or signum
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+  def agreed(self) -> bool:
+    """Whether any process asked to stop (collective when multi-host)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.any(flags))
+
+
+# -------------------------------------------------------------------- loop
+def _total_steps(config, steps_per_epoch: int) -> int:
+  if int(config.train.get('max_steps', -1)) > 0:
+    return int(config.train.max_steps)
+  return int(config.optim.epochs) * steps_per_epoch
+
+
+def check_resume_config(checkpointer: ckpt_lib.Checkpointer, config) -> None:
+  """Raises ConfigMismatchError naming every key whose value differs from
+  the config stored with the newest readable checkpoint (keys in
+  integrity.RESUME_MAY_CHANGE and train.resume_may_change may differ)."""
+  for step in sorted(checkpointer.all_steps(), reverse=True):
+    try:
+      saved = checkpointer.read_meta(step).get('config')
+    except Exception:  # pylint: disable=broad-except
+      continue  # damaged: restore_latest_good reports it
+    if saved is None:
+      return
+    extra = tuple(config.train.get('resume_may_change', ()) or ())
+    current = integrity.config_to_dict(config)
+    diffs = integrity.config_differences(
+        saved, current, may_change=integrity.RESUME_MAY_CHANGE + extra)
+    other = integrity.config_keys_added_or_removed(saved, current)
+    if other:
+      log.warning('resume: %d config keys exist only in the checkpoint or '
+                  'only now (not compared): %s', len(other),
+                  ', '.join(other[:10]))
+    if diffs:
+      shown = '; '.join(f'{k}: {a!r} in the checkpoint, {b!r} now'
+                        for k, a, b in diffs[:12])
+      more = f' (and {len(diffs) - 12} more)' if len(diffs) > 12 else ''
+      raise ConfigMismatchError(
+          f'{checkpointer.directory} (step {step}) was written with another '
+          f'config; {len(diffs)} keys differ: {shown}{more}.  Nothing was '
+          'written.  Resume with the same config, use a new --workdir, or '
+          'allow keys with --config.train.resume_may_change="(\'KEY\',)"')
+    return
+
+
+def _write_config(config, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  text = config.to_json_best_effort(indent=2) if hasattr(
+      config, 'to_json_best_effort') else json.dumps(config, indent=2)
+  tmp = os.path.join(workdir, 'config.json.tmp')
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(workdir, 'config.json'))
+  except OSError as e:
+    raise OutputWriteError(e.errno, f'cannot write config.json in {workdir}: '
+                           f'{e.strerror or e}') from None
+
+
+def train(config, workdir: str, *, components: Optional[Components] = None,
+          devices=None) -> dict:
+  """Trains until ``train.max_steps`` (or ``optim.epochs``) or a stop
+  signal.  Returns {'step', 'last_metrics', 'eval', 'compiles', 'stopped',
+  'signal', 'nonfinite_steps'} (``exit_code_for(result=...)`` maps it).
+  The workdir is checked and locked first (``training.workdir``).
+
+  Raises:
+    TrainConfigError, workdir.WorkdirError, ConfigMismatchError,
+    InitFromError, nonfinite.NonFiniteError, checkpoint.CheckpointError,
+    OutputWriteError (see the module docstring; ``exit_code_for(error)``).
+  """
+  workdir = os.path.abspath(workdir)
+  check_train_config(config)
+  workdir_lib.check_workdir(workdir)
+  with workdir_lib.hold(workdir, enabled=jax.process_index() == 0):
+    return _train(config, workdir, components=components, devices=devices)
+
+
+def _init_from(state, config, tx):
+  """The state with ``train.init_from``'s weights; InitFromError (one line)
+  when they cannot be read or do not fit."""
+  path = config.train.init_from
+  try:
+    loaded = load_pretrained(path, config)
+    state, report = state_lib.merge_variables(state, loaded, tx)
+  except (OSError, ValueError, KeyError, ckpt_lib.CheckpointError) as e:
+    log.debug('init_from %s failed', path, exc_info=True)
+    raise InitFromError(f'--config.train.init_from={path}: '
+                        f'{" ".join(str(e).split())}') from None
+  log.info('init_from %s: %d arrays loaded, %d left at init, %d unused',
+           path, report['loaded'], len(report['missing']),
+           len(report['unexpected']))
+  return state
+
+
+def _train(config, workdir: str, *, components, devices) -> dict:
+  mesh = mesh_lib.make_mesh(config, devices)
+  # Checkpoint directory usable, and a resume's config matches, before
+  # anything is written.
+  ckpt = ckpt_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'),
+      save_every=int(config.train.checkpoint_every),
+      keep=int(config.train.keep_checkpoints) or None)
+  check_resume_config(ckpt, config)
+  _write_config(config, workdir)
+  comps = components or default_components(config, mesh=mesh)
+  if hasattr(comps.loss_fn, 'criterion_config'):
+    log.info('Hungarian solver: %s', comps.loss_fn.criterion_config.solver)
+  pidx, pcount = jax.process_index(), jax.process_count()
+  gbs = int(config.train.global_batch_size)
+  if (mesh.devices.size > 1 and
+      config.get('loss', {}).get('hungarian_solver', '') == 'scipy'):
+    log.warning("loss.hungarian_solver='scipy' on %d devices: the host "
+                'callback runs on one device (all-gather + serialised); '
+                "'jax' keeps matching on every device", mesh.devices.size)
+  shd.local_batch_size(gbs, mesh)  # checks divisibility
+
+  data = comps.make_iterator(0, pidx, pcount)
+  spe = int(getattr(data, 'steps_per_epoch', 0) or
+            config.train.get('steps_per_epoch', 0))
+  if spe <= 0:
+    raise ValueError('the data iterator has no steps_per_epoch')
+  total = _total_steps(config, spe)
+  tx, schedule = opt_lib.make_optimizer(config, spe)
+  rng = jax.random.PRNGKey(int(config.train.seed))
+  rules, min_size = shd.rules_from_config(config)
+  state, shardings = state_lib.init_train_state(
+      comps.init_variables, tx, rng, mesh, min_size=min_size, rules=rules)
+  start = 0
+  state, meta = ckpt.restore_latest_good(state)
+  if meta is not None:
+    start = int(meta['data_position'])
+    log.info('resumed from step %d', start)
+  elif config.train.get('init_from', ''):
+    state = _init_from(state, config, tx)
+  if start:
+    if hasattr(data, 'set_state'):
+      data.set_state({'step': start})
+    else:
+      data = comps.make_iterator(start, pidx, pcount)
+
+  compute_dtype = config.train.get('compute_dtype', 'float32')
+  step_fn = step_lib.jit_train_step(
+      step_lib.make_train_step(comps.loss_fn, tx, compute_dtype=compute_dtype),
+      mesh, shardings)
+  log_every = max(int(config.train.log_every), 1)
+  eval_every = int(config.train.get('eval_every', -1))
+  eval_every = spe if eval_every == -1 else eval_every
+  logger = RunLogger(workdir, total, start)
+  pending, last, eval_metrics, stopped = [], {}, {}, False
+  t_log, n_log = time.time(), 0
+  guard = nonfinite.NonFiniteGuard(int(config.train.get(
+      'max_nonfinite_steps', nonfinite.DEFAULT_MAX_IN_A_ROW)))
+  poison = {int(k) for k in config.train.get('inject_nan_at_steps', ()) or ()}
+
+  def run_eval(step):
+    nonlocal eval_metrics
+    if comps.evaluate_fn is None:
+      return
+    eval_metrics = comps.evaluate_fn(state)
+    logger.scalars(step, eval_metrics, prefix='eval/')
+    if pidx == 0:
+      log.info('eval at step %d: %s', step, eval_metrics)
+
+  with StopSignal() as stop:
+    step = start
+    failed = None
+    try:
+      while step < total:
+        host = next(data)
+        if step in poison:  # test hook: a NaN input at this step
+          host = dict(host, images=np.full_like(host['images'], np.nan))
+        batch = shd.shard_batch({k: host[k] for k in TRAIN_KEYS if k in host},
+                                mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        pending.append(metrics)
+        n_log += 1
+        if step % log_every == 0 or step == total:
+          host_m = [shd.to_host(m) for m in pending]
+          for i, m in enumerate(host_m):
+            guard.observe(step - len(host_m) + 1 + i, m)
+          good = [m for m in host_m if not m.get('nonfinite', 0.0)] or host_m
+          last = {k: float(np.mean([m[k] for m in good])) for k in good[0]}
+          last['nonfinite_steps'] = float(len(host_m) - len(good))
+          dt = time.time() - t_log
+          last['images_per_s'] = n_log * gbs / max(dt, 1e-9)
+          last['epoch'] = step / spe
+          logger.scalars(step, last)
+          logger.update(n_log, {'loss': f"{last['loss']:.4f}",
+                                'lr': f"{last.get('lr', float(schedule(step - 1))):.2e}",
+                                'img/s': f"{last['images_per_s']:.1f}"})
+          pending, t_log, n_log = [], time.time(), 0
+        ckpt.save(state, step=step, config=config)
+        if eval_every > 0 and step % eval_every == 0 and step < total:
+          run_eval(step)
+        if (stop.agreed() if (pcount == 1 or step % log_every == 0)
+            else False):
+          stopped = True
+          break
+    except BaseException as e:
+      failed = e
+      raise
+    finally:
+      try:
+        if not isinstance(failed, (nonfinite.NonFiniteError,
+                                   ckpt_lib.CheckpointError)):
+          ckpt.save(state, step=step, config=config, force=True)
+        ckpt.wait()
+      except Exception as e:  # pylint: disable=broad-except
+        if failed is None:
+          raise
+        # a step that raised may have consumed (donated) the state; the
+        # original error propagates
+        log.warning('final checkpoint failed too: %s', e)
+      finally:
+        if hasattr(data, 'close'):
+          data.close()
+        if failed is not None:
+          logger.close(quiet=True)
+          try:
+            ckpt.close()
+          except Exception:  # pylint: disable=broad-except
+            pass
+  if not stopped and eval_every != 0:
+    run_eval(step)
+  ckpt.close()
+  logger.close()
+  result = {'step': step, 'last_metrics': last, 'eval': eval_metrics,
+            'compiles': step_lib.compile_count(step_fn), 'stopped': stopped,
+            'signal': stop.signum if stopped else None,
+            'nonfinite_steps': guard.total}
+  if pidx == 0:
+    log.info('done: %s', {k: v for k, v in result.items() if k != 'eval'})
+  return result

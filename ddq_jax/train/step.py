@@ -1,0 +1,95 @@
+"""The train step: one jax.jit with explicit shardings and a donated state.
+
+Mixed precision lives here and only here: ``compute_dtype='bfloat16'``
+(config ``train.compute_dtype``) casts the parameters and the images inside
+the differentiated function; master parameters, gradients, optimiser state
+and the loss stay float32 (the criterion reads its inputs in float32).
+
+``loss_fn(params, batch_stats, batch, rng) -> (loss, metrics)`` sees the
+*global* batch (jit works on global arrays), so its mean over images is the
+same whatever the mesh; the gradient all-reduce is inserted by XLA.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from ddq_jax.train.parallel import sharding as shd
+from ddq_jax.train.optimizer import current_lrs
+from ddq_jax.train.state import TrainState
+
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+# Batch entries cast to the compute dtype (the rest keep theirs).
+_CAST_BATCH_KEYS = ('images',)
+
+
+def _cast_floats(tree, dtype):
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+      tree)
+
+
+def make_train_step(loss_fn: LossFn, tx, *,
+                    compute_dtype: str | jnp.dtype = 'float32'):
+  """Returns ``train_step(state, batch) -> (state, metrics)`` (not jitted).
+
+  compute_dtype='bfloat16' casts params (and ``images``) to bf16 inside the
+  differentiated function: master params, gradients and optimiser state stay
+  float32.  metrics gain 'loss', 'grad_norm' (before clipping), 'lr',
+  'lr_backbone' and 'nonfinite' (1.0 when the loss or the gradient norm is
+  not finite: that step's update is not applied, params and optimiser state
+  stay as they were; the loop counts and stops).
+  """
+  dtype = jnp.dtype(compute_dtype)
+
+  def train_step(state: TrainState, batch: dict):
+    rng, step_rng = jax.random.split(state.rng)
+
+    def objective(params):
+      b = batch
+      if dtype != jnp.float32:
+        params = _cast_floats(params, dtype)
+        b = dict(batch)
+        for k in _CAST_BATCH_KEYS:
+          if k in b:
+            b[k] = b[k].astype(dtype)
+      loss, metrics = loss_fn(params, state.batch_stats, b, step_rng)
+      return loss.astype(jnp.float32), metrics
+
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
+    metrics = dict(metrics)
+    metrics['loss'] = loss
+    # The update is skipped (params and optimiser state stay bit for bit)
+    # when the loss or the gradient norm is not finite.
+    params, opt_state, info = tx.step(grads, state.opt_state, state.params,
+                                      ok=jnp.isfinite(loss))
+    metrics['grad_norm'] = info['grad_norm']
+    metrics['nonfinite'] = 1.0 - info['applied'].astype(jnp.float32)
+    metrics.update(current_lrs(opt_state))
+    metrics = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, mesh: Mesh, state_shardings: TrainState, *,
+                   donate: bool = True):
+  """jax.jit with in (state, batch on 'data') / out (state, replicated
+  metrics) shardings; the input state is donated.  The returned function's
+  ``._cache_size()`` counts its compilations."""
+  return jax.jit(
+      train_step,
+      in_shardings=(state_shardings, shd.batch_sharding(mesh)),
+      out_shardings=(state_shardings, shd.replicated(mesh)),
+      donate_argnums=(0,) if donate else ())
+
+
+def compile_count(jitted) -> int:
+  """Number of compiled executables held by a jitted function."""
+  return int(jitted._cache_size())  # pylint: disable=protected-access

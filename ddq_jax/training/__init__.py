@@ -1,1 +1,0 @@
-"""ddq_jax.training."""
