@@ -1,4 +1,4 @@
-"""The golden fixture's sizes (shared/fixtures/tiny): a toy DDQ-DETR for
+"""The golden fixture's sizes (tests/data/tiny): a toy DDQ-DETR for
 tests and smoke runs.  Same architecture as R50 4-scale with smaller sizes:
 ResNet-50 layout at base width 16, 64-d transformer, 2 encoder / 3 decoder
 layers, 30 distinct queries (45 dense), 20 denoising queries.

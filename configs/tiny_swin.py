@@ -1,4 +1,4 @@
-"""The Swin golden fixture's sizes (shared/fixtures/tiny_swin): the tiny
+"""The Swin golden fixture's sizes (tests/data/tiny_swin): the tiny
 DDQ-DETR (64-d transformer, 2 encoder / 3 decoder layers, 30 distinct
 queries) on a toy Swin backbone: embed 32, depths 1-1-2-1, heads 1-2-4-8,
 window 4, outputs of stages 1, 2, 3 (64 / 128 / 256 channels), no drop-path.

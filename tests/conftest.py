@@ -65,8 +65,8 @@ def tiny_variables(tiny_state_dict):
 
 
 def assert_close(actual, expected, *, rel=1e-4, name=''):
-  """Max abs error <= rel * (max |expected|, at least 1e-6): DESIGN.md's
-  'relative to the tensor's scale'."""
+  """Max abs error <= rel * (max |expected|, at least 1e-6): the parity
+  targets' 'relative to the tensor's scale' (ddq_jax/parity/compare.py)."""
   actual = np.asarray(actual, np.float64)
   expected = np.asarray(expected, np.float64)
   assert actual.shape == expected.shape, (name, actual.shape, expected.shape)

@@ -4,8 +4,8 @@ no side a multiple of any stride).
 
 Both images share one batch on canvases that no stride divides, that only
 the small strides divide, and one much larger than either image; every
-per-query tensor and the detections must equal the fixture within DESIGN.md's
-targets, token-indexed tensors over the valid region (canvas_parity).
+per-query tensor and the detections must equal the fixture within the parity
+targets (ddq_jax/parity/compare.py), token-indexed tensors over the valid region (canvas_parity).
 """
 import os
 

@@ -6,8 +6,7 @@
     print(format_table(metrics))
 
 ``coco_box_metrics`` runs faster-coco-eval (``COCOeval_faster``), which gives
-pycocotools' numbers (DESIGN.md measured them equal; tests/test_evaluation.py
-checks all 12 within 1e-6) about 7x faster.  The 12 numbers keep their usual
+pycocotools' numbers (tests/test_evaluation.py checks all 12 within 1e-6) about 7x faster.  The 12 numbers keep their usual
 names and order (pycocotools' ``stats[:12]``); -1 means "no ground truth in
 that area range", exactly as pycocotools reports it.
 

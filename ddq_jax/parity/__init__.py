@@ -1,0 +1,2 @@
+"""Proving parity with the reference: ``verify`` (tensors, gradients,
+optimiser steps, padding invariance) and the numeric targets."""

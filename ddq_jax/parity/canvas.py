@@ -23,7 +23,7 @@ import numpy as np
 TOKEN_KEYS = ('feat_mask', 'feat_pos', 'memory', 'memory_mask',
               'output_memory', 'output_proposals')
 CANVAS_KEYS = ('spatial_shapes', 'level_start_index', 'valid_ratios')
-SCORE_TIE = 1e-5  # DESIGN.md's score target: scores closer are a tie
+SCORE_TIE = 1e-5  # compare.py's score target: scores closer are a tie
 
 
 def place_in_canvas(inputs: dict, *, canvas: Sequence[int]) -> dict:

@@ -1,4 +1,4 @@
-"""Comparing our tensors with the reference's: DESIGN.md's numeric targets.
+"""Comparing our tensors with the reference's: the numeric targets of parity.
 
 ``compare(key, ours, ref)`` picks the rule for a fixture key:
   - identical: NMS keep sets, distinct masks, labels, shapes; top-k

@@ -6,12 +6,12 @@
         [--config PATH|NAME] [--config.KEY=VALUE ...]
     python -m ddq_jax verify BUNDLE_DIR --padding-invariant [--canvas H W]
 
-BUNDLE_DIR is laid out like shared/fixtures/tiny: ``checkpoint.pth`` (an
+BUNDLE_DIR is laid out like tests/data/tiny: ``checkpoint.pth`` (an
 mmdetection DDQ-DETR checkpoint), ``inputs.npz`` (images, pad_mask,
 img_shapes, scale_factors; for --train also gt_* and the injected
 denoising queries dn_*), and optionally ``infer.npz`` / ``train.npz`` with
 the reference's tensors.  Every tensor we can compare is printed with its
-error against DESIGN.md's target; the exit status is 1 when a target is
+error against its target (``ddq_jax/parity/compare.py``); the exit status is 1 when a target is
 missed, 2 on bad input.  ``--dump`` writes what we computed under the
 fixture's key names and layouts.  ``--steps N`` runs N steps of the
 training step and optimiser instead and compares them with the bundle's
