@@ -11,19 +11,24 @@ import sys
 def _load(path):
   with open(path) as f:
     lines = [l for l in f.read().splitlines() if l.startswith('{')]
-  return json.loads(lines[-1])
+  return json.loads(lines[-1]) if lines else None
 
 
 def main(paths):
-  runs = [_load(p) for p in paths]
+  runs = [r for r in map(_load, paths) if r and 'mode' in r]
   print('| config | mode | batch | size | devices | compile s | step median s '
-        '| step min s | img/s (median) | img/s (best) |')
-  print('|---|---|---|---|---|---|---|---|---|---|')
+        '| step min s | img/s (median) | img/s (best) | compiled peak GB '
+        '| device peak GB | load |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   for r in runs:
     print(f"| {r['config']} | {r['mode']} | {r['batch']} | "
           f"{r['size'][0]}x{r['size'][1]} | {r['devices']} x {r['device_kind']} "
-          f"| {r['compile_s']} | {r['step_median_s']} | {r['step_min_s']} | "
-          f"{r['images_per_s']} | {r['images_per_s_best']} |")
+          f"| {r['compile_s']} | {r.get('step_median_s', '')} | "
+          f"{r.get('step_min_s', '')} | {r.get('images_per_s', '')} | "
+          f"{r.get('images_per_s_best', '')} | "
+          f"{r.get('peak_memory_gb', '')} | "
+          f"{r.get('device_peak_memory_gb', '')} | "
+          f"{r.get('load_avg_1m', '')} |")
   for r in runs:
     if not r.get('stages'):
       continue
