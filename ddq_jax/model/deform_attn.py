@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ddq_jax.model import initializers as inits
+from ddq_jax.model.proposals import exact_divide
 from ddq_jax.ops.deform_attn import multi_scale_deformable_attention
 
 
@@ -110,8 +111,9 @@ class MultiScaleDeformableAttention(DeformableSizes, kw_only=True):
       normalizer = jnp.asarray([(w, hh) for hh, w in spatial_shapes],
                                sampling_offsets.dtype)  # (L, 2) as (w, h)
       sampling_locations = (reference_points[:, :, None, :, None, :] +
-                            sampling_offsets / normalizer[None, None, None, :,
-                                                          None, :])
+                            exact_divide(sampling_offsets,
+                                         normalizer[None, None, None, :,
+                                                    None, :]))
     elif reference_points.shape[-1] == 4:
       sampling_locations = (reference_points[:, :, None, :, None, :2] +
                             sampling_offsets / p *

@@ -17,6 +17,7 @@ import numpy as np
 
 from ddq_jax.model import initializers as inits
 from ddq_jax.model import remat as remat_lib
+from ddq_jax.model.proposals import exact_divide
 from ddq_jax.model.deform_attn import DeformableSizes, MultiScaleDeformableAttention
 
 LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default
@@ -70,10 +71,10 @@ def get_encoder_reference_points(*, spatial_shapes: Sequence[Sequence[int]],
     ys = np.linspace(0.5, h - 0.5, h, dtype=np.float32)
     xs = np.linspace(0.5, w - 0.5, w, dtype=np.float32)
     ref_y, ref_x = np.meshgrid(ys, xs, indexing='ij')
-    ref_y = jnp.asarray(ref_y.reshape(-1))[None] / (
-        valid_ratios[:, None, lvl, 1] * h)
-    ref_x = jnp.asarray(ref_x.reshape(-1))[None] / (
-        valid_ratios[:, None, lvl, 0] * w)
+    ref_y = exact_divide(jnp.asarray(ref_y.reshape(-1))[None],
+                         valid_ratios[:, None, lvl, 1] * h)
+    ref_x = exact_divide(jnp.asarray(ref_x.reshape(-1))[None],
+                         valid_ratios[:, None, lvl, 0] * w)
     refs.append(jnp.stack((ref_x, ref_y), -1))
   reference_points = jnp.concatenate(refs, 1)
   return reference_points[:, :, None] * valid_ratios[:, None]

@@ -65,10 +65,11 @@ def _corners(sampling_locations: jnp.ndarray, attention_weights: jnp.ndarray,
   # Work in (B, H, Q, L, P) order so the gather result needs no transpose.
   loc = sampling_locations.transpose(0, 2, 1, 3, 4, 5)
   attn = attention_weights.transpose(0, 2, 1, 3, 4)
-  # grid_sample's unnormalisation (align_corners=False) of grid = 2 * loc - 1.
+  # grid_sample's unnormalisation (align_corners=False) of grid = 2 * loc - 1,
+  # in the float32 operations of its CPU kernel: (grid + 1) * (size / 2) - 0.5.
   grid = 2 * loc - 1
-  x = ((grid[..., 0] + 1) * w_f - 1) / 2  # (B, H, Q, L, P)
-  y = ((grid[..., 1] + 1) * h_f - 1) / 2
+  x = (grid[..., 0] + 1) * (w_f / 2) - 0.5  # (B, H, Q, L, P)
+  y = (grid[..., 1] + 1) * (h_f / 2) - 0.5
   x0f = jax.lax.stop_gradient(jnp.floor(x))
   y0f = jax.lax.stop_gradient(jnp.floor(y))
   fx = x - x0f
