@@ -110,8 +110,12 @@ def labels_to_onehot(labels: jnp.ndarray, num_classes: int,
 
 def l1_loss(pred: jnp.ndarray, target: jnp.ndarray, *,
             weight: Optional[jnp.ndarray] = None) -> jnp.ndarray:
-  """Elementwise |pred - target| (N, 4), times ``weight`` ((N, 4) or (N,))."""
-  loss = jnp.abs(pred - target)
+  """Elementwise |pred - target| (N, 4), times ``weight`` ((N, 4) or (N,)).
+
+  Written ``d * sign(d)``: the same value, and torch's gradient ``sign(d)``,
+  0 where pred equals target (``jnp.abs`` gives 1 there)."""
+  d = pred - target
+  loss = d * jnp.sign(d)
   return _row_weight(weight, loss)
 
 
