@@ -39,6 +39,17 @@ _EXTENT = ((-1.0, 0.0), (0.0, -1.0), (1.0, 0.0), (0.0, 1.0))
 _IS_LO = (True, True, False, False)
 
 
+def clamp(x: jnp.ndarray, *, lo=None, hi=None) -> jnp.ndarray:
+  """torch's ``x.clamp(min=lo, max=hi)``, gradient included: 1 on the
+  closed interval, bounds too (``jnp.clip`` gives 1/2 at a bound)."""
+  inside = jnp.ones(x.shape, bool)
+  if lo is not None:
+    inside &= x >= lo
+  if hi is not None:
+    inside &= x <= hi
+  return jnp.where(inside, x, jnp.clip(x, lo, hi))
+
+
 def _extents(boxes):
   """(..., 4) xyxy -> (..., 2) (x2 - x1, y2 - y1), as ``boxes @ _EXTENT``
   summed over the coordinates: each output has one rounded addition, so
@@ -54,13 +65,13 @@ def _overlaps(boxes1, boxes2, *, giou: bool, eps: float):
   area1, area2 = box_area(boxes1), box_area(boxes2)
   lo = jnp.asarray(_IS_LO)
   hi, low = jnp.maximum(boxes1, boxes2), jnp.minimum(boxes1, boxes2)
-  wh = jnp.clip(_extents(jnp.where(lo, hi, low)), 0)
+  wh = clamp(_extents(jnp.where(lo, hi, low)), lo=0)
   overlap = jnp.prod(wh, -1)
   union = jnp.maximum(area1 + area2 - overlap, eps)
   ious = overlap / union
   if not giou:
     return ious
-  enclose_wh = jnp.clip(_extents(jnp.where(lo, low, hi)), 0)
+  enclose_wh = clamp(_extents(jnp.where(lo, low, hi)), lo=0)
   enclose_area = jnp.maximum(jnp.prod(enclose_wh, -1), eps)
   return ious - (enclose_area - union) / enclose_area
 
@@ -97,7 +108,7 @@ def inverse_sigmoid(x: jnp.ndarray, *, eps: float = 1e-5) -> jnp.ndarray:
   """mmdet's ``inverse_sigmoid``: log(x1 / x2) with x clamped to [0, 1] and
   both terms clamped below by ``eps`` (1e-5 in the head, 1e-3 in the
   decoder's refinement and the denoising boxes)."""
-  x = jnp.clip(x, 0, 1)
-  x1 = jnp.maximum(x, eps)
-  x2 = jnp.maximum(1 - x, eps)
+  x = clamp(x, lo=0, hi=1)
+  x1 = clamp(x, lo=eps)
+  x2 = clamp(1 - x, lo=eps)
   return jnp.log(x1 / x2)
