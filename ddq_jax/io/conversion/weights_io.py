@@ -19,15 +19,18 @@ import re
 import shutil
 import tempfile
 
+from flax import serialization
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import serialization
 
 VARIABLES_FILE = 'variables.msgpack'
 CONFIG_FILE = 'config.json'
 
 
 OUR_FILES = (VARIABLES_FILE, CONFIG_FILE, 'conversion.json')
+# The variable collections weights hold.
+COLLECTIONS = ('params', 'batch_stats')
 
 
 class OutputExistsError(ValueError):
@@ -129,7 +132,6 @@ def save_converted(out_dir: str, variables: dict,
   """
   out_dir = os.path.abspath(out_dir)
   mode = check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
-  from ddq_jax.io.weights_fit import nonfinite_paths  # pylint: disable=g-import-not-at-top
   bad = nonfinite_paths(variables)
   if bad:
     raise ValueError(
@@ -171,6 +173,34 @@ def save_converted(out_dir: str, variables: dict,
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def flatten(variables: dict) -> dict[str, Any]:
+  """{'params/a/b': leaf, ...} of the ``COLLECTIONS`` of a variables tree."""
+  out = {}
+
+  def walk(node, prefix):
+    if isinstance(node, dict) or hasattr(node, 'items'):
+      for k, v in node.items():
+        walk(v, f'{prefix}/{k}')
+    else:
+      out[prefix] = node
+
+  for coll in COLLECTIONS:
+    if coll in variables:
+      walk(variables[coll], coll)
+  return out
+
+
+def is_floating(x) -> bool:
+  return jnp.issubdtype(np.asarray(x).dtype, jnp.floating)
+
+
+def nonfinite_paths(variables: dict) -> list[str]:
+  """Paths of the floating leaves holding a NaN or an infinity."""
+  return [p for p, x in flatten(variables).items()
+          if is_floating(x) and not np.all(np.isfinite(
+              np.asarray(x, np.float32)))]
 
 
 def _to_numpy(tree):
