@@ -6,7 +6,8 @@ import threading
 import time
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+  """Whether process ``pid`` exists (one we may not signal counts)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -27,7 +28,7 @@ def die_with_parent(parent_pid: int, worker_index: int = 0,
   initial = os.getppid()
 
   def watch():
-    while os.getppid() == initial and _alive(parent_pid):
+    while os.getppid() == initial and pid_alive(parent_pid):
       time.sleep(poll_s)
     os._exit(0)  # pylint: disable=protected-access
 

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ddq_jax.data.workers import pid_alive
+
 VARIABLES_FILE = 'variables.msgpack'
 CONFIG_FILE = 'config.json'
 
@@ -82,16 +84,6 @@ def check_output_dir(out_dir: str, *, overwrite: bool = False,
       f'{", ".join(OUR_FILES)} into it (its other files are kept)')
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 def stale_temporaries(parent: str, base: str) -> list[str]:
   """Temporary directories of earlier conversions into ``parent/base`` that
   no live process owns and that hold only our files: ``.tmp-BASE.<pid>.*``
@@ -105,7 +97,7 @@ def stale_temporaries(parent: str, base: str) -> list[str]:
     path = os.path.join(parent, name)
     if not m or not os.path.isdir(path) or os.path.islink(path):
       continue
-    if m.group(1) and _pid_alive(int(m.group(1))):
+    if m.group(1) and pid_alive(int(m.group(1))):
       continue
     if set(os.listdir(path)) <= set(OUR_FILES):
       out.append(path)
