@@ -26,8 +26,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ddq_jax.io.conversion.weights_io import (COLLECTIONS, _tuples, flatten,
-                                             is_floating, nonfinite_paths)
+from ddq_jax.io.conversion.weights_io import _tuples, flatten, nonfinite_paths
 from ddq_jax.model.variables import variable_shapes
 from ddq_jax.train import integrity
 
