@@ -94,14 +94,27 @@ def _targets(module: str, node) -> set[str]:
   return out
 
 
+def _packages_of(name: str) -> set[str]:
+  """The sub-packages ``import name`` initialises first (the root's
+  ``__init__`` imports nothing at its top)."""
+  parts = name.split('.')
+  return {'.'.join(parts[:i]) for i in range(2, len(parts))}
+
+
 def import_graph() -> dict[str, set[str]]:
+  """{module: the ddq_jax modules its top level imports}, with the
+  sub-packages (their ``__init__``) an import initialises on the way,
+  except the importer's own (already initialising)."""
   graph = {}
   for name, path in MODULES.items():
     with open(path) as f:
       tree = ast.parse(f.read(), path)
-    graph[name] = set()
+    own = _packages_of(name) | ({name} if _is_package(name) else set())
+    deps = set()
     for node in _module_level_imports(tree):
-      graph[name] |= _targets(name, node) - {name}
+      for target in _targets(name, node):
+        deps |= {target} | _packages_of(target)
+    graph[name] = deps - own - {name}
   return graph
 
 

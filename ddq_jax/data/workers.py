@@ -5,16 +5,7 @@ import os
 import threading
 import time
 
-
-def pid_alive(pid: int) -> bool:
-  """Whether process ``pid`` exists (one we may not signal counts)."""
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
+from ddq_jax.io.outputs import pid_alive
 
 
 def die_with_parent(parent_pid: int, worker_index: int = 0,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddq_jax.data.workers import pid_alive
+from ddq_jax.io.outputs import pid_alive
 
 VARIABLES_FILE = 'variables.msgpack'
 CONFIG_FILE = 'config.json'
