@@ -12,11 +12,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import standin  # noqa: E402
 import jax.numpy as jnp
 
-from ddq_jax.train.parallel import mesh as mesh_lib, sharding as shd
+from ddq_jax.train.parallel import mesh as mesh_lib
+from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.io import weights
 from ddq_jax.train.checkpoint import Checkpointer, load_params_only
 from ddq_jax.model.variables import variable_shapes
-from ddq_jax.train import loop, optimizer as opt, state as state_lib
+from ddq_jax.train import loop
+from ddq_jax.train import optimizer as opt
+from ddq_jax.train import state as state_lib
 from ddq_jax.train.loop import Components, train
 
 

@@ -1,9 +1,9 @@
 """Multi-scale deformable attention vs a plain numpy grid_sample reference."""
-from conftest import assert_close
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conftest import assert_close
 from ddq_jax import backend
 from ddq_jax.model.deform_attn import MultiScaleDeformableAttention
 from ddq_jax.ops.deform_attn import multi_scale_deformable_attention

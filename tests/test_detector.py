@@ -6,11 +6,11 @@ training forward with the fixture's injected denoising queries (train.npz)."""
 import json
 import os
 
-from conftest import assert_close
 import jax
 import numpy as np
 import pytest
 
+from conftest import assert_close
 from ddq_jax.config import load_config
 from ddq_jax.io.conversion.mapping import match_rule
 from ddq_jax.losses.config import CriterionConfig

@@ -9,7 +9,8 @@ import pytest
 
 from ddq_jax.config import load_config
 from ddq_jax.data import build_dataset, make_eval_iterator
-from ddq_jax.evaluation import cli as evaluate, evaluate_model
+from ddq_jax.evaluation import cli as evaluate
+from ddq_jax.evaluation import evaluate_model
 from ddq_jax.evaluation.coco_metrics import (METRIC_NAMES, coco_box_metrics,
                                              detections_to_coco, format_table,
                                              pycocotools_box_metrics)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from ddq_jax.model.variables import variable_shapes
-from ddq_jax.train import flat_optimizer as fo, optimizer as opt
+from ddq_jax.train import flat_optimizer as fo
+from ddq_jax.train import optimizer as opt
 
 
 def _config(**optim):

@@ -1,12 +1,12 @@
 """pre_decoder query selection vs the tiny fixture (infer.npz, train.npz)."""
-from conftest import assert_close
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_nms import ref_batched_nms
 
+from conftest import assert_close
 from ddq_jax.model import query_selection as qs
+from test_nms import ref_batched_nms
 
 HI = jax.lax.Precision.HIGHEST
 

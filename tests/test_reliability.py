@@ -25,9 +25,11 @@ from ddq_jax.io.weights_fit import (check_fit, expected_shapes, fit_problems,
     flatten, WeightsMismatchError)
 from ddq_jax.serve import export, predict
 from ddq_jax.serve.api import Detector
-from ddq_jax.train import (checkpoint as ckpt_lib, loop, optimizer as opt_lib,
-    state as state_lib)
+from ddq_jax.train import checkpoint as ckpt_lib
 from ddq_jax.train import cli as train_cli
+from ddq_jax.train import loop
+from ddq_jax.train import optimizer as opt_lib
+from ddq_jax.train import state as state_lib
 from ddq_jax.train import workdir as workdir_lib
 from ddq_jax.train.parallel import mesh as mesh_lib
 

@@ -3,12 +3,12 @@ stages, out_indices, the official checkpoint layout and the Swin-L manifest."""
 import json
 import os
 
-from conftest import assert_close, load_npz
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_close, load_npz
 from ddq_jax.config import load_config
 from ddq_jax.io.conversion import swin as swin_conv, torch_pickle
 from ddq_jax.io.conversion.converter import expected_shapes

@@ -24,11 +24,11 @@ import os
 import ml_collections
 
 from ddq_jax.config import apply_overrides
-from ddq_jax.io.conversion import swin as swin_conv, weights_io
+from ddq_jax.io.conversion import swin as swin_conv
+from ddq_jax.io.conversion import torch_pickle
+from ddq_jax.io.conversion import weights_io
 from ddq_jax.io.conversion.converter import ConversionError, convert_checkpoint
 from ddq_jax.io.conversion.mmdet_config import ConfigParseError
-from ddq_jax.io.conversion.torch_pickle import (load_torch_checkpoint,
-                                                state_dict_of)
 from ddq_jax.io.conversion.torchvision import torchvision_resnet_to_variables
 from ddq_jax.io.weights_fit import check_fit
 from ddq_jax.train.checkpoint import load_params_only
@@ -71,7 +71,8 @@ def weight_format(path: str, state_dict: dict | None = None) -> str:
                             'directory written by convert_weights.py or an '
                             'mmdetection .pth')
   if state_dict is None:
-    state_dict = state_dict_of(load_torch_checkpoint(path), path)
+    state_dict = torch_pickle.state_dict_of(
+        torch_pickle.load_torch_checkpoint(path), path)
   return 'torchvision' if is_torchvision_resnet(state_dict) else 'mmdet'
 
 
@@ -158,7 +159,8 @@ def load_pretrained(path: str, config) -> dict:
     log.info('init_from: TrainState checkpoint %s', d)
     return load_params_only(d)
   if os.path.isfile(path):
-    sd = state_dict_of(load_torch_checkpoint(path), path)
+    sd = torch_pickle.state_dict_of(torch_pickle.load_torch_checkpoint(path),
+                                    path)
     if weight_format(path, sd) == 'torchvision':
       log.info('init_from: torchvision ResNet %s (backbone only)', path)
       return torchvision_backbone_variables(sd, config)

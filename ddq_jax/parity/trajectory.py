@@ -38,12 +38,14 @@ from ddq_jax.model.denoising import dn_layout, noisy_dn_targets, num_dn_slots
 from ddq_jax.model.detector import build_model
 from ddq_jax.parity.compare import Comparison
 from ddq_jax.parity.trajectory_compare import compare_history, compare_params, step_errors, ulp_summary
-from ddq_jax.train import (optimizer as opt_lib, state as state_lib,
-                           step as step_lib)
+from ddq_jax.train import optimizer as opt_lib
+from ddq_jax.train import state as state_lib
+from ddq_jax.train import step as step_lib
 from ddq_jax.train.loop import TRAIN_KEYS
 from ddq_jax.train.objective import make_loss_fn
 from ddq_jax.train.optimizer import FROZEN, param_labels
-from ddq_jax.train.parallel import mesh as mesh_lib, sharding as shd
+from ddq_jax.train.parallel import mesh as mesh_lib
+from ddq_jax.train.parallel import sharding as shd
 
 TRAJECTORY_NPZ = 'trajectory.npz'
 TRAJECTORY_JSON = 'trajectory.json'

@@ -60,7 +60,8 @@ from ddq_jax.serve.inference import make_predict_fn
 from ddq_jax.tools.accelerators import deviceless, targets
 from ddq_jax.tools.accelerators.hlo_stats import memory_figures
 from ddq_jax.tools.profiling import analyze, hot_spots
-from ddq_jax.train import state as state_lib, step as step_lib
+from ddq_jax.train import state as state_lib
+from ddq_jax.train import step as step_lib
 from ddq_jax.train.objective import make_loss_fn
 from ddq_jax.train.optimizer import make_optimizer
 from ddq_jax.train.parallel import sharding as shd

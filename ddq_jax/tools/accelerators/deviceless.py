@@ -44,7 +44,8 @@ from ddq_jax import backend
 from ddq_jax.model.detector import build_model
 from ddq_jax.model.variables import variable_shapes
 from ddq_jax.serve.inference import make_predict_fn
-from ddq_jax.train import state as state_lib, step as step_lib
+from ddq_jax.train import state as state_lib
+from ddq_jax.train import step as step_lib
 from ddq_jax.train.objective import make_loss_fn
 from ddq_jax.train.optimizer import make_optimizer
 from ddq_jax.train.parallel import sharding as shd
