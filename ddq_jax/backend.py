@@ -14,6 +14,10 @@ Formulations that only pay off on one backend are chosen from
 * scanned ResNet blocks' weight gradients by taps (im2col) on XLA:CPU
   (``conv_weight_grad_by_taps``).
 
+Workarounds that every backend shares (the same program everywhere), for
+XLA's rewrites of rounding and fusion that parity on XLA:CPU needs
+prevented, are the named helpers of ``ops/xla_cpu.py``.
+
 Usually ``platform()`` is the default backend; a deviceless compile for a
 TPU or GPU target (``ddq_jax.tools.accelerators``) traces on a
 CPU-only host, so it wraps tracing in ``target_platform('tpu')`` and the

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import jax
+
 ENV = 'DDQ_JAX_COMPILATION_CACHE'
 _OFF = ('off', '0', 'false', 'no', 'none', '')
 
@@ -49,7 +51,6 @@ def enable_compilation_cache(enabled: bool = True) -> Optional[str]:
 
   Entries are written for compilations that take at least 1 s, so small
   helper functions do not fill the directory."""
-  import jax  # pylint: disable=g-import-not-at-top
   path = cache_dir_from_env() if enabled else None
   if path is None:
     jax.config.update('jax_enable_compilation_cache', False)

@@ -8,6 +8,11 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from ddq_jax.config import load_config  # noqa: E402
+from ddq_jax.io.conversion.mapping import convert_state_dict  # noqa: E402
+from ddq_jax.io.conversion.torch_pickle import (  # noqa: E402
+    load_torch_checkpoint, state_dict_of)
+
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 TINY = os.path.join(DATA, 'tiny')
 
@@ -30,7 +35,6 @@ def tiny_dir():
 def tiny_config():
   """The tiny config in the reference's batched-padding mode: what the
   tiny/ batch fixture (two images on one padded canvas) computes."""
-  from ddq_jax.config import load_config
   return load_config('tiny', {'padding_invariant': False})
 
 
@@ -51,14 +55,12 @@ def tiny_train():
 
 @pytest.fixture(scope='session')
 def tiny_state_dict():
-  from ddq_jax.io.conversion.torch_pickle import load_torch_checkpoint, state_dict_of
   return state_dict_of(load_torch_checkpoint(os.path.join(TINY, 'checkpoint.pth')))
 
 
 @pytest.fixture(scope='session')
 def tiny_variables(tiny_state_dict):
   """{'params': ..., 'batch_stats': ...} of the whole model, numpy leaves."""
-  from ddq_jax.io.conversion.mapping import convert_state_dict
   variables, _, unmapped = convert_state_dict(tiny_state_dict)
   assert not unmapped, unmapped
   return variables

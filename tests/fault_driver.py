@@ -20,6 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import standin  # noqa: E402
 
+from ddq_jax.train import loop  # noqa: E402
+from ddq_jax.train.entry import run_training  # noqa: E402
+from ddq_jax.train.loop import Components  # noqa: E402
+
 
 class Batches:
   """Deterministic-by-step stand-in data (batch ``step`` of 8)."""
@@ -49,7 +53,6 @@ def make_config(**train):
 
 
 def components(sleep=0.0):
-  from ddq_jax.train.loop import Components
   return Components(init_variables=standin.init_variables,
                     loss_fn=standin.loss_fn,
                     make_iterator=lambda s, i, n: Batches(s, i, n, sleep))
@@ -63,8 +66,6 @@ def main(argv):
     k, v = kv.split('=', 1)
     overrides[k] = ast.literal_eval(v)
   sleep = float(overrides.pop('step_sleep', 0.0))
-  from ddq_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train.entry import run_training  # pylint: disable=g-import-not-at-top
 
   def run():
     logging.getLogger('ddq_jax').info('fault driver pid %d', os.getpid())

@@ -6,10 +6,11 @@ import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+from ddq_jax.config import load_config  # noqa: E402
+from ddq_jax.data.pipeline import make_train_iterator  # noqa: E402
+
 
 def main():
-  from ddq_jax.config import load_config
-  from ddq_jax.data.pipeline import make_train_iterator
   c = load_config('tiny_synthetic', {'data.synthetic_num_train': 16,
                                      'train.global_batch_size': 2})
   it = make_train_iterator(c, seed=0, num_workers=2)

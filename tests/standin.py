@@ -12,6 +12,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ddq_jax.train import optimizer as opt
+from ddq_jax.train import state as state_lib
+from ddq_jax.train import step as step_lib
+from ddq_jax.train.parallel import mesh as mesh_lib
+from ddq_jax.train.parallel import sharding as shd
+
 H = W = 16
 G = 3
 NUM_CLASSES = 5
@@ -163,11 +169,6 @@ STEPS_PER_EPOCH = 4
 
 def setup(config, devices=None, *, min_size=None, seed=0):
   """mesh, tx, fresh state, its shardings and the jitted step."""
-  from ddq_jax.train.parallel import mesh as mesh_lib
-  from ddq_jax.train.parallel import sharding as shd
-  from ddq_jax.train import optimizer as opt
-  from ddq_jax.train import state as state_lib
-  from ddq_jax.train import step as step_lib
   mesh = mesh_lib.make_mesh(config, devices)
   tx, _ = opt.make_optimizer(config, STEPS_PER_EPOCH)
   state, shardings = state_lib.init_train_state(
@@ -184,7 +185,6 @@ def run_steps(setup_, state, start, n, *, global_batch=8, checkpointer=None,
               config=None):
   """Runs steps start..start+n-1 (feeding this process's rows); returns
   (state, losses)."""
-  from ddq_jax.train.parallel import sharding as shd
   losses = []
   for i in range(start, start + n):
     local = make_batch(i, global_batch, process_index=jax.process_index(),

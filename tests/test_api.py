@@ -2,11 +2,18 @@
 (uint8 canvas in, normalisation and mask inside), images of every kind,
 compile once per canvas, bfloat16, loading errors."""
 import os
+import subprocess
+import sys
 
+import cv2
+import ml_collections
 import numpy as np
 import pytest
 
 import ddq_jax
+from ddq_jax.config import load_config
+from ddq_jax.data.transforms import read_image
+from ddq_jax.parity.canvas import tie_ordered_detections
 from ddq_jax.serve import api
 
 SAMPLE = os.path.join(os.path.dirname(api.__file__), 'assets', 'sample.jpg')
@@ -16,14 +23,11 @@ SAMPLE = os.path.join(os.path.dirname(api.__file__), 'assets', 'sample.jpg')
 def detector(tiny_dir):
   # The Detector turns padding_invariant on (tiny_config has it off for the
   # batch fixtures).
-  from ddq_jax.config import load_config
   return ddq_jax.Detector.load(os.path.join(tiny_dir, 'checkpoint.pth'),
                                config=load_config('tiny'), batch_size=2)
 
 
 def test_lazy_import():
-  import subprocess
-  import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = ('import sys, ddq_jax; assert "jax" not in sys.modules, "jax"; '
           'assert ddq_jax.Detector.__name__ == "Detector"; '
@@ -36,7 +40,6 @@ def test_serving_program_matches_fixture(detector):
   """raw uint8 images + sizes + scale factors -> the reference's batch-1
   detections of each image (tiny_single a and b, sharing one canvas that no
   stride divides; normalisation and padding mask computed inside)."""
-  from ddq_jax.parity.canvas import tie_ordered_detections
   single = os.path.join(os.path.dirname(__file__), 'data', 'tiny_single')
   bundles = []
   for name in ('a', 'b'):
@@ -60,8 +63,6 @@ def test_serving_program_matches_fixture(detector):
 
 
 def test_images_of_every_kind_and_one_compile_per_canvas(detector):
-  import cv2
-  from ddq_jax.data.transforms import read_image
   rgb = read_image(SAMPLE)
   start = detector.trace_count()
   one = detector(SAMPLE)
@@ -89,7 +90,6 @@ def test_images_of_every_kind_and_one_compile_per_canvas(detector):
 
 def test_pil_image(detector):
   pil = pytest.importorskip('PIL.Image')
-  from ddq_jax.data.transforms import read_image
   rgb = read_image(SAMPLE)
   a = detector(pil.fromarray(rgb))
   np.testing.assert_allclose(a.boxes, detector(rgb).boxes, atol=1e-5)
@@ -123,7 +123,6 @@ def test_bfloat16_close_to_float32(tiny_variables, tiny_config):
 
 
 def test_inference_config_sets_padding_invariant(tiny_config):
-  import ml_collections
   c = tiny_config.copy_and_resolve_references()
   assert 'padding_invariant' not in api.inference_config(c) or \
       api.inference_config(c).padding_invariant

@@ -2,6 +2,8 @@
 times, and one short end-to-end run (tiny, infer, 2 fake CPU devices)."""
 import json
 
+import pytest
+
 from ddq_jax.tools.benchmark import main
 from ddq_jax.tools.profiling import hlo_instructions, self_times, stage_of
 
@@ -111,7 +113,6 @@ def test_benchmark_compile_only(capsys):
 
 
 def test_benchmark_rejects_empty_batch_and_size(capsys):
-  import pytest  # pylint: disable=g-import-not-at-top
   for args, want in ((['--batch', '0'], '--batch must be >= 1, got 0'),
                      (['--size', '0', '0'], '--size 0 0: expected a positive'),
                      (['--steps', '0'], '--steps must be >= 1, got 0')):

@@ -1,6 +1,7 @@
 """Kill-and-resume gives the same losses as an uninterrupted run; restoring
 into another mesh works; retention and atomicity."""
 import os
+import signal
 import sys
 
 import jax
@@ -9,10 +10,17 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import standin  # noqa: E402
+import jax.numpy as jnp
 
+from ddq_jax.train.parallel import mesh as mesh_lib
 from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.io import weights
 from ddq_jax.train.checkpoint import Checkpointer, load_params_only
+from ddq_jax.model.variables import variable_shapes
+from ddq_jax.train import loop
+from ddq_jax.train import optimizer as opt
+from ddq_jax.train import state as state_lib
+from ddq_jax.train.loop import Components, train
 
 
 @pytest.fixture(scope='module')
@@ -87,7 +95,6 @@ class _Iter:
 
   def __next__(self):
     if self.step == self.kill_at:
-      import signal
       os.kill(os.getpid(), signal.SIGTERM)
     b = standin.make_batch(self.step, 8, process_index=self.pidx,
                            process_count=self.pcount)
@@ -99,7 +106,6 @@ class _Iter:
 
 
 def _train(workdir, evals, kill_at=None):
-  from ddq_jax.train.loop import Components, train
   config = standin.config(max_steps=6, log_every=1, checkpoint_every=4,
                           keep_checkpoints=2, eval_every=3, init_from='')
   comps = Components(
@@ -135,12 +141,6 @@ def test_init_from_pretrained(tiny_config, tiny_state_dict, tiny_variables,
                               tmp_path):
   """init_from: an mmdetection .pth (whole detector) and a torchvision ResNet
   state dict (backbone only) load into a real-model TrainState."""
-  import jax.numpy as jnp
-  from ddq_jax.model.variables import variable_shapes
-  from ddq_jax.train.parallel import mesh as mesh_lib
-  from ddq_jax.train import loop
-  from ddq_jax.train import optimizer as opt
-  from ddq_jax.train import state as state_lib
   shapes = variable_shapes(tiny_config)
   mesh = mesh_lib.make_mesh(tiny_config)
   tx, _ = opt.make_optimizer(tiny_config, 10)

@@ -4,6 +4,12 @@ import pytest
 
 from ddq_jax import cli
 from ddq_jax.config import ConfigError, apply_overrides, load_config
+from ddq_jax.evaluation import cli as evaluate
+from ddq_jax.io.conversion import cli as convert
+from ddq_jax.parity import verify
+from ddq_jax.serve import predict
+from ddq_jax.tools import benchmark
+from ddq_jax.train import cli as train
 
 
 def test_overrides_are_typed_by_the_field():
@@ -42,12 +48,6 @@ def test_missing_config_file():
 ])
 def test_entry_points_end_in_one_line(argv, message, capsys, tmp_path):
   """Every entry point: exit status 2, one line on stderr, no traceback."""
-  from ddq_jax.tools import benchmark
-  from ddq_jax.evaluation import cli as evaluate
-  from ddq_jax.serve import predict
-  from ddq_jax.parity import verify
-  from ddq_jax.io.conversion import cli as convert
-  from ddq_jax.train import cli as train
   mains = [lambda a: benchmark.main(a),
            lambda a: convert.main(['x.pth', '--out', str(tmp_path)] + a),
            lambda a: train.main(

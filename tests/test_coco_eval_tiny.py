@@ -3,13 +3,15 @@ test loop (mmdet CocoDataset + test_pipeline + batch-1 test_step +
 CocoMetric) on coco_eval_tiny: 12 images resized to a short side of 800,
 batched 8 to a canvas, with padding invariance on by default.
 """
+from collections import defaultdict
 import json
 import os
-from collections import defaultdict
 
 import numpy as np
 import pytest
 
+from ddq_jax.config import load_config
+from ddq_jax.data import build_dataset
 from ddq_jax.evaluation import cli as evaluate
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
@@ -77,8 +79,6 @@ def test_top_detections_per_image_equal_the_reference(default_run, image_id):
 def test_crowd_regions_reach_the_metrics():
   """Crowd boxes are dropped from training targets but stay in the ground
   truth the metrics see (ignore regions, as in pycocotools)."""
-  from ddq_jax.config import load_config
-  from ddq_jax.data import build_dataset
   config = load_config('tiny', {'data.source': 'coco_dir',
                                 'data.eval_ann_file': ANN,
                                 'data.eval_image_dir': IMAGES})

@@ -2,15 +2,19 @@
 import json
 import logging
 import os
+import sys
 
 import cv2
 import numpy as np
 import pytest
 
+from ddq_jax.config import load_config
+from ddq_jax.data import build_dataset, make_eval_iterator, make_train_iterator
 from ddq_jax.data.coco_folder import CocoFolderSource, parse_coco_json
-from ddq_jax.data.synthetic import (SyntheticSource, render_synthetic,
-                                    write_coco_folder)
-from ddq_jax.data.tfds_source import COCO_CATEGORY_IDS, TfdsSource
+from ddq_jax.data.synthetic import (main, render_synthetic, SyntheticSource,
+    write_coco_folder)
+from ddq_jax.data.tfds_source import (COCO_CATEGORY_IDS, image_size_from_header,
+    TfdsSource)
 
 
 def _syn(n=6, split='train', seed=0):
@@ -251,9 +255,6 @@ def _prepare_fake_tfds(root, syn):
 
 
 def test_tfds_prepared_directory_without_tensorflow(tmp_path):
-  import sys  # pylint: disable=g-import-not-at-top
-  from ddq_jax.config import load_config  # pylint: disable=g-import-not-at-top
-  from ddq_jax.data import build_dataset, make_eval_iterator  # pylint: disable=g-import-not-at-top
   syn = _syn(n=5, split='validation')
   name = _prepare_fake_tfds(str(tmp_path), syn)
   c = load_config('tiny', {'data.source': 'tfds', 'data.tfds_name': name,
@@ -279,7 +280,6 @@ def test_tfds_prepared_directory_without_tensorflow(tmp_path):
 
 
 def test_image_size_from_header():
-  from ddq_jax.data.tfds_source import image_size_from_header  # pylint: disable=g-import-not-at-top
   img = np.zeros((37, 53, 3), np.uint8)
   for ext in ('.jpg', '.png'):
     ok, enc = cv2.imencode(ext, img)
@@ -288,8 +288,6 @@ def test_image_size_from_header():
 
 
 def test_tfds_size_index_enables_grouping(tmp_path):
-  from ddq_jax.config import load_config  # pylint: disable=g-import-not-at-top
-  from ddq_jax.data import build_dataset, make_train_iterator  # pylint: disable=g-import-not-at-top
   syn = _syn(n=8, split='validation')
   name = _prepare_fake_tfds(str(tmp_path), syn)
   index = str(tmp_path / 'idx' / 'sizes_{split}.npz')
@@ -312,9 +310,6 @@ def test_tfds_size_index_enables_grouping(tmp_path):
 
 
 def test_synthetic_cli_writes_standard_coco_layout(tmp_path, capsys):
-  from ddq_jax.config import load_config  # pylint: disable=g-import-not-at-top
-  from ddq_jax.data import build_dataset  # pylint: disable=g-import-not-at-top
-  from ddq_jax.data.synthetic import main  # pylint: disable=g-import-not-at-top
   main([str(tmp_path), '--num', '3', '--split', 'validation', '--size', '64'])
   assert 'wrote 3 images' in capsys.readouterr().out
   c = load_config('tiny', {'data.source': 'coco_dir',

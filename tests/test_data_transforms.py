@@ -1,4 +1,5 @@
 """Transforms: resize parity with OpenCV and mmcv's formula, flip, crop."""
+import json
 import os
 
 import cv2
@@ -21,7 +22,6 @@ SCALES = [(1333, 800), (480, 1333), (800, 1333), (400, 4200), (160, 128)]
 
 
 def test_rescale_size_matches_mmcv():
-  import json
   with open(MMCV_SIZES) as f:
     rows = json.load(f)['rows']
   assert len(rows) >= 1000

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import assert_close
+from ddq_jax import backend
 from ddq_jax.model.deform_attn import MultiScaleDeformableAttention
 from ddq_jax.ops.deform_attn import multi_scale_deformable_attention
 
@@ -202,7 +203,6 @@ def test_query_blocks_equal_unblocked():
   backend.deform_attn_query_chunks) gives the same value and gradients,
   with a block count that does not divide the queries; the backend picks 1
   block on the CPU and 8 for a TPU target."""
-  from ddq_jax import backend
   value, loc, attn = _random_inputs(7, b=2, q=7, nh=2, dh=3, npt=3)
   cot = np.random.default_rng(8).normal(size=(2, 7, 6)).astype(np.float32)
 

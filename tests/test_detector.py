@@ -2,14 +2,23 @@
 intermediate and the detections (infer.npz), both distinct-mask semantics,
 the jitted predict function (compile once, input validation), and the
 training forward with the fixture's injected denoising queries (train.npz)."""
+
+import json
+import os
+
 import jax
 import numpy as np
 import pytest
 
 from conftest import assert_close
+from ddq_jax.config import load_config
+from ddq_jax.io.conversion.mapping import match_rule
+from ddq_jax.losses.config import CriterionConfig
+from ddq_jax.losses.criterion import ddq_criterion, total_loss
 from ddq_jax.model.detector import INTERMEDIATES, build_model
-from ddq_jax.serve.inference import make_predict_fn, validate_predict_inputs
 from ddq_jax.model.outputs import Detections
+from ddq_jax.model.variables import variable_shapes
+from ddq_jax.serve.inference import make_predict_fn, validate_predict_inputs
 
 EXACT = ('feat_mask', 'memory_mask', 'topk_indices', 'num_kept_after_nms',
          'distinct_keep_0', 'distinct_keep_1', 'head_query_mask_0',
@@ -164,8 +173,6 @@ TRAIN_INPUTS = ('images', 'pad_mask', 'img_shapes', 'gt_boxes', 'gt_labels',
 def train_run(model, tiny_config, tiny_variables, tiny_inputs):
   """One compile: training forward + criterion, value_and_grad over every
   parameter.  Returns (total, losses, forward outputs, grads), numpy."""
-  from ddq_jax.losses.criterion import ddq_criterion, total_loss
-  from ddq_jax.losses.config import CriterionConfig
   cfg = CriterionConfig.from_config(tiny_config)
   layouts = []
 
@@ -226,7 +233,6 @@ def test_training_forward_matches_fixture(train_out, tiny_train, tiny_inputs):
 def test_training_losses_and_gradients_match_fixture(train_run, tiny_train):
   """End to end: training forward + criterion, value_and_grad over every
   parameter, against the reference's loss terms and gradients."""
-  from ddq_jax.io.conversion.mapping import match_rule
   total, losses, _, grads = train_run
   ref_keys = [k for k in tiny_train if k.startswith('loss/')]
   assert sorted(k[5:] for k in ref_keys) == sorted(losses)
@@ -262,18 +268,12 @@ def test_variable_tree_equals_converted_checkpoint(tiny_config,
                                                    tiny_variables):
   """Every variable of the module (all branches, via a training init) is
   in the converted tiny checkpoint with the same shape, and vice versa."""
-  from ddq_jax.model.variables import variable_shapes
   assert _shapes(variable_shapes(tiny_config)) == _shapes(tiny_variables)
 
 
 def test_r50_head_and_decoder_match_manifest():
   """Branch counts (L + 2 cls/reg, L aux) and decoder layers of the real
   R50 4-scale model against the published state-dict manifest."""
-  import json
-  import os
-  from ddq_jax.config import load_config
-  from ddq_jax.io.conversion.mapping import match_rule
-  from ddq_jax.model.variables import variable_shapes
   path = os.path.join(os.path.dirname(__file__), 'data',
                       'state_dict_manifest_r50.json')
   with open(path) as f:

@@ -3,12 +3,21 @@ end to end (CLI, tiny fixture weights, synthetic images) and its sharding."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
+from ddq_jax.config import load_config
+from ddq_jax.data import build_dataset, make_eval_iterator
+from ddq_jax.evaluation import cli as evaluate
+from ddq_jax.evaluation import evaluate_model
 from ddq_jax.evaluation.coco_metrics import (METRIC_NAMES, coco_box_metrics,
                                              detections_to_coco, format_table,
                                              pycocotools_box_metrics)
+from ddq_jax.io.weights import load_weights
+from ddq_jax.model.detector import build_model
+from ddq_jax.serve.inference import make_predict_fn
+from ddq_jax.train.parallel.mesh import make_mesh
 
 TINY_PTH = os.path.join(os.path.dirname(__file__), 'data', 'tiny',
                         'checkpoint.pth')
@@ -122,8 +131,6 @@ OVERRIDES = ['data.canvas_sizes=((160, 160),)', f'data.synthetic_num_eval={N_IMA
 @pytest.fixture(scope='module')
 def cli_run(tmp_path_factory):
   """The CLI on the tiny fixture weights, synthetic split, all 8 devices."""
-  import jax
-  from ddq_jax.evaluation import cli as evaluate
   assert jax.device_count() == 8
   out = str(tmp_path_factory.mktemp('eval'))
   args = ['--config', 'tiny', '--weights', TINY_PTH, '--out', out,
@@ -135,8 +142,6 @@ def cli_run(tmp_path_factory):
 
 
 def test_cli_writes_metrics_and_detections(cli_run):
-  from ddq_jax.config import load_config
-  from ddq_jax.data import build_dataset
   with open(os.path.join(cli_run, 'metrics.json')) as f:
     metrics = json.load(f)
   with open(os.path.join(cli_run, 'detections.json')) as f:
@@ -163,14 +168,6 @@ def test_cli_writes_metrics_and_detections(cli_run):
 
 def test_sharded_equals_single_device(cli_run):
   """evaluate_model on 1 device == the CLI's 8-device run."""
-  import jax
-  from ddq_jax.config import load_config
-  from ddq_jax.data import build_dataset, make_eval_iterator
-  from ddq_jax.evaluation import evaluate_model
-  from ddq_jax.train.parallel.mesh import make_mesh
-  from ddq_jax.model.detector import build_model
-  from ddq_jax.serve.inference import make_predict_fn
-  from ddq_jax.io.weights import load_weights
   config = load_config('tiny', {'data.canvas_sizes': ((160, 160),),
                                 'data.synthetic_num_eval': N_IMAGES})
   variables, config = load_weights(TINY_PTH, config)
@@ -209,7 +206,6 @@ def test_sharded_equals_single_device(cli_run):
 
 
 def test_cli_errors(tmp_path, capsys):
-  from ddq_jax.evaluation import cli as evaluate
   with pytest.raises(SystemExit) as e:
     evaluate.main(['--config', 'tiny', '--weights', TINY_PTH, '--out',
                    str(tmp_path), '--coco-dir', str(tmp_path / 'nope')])

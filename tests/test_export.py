@@ -7,9 +7,16 @@ import os
 import subprocess
 import sys
 
+import cv2
+import jax
 import numpy as np
 import pytest
 
+from ddq_jax.config import load_config
+from ddq_jax.data.transforms import read_image
+from ddq_jax.io.conversion.weights_io import save_converted
+from ddq_jax.model.detector import build_model
+from ddq_jax.model.variables import init_variables
 from ddq_jax.serve import api, export
 
 SAMPLE = os.path.join(os.path.dirname(api.__file__), 'assets', 'sample.jpg')
@@ -37,8 +44,6 @@ print(json.dumps(dict(platforms=list(exported.platforms),
 def _inputs(detector, which=(0, 1)):
   """Real images on the canvas: the sample (0) and a half-size copy (1,
   padded on the canvas), those of ``which`` in that order."""
-  import cv2
-  from ddq_jax.data.transforms import read_image
   rgb = read_image(SAMPLE)
   small = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2))
   samples = [detector.prepare((rgb, small)[i]) for i in which]
@@ -154,7 +159,7 @@ def test_onnx_matches_detector(tiny_dir, tiny_config, tmp_path, capfd):
   # The decoder's cond lists its head mask twice (issue 21: onnxruntime
   # then reads garbage for the next layer's NMS candidates).
   assert report['onnx_fixes']['duplicate_outputs'] >= 1
-  import onnx
+  import onnx  # optional: ddq-jax[export]
   model = onnx.load(str(tmp_path / 'model.onnx'))
   dims = [tuple(x.dims) for x in model.graph.initializer]
   canvas_sized = [d for d in dims if tuple(CANVAS) in zip(d, d[1:])]
@@ -166,11 +171,6 @@ def test_onnx_matches_detector(tiny_dir, tiny_config, tmp_path, capfd):
 def test_onnx_matches_detector_5_levels_20_classes(tmp_path):
   """A 5-level model with 20 classes (random weights), batch 1, the padded
   image: issue 21's case (onnxruntime was 71 px off, 30% labels equal)."""
-  import jax
-  from ddq_jax.config import load_config
-  from ddq_jax.io.conversion.weights_io import save_converted
-  from ddq_jax.model.detector import build_model
-  from ddq_jax.model.variables import init_variables
   config = load_config('tiny', {'num_levels': 5, 'num_classes': 20,
                                 'backbone.out_indices': (0, 1, 2, 3)})
   model = build_model(config)
@@ -184,7 +184,6 @@ def test_onnx_matches_detector_5_levels_20_classes(tmp_path):
 
 @pytest.mark.slow
 def test_onnx_matches_detector_swin(tmp_path):
-  from ddq_jax.config import load_config
   bundle = os.path.join(os.path.dirname(__file__), 'data', 'tiny_swin')
   _onnx_matches(os.path.join(bundle, 'checkpoint.pth'),
                 load_config('tiny_swin'), tmp_path, batch=BATCH,
@@ -194,7 +193,6 @@ def test_onnx_matches_detector_swin(tmp_path):
 def test_check_artifacts(tiny_dir, tiny_config, exported):
   """--check's comparison: the fresh model.jax agrees with the Detector on
   the user's images; run next to other weights, each image is named."""
-  import jax
   out_dir, _ = exported
   det = api.Detector.load(os.path.join(tiny_dir, 'checkpoint.pth'),
                           config=tiny_config, batch_size=BATCH)

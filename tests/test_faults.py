@@ -22,10 +22,12 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import fault_driver  # noqa: E402
 import standin  # noqa: E402
+import jax.numpy as jnp
 
-from ddq_jax.train import checkpoint as ckpt_lib
+from ddq_jax.train import checkpoint as ckpt_lib, integrity
 from ddq_jax.train import loop
 from ddq_jax.train import nonfinite
+from ddq_jax.losses.hungarian import hungarian_match
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, 'tests', 'fault_driver.py')
@@ -361,8 +363,6 @@ def test_loader_workers_die_with_a_killed_trainer():
 def test_hungarian_survives_non_finite_costs(solver):
   """A diverged step's NaN / inf costs neither crash the host solver nor
   stall the JAX one (the step is then not applied)."""
-  import jax.numpy as jnp
-  from ddq_jax.losses.hungarian import hungarian_match
   cost = jnp.array([[np.nan, 1.0], [np.inf, -np.inf], [0.5, 2.0]])
   out = np.asarray(jax.jit(lambda c: hungarian_match(c, solver=solver))(cost))
   assert sorted(out[out >= 0].tolist()) == [0, 1]
@@ -402,8 +402,6 @@ def test_intact_checkpoint_of_another_state_is_not_set_aside(tmp_path):
 
 def test_checksum_host_and_in_graph_paths_agree():
   """A checkpoint written by one process verifies under many (and back)."""
-  import jax.numpy as jnp
-  from ddq_jax.train import integrity
   r = np.random.default_rng(0)
   leaves = [jnp.asarray(r.normal(size=(5, 7)).astype(np.float32)),
             jnp.asarray(r.normal(size=(9,))).astype(jnp.bfloat16),

@@ -11,6 +11,8 @@ import pytest
 from ddq_jax.data.class_names import COCO_CATEGORY_IDS, COCO_CLASSES
 from ddq_jax.data.coco_folder import CocoFolderSource, parse_coco_json
 from ddq_jax.data.image_size import image_size
+from ddq_jax.evaluation.coco_metrics import coco_box_metrics, detections_to_coco
+from ddq_jax.serve.predict import drawing_paths
 
 
 def _folder(tmp_path, *, n=4, sizes=True, ids=None, cats=None, ext='png'):
@@ -116,8 +118,6 @@ def test_categories_vs_model_classes(tmp_path, caplog):
 
   # The metrics see the right categories: perfect detections -> AP 1, and
   # a confident detection of a class with no category changes nothing.
-  from ddq_jax.evaluation.coco_metrics import (coco_box_metrics,
-                                               detections_to_coco)
   boxes = np.zeros((3, 2, 4), np.float32)
   boxes[:, :] = [2, 3, 22, 33]
   labels = np.array([[0, 5], [2, 5], [16, 5]])
@@ -149,7 +149,6 @@ def test_categories_vs_model_classes(tmp_path, caplog):
 
 
 def test_drawing_names_are_unique_and_never_overwrite(tmp_path):
-  from ddq_jax.serve.predict import drawing_paths
   d = tmp_path / 'draw'
   d.mkdir()
   (d / 'b.png').write_bytes(b'earlier drawing')

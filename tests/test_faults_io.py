@@ -23,6 +23,9 @@ import fault_driver  # noqa: E402
 from ddq_jax.evaluation import cli as evaluate
 from ddq_jax.serve import export, predict
 from ddq_jax.train import loop, run_log
+from ddq_jax.config import load_config
+from ddq_jax.data.transforms import rescale_size
+from ddq_jax.serve.api import Detector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, 'ddq_jax', 'serve', 'assets', 'sample.jpg')
@@ -162,7 +165,6 @@ def test_evaluate_empty_split_is_an_error(tmp_path, capsys):
 
 # ------------------------------------------------------- extreme images
 def test_extreme_aspect_ratios_resize_to_at_least_one_pixel():
-  from ddq_jax.data.transforms import rescale_size
   assert rescale_size(size_hw=(1, 5000), scale=(1333, 800))[0] == (1, 1333)
   assert rescale_size(size_hw=(3, 5000), scale=(160, 128))[0] == (1, 160)
   assert rescale_size(size_hw=(5000, 1), scale=(1333, 800))[0] == (1333, 1)
@@ -170,8 +172,6 @@ def test_extreme_aspect_ratios_resize_to_at_least_one_pixel():
 
 
 def test_extreme_aspect_ratios_run_in_the_detector():
-  from ddq_jax.serve.api import Detector
-  from ddq_jax.config import load_config
   det = Detector.load(TINY_PTH, config=load_config('tiny'))
   rng = np.random.default_rng(0)
   for hw in ((1, 5000), (3, 5000), (5000, 1)):

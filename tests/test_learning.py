@@ -8,6 +8,9 @@ of batch 8): AP50 0.026 / 0.110 / 0.249 / 0.385 after 100 / 200 / 300 /
 """
 import pytest
 
+from ddq_jax.config import load_config
+from ddq_jax.train.loop import train
+
 # AP50 on the 64 held-out synthetic images after 400 steps: measured 0.385;
 # the threshold leaves room for run-to-run noise (thread scheduling).
 AP50_THRESHOLD = 0.2
@@ -15,8 +18,6 @@ AP50_THRESHOLD = 0.2
 
 @pytest.mark.slow
 def test_tiny_synthetic_learns(tmp_path):
-  from ddq_jax.config import load_config
-  from ddq_jax.train.loop import train
   config = load_config('tiny_synthetic')
   result = train(config, str(tmp_path / 'run'))
   assert result['step'] == 400 and result['compiles'] <= len(

@@ -6,6 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from ddq_jax.model.variables import variable_shapes
+from ddq_jax.train import flat_optimizer as fo
 from ddq_jax.train import optimizer as opt
 
 
@@ -154,14 +156,12 @@ def test_adamw_matches_torch_and_frozen_untouched(flat_update):
 
 
 def optax_apply(p, u):
-  import optax
   return optax.apply_updates(p, u)
 
 
 def test_labels_on_real_model(tiny_config):
   """On the detector's tree: frozen = stem + layer1 + every backbone BN;
   the backbone group = conv kernels of layers 2-4; nothing else frozen."""
-  from ddq_jax.model.variables import variable_shapes
   params = variable_shapes(tiny_config)['params']
   labels = opt.param_labels(params, tiny_config)
   flat = {tuple(str(getattr(k, 'key', k)) for k in p): l for p, l in
@@ -186,7 +186,6 @@ def test_flat_moments_and_their_checkpoint_layout():
   in vector order; the checkpoint layout is per parameter; converting there
   and back is the identity, and a per-parameter state's canonical form is
   itself."""
-  from ddq_jax.train import flat_optimizer as fo
   params = jax.tree.map(jnp.asarray, _tree())
   rng = np.random.default_rng(1)
   g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)

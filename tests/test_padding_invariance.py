@@ -7,19 +7,28 @@ the small strides divide, and one much larger than either image; every
 per-query tensor and the detections must equal the fixture within the parity
 targets (ddq_jax/parity/compare.py), token-indexed tensors over the valid region (canvas_parity).
 """
+import json
 import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from ddq_jax.parity.canvas import place_in_canvas, tie_ordered_detections, unpadded_view
 from ddq_jax.config import load_config
-from ddq_jax.model.resnet import ResNet
+from ddq_jax.data import transforms as T
+from ddq_jax.data.batching import eval_canvases, fits_any, padding_overhead
+from ddq_jax.io.weights import load_weights
 from ddq_jax.model.detector import INTERMEDIATES, build_model
 from ddq_jax.model.extents import extent_valid, image_extents
 from ddq_jax.model.multiscale import level_masks, level_masks_from_extents
+from ddq_jax.model.resnet import ResNet
+from ddq_jax.parity import verify
+from ddq_jax.parity.canvas import place_in_canvas, tie_ordered_detections, unpadded_view
 from ddq_jax.parity.compare import compare
+from ddq_jax.serve import predict
+from ddq_jax.train.checkpoint import Checkpointer
+from ddq_jax.train.state import create_train_state
 
 SINGLE = os.path.join(os.path.dirname(__file__), 'data', 'tiny_single')
 NAMES = ('a', 'b')
@@ -171,7 +180,6 @@ def test_level_masks_from_extents_equal_nearest_when_strides_divide():
 def test_predict_does_not_depend_on_the_other_images(tiny_dir):
   """`predict` pads every image of a call to one canvas: an image's
   detections are the same alone and next to a larger image."""
-  from ddq_jax.serve import predict
   sample = os.path.join(os.path.dirname(predict.__file__), 'assets',
                         'sample.jpg')
   other = os.path.join(os.path.dirname(__file__), 'data', 'coco_eval_tiny',
@@ -192,15 +200,10 @@ def test_predict_does_not_depend_on_the_other_images(tiny_dir):
 
 def test_weights_from_a_train_workdir(tmp_path, tiny_variables, tiny_config):
   """--weights accepts a train.py workdir (latest step) or a step dir."""
-  import json
-  from ddq_jax.train.checkpoint import Checkpointer
-  from ddq_jax.io.weights import load_weights
   workdir = tmp_path / 'run'
   (workdir).mkdir()
   (workdir / 'config.json').write_text(tiny_config.to_json_best_effort())
   ck = Checkpointer(str(workdir / 'checkpoints'), async_save=False)
-  import optax
-  from ddq_jax.train.state import create_train_state
   state = create_train_state(jax.tree.map(np.asarray, tiny_variables),
                              optax.sgd(0.0), jax.random.key_data(
                                  jax.random.key(0)))
@@ -219,7 +222,6 @@ def test_weights_from_a_train_workdir(tmp_path, tiny_variables, tiny_config):
 
 def test_verify_padding_invariant_on_a_larger_canvas(tiny_dir, tmp_path):
   """`verify BUNDLE --padding-invariant --canvas H W` on a batch-1 bundle."""
-  from ddq_jax.parity import verify
   bundle = tmp_path / 'a'
   bundle.mkdir()
   for name in ('inputs.npz', 'infer.npz', 'config.json'):
@@ -235,7 +237,6 @@ def test_verify_padding_invariant_on_a_larger_canvas(tiny_dir, tmp_path):
 
 
 def test_verify_canvas_needs_padding_invariant(capsys):
-  from ddq_jax.parity import verify
   with pytest.raises(SystemExit):
     verify.main([SINGLE + '/a', '--canvas', '100', '200'])
   assert '--padding-invariant' in capsys.readouterr().err
@@ -252,8 +253,6 @@ def test_default_eval_canvases_hold_every_test_resized_image():
   """At most 3 canvases, every test-resized size fits one (so a COCO
   evaluation compiles at most 3 shapes), and the padding overhead on a
   COCO-like mix is lower than with the training canvases."""
-  from ddq_jax.data import transforms as T
-  from ddq_jax.data.batching import eval_canvases, fits_any, padding_overhead
   c = load_config('ddq_r50_4scale')
   canvases = eval_canvases(c.data)
   assert len(canvases) <= 3

@@ -17,6 +17,7 @@ tests; ``python -m ddq_jax verify tests/data/published/r50_4scale_coco
 """
 import os
 
+import numpy as np
 import pytest
 
 from ddq_jax.parity import verify
@@ -82,7 +83,6 @@ def test_torch_sort_ties_change_nothing_here():
   """The reference as it runs (torch's unstable sort) and with stable
   sorts give the same selections and losses on this batch: exact ties do
   not reach the kept queries here (docs/PADDING.md)."""
-  import numpy as np
   d = os.path.join(PUBLISHED, 'r50_4scale_coco')
   for mode in ('infer', 'train'):
     with np.load(os.path.join(d, f'{mode}.npz')) as s, \

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import assert_close
 from ddq_jax.model import query_selection as qs
+from test_nms import ref_batched_nms
 
 HI = jax.lax.Precision.HIGHEST
 
@@ -122,7 +123,6 @@ def _invalid_flood(rng, n, n_invalid):
 def _reference_selection(logits, unact, num_select, thr):
   """The reference's pre_decoder over *all* proposals (no candidate bound):
   batched_nms, first ``num_select`` survivors."""
-  from test_nms import ref_batched_nms
   scores = np.asarray(jax.nn.sigmoid(jnp.asarray(logits.max(-1))))
   xy = np.asarray(jax.nn.sigmoid(jnp.asarray(unact)))
   boxes = np.concatenate([xy[:, :2] - xy[:, 2:] / 2,

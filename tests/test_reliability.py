@@ -8,17 +8,30 @@ are in tests/test_faults_io.py.
 import os
 import shutil
 import socket
+import sys
 
+from flax import serialization
+import jax
 import numpy as np
 import pytest
-from flax import serialization
 
+import ddq_jax
+from ddq_jax.config import load_config
+from ddq_jax.evaluation import cli as evaluate
 from ddq_jax.io.conversion import cli as convert_cli
 from ddq_jax.io.conversion import weights_io
-from ddq_jax.train import loop
-from ddq_jax.train import workdir as workdir_lib
+from ddq_jax.io.weights import load_pretrained
+from ddq_jax.io.weights_fit import (check_fit, expected_shapes, fit_problems,
+    flatten, WeightsMismatchError)
+from ddq_jax.serve import export, predict
+from ddq_jax.serve.api import Detector
+from ddq_jax.train import checkpoint as ckpt_lib
 from ddq_jax.train import cli as train_cli
-from ddq_jax.io.weights_fit import WeightsMismatchError, check_fit, fit_problems
+from ddq_jax.train import loop
+from ddq_jax.train import optimizer as opt_lib
+from ddq_jax.train import state as state_lib
+from ddq_jax.train import workdir as workdir_lib
+from ddq_jax.train.parallel import mesh as mesh_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, 'ddq_jax', 'serve', 'assets', 'sample.jpg')
@@ -48,9 +61,6 @@ def test_fit_problems_names_each_kind():
 
 def test_fewer_decoder_layers_refused_at_every_entry_point(converted, capsys,
                                                            tmp_path):
-  from ddq_jax.evaluation import cli as evaluate
-  from ddq_jax.serve import export, predict
-  from ddq_jax.serve.api import Detector
   assert predict.main([SAMPLE, '--weights', converted,
                        '--config.num_decoder_layers=2']) == 2
   err = capsys.readouterr().err.strip()
@@ -74,10 +84,7 @@ def test_fewer_decoder_layers_refused_at_every_entry_point(converted, capsys,
 
 
 def test_num_classes_mismatch_is_one_line_not_a_traceback(tiny_dir):
-  import ddq_jax
   assert ddq_jax.WeightsMismatchError is WeightsMismatchError
-  from ddq_jax.serve.api import Detector
-  from ddq_jax.config import load_config
   pth = os.path.join(tiny_dir, 'checkpoint.pth')
   with pytest.raises(WeightsMismatchError) as e:
     Detector.load(pth, overrides={'num_classes': 5})
@@ -90,7 +97,6 @@ def test_num_classes_mismatch_is_one_line_not_a_traceback(tiny_dir):
 
 
 def test_partial_load_is_an_explicit_opt_in(tiny_variables):
-  from ddq_jax.config import load_config
   cfg = load_config('tiny', {'num_classes': 5})
   with pytest.raises(WeightsMismatchError, match='init_from_partial'):
     check_fit(tiny_variables, cfg, opt_in='--config.train.init_from_partial'
@@ -103,19 +109,11 @@ def test_partial_load_is_an_explicit_opt_in(tiny_variables):
 
 
 def _shapes(cfg):
-  from ddq_jax.io.weights_fit import expected_shapes
   return expected_shapes(cfg)
 
 
 def test_train_checkpoint_is_checked_too(tmp_path, tiny_variables):
   """A train.py workdir (config.json + checkpoints/<step>) as weights."""
-  import jax
-  from ddq_jax.serve.api import Detector
-  from ddq_jax.config import load_config
-  from ddq_jax.train.parallel import mesh as mesh_lib
-  from ddq_jax.train import checkpoint as ckpt_lib
-  from ddq_jax.train import optimizer as opt_lib
-  from ddq_jax.train import state as state_lib
   cfg = load_config('tiny')
   tx, _ = opt_lib.make_optimizer(cfg, 10)
   mesh = mesh_lib.make_mesh(cfg, jax.devices()[:1])
@@ -133,8 +131,6 @@ def test_train_checkpoint_is_checked_too(tmp_path, tiny_variables):
 
 def test_non_finite_weights_refused_at_conversion_and_load(
     tmp_path, converted, tiny_variables, capsys):
-  from ddq_jax.serve.api import Detector
-  from ddq_jax.config import load_config
   bad = jax_tree_copy(tiny_variables)
   bad['params']['bbox_head']['cls_branches_0']['bias'][3] = np.nan
   with pytest.raises(ValueError, match='NaN or infinite.*cls_branches_0'):
@@ -176,7 +172,6 @@ def test_stale_temporaries_of_a_killed_conversion_are_removed(
 
 
 def test_config_json_that_is_not_json_is_named(tmp_path, converted, capsys):
-  from ddq_jax.serve import predict
   d = tmp_path / 'w'
   shutil.copytree(converted, d)
   (d / 'config.json').write_text('{not json')
@@ -245,9 +240,8 @@ def test_train_config_values_refused(tmp_path, capsys, key, value, want):
 
 
 def test_bad_init_from_is_exit_2_one_line(tmp_path):
-  import sys
   sys.path.insert(0, os.path.dirname(__file__))
-  import fault_driver  # pylint: disable=g-import-not-at-top
+  import fault_driver  # a script beside the tests (sys.path above)
   text = tmp_path / 'notes.txt'
   text.write_text('not weights')
   for path in (str(text), str(tmp_path / 'missing'),
@@ -261,9 +255,6 @@ def test_bad_init_from_is_exit_2_one_line(tmp_path):
 
 
 def test_init_from_partial_drops_what_does_not_fit(converted):
-  from ddq_jax.config import load_config
-  from ddq_jax.io.weights import load_pretrained
-  from ddq_jax.io.weights_fit import flatten
   cfg = load_config('tiny', {'num_classes': 5})
   with pytest.raises(WeightsMismatchError,
                      match=r'--config\.train\.init_from_partial=True'):

@@ -4,9 +4,9 @@ import os
 import sys
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(__file__))
 import standin  # noqa: E402
@@ -16,6 +16,9 @@ from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.train import optimizer as opt
 from ddq_jax.train import state as state_lib
 from ddq_jax.train import step as step_lib
+from ddq_jax.config import load_config
+from ddq_jax.io.weights import load_weights
+from ddq_jax.train.loop import default_components, TRAIN_KEYS
 
 STEPS = 4
 LOSS_RTOL = 1e-5
@@ -140,9 +143,6 @@ def test_real_model_8_devices_equals_1():
   Hungarian solver: with the scipy host callback the 8-fake-CPU-device step
   hangs in an XLA CPU all-reduce rendezvous (the callback is partitioned to
   device 0)."""
-  from ddq_jax.config import load_config
-  from ddq_jax.train.loop import TRAIN_KEYS, default_components
-  from ddq_jax.io.weights import load_weights
   c = load_config('tiny', {'train.global_batch_size': 8,
                            'data.num_workers': 0,
                            'loss.hungarian_solver': 'jax'})

@@ -10,10 +10,16 @@ import pytest
 
 from conftest import assert_close, load_npz
 from ddq_jax.config import load_config
-from ddq_jax.io.conversion import swin as swin_conv
+from ddq_jax.io.conversion import swin as swin_conv, torch_pickle
+from ddq_jax.io.conversion.converter import expected_shapes
 from ddq_jax.io.conversion.mapping import convert_state_dict, match_rule
+from ddq_jax.io.conversion.mmdet_config import config_from_mmdet
+from ddq_jax.io.conversion.torch_pickle import (load_torch_checkpoint,
+    state_dict_of)
 from ddq_jax.model import swin
 from ddq_jax.model.backbones import backbone_out_channels, build_backbone
+from ddq_jax.train.loop import load_pretrained
+from ddq_jax.train.optimizer import BACKBONE, DEFAULT, FROZEN, param_labels
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 TINY_SWIN = os.path.join(DATA, 'tiny_swin')
@@ -25,7 +31,6 @@ def _npz(name):
 
 @pytest.fixture(scope='module')
 def swin_state_dict():
-  from ddq_jax.io.conversion.torch_pickle import load_torch_checkpoint, state_dict_of
   return state_dict_of(load_torch_checkpoint(
       os.path.join(TINY_SWIN, 'checkpoint.pth')))
 
@@ -130,7 +135,6 @@ def test_frozen_stages_get_no_gradient():
 
 
 def test_optimizer_labels_follow_swin_frozen_stages(config):
-  from ddq_jax.train.optimizer import BACKBONE, DEFAULT, FROZEN, param_labels
   model = _tiny_swin()
   params = {'backbone': jax.eval_shape(model.init, jax.random.key(0),
                                        jnp.zeros((1, 16, 16, 3)))['params'],
@@ -159,7 +163,6 @@ def test_out_indices_from_config(config):
 
 
 def test_config_read_from_checkpoint_text(config):
-  from ddq_jax.io.conversion.mmdet_config import config_from_mmdet
   text = open(os.path.join(TINY_SWIN, 'mmdet_config.py')).read()
   c = config_from_mmdet(text)
   for key in ('type', 'embed_dims', 'depths', 'num_heads', 'window_size',
@@ -244,7 +247,6 @@ def test_swinl_manifest_maps_onto_the_real_model():
   """Every tensor of the real Swin-L DDQ-DETR maps onto a parameter of the
   model built from configs/ddq_swinl_4scale.py, with its shape (abstract
   shapes: jax.eval_shape of the whole detector)."""
-  from ddq_jax.io.conversion.converter import expected_shapes
   with open(os.path.join(DATA, 'state_dict_manifest_swinl.json')) as f:
     manifest = json.load(f)
   tensors = manifest['tensors']
@@ -272,8 +274,6 @@ def test_swinl_manifest_maps_onto_the_real_model():
 def test_init_from_official_checkpoint(monkeypatch, tmp_path, config,
                                        swin_state_dict, swin_params):
   """train.init_from=<official Swin .pth> gives the backbone subtree."""
-  from ddq_jax.io.conversion import torch_pickle
-  from ddq_jax.train.loop import load_pretrained
   official = swin_conv.mmdet_to_official(swin_state_dict)
   path = tmp_path / 'swin_official.pth'
   path.write_bytes(b'')

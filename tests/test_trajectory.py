@@ -9,6 +9,8 @@ settings, the denoising draws, the comparisons and the command line."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 
+from ddq_jax.io.conversion.export import to_reference_names
 from ddq_jax.parity import trajectory, trajectory_compare, verify
 from ddq_jax.train.optimizer import torch_adamw
 
@@ -36,8 +39,6 @@ def six_steps(tmp_path_factory):
   suite's 8 fake CPU devices, whose thread partitioning changes XLA's float32
   rounding, and the targets here are about one float32 ulp of the smallest
   parameter changes."""
-  import subprocess
-  import sys
   dump = str(tmp_path_factory.mktemp('trajectory') / 'ours.npz')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +143,6 @@ def test_torch_adamw_rounds_like_torch():
 
 # ------------------------------------------------------------ the pieces
 def test_export_inverts_the_converter(tiny_state_dict, tiny_variables):
-  from ddq_jax.io.conversion.export import to_reference_names
   names = {k: v.ndim for k, v in tiny_state_dict.items()}
   back = to_reference_names(tiny_variables, names)
   assert set(back) == {k for k in names if not k.endswith(

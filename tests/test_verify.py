@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ddq_jax.parity import verify
+from ddq_jax.parity.compare import adjacent_swaps, compare
 
 
 @pytest.fixture(scope='module')
@@ -48,7 +49,6 @@ def test_cli_bad_bundle(tmp_path, capsys):
 def test_ranked_indices_tolerate_near_tie_swaps_only():
   """Neighbouring ranks exchanged (scores equal to float32 rounding) are
   reported, not failed; any other difference in the ranking fails."""
-  from ddq_jax.parity.compare import adjacent_swaps, compare
   ref = np.array([[5, 9, 1, 7, -1]])
   assert adjacent_swaps([5, 1, 9, 7, -1], ref[0]) == (1, 0)
   ok = compare('topk_indices', np.array([[5, 1, 9, 7, -1]]), ref)

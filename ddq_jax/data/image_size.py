@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import struct
 
+from ddq_jax.data.transforms import read_image
+
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 # JPEG start-of-frame markers (C4 DHT, C8 JPG, CC DAC are not frames).
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
@@ -62,6 +64,5 @@ def image_size(path: str) -> tuple[int, int] | None:
           return size
   except OSError:
     return None
-  from ddq_jax.data.transforms import read_image  # pylint: disable=g-import-not-at-top
   image = read_image(path)
   return None if image is None else tuple(int(v) for v in image.shape[:2])

@@ -22,13 +22,19 @@ import os
 import threading
 from typing import Any
 
+from absl import flags
+import grain
 import numpy as np
 
 from ddq_jax.data import transforms as T
 from ddq_jax.data.base import DetectionSource, log
-from ddq_jax.data.workers import die_with_parent
 from ddq_jax.data.batching import (collate, eval_canvases, fits_any,
                                    select_canvas)
+from ddq_jax.data.class_names import class_names_for
+from ddq_jax.data.coco_folder import CocoFolderSource
+from ddq_jax.data.synthetic import SyntheticSource
+from ddq_jax.data.tfds_source import open_tfds_source, TfdsSource
+from ddq_jax.data.workers import die_with_parent
 
 _BIG = 2 ** 62
 _COCO_SPLITS = {'train': 'train2017', 'validation': 'val2017',
@@ -53,7 +59,6 @@ def build_dataset(config, split: str) -> DetectionSource:
   d = config.data
   is_train = split == d.train_split
   if d.source == 'synthetic':
-    from ddq_jax.data.synthetic import SyntheticSource  # pylint: disable=g-import-not-at-top
     return SyntheticSource(
         seed=_cfg(d, 'synthetic_seed', 0), split=split,
         num_images=d.synthetic_num_train if is_train else d.synthetic_num_eval,
@@ -62,8 +67,6 @@ def build_dataset(config, split: str) -> DetectionSource:
                         config.num_classes),
         max_objects=_cfg(d, 'synthetic_max_objects', 6))
   if d.source == 'coco_dir':
-    from ddq_jax.data.class_names import class_names_for  # pylint: disable=g-import-not-at-top
-    from ddq_jax.data.coco_folder import CocoFolderSource  # pylint: disable=g-import-not-at-top
     sub = _COCO_SPLITS.get(split, split)
     prefix = 'train' if is_train else 'eval'
     image_dir = _cfg(d, f'{prefix}_image_dir', '') or os.path.join(
@@ -75,7 +78,6 @@ def build_dataset(config, split: str) -> DetectionSource:
                             if is_train else 0,
                             model_class_names=class_names_for(config))
   if d.source == 'tfds':
-    from ddq_jax.data.tfds_source import TfdsSource, open_tfds_source  # pylint: disable=g-import-not-at-top
     records, names = open_tfds_source(data_dir=d.tfds_data_dir,
                                       name=d.tfds_name, split=split)
     src = TfdsSource(records, class_names=names)
@@ -282,8 +284,6 @@ class _Iterator:
     if self.num_workers <= 0:
       self._it = map(self.fn, range(self.step, self.stop))
       return
-    import grain  # pylint: disable=g-import-not-at-top
-    from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain reads absl flags (pytest, scripts)
       flags.FLAGS.mark_as_parsed()
     ds = grain.MapDataset.range(self.step, self.stop).map(self.fn)

@@ -9,6 +9,7 @@ right edge).  Everything is a pure function of (seed, split, index).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -215,7 +216,6 @@ def main(argv=None) -> None:
   writes a synthetic COCO folder in the standard layout
   (OUT_DIR/<split>2017/, OUT_DIR/annotations/instances_<split>2017.json), so
   ``data.source='coco_dir', data.coco_dir=OUT_DIR`` reads it."""
-  import argparse  # pylint: disable=g-import-not-at-top
   ap = argparse.ArgumentParser(description=main.__doc__)
   ap.add_argument('out_dir')
   ap.add_argument('--num', type=int, default=64)

@@ -33,11 +33,11 @@ from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
+import tensorflow_datasets as tfds
 
 from ddq_jax.data.base import DetectionSource, coco_gt_from_arrays, log
-from ddq_jax.data.transforms import decode_image
-
 from ddq_jax.data.class_names import COCO_CATEGORY_IDS
+from ddq_jax.data.transforms import decode_image
 
 
 def _get(record: Mapping[str, Any], key: str):
@@ -71,7 +71,6 @@ def _resolve_dir(data_dir: str, name: str) -> str:
 
 def open_tfds_source(*, data_dir: str, name: str, split: str):
   """Opens a prepared TFDS dataset as a numpy random-access source."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder_from_directory(_resolve_dir(data_dir, name))
   try:
     src = builder.as_data_source(

@@ -5,15 +5,7 @@ import os
 import threading
 import time
 
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
+from ddq_jax.io.outputs import pid_alive
 
 
 def die_with_parent(parent_pid: int, worker_index: int = 0,
@@ -27,7 +19,7 @@ def die_with_parent(parent_pid: int, worker_index: int = 0,
   initial = os.getppid()
 
   def watch():
-    while os.getppid() == initial and _alive(parent_pid):
+    while os.getppid() == initial and pid_alive(parent_pid):
       time.sleep(poll_s)
     os._exit(0)  # pylint: disable=protected-access
 

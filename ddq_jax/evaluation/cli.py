@@ -37,7 +37,18 @@ import os
 import sys
 import time
 
+import jax
+
 from ddq_jax import cli
+from ddq_jax.compilation_cache import enable_compilation_cache
+from ddq_jax.data import build_dataset, make_eval_iterator
+from ddq_jax.evaluation import evaluate_model
+from ddq_jax.io.outputs import check_out_dir, OutputPathError, write_text
+from ddq_jax.io.weights import load_weights
+from ddq_jax.model.detector import build_model
+from ddq_jax.model.variables import init_variables
+from ddq_jax.serve.inference import make_predict_fn
+from ddq_jax.train.parallel.mesh import make_mesh
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,7 +117,7 @@ def _missing_at_start(source) -> list[str]:
 def main(argv=None) -> dict:
   parser = _parser()
   args, overrides = cli.parse_args(parser, argv)
-  from ddq_jax.compilation_cache import enable_compilation_cache; enable_compilation_cache()  # pylint: disable=g-import-not-at-top,multiple-statements
+  enable_compilation_cache()
   if not args.weights and not args.random_init:
     cli.fail(parser, '--weights is required (or --random-init for a smoke run)')
   if args.random_init and not args.config:
@@ -133,7 +144,6 @@ def main(argv=None) -> dict:
     if value is not None and value < (0 if flag == '--num-workers' else 1):
       cli.fail(parser, f'{flag} {value}: expected >= '
                f'{0 if flag == "--num-workers" else 1}')
-  from ddq_jax.io.outputs import OutputPathError, check_out_dir, write_text  # pylint: disable=g-import-not-at-top
   try:
     check_out_dir(args.out, RESULT_FILES, overwrite=args.overwrite)
   except OutputPathError as e:
@@ -142,14 +152,10 @@ def main(argv=None) -> dict:
   config = (cli.load_or_fail(parser, args.config, overrides)
             if args.config else None)
 
-  import jax  # pylint: disable=g-import-not-at-top
-  from ddq_jax.model.detector import build_model  # pylint: disable=g-import-not-at-top
   if args.random_init:
-    from ddq_jax.model.variables import init_variables  # pylint: disable=g-import-not-at-top
     variables = jax.jit(lambda r: init_variables(build_model(config), config,
                                                  r))(jax.random.key(0))
   else:
-    from ddq_jax.io.weights import load_weights  # pylint: disable=g-import-not-at-top
     try:
       variables, config = load_weights(
           args.weights, config, overrides=None if args.config else overrides)
@@ -170,7 +176,6 @@ def main(argv=None) -> dict:
     d.num_workers = args.num_workers
   split = args.split or d.eval_split
 
-  from ddq_jax.data import build_dataset, make_eval_iterator  # pylint: disable=g-import-not-at-top
   try:
     source = build_dataset(config, split)
   except (FileNotFoundError, ValueError, OSError) as e:
@@ -184,9 +189,6 @@ def main(argv=None) -> dict:
     cli.fail(parser, f'the {d.source} {split!r} split has no image to '
              'evaluate')
 
-  from ddq_jax.evaluation import evaluate_model  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
-  from ddq_jax.serve.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
   devices = jax.devices()  # every process's: the batch spans all hosts
   if args.devices:
     if jax.process_count() > 1:

@@ -23,7 +23,10 @@ import io
 import logging
 from typing import Iterable, Optional, Sequence
 
+import faster_coco_eval
 import numpy as np
+from pycocotools import coco as pycoco
+from pycocotools import cocoeval as pycocoeval
 
 log = logging.getLogger('ddq_jax.evaluation')
 
@@ -102,16 +105,16 @@ def coco_box_metrics(coco_gt, detections: list[dict], *,
   Returns:
     {'AP', 'AP50', ..., 'ARl'} as Python floats.
   """
-  from faster_coco_eval import COCO, COCOeval_faster  # pylint: disable=g-import-not-at-top
   if isinstance(coco_gt, dict):
     coco_gt = copy.deepcopy(coco_gt)  # COCO() adds keys to the annotations
   quiet = (contextlib.nullcontext() if verbose
            else contextlib.redirect_stdout(io.StringIO()))
   with quiet:
-    gt = COCO(coco_gt)
+    gt = faster_coco_eval.COCO(coco_gt)
     dt = gt.loadRes([dict(d) for d in detections])
-    ev = COCOeval_faster(gt, dt, iouType='bbox',
-                         print_function=print if verbose else log.debug)
+    ev = faster_coco_eval.COCOeval_faster(
+        gt, dt, iouType='bbox',
+        print_function=print if verbose else log.debug)
     if image_ids is not None:
       ev.params.imgIds = sorted({int(i) for i in image_ids})
     ev.evaluate()
@@ -135,14 +138,13 @@ def pycocotools_box_metrics(coco_gt: dict, detections: list[dict], *,
                             image_ids: Optional[Iterable[int]] = None
                             ) -> dict[str, float]:
   """The same numbers from pycocotools (the reference; slow, for tests)."""
-  from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
-  from pycocotools.cocoeval import COCOeval  # pylint: disable=g-import-not-at-top
   with contextlib.redirect_stdout(io.StringIO()):
-    gt = COCO()
+    gt = pycoco.COCO()
     gt.dataset = copy.deepcopy(coco_gt)
     gt.createIndex()
-    dt = gt.loadRes([dict(d) for d in detections]) if detections else COCO()
-    ev = COCOeval(gt, dt, iouType='bbox')
+    dt = (gt.loadRes([dict(d) for d in detections]) if detections
+          else pycoco.COCO())
+    ev = pycocoeval.COCOeval(gt, dt, iouType='bbox')
     if image_ids is not None:
       ev.params.imgIds = sorted({int(i) for i in image_ids})
     ev.evaluate()

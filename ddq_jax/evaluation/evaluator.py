@@ -15,11 +15,15 @@ import time
 from typing import Any, Optional
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
+import numpy as np
+from tqdm import tqdm
 
+from ddq_jax.data import build_dataset, make_eval_iterator
 from ddq_jax.evaluation.coco_metrics import (coco_box_metrics,
                                              detections_to_coco, format_table)
+from ddq_jax.model.detector import build_model
+from ddq_jax.serve.inference import make_predict_fn
 from ddq_jax.train.parallel import mesh as mesh_lib
 from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.train.parallel.mesh import DATA
@@ -116,7 +120,6 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
     if config is None:
       raise ValueError('evaluate_model: a dataset needs config= to build the '
                        'eval iterator (or pass make_eval_iterator(...))')
-    from ddq_jax.data import make_eval_iterator  # pylint: disable=g-import-not-at-top
     bs = int(batch_size or config.eval.batch_size)
     data = make_eval_iterator(config, batch_size=bs, dataset=source,
                               process_index=jax.process_index(),
@@ -139,7 +142,6 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
   main = jax.process_index() == 0
   bar = None
   if progress and main:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=total, unit='img', desc='eval', dynamic_ncols=True)
 
   detections: list[dict] = []
@@ -229,9 +231,6 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
 def evaluate_on_split(config, variables, *, split: Optional[str] = None,
                       **kwargs) -> tuple[dict[str, float], list[dict]]:
   """Convenience: builds the model, predict fn and split from ``config``."""
-  from ddq_jax.data import build_dataset  # pylint: disable=g-import-not-at-top
-  from ddq_jax.model.detector import build_model  # pylint: disable=g-import-not-at-top
-  from ddq_jax.serve.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
   source = build_dataset(config, split or config.data.eval_split)
   predict = make_predict_fn(build_model(config))
   return evaluate_model(predict, variables, source, config=config, **kwargs)

@@ -21,6 +21,17 @@ class OutputPathError(ValueError):
   """``--out`` cannot receive the results (or would replace earlier ones)."""
 
 
+def pid_alive(pid: int) -> bool:
+  """Whether process ``pid`` exists (one we may not signal counts)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 def _check_parent(path: str, flag: str) -> None:
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):

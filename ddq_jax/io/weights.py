@@ -23,7 +23,15 @@ import os
 
 import ml_collections
 
+from ddq_jax.config import apply_overrides
+from ddq_jax.io.conversion import swin as swin_conv
+from ddq_jax.io.conversion import torch_pickle
 from ddq_jax.io.conversion import weights_io
+from ddq_jax.io.conversion.converter import ConversionError, convert_checkpoint
+from ddq_jax.io.conversion.mmdet_config import ConfigParseError
+from ddq_jax.io.conversion.torchvision import torchvision_resnet_to_variables
+from ddq_jax.io.weights_fit import check_fit
+from ddq_jax.train.checkpoint import load_params_only
 
 log = logging.getLogger('ddq_jax.io.weights')
 
@@ -63,8 +71,8 @@ def weight_format(path: str, state_dict: dict | None = None) -> str:
                             'directory written by convert_weights.py or an '
                             'mmdetection .pth')
   if state_dict is None:
-    from ddq_jax.io.conversion.torch_pickle import load_torch_checkpoint, state_dict_of  # pylint: disable=g-import-not-at-top
-    state_dict = state_dict_of(load_torch_checkpoint(path), path)
+    state_dict = torch_pickle.state_dict_of(
+        torch_pickle.load_torch_checkpoint(path), path)
   return 'torchvision' if is_torchvision_resnet(state_dict) else 'mmdet'
 
 
@@ -84,8 +92,6 @@ def read_weights(path: str, config: ml_collections.ConfigDict | None = None
                        'weights (convert_weights.py)')
     return weights_io.load_converted(path)
   weight_format(path, state_dict={})  # existence check, no read
-  from ddq_jax.io.conversion.converter import ConversionError, convert_checkpoint  # pylint: disable=g-import-not-at-top
-  from ddq_jax.io.conversion.mmdet_config import ConfigParseError  # pylint: disable=g-import-not-at-top
   try:  # the architecture the checkpoint carries, whatever ``config`` says
     variables, stored, _ = convert_checkpoint(path, None)
     return variables, stored
@@ -108,7 +114,6 @@ def load_weights(path: str, config: ml_collections.ConfigDict | None = None,
   the path and what was expected; weights that do not fit the model (or are
   not finite) are a ``weights_fit.WeightsMismatchError`` (one line), unless
   ``allow_partial`` (see ``weights_fit.check_fit``)."""
-  from ddq_jax.io.weights_fit import check_fit  # pylint: disable=g-import-not-at-top
   variables, stored = read_weights(path, config)
   if config is None:
     if stored is None:
@@ -116,7 +121,6 @@ def load_weights(path: str, config: ml_collections.ConfigDict | None = None,
                        '--config')
     config = stored.copy_and_resolve_references()
     if overrides:
-      from ddq_jax.config import apply_overrides  # pylint: disable=g-import-not-at-top
       apply_overrides(config, overrides)
   variables = check_fit(variables, config, source=path, stored_config=stored,
                         allow_partial=allow_partial, opt_in=opt_in)
@@ -138,7 +142,6 @@ def _workdir_config(path: str) -> ml_collections.ConfigDict | None:
 def torchvision_backbone_variables(state_dict: dict, config) -> dict:
   """torchvision ResNet tensors -> {'params': {'backbone': ...},
   'batch_stats': {'backbone': ...}} (the classifier ``fc`` is dropped)."""
-  from ddq_jax.io.conversion.torchvision import torchvision_resnet_to_variables  # pylint: disable=g-import-not-at-top
   sd = {k: v for k, v in state_dict.items()
         if not k.startswith(('fc.', 'module.fc.'))}
   bb = torchvision_resnet_to_variables(
@@ -152,17 +155,15 @@ def load_pretrained(path: str, config) -> dict:
   """{'params': {...}, 'batch_stats': {...}} (numpy, full paths) to start
   training from, in any of the four formats."""
   if os.path.isdir(path) and weight_format(path) == 'train_checkpoint':
-    from ddq_jax.train.checkpoint import load_params_only  # pylint: disable=g-import-not-at-top
     d = _checkpoint_dir(path)
     log.info('init_from: TrainState checkpoint %s', d)
     return load_params_only(d)
   if os.path.isfile(path):
-    from ddq_jax.io.conversion.torch_pickle import load_torch_checkpoint, state_dict_of  # pylint: disable=g-import-not-at-top
-    sd = state_dict_of(load_torch_checkpoint(path), path)
+    sd = torch_pickle.state_dict_of(torch_pickle.load_torch_checkpoint(path),
+                                    path)
     if weight_format(path, sd) == 'torchvision':
       log.info('init_from: torchvision ResNet %s (backbone only)', path)
       return torchvision_backbone_variables(sd, config)
-    from ddq_jax.io.conversion import swin as swin_conv  # pylint: disable=g-import-not-at-top
     if swin_conv.is_official_swin(sd):
       variables, rep = swin_conv.official_backbone_variables(sd, config)
       log.info('init_from: official Swin %s (backbone only): %d tensors, '
@@ -212,5 +213,4 @@ def load_train_checkpoint(path: str,
       raise ValueError(f'{path}: a training checkpoint but no config.json '
                        f'in {workdir}; pass --config')
     config = weights_io.load_config_json(cfg_path)
-  from ddq_jax.train.checkpoint import load_params_only  # pylint: disable=g-import-not-at-top
   return load_params_only(ckpt_dir, step), config

@@ -23,11 +23,15 @@ import json
 import logging
 from typing import Any
 
+import ml_collections
 import numpy as np
+
+from ddq_jax.io.conversion.weights_io import _tuples, flatten, nonfinite_paths
+from ddq_jax.model.variables import variable_shapes
+from ddq_jax.train import integrity
 
 log = logging.getLogger('ddq_jax.io.weights')
 
-COLLECTIONS = ('params', 'batch_stats')
 # Config sections that never change a variable's shape.
 _NOT_ARCHITECTURE = ('train.', 'optim.', 'eval.', 'data.', 'mesh.', 'loss.',
                      'name')
@@ -36,23 +40,6 @@ SHOWN = 3
 
 class WeightsMismatchError(ValueError):
   """Weights that do not fit the model of the config (or are not finite)."""
-
-
-def flatten(variables: dict) -> dict[str, Any]:
-  """{'params/a/b': leaf, ...} of the ``COLLECTIONS`` of a variables tree."""
-  out = {}
-
-  def walk(node, prefix):
-    if isinstance(node, dict) or hasattr(node, 'items'):
-      for k, v in node.items():
-        walk(v, f'{prefix}/{k}')
-    else:
-      out[prefix] = node
-
-  for coll in COLLECTIONS:
-    if coll in variables:
-      walk(variables[coll], coll)
-  return out
 
 
 def _unflatten(flat: dict) -> dict:
@@ -64,18 +51,6 @@ def _unflatten(flat: dict) -> dict:
       node = node.setdefault(p, {})
     node[last] = leaf
   return out
-
-
-def is_floating(x) -> bool:
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  return jnp.issubdtype(np.asarray(x).dtype, jnp.floating)
-
-
-def nonfinite_paths(variables: dict) -> list[str]:
-  """Paths of the floating leaves holding a NaN or an infinity."""
-  return [p for p, x in flatten(variables).items()
-          if is_floating(x) and not np.all(np.isfinite(
-              np.asarray(x, np.float32)))]
 
 
 def fit_problems(variables: dict, want: dict[str, tuple]) -> dict:
@@ -97,9 +72,6 @@ def expected_shapes(config) -> dict[str, tuple]:
 
 @functools.lru_cache(maxsize=8)
 def _expected_shapes(config_json: str) -> tuple:
-  from ddq_jax.io.conversion.weights_io import _tuples  # pylint: disable=g-import-not-at-top
-  from ddq_jax.model.variables import variable_shapes  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(_tuples(json.loads(config_json)))
   return tuple((p, tuple(x.shape))
                for p, x in flatten(variable_shapes(config)).items())
@@ -110,7 +82,6 @@ def architecture_differences(stored, config) -> list[tuple[str, Any, Any]]:
   (training, data and evaluation settings left out)."""
   if stored is None:
     return []
-  from ddq_jax.train import integrity  # pylint: disable=g-import-not-at-top
   return integrity.config_differences(
       integrity.config_to_dict(stored), integrity.config_to_dict(config),
       may_change=_NOT_ARCHITECTURE)

@@ -36,6 +36,7 @@ from ddq_jax.losses.dn_loss import dn_assignment
 from ddq_jax.losses.hungarian import hungarian_match_batched
 from ddq_jax.losses.set_loss import distinct_match_cost, set_loss
 from ddq_jax.model.outputs import DetectorOutputs
+from ddq_jax.ops.xla_cpu import merged_call
 
 
 def layer_distinct_masks(distinct_masks, *, num_layers: int, num_queries: int,
@@ -110,15 +111,11 @@ def ddq_criterion(outputs: DetectorOutputs, *, gt_boxes, gt_labels, gt_valid,
   # query axes padded to one length (padding: masked, unassigned), the
   # sets stacked on the layer axis; each row keeps its own sums and
   # average factor.
-  q = max(x[0].shape[2] for x in sets)
-  pad = lambda x, v: jnp.pad(  # noqa: E731
-      x, [(0, 0), (0, 0), (0, q - x.shape[2])] + [(0, 0)] * (x.ndim - 3),
-      constant_values=v)
-  stacked = [jnp.concatenate([pad(x[k], v) for x in sets], 0)
-             for k, v in ((0, 0), (1, 0), (2, -1), (3, False))]
-  l_cls, l_box, l_iou = set_loss(*stacked[:3], query_mask=stacked[3],
-                                 img_shapes=img_shapes, cfg=cfg,
-                                 axis_name=axis_name, **gt_kw)
+  l_cls, l_box, l_iou = merged_call(
+      lambda cls, box, assigned, mask: set_loss(
+          cls, box, assigned, query_mask=mask, img_shapes=img_shapes,
+          cfg=cfg, axis_name=axis_name, **gt_kw),
+      sets, (0, 0, -1, False), axis=2)
   for i in range(num_layers):
     put(_layer_prefix(i, num_layers), (l_cls[i], l_box[i], l_iou[i]), names)
   put('enc_', (l_cls[num_layers], l_box[num_layers], l_iou[num_layers]),

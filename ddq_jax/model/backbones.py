@@ -12,6 +12,9 @@ from typing import Sequence
 
 import flax.linen as nn
 
+from ddq_jax.model.resnet import ResNet, resnet_out_channels
+from ddq_jax.model.swin import swin_out_channels, SwinTransformer
+
 BACKBONE_TYPES = ('resnet', 'swin')
 
 
@@ -28,9 +31,7 @@ def build_backbone(config) -> nn.Module:
   """The backbone module of ``config`` (unbound; the detector names it
   ``backbone``)."""
   if backbone_type(config) == 'swin':
-    from ddq_jax.model.swin import SwinTransformer
     return SwinTransformer.from_config(config)
-  from ddq_jax.model.resnet import ResNet
   return ResNet.from_config(config)
 
 
@@ -38,10 +39,8 @@ def backbone_out_channels(config) -> tuple[int, ...]:
   """Channels of the backbone's outputs (the neck's ``in_channels``)."""
   b = config.backbone
   if backbone_type(config) == 'swin':
-    from ddq_jax.model.swin import swin_out_channels
     return swin_out_channels(embed_dims=int(b.embed_dims),
                              out_indices=tuple(b.out_indices))
-  from ddq_jax.model.resnet import resnet_out_channels
   return resnet_out_channels(depth=int(b.depth),
                              base_channels=int(b.base_channels),
                              out_indices=tuple(b.out_indices))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ddq_jax.model import initializers as inits
-from ddq_jax.model.proposals import exact_divide
+from ddq_jax.ops.xla_cpu import exact_divide
 from ddq_jax.ops.deform_attn import multi_scale_deformable_attention
 
 

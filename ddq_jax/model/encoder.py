@@ -17,7 +17,7 @@ import numpy as np
 
 from ddq_jax.model import initializers as inits
 from ddq_jax.model import remat as remat_lib
-from ddq_jax.model.proposals import exact_divide
+from ddq_jax.ops.xla_cpu import exact_divide
 from ddq_jax.model.deform_attn import DeformableSizes, MultiScaleDeformableAttention
 
 LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default

@@ -10,20 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def exact_divide(num: jnp.ndarray, den: jnp.ndarray) -> jnp.ndarray:
-  """``num / den`` rounded once, as torch divides (IEEE float32).
-
-  XLA's algebraic simplifier rewrites a division by a broadcast operand into
-  a multiplication by its reciprocal, which rounds twice: (49 + 0.5) / 50
-  gives 0.98999995 instead of 0.99, and the proposal validity test
-  (``< 0.99``) then keeps a row (or column) of a 50-long level that the
-  reference drops.  Materialising the divisor behind an optimisation
-  barrier keeps the true division.  num, den: broadcastable arrays.
-  """
-  shape = np.broadcast_shapes(np.shape(num), np.shape(den))
-  den = jax.lax.optimization_barrier(jnp.broadcast_to(den, shape))
-  return num / den
+from ddq_jax.ops.xla_cpu import exact_divide
 
 
 def gen_encoder_output_proposals(

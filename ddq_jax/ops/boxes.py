@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from ddq_jax.ops.xla_cpu import coordinate_extents
+
 
 def cxcywh_to_xyxy(boxes: jnp.ndarray) -> jnp.ndarray:
   """(..., 4) cxcywh -> (..., 4) xyxy, as mmdet's ``bbox_cxcywh_to_xyxy``."""
@@ -32,10 +34,9 @@ def image_size_factor(img_hw: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
 
 def box_area(boxes: jnp.ndarray) -> jnp.ndarray:
   """(..., 4) xyxy -> (...) area (negative extents are not clamped)."""
-  return jnp.prod(_extents(boxes), -1)
+  return jnp.prod(coordinate_extents(boxes), -1)
 
 
-_EXTENT = ((-1.0, 0.0), (0.0, -1.0), (1.0, 0.0), (0.0, 1.0))
 _IS_LO = (True, True, False, False)
 
 
@@ -50,28 +51,18 @@ def clamp(x: jnp.ndarray, *, lo=None, hi=None) -> jnp.ndarray:
   return jnp.where(inside, x, jnp.clip(x, lo, hi))
 
 
-def _extents(boxes):
-  """(..., 4) xyxy -> (..., 2) (x2 - x1, y2 - y1), as ``boxes @ _EXTENT``
-  summed over the coordinates: each output has one rounded addition, so
-  the value is the coordinate-wise formula's, bit for bit, and no
-  coordinate is sliced out (the overlaps' backward pass has one fused loop
-  instead of a pad per coordinate).  Finite boxes only: inf * 0 is nan."""
-  m = jnp.asarray(_EXTENT, boxes.dtype)
-  return jnp.sum(boxes[..., :, None] * m, axis=-2)
-
-
 def _overlaps(boxes1, boxes2, *, giou: bool, eps: float):
   """IoU or GIoU of boxes that broadcast against each other: (..., 4)."""
   area1, area2 = box_area(boxes1), box_area(boxes2)
   lo = jnp.asarray(_IS_LO)
   hi, low = jnp.maximum(boxes1, boxes2), jnp.minimum(boxes1, boxes2)
-  wh = clamp(_extents(jnp.where(lo, hi, low)), lo=0)
+  wh = clamp(coordinate_extents(jnp.where(lo, hi, low)), lo=0)
   overlap = jnp.prod(wh, -1)
   union = jnp.maximum(area1 + area2 - overlap, eps)
   ious = overlap / union
   if not giou:
     return ious
-  enclose_wh = clamp(_extents(jnp.where(lo, low, hi)), lo=0)
+  enclose_wh = clamp(coordinate_extents(jnp.where(lo, low, hi)), lo=0)
   enclose_area = jnp.maximum(jnp.prod(enclose_wh, -1), eps)
   return ious - (enclose_area - union) / enclose_area
 

@@ -26,10 +26,26 @@ import os
 import time
 from typing import Callable, Mapping, Optional
 
+import jax
 import numpy as np
 
+from ddq_jax.config import apply_overrides, load_config
+from ddq_jax.io.conversion.converter import convert_checkpoint
+from ddq_jax.io.conversion.export import to_reference_names
+from ddq_jax.io.conversion.torch_pickle import (load_torch_checkpoint,
+                                                state_dict_of)
+from ddq_jax.model.denoising import dn_layout, noisy_dn_targets, num_dn_slots
+from ddq_jax.model.detector import build_model
 from ddq_jax.parity.compare import Comparison
 from ddq_jax.parity.trajectory_compare import compare_history, compare_params, step_errors, ulp_summary
+from ddq_jax.train import optimizer as opt_lib
+from ddq_jax.train import state as state_lib
+from ddq_jax.train import step as step_lib
+from ddq_jax.train.loop import TRAIN_KEYS
+from ddq_jax.train.objective import make_loss_fn
+from ddq_jax.train.optimizer import FROZEN, param_labels
+from ddq_jax.train.parallel import mesh as mesh_lib
+from ddq_jax.train.parallel import sharding as shd
 
 TRAJECTORY_NPZ = 'trajectory.npz'
 TRAJECTORY_JSON = 'trajectory.json'
@@ -164,8 +180,6 @@ def dn_noise_check(config, batch: Mapping, keys) -> dict:
   queries are at scales 1e-12) on each key.
   Returns {'label_mismatches': int, 'box_max_abs': float} over all keys.
   """
-  import jax
-  from ddq_jax.model.denoising import dn_layout, noisy_dn_targets, num_dn_slots
   g = batch['gt_valid'].shape[1]
   layout = dn_layout(jax.numpy.asarray(batch['gt_valid']),
                      num_dn_queries=int(config.dn.num_dn_queries),
@@ -206,14 +220,6 @@ def run_steps(model, config, variables: Mapping, batch: Mapping, *,
   clipping, 'lr', 'lr_backbone', every loss term), 'params' (numpy, after
   the last step), 'dn_keys' (the denoising key of each step), 'compiles'}.
   """
-  import jax
-  from ddq_jax.train.parallel import mesh as mesh_lib
-  from ddq_jax.train.parallel import sharding as shd
-  from ddq_jax.train import optimizer as opt_lib
-  from ddq_jax.train import state as state_lib
-  from ddq_jax.train import step as step_lib
-  from ddq_jax.train.loop import TRAIN_KEYS
-  from ddq_jax.train.objective import make_loss_fn
 
   mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
   tx, _ = opt_lib.make_optimizer(config, steps_per_epoch=1)
@@ -254,8 +260,6 @@ def history_arrays(metrics: list[dict]) -> dict[str, np.ndarray]:
 
 def frozen_unchanged(final, start, config) -> Comparison:
   """Every parameter the optimiser labels frozen, bit-identical to start."""
-  import jax
-  from ddq_jax.train.optimizer import FROZEN, param_labels
   labels = param_labels(start, config)
   changed = jax.tree.map(
       lambda a, b, l: int(np.sum(np.asarray(a) != np.asarray(b)))
@@ -287,11 +291,6 @@ def verify_steps(bundle: str, *, steps: int, overrides: Optional[dict] = None,
   Raises FileNotFoundError / TrajectoryInputError on bad input (the
   message names it).
   """
-  from ddq_jax.config import apply_overrides, load_config
-  from ddq_jax.io.conversion.converter import convert_checkpoint
-  from ddq_jax.io.conversion.export import to_reference_names
-  from ddq_jax.io.conversion.torch_pickle import load_torch_checkpoint, state_dict_of
-  from ddq_jax.model.detector import build_model
 
   if steps < 1:
     raise TrajectoryInputError(f'--steps {steps}: expected a positive step count')

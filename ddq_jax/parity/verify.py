@@ -29,13 +29,29 @@ ranks exchanged (near-ties in score).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 from ddq_jax import cli
+from ddq_jax.config import apply_overrides, load_config
+from ddq_jax.io.conversion.converter import ConversionError, convert_checkpoint
+from ddq_jax.io.conversion.mapping import match_rule
+from ddq_jax.io.conversion.mmdet_config import ConfigParseError
+from ddq_jax.io.conversion.torch_pickle import CheckpointReadError
+from ddq_jax.losses.config import CriterionConfig
+from ddq_jax.losses.criterion import total_loss
+from ddq_jax.model.detector import build_model, INTERMEDIATES
+from ddq_jax.model.variables import init_variables
+from ddq_jax.parity import trajectory
+from ddq_jax.parity.canvas import (place_in_canvas, tie_ordered_detections,
+                                   unpadded_view)
+from ddq_jax.parity.compare import compare, Comparison
+from ddq_jax.train.objective import forward_and_losses
 
 
 def _load_npz(path):
@@ -55,8 +71,6 @@ def _dn_slot_view(x, *, axis, d_ref, d_ours):
 
 def run_inference(model, variables, inputs):
   """The inference forward's intermediates (fixture names -> numpy)."""
-  import jax
-  from ddq_jax.model.detector import INTERMEDIATES
 
   def fn(v, *a):
     _, state = model.apply(v, a[0], a[1], img_shapes=a[2],
@@ -74,10 +88,6 @@ def run_training(model, config, variables, inputs):
   """Training forward + every loss + gradients, with the injected dn
   queries.  Returns (total, intermediates, losses, grads, num_dn_slots,
   seconds)."""
-  import jax
-  from ddq_jax.losses.config import CriterionConfig
-  from ddq_jax.losses.criterion import total_loss
-  from ddq_jax.train.objective import forward_and_losses
   cfg = CriterionConfig.from_config(config)
   batch = dict(images=inputs['images'].astype(np.float32),
                pad_mask=inputs['pad_mask'].astype(bool),
@@ -107,7 +117,6 @@ def run_training(model, config, variables, inputs):
 
 
 def _grad_of(grads, torch_name, ref):
-  from ddq_jax.io.conversion.mapping import match_rule
   rule, path = match_rule(torch_name, ref.ndim)
   if rule is None or not path or path[0] != 'params':
     return None
@@ -130,7 +139,6 @@ def _torch_layout(x, rule):
 
 
 def _global_norm(tree):
-  import jax
   return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64))))
                            for x in jax.tree.leaves(tree))))
 
@@ -143,11 +151,6 @@ def init_weights(path: str, config=None):
   initialisation: ``init.json`` = {"config": NAME, "seed": S,
   "overrides": {KEY: VALUE}}, ``init_variables`` of that config (jitted)
   with ``jax.random.key(S)``.  ``config`` replaces the named one."""
-  import json
-  import jax
-  from ddq_jax.config import load_config
-  from ddq_jax.model.detector import build_model
-  from ddq_jax.model.variables import init_variables
   with open(path) as f:
     spec = json.load(f)
   if config is None:
@@ -190,7 +193,6 @@ def _nms_cut_check(stage, intermediates, config, out):
   """The encoder NMS's candidate bound: how many survivors each image kept
   among its ``nms_pre_topk`` candidates, and a check that no image may have
   lost one to the bound."""
-  from ddq_jax.parity.compare import Comparison
   cut = np.asarray(intermediates['nms_cut']).reshape(-1)
   kept = np.asarray(intermediates['num_kept_after_nms']).reshape(-1)
   out(f'{stage}: encoder NMS kept {kept.tolist()} of {config.nms_pre_topk} '
@@ -207,10 +209,6 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
   """Runs the bundle's checks; True when every tensor is within target.
   ``config``: instead of the checkpoint's ``meta['cfg']`` (which then takes
   ``overrides``)."""
-  from ddq_jax.config import apply_overrides
-  from ddq_jax.io.conversion.converter import convert_checkpoint
-  from ddq_jax.model.detector import build_model
-  from ddq_jax.parity.compare import compare
 
   ckpt = os.path.join(bundle, 'checkpoint.pth')
   init = os.path.join(bundle, INIT_JSON)
@@ -233,7 +231,6 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
   config.padding_invariant = bool(padding_invariant)
   inputs = bundle_inputs(_load_npz(inputs_path))
   if canvas is not None:
-    from ddq_jax.parity.canvas import place_in_canvas  # pylint: disable=g-import-not-at-top
     inputs = place_in_canvas(inputs, canvas=canvas)
     out(f'images placed in a {canvas[0]}x{canvas[1]} canvas')
   model = build_model(config)
@@ -246,7 +243,6 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
   ref_path = os.path.join(bundle, 'infer.npz')
   if os.path.isfile(ref_path):
     ref = _load_npz(ref_path)
-    from ddq_jax.parity.canvas import tie_ordered_detections, unpadded_view
     view = unpadded_view(dumped, ref) if padding_invariant else dict(dumped)
     # Detections compare as the reference's list up to reordering within
     # score ties (a float32 port may return near-equal scores either way).
@@ -341,13 +337,9 @@ def main(argv=None) -> int:
     parser.error('--steps and --padding-invariant are separate runs')
   config = (cli.load_or_fail(parser, args.config, overrides)
             if args.config and args.steps is None else None)
-  from ddq_jax.io.conversion.converter import ConversionError
-  from ddq_jax.io.conversion.mmdet_config import ConfigParseError
-  from ddq_jax.io.conversion.torch_pickle import CheckpointReadError
   bad_input = (FileNotFoundError, CheckpointReadError, ConfigParseError,
                ConversionError, KeyError, ValueError)
   if args.steps is not None:
-    from ddq_jax.parity import trajectory
     bad_input += (trajectory.TrajectoryInputError,)
   try:
     if args.steps is not None:

@@ -23,7 +23,14 @@ import dataclasses
 import os
 from typing import Any, Callable, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from ddq_jax.data.class_names import class_names_for
+from ddq_jax.data.transforms import apply_test_transform, read_image
+from ddq_jax.io.weights import load_weights
+from ddq_jax.model.detector import build_model, postprocess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +67,6 @@ class ImageDetections:
 
 def cast_floats(tree, dtype):
   """Every floating leaf of ``tree`` as ``dtype`` (others unchanged)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   return jax.tree.map(
       lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
       else x, tree)
@@ -88,8 +93,6 @@ def make_detect_fn(config, *, dtype: str = 'float32') -> Callable:
   ``models.detector.postprocess``.  Returns ``models.outputs.Detections``
   (N, K = config.max_per_img); pure, not jitted.
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddq_jax.model.detector import build_model, postprocess  # pylint: disable=g-import-not-at-top
 
   if dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"dtype {dtype!r}: expected 'float32' or 'bfloat16'")
@@ -129,7 +132,6 @@ def default_canvas(config, size_hw: Sequence[int]) -> tuple[int, int]:
 
 def _as_rgb(image, index: int) -> np.ndarray:
   """(h, w, 3) uint8 RGB from a path, a PIL image or an array."""
-  from ddq_jax.data.transforms import read_image  # pylint: disable=g-import-not-at-top
   if isinstance(image, (str, os.PathLike)):
     arr = read_image(os.fspath(image))
     if arr is None:
@@ -183,8 +185,6 @@ class Detector:
                batch_size: int = 1,
                canvas: Optional[Sequence[int]] = None,
                score_threshold: float = 0.0):
-    import jax  # pylint: disable=g-import-not-at-top
-    from ddq_jax.data.class_names import class_names_for  # pylint: disable=g-import-not-at-top
     if int(batch_size) < 1:
       raise ValueError(f'batch_size: expected >= 1, got {batch_size}')
     if canvas is not None and (len(canvas) != 2 or min(canvas) < 1):
@@ -216,7 +216,6 @@ class Detector:
 
     Raises ``weights_fit.WeightsMismatchError`` (a ValueError) when the
     weights do not fit the model of that config, or are not finite."""
-    from ddq_jax.io.weights import load_weights  # pylint: disable=g-import-not-at-top
     variables, config = load_weights(
         os.fspath(path), config,
         overrides=None if config is not None else overrides)
@@ -229,7 +228,6 @@ class Detector:
   def prepare(self, image, index: int = 0) -> dict:
     """The test-time resize of one image: dict(image (h, w, 3) uint8,
     img_shape (h, w), scale_factor (w, h), orig (the RGB input))."""
-    from ddq_jax.data.transforms import apply_test_transform  # pylint: disable=g-import-not-at-top
     rgb = _as_rgb(image, index)
     out = apply_test_transform(rgb, np.zeros((0, 4), np.float32),
                                np.zeros((0,), np.int64),
@@ -241,7 +239,6 @@ class Detector:
           scale_factors: np.ndarray):
     """The jitted program on one prepared batch (``make_detect_fn``'s
     inputs); returns ``Detections`` as numpy."""
-    import jax  # pylint: disable=g-import-not-at-top
     out = self._jitted(self.variables, np.asarray(images, np.uint8),
                        np.asarray(image_sizes, np.int32),
                        np.asarray(scale_factors, np.float32))

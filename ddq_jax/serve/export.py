@@ -40,7 +40,15 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from ddq_jax import cli
+from ddq_jax.io.outputs import check_out_dir, publish_dir, temporary_dir
+from ddq_jax.ops.nms import auto_method
+from ddq_jax.serve.api import Detector, make_detect_fn
+from ddq_jax.serve.onnx_graph import fix_graph
 
 INPUT_NAMES = ('images', 'image_sizes', 'scale_factors')
 OUTPUT_NAMES = ('boxes', 'scores', 'labels')
@@ -81,7 +89,6 @@ def canvas_fits_some_image(canvas, test_scale) -> bool:
 def check_out(out: str) -> None:
   """``out`` may be new, empty or a previous export (ValueError naming it
   otherwise); its parent must exist."""
-  from ddq_jax.io.outputs import check_out_dir  # pylint: disable=g-import-not-at-top
   check_out_dir(out, (), flag='--out')
   if os.path.isdir(out):
     other = sorted(set(os.listdir(out)) - set(ARTIFACTS))
@@ -101,8 +108,6 @@ def serving_fn(detect, variables):
 
 
 def input_specs(*, batch: int, canvas):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   h, w = (int(v) for v in canvas)
   return (jax.ShapeDtypeStruct((batch, h, w, 3), jnp.uint8),
           jax.ShapeDtypeStruct((batch, 2), jnp.int32),
@@ -112,7 +117,6 @@ def input_specs(*, batch: int, canvas):
 def export_jax(serve, specs, *, platforms=PLATFORMS) -> tuple[bytes, list]:
   """(serialized ``jax.export`` of ``serve``, the platforms it has):
   platforms this jax cannot lower for are dropped from the end."""
-  import jax  # pylint: disable=g-import-not-at-top
   plats = list(platforms)
   while True:
     try:
@@ -127,13 +131,11 @@ def export_jax(serve, specs, *, platforms=PLATFORMS) -> tuple[bytes, list]:
 def export_onnx(serve, specs, path: str) -> dict:
   """Writes ``path`` (jax2onnx); returns {'ops': {op_type: count}}."""
   try:
-    from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
-    import onnx  # pylint: disable=g-import-not-at-top
+    from jax2onnx import to_onnx  # optional: ddq-jax[export]
+    import onnx  # optional: ddq-jax[export]
   except ImportError as e:
     raise ImportError(f'ONNX export needs jax2onnx and onnx: {ONNX_INSTALL}'
                       ) from e
-  import jax  # pylint: disable=g-import-not-at-top
-  from ddq_jax.ops.nms import auto_method  # pylint: disable=g-import-not-at-top
   # Trace with plain JAX first: the converter then sees lax primitives only
   # (vmap already applied), not its patched jnp / flax functions.
   # (A fresh function: jax caches traces by function, and an earlier
@@ -148,7 +150,6 @@ def export_onnx(serve, specs, path: str) -> dict:
                   input_names=list(INPUT_NAMES),
                   output_names=list(OUTPUT_NAMES))
   model = onnx.shape_inference.infer_shapes(model)
-  from ddq_jax.serve.onnx_graph import fix_graph  # pylint: disable=g-import-not-at-top
   fixes = fix_graph(model.graph)
   onnx.save(model, path)
   ops: dict[str, int] = {}
@@ -257,7 +258,6 @@ def export(*, weights: str, out: str, batch: int, canvas, fmt: str = 'both',
   """Writes DIR/{model.jax, model.onnx, signature.json, README.md} as one
   set (temporary directory, then a rename); returns the timings, sizes and
   ONNX op counts.  Every input is checked before DIR is created."""
-  from ddq_jax.serve.api import Detector, make_detect_fn  # pylint: disable=g-import-not-at-top
   if fmt not in ('jax', 'onnx', 'both'):
     raise ValueError(f"--format {fmt!r}: expected 'jax', 'onnx' or 'both'")
   if int(batch) < 1 or len(canvas) != 2 or min(int(v) for v in canvas) < 1:
@@ -289,7 +289,6 @@ def export(*, weights: str, out: str, batch: int, canvas, fmt: str = 'both',
         f'{min(scale)} {max(scale)}')
   specs = input_specs(batch=int(batch), canvas=canvas)
   serve = serving_fn(make_detect_fn(det.config, dtype=dtype), det.variables)
-  from ddq_jax.io.outputs import publish_dir, temporary_dir  # pylint: disable=g-import-not-at-top
   with temporary_dir(out) as tmp:
     plats = []
     if fmt in ('jax', 'both'):
@@ -319,8 +318,7 @@ def export(*, weights: str, out: str, batch: int, canvas, fmt: str = 'both',
         batch=int(batch), h=h, w=w, k=int(det.config.max_per_img)).encode())
     publish_dir(tmp, out, ARTIFACTS)
   if check:
-    from ddq_jax.serve.api import Detector as _Detector  # pylint: disable=g-import-not-at-top
-    ref = _Detector(det.variables, det.config, dtype=dtype,
+    ref = Detector(det.variables, det.config, dtype=dtype,
                     batch_size=int(batch))
     diffs = check_artifacts(out, ref, list(check), canvas=canvas)
     report['check'] = dict(images=len(check), differences=diffs)
@@ -336,15 +334,13 @@ def check_artifacts(out: str, detector, paths, *, canvas) -> list[str]:
   is the export's) on the images ``paths``; returns one line per image and
   artifact that differs (a label, a box by more than CHECK_BOX_PX, a score
   by more than CHECK_SCORE, or anything not finite), [] when all agree."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   runners = {}
   if os.path.exists(os.path.join(out, 'model.jax')):
-    import jax  # pylint: disable=g-import-not-at-top
     with open(os.path.join(out, 'model.jax'), 'rb') as f:
       exp = jax.export.deserialize(bytearray(f.read()))
     runners['model.jax'] = lambda *a: [np.asarray(x) for x in exp.call(*a)]
   if os.path.exists(os.path.join(out, 'model.onnx')):
-    import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+    import onnxruntime as ort  # optional: ddq-jax[export]
     sess = ort.InferenceSession(os.path.join(out, 'model.onnx'),
                                 providers=['CPUExecutionProvider'])
     runners['model.onnx'] = lambda *a: sess.run(

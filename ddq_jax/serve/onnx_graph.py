@@ -3,6 +3,8 @@ it exactly and loads it cleanly (``ddq_jax.serve.export`` applies ``fix_graph``)
 Each pass keeps the values every node computes."""
 from __future__ import annotations
 
+import numpy as np
+
 
 def fix_graph(graph) -> dict:
   """All passes on ``graph`` (and its subgraphs), in order; returns
@@ -15,7 +17,7 @@ def fix_graph(graph) -> dict:
 
 
 def _subgraphs(node):
-  import onnx  # pylint: disable=g-import-not-at-top
+  import onnx  # optional: ddq-jax[export]
   return [a.g for a in node.attribute
           if a.type == onnx.AttributeProto.GRAPH]
 
@@ -33,7 +35,7 @@ def _elem_types(graph, outer: dict) -> dict:
 def _bool_where_as_logic(graph, outer: dict | None = None) -> int:
   """Where(c, x, y) on bool x, y (no CPU kernel in onnxruntime) ->
   Or(And(c, x), And(Not(c), y)); every subgraph too.  Returns the count."""
-  from onnx import TensorProto, helper  # pylint: disable=g-import-not-at-top
+  from onnx import TensorProto, helper  # optional: ddq-jax[export]
   types = _elem_types(graph, outer or {})
   nodes, count = [], 0
   for n in graph.node:
@@ -90,7 +92,7 @@ def _unique_outputs(graph) -> int:
   the recorded mask) as an If branch listing one name twice, and
   onnxruntime then fills the second If output with garbage inside a
   Loop.  Returns the count."""
-  from onnx import helper  # pylint: disable=g-import-not-at-top
+  from onnx import helper  # optional: ddq-jax[export]
   count = 0
   for n in graph.node:
     for g in _subgraphs(n):
@@ -138,8 +140,7 @@ def _broadcast_constants(graph, min_size: int = 4096) -> int:
   constants: the normalisation mean over the whole canvas, zeros) become
   the one slice they repeat and an Expand to the full shape: the same
   values, a smaller file.  Returns the count."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from onnx import helper, numpy_helper  # pylint: disable=g-import-not-at-top
+  from onnx import helper, numpy_helper  # optional: ddq-jax[export]
   count = 0
   for n in graph.node:
     for g in _subgraphs(n):

@@ -19,15 +19,19 @@ import json
 import os
 import sys
 
+import cv2
 import numpy as np
 
 from ddq_jax import cli
+from ddq_jax.compilation_cache import enable_compilation_cache
+from ddq_jax.data.transforms import read_image
+from ddq_jax.io.outputs import check_out_file, OutputPathError, write_text
+from ddq_jax.serve.api import Detector
 
 
 def draw_detections(image: np.ndarray, dets: list[dict],
                     path: str) -> None:
   """Writes ``image`` (RGB uint8) with boxes, names and scores as a PNG."""
-  import cv2
   canvas = cv2.cvtColor(image, cv2.COLOR_RGB2BGR).copy()
   for det in dets:
     x, y, w, h = det['bbox']
@@ -74,7 +78,6 @@ def read_images(paths, *, skip_bad: bool = False, report=print
   """(the paths that decode, their RGB arrays).  A missing or undecodable
   file is a ValueError naming it, or with ``skip_bad`` a line to
   ``report`` ('skipped IMAGE: why') and a count at the end."""
-  from ddq_jax.data.transforms import read_image  # pylint: disable=g-import-not-at-top
   good, arrays, skipped = [], [], 0
   for path in paths:
     why = None
@@ -105,7 +108,6 @@ def predict_files(paths, *, weights: str, config=None,
   """Detections (COCO-style records) of image files.  ``config``: the
   architecture, default the one stored with the weights (then
   ``overrides`` apply to it).  ``skip_bad``: see ``read_images``."""
-  from ddq_jax.serve.api import Detector
 
   report = lambda line: print(line, file=sys.stderr, flush=True)
   good, arrays = read_images(paths, skip_bad=skip_bad, report=report)
@@ -155,7 +157,6 @@ def main(argv=None) -> int:
   if not 0.0 <= args.score_threshold <= 1.0:
     cli.fail(parser, f'--score-threshold {args.score_threshold}: expected a '
              'score in [0, 1]')
-  from ddq_jax.io.outputs import OutputPathError, check_out_file, write_text  # pylint: disable=g-import-not-at-top
   try:
     if args.out:
       check_out_file(args.out, overwrite=args.overwrite)
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
     cli.fail(parser, str(e))
   config = (cli.load_or_fail(parser, args.config, overrides)
             if args.config else None)
-  from ddq_jax.compilation_cache import enable_compilation_cache; enable_compilation_cache()  # pylint: disable=g-import-not-at-top,multiple-statements
+  enable_compilation_cache()
   try:
     records = predict_files(args.images, weights=args.weights,
                             config=config, overrides=overrides,

@@ -48,8 +48,24 @@ import statistics
 import sys
 import time
 
+import jax
+import numpy as np
+
+from ddq_jax import cli
+from ddq_jax.compilation_cache import enable_compilation_cache
+from ddq_jax.io.weights import load_weights
+from ddq_jax.model.detector import build_model
+from ddq_jax.model.variables import init_variables, variable_shapes
+from ddq_jax.serve.inference import make_predict_fn
+from ddq_jax.tools.accelerators import deviceless, targets
 from ddq_jax.tools.accelerators.hlo_stats import memory_figures
 from ddq_jax.tools.profiling import analyze, hot_spots
+from ddq_jax.train import state as state_lib
+from ddq_jax.train import step as step_lib
+from ddq_jax.train.objective import make_loss_fn
+from ddq_jax.train.optimizer import make_optimizer
+from ddq_jax.train.parallel import sharding as shd
+from ddq_jax.train.parallel.mesh import make_mesh, mesh_shape
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,7 +73,6 @@ def _parser() -> argparse.ArgumentParser:
       prog='python -m ddq_jax benchmark',
       description='Step time, compile time and hot spots (one JSON line).',
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  from ddq_jax import cli  # pylint: disable=g-import-not-at-top
   cli.add_config_argument(p, help_text='required unless --analyze.')
   p.add_argument('--mode', choices=('infer', 'train'), default='infer',
                  help='infer: the jitted predict fn; train: the training '
@@ -141,7 +156,6 @@ def compiled_stats(compiled, *, lower_s: float, compile_s: float) -> dict:
 
 
 def _inputs(config, batch: int, size, seed: int = 0):
-  import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   h, w = size
   g = int(config.loss.max_gt)
@@ -162,9 +176,6 @@ def _inputs(config, batch: int, size, seed: int = 0):
 
 def random_variables(config, seed: int = 0) -> dict:
   """Random variables with init_variables' tree and shapes, no compile."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddq_jax.model.variables import variable_shapes  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -189,22 +200,14 @@ def build_step(config, mode: str, variables, batch: dict, mesh):
 
   Shardings come from ``parallel/`` (the mesh of ``config.mesh``); train
   mode runs the real training step of ``training/step.py``."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from ddq_jax.model.detector import build_model  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train.parallel import sharding as shd  # pylint: disable=g-import-not-at-top
   model = build_model(config)
   batch = shd.shard_batch(batch, mesh)
   if mode == 'infer':
-    from ddq_jax.serve.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
     variables = shd.place_tree(variables, mesh, config)
     fn = make_predict_fn(model).jitted
     args = (variables, batch['images'], batch['pad_mask'],
             batch['img_shapes'], batch['scale_factors'])
     return fn, args, lambda a, out_fn: (a, out_fn(*a))
-  from ddq_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train.objective import make_loss_fn  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
   loss_fn = make_loss_fn(model, config, num_devices=int(mesh.devices.size))
   tx, _ = make_optimizer(config, steps_per_epoch=1000)
   make = lambda v: state_lib.create_train_state(  # noqa: E731
@@ -222,10 +225,6 @@ def build_step(config, mode: str, variables, batch: dict, mesh):
 
 
 def run(args) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddq_jax.model.detector import build_model  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train.parallel.mesh import make_mesh, mesh_shape  # pylint: disable=g-import-not-at-top
   config = args.config_dict
   devices = jax.devices()[:args.devices] if args.devices else jax.devices()
   if args.batch is None:
@@ -237,12 +236,10 @@ def run(args) -> dict:
                      f"{int(mesh.shape['data'])} devices of the data axis")
   t = time.perf_counter()
   if args.weights:
-    from ddq_jax.io.weights import load_weights  # pylint: disable=g-import-not-at-top
     variables, config = load_weights(args.weights, config)
   elif args.init == 'fast':
     variables = random_variables(config)
   else:
-    from ddq_jax.model.variables import init_variables  # pylint: disable=g-import-not-at-top
     model = build_model(config)
     variables = jax.jit(lambda r: init_variables(model, config, r))(
         jax.random.key(0))
@@ -330,15 +327,12 @@ def bad_argument(args) -> str | None:
 
 def run_target(parser, args, overrides) -> dict:
   """--target: the deviceless compile of ``ddq_jax.tools.accelerators``."""
-  from ddq_jax import cli  # pylint: disable=g-import-not-at-top
-  from ddq_jax.tools.accelerators import targets  # pylint: disable=g-import-not-at-top
   try:
     target = targets.parse_target(args.target)
   except targets.TargetError as e:
     cli.fail(parser, str(e))
   targets.use_cpu_runtime()
   config = cli.load_or_fail(parser, args.config, overrides)
-  from ddq_jax.tools.accelerators import deviceless  # pylint: disable=g-import-not-at-top
   try:
     return deviceless.compile_for_target(
         config, target, mode=args.mode, batch_per_chip=args.batch_per_chip,
@@ -348,7 +342,6 @@ def run_target(parser, args, overrides) -> dict:
 
 
 def main(argv=None) -> dict:
-  from ddq_jax import cli  # pylint: disable=g-import-not-at-top
   parser = _parser()
   args, overrides = cli.parse_args(parser, argv)
   if args.analyze:
@@ -362,7 +355,6 @@ def main(argv=None) -> dict:
     if problem:
       cli.fail(parser, problem)
     args.config_dict = cli.load_or_fail(parser, args.config, overrides)
-    from ddq_jax.compilation_cache import enable_compilation_cache  # pylint: disable=g-import-not-at-top
     enable_compilation_cache(not args.no_compilation_cache)
     res = run(args)
   print(json.dumps(res), flush=True)

@@ -13,6 +13,8 @@ import os
 import re
 import tempfile
 
+import jax
+
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[^=]*?\s([a-z][\w\-]*)\(')
 _OPNAME = re.compile(r'op_name="([^"]*)"')
 _PROJ = ('value_proj', 'sampling_offsets', 'attention_weights', 'output_proj')
@@ -181,7 +183,6 @@ def self_times(events: list[dict], names: set) -> dict[str, float]:
 def hot_spots(run_once, hlo_text: str, *, steps: int = 1, top: int = 8,
               trace_dir: str | None = None) -> dict:
   """Profiles ``run_once()`` ``steps`` times; hot ops and stage totals."""
-  import jax  # pylint: disable=g-import-not-at-top
   tmp = trace_dir or tempfile.mkdtemp(prefix='ddq_prof_')
   if trace_dir:
     os.makedirs(trace_dir, exist_ok=True)

@@ -32,6 +32,7 @@ import os
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from ddq_jax.train import integrity
@@ -282,7 +283,6 @@ class Checkpointer:
         dst += '+'
       os.rename(src, dst)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f'ddq_set_aside_{step}')
     self._mngr.reload()
     return dst

@@ -15,6 +15,8 @@ import logging
 import sys
 from typing import Callable
 
+from ddq_jax.train import loop, run_log, workdir as workdir_lib
+
 
 def _one_line(error: BaseException) -> str:
   return 'error: ' + (' '.join(str(error).split()) or type(error).__name__)
@@ -24,8 +26,6 @@ def run_training(run: Callable[[], dict], workdir: str, *,
                  process_index: int = 0, on_result=None) -> int:
   """Runs ``run()`` (the training) holding ``workdir``; returns the exit
   code.  ``on_result(result)``: called with a finished run's result."""
-  from ddq_jax.train import loop, run_log  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   main = process_index == 0
   try:
     workdir_lib.check_workdir(workdir)

@@ -39,12 +39,14 @@ State (frozen parameters have no moments)::
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from ddq_jax.ops.xla_cpu import opaque_zero, rounded_alone, run_unfused
 
 FROZEN, BACKBONE, DEFAULT = 'frozen', 'backbone', 'default'
 GROUPS = (DEFAULT, BACKBONE)
@@ -180,34 +182,17 @@ def from_canonical_opt_state(canonical, target):
                             nu=flat_moments(canonical.nu, target.nu))
 
 
-def run_unfused(fn: Callable, carry, *, trips: jax.Array):
-  """``fn(carry)`` (a tree shaped like ``carry``) applied ``trips`` times
-  (0 or 1, traced) in a ``while`` loop whose result XLA has to materialise.
-  """
-  trips = jnp.asarray(trips, jnp.int32)
-
-  def body(state):
-    i, c = state
-    return i + 1, fn(c)
-  _, out = jax.lax.while_loop(lambda state: state[0] < trips, body,
-                              (jnp.zeros((), jnp.int32), carry))
-  return out
-
-
 def adamw_element_update(p, m, v, g, *, step_size, bc2_sqrt, decay, zero,
                          b1: float, b2: float, eps: float):
   """torch ``_single_tensor_adam`` (decoupled decay) on arrays of any shape:
   -> (new p, new m, new v).  ``decay = 1 - lr * wd`` (float32 scalar),
-  ``step_size = lr / bc1``, ``bc2_sqrt = sqrt(bc2)``; ``zero`` an int32
-  scalar XLA cannot prove to be 0: OR-ing it into ``p * decay``'s bits keeps
-  that product rounded on its own, as torch's separate kernel (XLA would
-  otherwise fuse it with the next add into one fused multiply-add)."""
+  ``step_size = lr / bc1``, ``bc2_sqrt = sqrt(bc2)``; ``zero``: an
+  ``xla_cpu.opaque_zero``, which keeps ``p * decay`` rounded on its own, as
+  torch's separate kernel (``xla_cpu.rounded_alone``: no fused
+  multiply-add with the next add)."""
   m = m + (1.0 - b1) * (g - m)
   v = v * b2 + (1.0 - b2) * g * g
-  bits = jnp.dtype(f'int{jnp.dtype(p.dtype).itemsize * 8}')
-  decayed = jax.lax.bitcast_convert_type(
-      jax.lax.bitcast_convert_type(p * decay, bits) | zero.astype(bits),
-      p.dtype)
+  decayed = rounded_alone(p * decay, zero)
   new = decayed + (-step_size * m) / (jnp.sqrt(v) / bc2_sqrt + eps)
   return new.astype(p.dtype), m, v
 
@@ -325,7 +310,7 @@ class FlatAdamW:
     carry = ([join(p_leaves, idx) for _, idx in groups],) + moments
     lrs = self.group_lrs(state.count)
     bc1, bc2_sqrt = bias_corrections(state.count, b1=self.b1, b2=self.b2)
-    kw = dict(bc2_sqrt=bc2_sqrt, zero=jnp.minimum(state.count, 0),
+    kw = dict(bc2_sqrt=bc2_sqrt, zero=opaque_zero(state.count),
               b1=self.b1, b2=self.b2, eps=self.eps)
 
     def update(c):

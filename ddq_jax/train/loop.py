@@ -45,10 +45,15 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
-from ddq_jax.train.parallel import mesh as mesh_lib
-from ddq_jax.train.parallel import sharding as shd
+from ddq_jax.data.pipeline import build_dataset, make_train_iterator
+from ddq_jax.evaluation.evaluator import evaluate_model
+from ddq_jax.io.weights import load_pretrained
+from ddq_jax.model.detector import build_model
+from ddq_jax.model.variables import init_variables
+from ddq_jax.serve.inference import make_predict_fn
 from ddq_jax.train import checkpoint as ckpt_lib
 from ddq_jax.train import integrity
 from ddq_jax.train import nonfinite
@@ -56,8 +61,10 @@ from ddq_jax.train import optimizer as opt_lib
 from ddq_jax.train import state as state_lib
 from ddq_jax.train import step as step_lib
 from ddq_jax.train import workdir as workdir_lib
+from ddq_jax.train.objective import make_loss_fn
+from ddq_jax.train.parallel import mesh as mesh_lib
+from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.train.run_log import OutputWriteError, RunLogger
-from ddq_jax.io.weights import load_pretrained
 
 log = logging.getLogger('ddq_jax.train')
 
@@ -144,10 +151,6 @@ def default_components(config, *, mesh=None) -> Components:
   """The real model (models.detector), objective (training.objective), data
   (data.pipeline) and, when importable, evaluation, for a step on ``mesh``
   (default: one device)."""
-  from ddq_jax.data.pipeline import build_dataset, make_train_iterator  # pylint: disable=g-import-not-at-top
-  from ddq_jax.model.detector import build_model  # pylint: disable=g-import-not-at-top
-  from ddq_jax.model.variables import init_variables  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train.objective import make_loss_fn  # pylint: disable=g-import-not-at-top
 
   model = build_model(config)
   seed = int(config.train.seed)
@@ -168,16 +171,8 @@ def default_components(config, *, mesh=None) -> Components:
 
 
 def default_evaluate_fn(config, model, *, mesh=None) -> Optional[Callable]:
-  """COCO evaluation via ddq_jax.evaluation, or None (logged) if absent.
-  It runs on the training ``mesh`` and reads the state's parameters with
+  """COCO evaluation via ddq_jax.evaluation.  It runs on the training ``mesh`` and reads the state's parameters with
   their training shardings (nothing is re-replicated)."""
-  try:
-    from ddq_jax.data.pipeline import build_dataset  # pylint: disable=g-import-not-at-top
-    from ddq_jax.evaluation.evaluator import evaluate_model  # pylint: disable=g-import-not-at-top
-    from ddq_jax.serve.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    log.warning('evaluation unavailable (%s): periodic eval skipped', e)
-    return None
   cache = {}
 
   def evaluate(state):
@@ -229,7 +224,6 @@ class StopSignal:
     """Whether any process asked to stop (collective when multi-host)."""
     if jax.process_count() == 1:
       return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     flags = multihost_utils.process_allgather(np.int32(self.requested))
     return bool(np.any(flags))
 

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import optax
 
 from ddq_jax.train.flat_optimizer import BACKBONE, DEFAULT, FROZEN, FlatAdamW, adamw_element_update, bias_corrections
+from ddq_jax.ops.xla_cpu import opaque_zero
 _BACKBONE = re.compile(r'(^|/)backbone(/|$)')
 
 
@@ -186,7 +187,7 @@ def torch_adamw(learning_rate, b1: float = 0.9, b2: float = 0.999,
     bc1, bc2_sqrt = bias_corrections(state.count, b1=b1, b2=b2)
     kw = dict(step_size=lr / bc1, bc2_sqrt=bc2_sqrt,
               decay=1.0 - lr * weight_decay,
-              zero=jnp.minimum(state.count, 0), b1=b1, b2=b2, eps=eps)
+              zero=opaque_zero(state.count), b1=b1, b2=b2, eps=eps)
     out = jax.tree.map(lambda p, m, v, g: adamw_element_update(
         p, m, v, g, **kw), params, state.mu, state.nu, grads)
     is_out = lambda x: isinstance(x, tuple)  # noqa: E731

@@ -12,9 +12,12 @@ import json
 import logging
 import os
 import sys
+import threading
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 log = logging.getLogger('ddq_jax.train')
 
@@ -55,11 +58,9 @@ class RunLogger:
       return
     self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
     try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
     except ImportError:
       log.warning('tensorboardX not installed: no tb scalars')
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True,
                     desc='train')
 
@@ -125,7 +126,6 @@ def setup_logging(workdir: str, *, main: bool = True,
   process, WARNING elsewhere); ``workdir/file_name`` gets every logger's
   records with their tracebacks (absl / orbax included), and so do
   exceptions of other threads and of atexit callbacks.  Returns the log file's path."""
-  import threading  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, file_name)
   logging.raiseExceptions = False  # a full disk must not print tracebacks
   root = logging.getLogger()

@@ -15,6 +15,7 @@ is opened, ``loop.train`` again).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import socket
@@ -81,7 +82,6 @@ def holder_of(path: str) -> str:
 
 
 def _acquire(workdir: str) -> int:
-  import fcntl  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, LOCK_FILE)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:

@@ -23,6 +23,8 @@ from ddq_jax.io.conversion import weights_io
 from ddq_jax.io.conversion.converter import ConversionError, convert_checkpoint
 from ddq_jax.io.conversion.mmdet_config import ConfigParseError
 from ddq_jax.io.conversion.torch_pickle import CheckpointReadError, load_torch_checkpoint, state_dict_of
+from ddq_jax.io.conversion.torchvision import torchvision_resnet_to_variables
+from ddq_jax.io.weights import weight_format
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,9 +59,7 @@ def main(argv=None) -> int:
   try:
     # Refuse a bad --out before the (slow) conversion.
     weights_io.check_output_dir(args.out, **save)
-    from ddq_jax.io.weights import weight_format
     if args.torchvision or weight_format(args.checkpoint) == 'torchvision':
-      from ddq_jax.io.conversion.torchvision import torchvision_resnet_to_variables
       config = given or cli.load_or_fail(parser, 'ddq_r50_4scale', overrides)
       state_dict = state_dict_of(load_torch_checkpoint(args.checkpoint),
                                  args.checkpoint)

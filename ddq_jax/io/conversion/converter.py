@@ -17,8 +17,10 @@ import ml_collections
 import numpy as np
 
 from ddq_jax.io.conversion import mapping
-from ddq_jax.io.conversion.mmdet_config import config_from_mmdet
+from ddq_jax.io.conversion.mmdet_config import (config_from_mmdet,
+                                                ConfigParseError)
 from ddq_jax.io.conversion.torch_pickle import CheckpointReadError, load_torch_checkpoint, state_dict_of
+from ddq_jax.model.variables import variable_shapes
 
 
 class ConversionError(ValueError):
@@ -64,7 +66,6 @@ def _flatten(tree, prefix=()):
 
 def expected_shapes(config: ml_collections.ConfigDict) -> dict[tuple, tuple]:
   """{path: shape} of every variable the model builds for ``config``."""
-  from ddq_jax.model.variables import variable_shapes
   shapes = variable_shapes(config)
   return {path: tuple(leaf.shape) for path, leaf in _flatten(shapes)}
 
@@ -115,7 +116,6 @@ def convert_checkpoint(
     meta = obj.get('meta', {}) if isinstance(obj, dict) else {}
     cfg_text = meta.get('cfg') if isinstance(meta, dict) else None
     if not isinstance(cfg_text, str):
-      from ddq_jax.io.conversion.mmdet_config import ConfigParseError
       raise ConfigParseError(
           f"{path}: the checkpoint carries no config text in meta['cfg']; "
           'pass the architecture with --config (e.g. configs/ddq_r50_4scale.py)')

@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from ddq_jax.config import load_config
+from ddq_jax.io.conversion.swin import swin_backbone_config
 
 
 class ConfigParseError(ValueError):
@@ -121,7 +122,6 @@ def config_from_mmdet(text: str,
     raise ConfigParseError(f'positional num_feats {pos_feats} must be half of '
                            f'embed_dims {c.embed_dims}')
   if backbone.get('type') == 'SwinTransformer':
-    from ddq_jax.io.conversion.swin import swin_backbone_config
     try:
       swin_backbone_config(backbone, c.backbone)
     except ValueError as e:

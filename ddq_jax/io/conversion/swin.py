@@ -19,7 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from ddq_jax.io.conversion.mapping import match_rule
+from ddq_jax.model.swin import SwinTransformer
 
 _UNFOLD_ORDER = [0, 2, 1, 3]  # official (x00, x10, x01, x11) <-> unfold's
 
@@ -168,9 +173,6 @@ def is_official_swin(state_dict: dict[str, np.ndarray]) -> bool:
 def expected_backbone_shapes(config) -> dict[tuple, tuple]:
   """{path below params/backbone: shape} of the Swin backbone of ``config``
   (abstract: jax.eval_shape, no compute)."""
-  import jax
-  import jax.numpy as jnp
-  from ddq_jax.model.swin import SwinTransformer
   model = SwinTransformer.from_config(config)
   size = 2 * model.patch_size * model.window_size
   shapes = jax.eval_shape(lambda: model.init(
@@ -199,7 +201,6 @@ def official_backbone_variables(state_dict: dict[str, np.ndarray], config
       checkpoint of another window size; the reference would resize the
       bias table bicubically, this port does not), naming each one.
   """
-  from ddq_jax.io.conversion.mapping import match_rule
   state_dict = {k[len('module.'):] if k.startswith('module.') else k: v
                 for k, v in state_dict.items()}
   want = expected_backbone_shapes(config)

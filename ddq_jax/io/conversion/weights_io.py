@@ -19,15 +19,20 @@ import re
 import shutil
 import tempfile
 
+from flax import serialization
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import serialization
+
+from ddq_jax.io.outputs import pid_alive
 
 VARIABLES_FILE = 'variables.msgpack'
 CONFIG_FILE = 'config.json'
 
 
 OUR_FILES = (VARIABLES_FILE, CONFIG_FILE, 'conversion.json')
+# The variable collections weights hold.
+COLLECTIONS = ('params', 'batch_stats')
 
 
 class OutputExistsError(ValueError):
@@ -79,16 +84,6 @@ def check_output_dir(out_dir: str, *, overwrite: bool = False,
       f'{", ".join(OUR_FILES)} into it (its other files are kept)')
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 def stale_temporaries(parent: str, base: str) -> list[str]:
   """Temporary directories of earlier conversions into ``parent/base`` that
   no live process owns and that hold only our files: ``.tmp-BASE.<pid>.*``
@@ -102,7 +97,7 @@ def stale_temporaries(parent: str, base: str) -> list[str]:
     path = os.path.join(parent, name)
     if not m or not os.path.isdir(path) or os.path.islink(path):
       continue
-    if m.group(1) and _pid_alive(int(m.group(1))):
+    if m.group(1) and pid_alive(int(m.group(1))):
       continue
     if set(os.listdir(path)) <= set(OUR_FILES):
       out.append(path)
@@ -129,7 +124,6 @@ def save_converted(out_dir: str, variables: dict,
   """
   out_dir = os.path.abspath(out_dir)
   mode = check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
-  from ddq_jax.io.weights_fit import nonfinite_paths  # pylint: disable=g-import-not-at-top
   bad = nonfinite_paths(variables)
   if bad:
     raise ValueError(
@@ -171,6 +165,34 @@ def save_converted(out_dir: str, variables: dict,
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def flatten(variables: dict) -> dict[str, Any]:
+  """{'params/a/b': leaf, ...} of the ``COLLECTIONS`` of a variables tree."""
+  out = {}
+
+  def walk(node, prefix):
+    if isinstance(node, dict) or hasattr(node, 'items'):
+      for k, v in node.items():
+        walk(v, f'{prefix}/{k}')
+    else:
+      out[prefix] = node
+
+  for coll in COLLECTIONS:
+    if coll in variables:
+      walk(variables[coll], coll)
+  return out
+
+
+def is_floating(x) -> bool:
+  return jnp.issubdtype(np.asarray(x).dtype, jnp.floating)
+
+
+def nonfinite_paths(variables: dict) -> list[str]:
+  """Paths of the floating leaves holding a NaN or an infinity."""
+  return [p for p, x in flatten(variables).items()
+          if is_floating(x) and not np.all(np.isfinite(
+              np.asarray(x, np.float32)))]
 
 
 def _to_numpy(tree):

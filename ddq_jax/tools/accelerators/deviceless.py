@@ -29,14 +29,32 @@ from __future__ import annotations
 
 import time
 
+import jax
+import jax.numpy as jnp
+
+try:  # jax internals (the GPU path's FLOPs); absent ones mean no FLOPs
+  from jax._src import xla_bridge
+  from jax._src.lib import _jax
+except ImportError:
+  xla_bridge = _jax = None
+
 from ddq_jax.tools.accelerators import hlo_stats
 from ddq_jax.tools.accelerators.targets import Target, topology_devices
+from ddq_jax import backend
+from ddq_jax.model.detector import build_model
+from ddq_jax.model.variables import variable_shapes
+from ddq_jax.serve.inference import make_predict_fn
+from ddq_jax.train import state as state_lib
+from ddq_jax.train import step as step_lib
+from ddq_jax.train.objective import make_loss_fn
+from ddq_jax.train.optimizer import make_optimizer
+from ddq_jax.train.parallel import sharding as shd
+from ddq_jax.train.parallel.mesh import DATA, make_mesh
 
 GB = 2.0 ** 30
 
 
 def _abstract(tree, shardings):
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       tree, shardings)
@@ -44,9 +62,6 @@ def _abstract(tree, shardings):
 
 def abstract_batch(config, mode: str, batch: int, size, mesh) -> dict:
   """The benchmark's batch (``benchmark._inputs``) as sharded shapes."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train.parallel import sharding as shd  # pylint: disable=g-import-not-at-top
   h, w = size
   g = int(config.loss.max_gt)
   spec = dict(images=((batch, h, w, 3), jnp.float32),
@@ -66,14 +81,9 @@ def abstract_batch(config, mode: str, batch: int, size, mesh) -> dict:
 def abstract_step(config, mode: str, batch: dict, mesh):
   """(jitted step, abstract args): the benchmark's ``build_step`` on
   shapes only."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from ddq_jax.model.detector import build_model  # pylint: disable=g-import-not-at-top
-  from ddq_jax.model.variables import variable_shapes  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train.parallel import sharding as shd  # pylint: disable=g-import-not-at-top
   model = build_model(config)
   variables = variable_shapes(config)
   if mode == 'infer':
-    from ddq_jax.serve.inference import make_predict_fn  # pylint: disable=g-import-not-at-top
     rules, min_size = shd.rules_from_config(config)
     shardings = shd.tree_shardings(variables, mesh, min_size=min_size,
                                    rules=rules)
@@ -81,10 +91,6 @@ def abstract_step(config, mode: str, batch: dict, mesh):
     return fn, (_abstract(variables, shardings), batch['images'],
                 batch['pad_mask'], batch['img_shapes'],
                 batch['scale_factors'])
-  from ddq_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train.objective import make_loss_fn  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
   loss_fn = make_loss_fn(model, config, num_devices=int(mesh.devices.size))
   tx, _ = make_optimizer(config, steps_per_epoch=1000)
   abstract = jax.eval_shape(lambda v: state_lib.create_train_state(
@@ -109,8 +115,6 @@ def flops(compiled, platform: str) -> float | None:
   if platform != 'gpu':
     return None
   try:  # the GPU path: the CPU client's analysis of the optimised module
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
     module = compiled.runtime_executable().hlo_modules()[0]
     cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend('cpu'), module)
     return float(cost.get('flops', 0.0))
@@ -146,9 +150,6 @@ def compile_for_target(config, target: Target, *, mode: str, size,
   ``compiler_options``: XLA options for this compile (e.g.
   ``{'xla_dump_to': DIR}`` for the buffer assignment); the project sets
   none by default, for any target."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from ddq_jax import backend  # pylint: disable=g-import-not-at-top
-  from ddq_jax.train.parallel.mesh import DATA, make_mesh  # pylint: disable=g-import-not-at-top
   devices = topology_devices(target)
   mesh = make_mesh(config, devices)
   data = int(mesh.shape[DATA])

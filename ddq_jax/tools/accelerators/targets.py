@@ -22,6 +22,9 @@ import importlib.util
 import os
 import re
 
+import jax
+from jax.experimental import topologies
+
 GPU_CHIPS = {'h100': 'h100.pbtxt', 'h200': 'h200.pbtxt', 'a100': 'a100.pbtxt'}
 FORMS = ("'tpu:<topology>' (e.g. tpu:v5e:2x4, tpu:v4:2x2x1, tpu:v6e:2x4) or "
          "'gpu:<chip>[:<count>]' (chip " + ' | '.join(GPU_CHIPS) +
@@ -85,7 +88,6 @@ def _first_line(e: Exception) -> str:
 def use_cpu_runtime() -> None:
   """The CPU client as the only runtime platform (call before any backend
   is initialised; harmless after, when it already is the CPU)."""
-  import jax  # pylint: disable=g-import-not-at-top
   os.environ['JAX_PLATFORMS'] = 'cpu'
   # Nothing here opens a TPU: a second deviceless compile (or one beside a
   # job that holds the chips) must not stop at libtpu's process lockfile.
@@ -95,7 +97,6 @@ def use_cpu_runtime() -> None:
 
 def topology_devices(target: Target) -> list:
   """The target's devices (no runtime behind them), in topology order."""
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   if target.platform == 'tpu':
     if not _have('libtpu'):
       raise TargetError(f"--target {target.spec}: libtpu is not installed "

@@ -22,8 +22,9 @@ import re
 from typing import Any, Sequence
 
 import jax
-import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
 from ddq_jax.train.parallel.mesh import DATA, MODEL
 
@@ -127,7 +128,6 @@ def host_allgather(x: np.ndarray) -> np.ndarray:
   """Host numpy rows of every process, concatenated in process order."""
   if jax.process_count() == 1:
     return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(np.asarray(x),
                                                       tiled=True))
 
@@ -139,7 +139,6 @@ def to_host(tree: Any) -> Any:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if x.is_fully_replicated:
         return np.asarray(x.addressable_data(0))
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
   return jax.tree.map(get, tree)
