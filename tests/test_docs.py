@@ -55,7 +55,7 @@ def test_docs_cite_only_files_that_exist():
   bad = []
   for f in _tracked('.py', '.md', '.toml'):
     text = open(os.path.join(ROOT, f)).read()
-    if 'DESIGN.md' in text:
+    if 'DESIGN.md' in text and not f.endswith('test_docs.py'):
       bad.append((f, 'DESIGN.md'))
     for m in _FROM_ROOT.finditer(text):
       path = m.group(1).rstrip('.')
