@@ -84,7 +84,7 @@ def main(argv=None):
     model.train()
     model.zero_grad(set_to_none=True)
     losses = model.loss(images, samples)
-    total = sum(v.sum() for k, v in losses.items() if 'loss' in k)
+    total, _ = model.parse_losses(losses)
     total.backward()
     return total
 
