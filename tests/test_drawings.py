@@ -47,12 +47,16 @@ def _detections(source, order):
 
 def test_draw_detections_draws_on_a_copy():
   image = np.zeros((100, 120, 3), np.uint8)
-  rgb = draw_detections(image, [dict(bbox=[10, 20, 30, 40], category_id=2,
-                                     category_name='square', score=0.9)])
+  rec = dict(bbox=[10, 20, 30, 40], category_id=2, category_name='square',
+             score=0.9)
+  rgb = draw_detections(image, [rec], min_side=0)
   assert rgb.shape == image.shape and rgb.dtype == np.uint8
   assert not image.any()
   assert rgb[40, 10].any() and rgb[40, 40].any()  # left and right edges
   assert not rgb[40, 25].any()                    # inside the box
+  big = draw_detections(image, [rec])  # small images are drawn enlarged
+  assert big.shape == (400, 480, 3) and min(big.shape[:2]) >= MIN_DRAWN_SIDE
+  assert big[160, 40].any() and not big[160, 100].any()
 
 
 def test_eval_images_first_evaluated_above_threshold():
@@ -68,11 +72,9 @@ def test_eval_images_first_evaluated_above_threshold():
     image = src.load(i)['image']
     k = -(-MIN_DRAWN_SIDE // min(image.shape[:2]))
     assert rgb.shape == (image.shape[0] * k, image.shape[1] * k, 3)
-    big = np.repeat(np.repeat(image, k, 0), k, 1)
-    high = [dict(d, bbox=[v * k for v in d['bbox']])
-            for d in _detections(src, [i]) if d['score'] >= 0.3]
+    high = [d for d in _detections(src, [i]) if d['score'] >= 0.3]
     np.testing.assert_array_equal(
-        rgb, draw_detections(big, high, category_names=names))
+        rgb, draw_detections(image, high, category_names=names))
   assert draw_eval_images(src, [], image_ids=[], score_threshold=0.3) == []
 
 

@@ -14,56 +14,66 @@ OpenCV (the image decoder of the data pipeline) draws and writes the PNGs.
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
-# Evaluation drawings of smaller images are enlarged (whole pixels) to a
-# short side of at least this, so the tags stay legible.
+# Smaller images are drawn enlarged (whole pixels) to a short side of at
+# least this, so the tags stay legible.
 MIN_DRAWN_SIDE = 320
 
 
-def category_color(category_id: int) -> tuple[int, int, int]:
-  """A fixed light RGB colour per category (the label text stays black)."""
-  rng = np.random.default_rng(int(category_id))
+def category_color(name: str) -> tuple[int, int, int]:
+  """A fixed light RGB colour per class name (the tag text stays black)."""
+  rng = np.random.default_rng(zlib.crc32(name.encode()))
   return tuple(int(c) for c in rng.integers(64, 256, 3))
 
 
 def draw_detections(image: np.ndarray, records: Sequence[dict], *,
-                    category_names: Optional[Mapping[int, str]] = None
-                    ) -> np.ndarray:
+                    category_names: Optional[Mapping[int, str]] = None,
+                    min_side: int = MIN_DRAWN_SIDE) -> np.ndarray:
   """``image`` (h, w, 3) uint8 RGB with each record's box and a
   'name score' tag drawn (a new array; ``image`` is not changed).
 
   The name is the record's 'category_name', else ``category_names``'
-  entry for its category_id, else the id."""
-  canvas = np.ascontiguousarray(image, np.uint8).copy()
+  entry for its category_id, else the id.  An image whose short side is
+  under ``min_side`` is enlarged k times first (nearest pixel, boxes
+  scaled), so the result is (k h, k w, 3)."""
+  canvas = np.ascontiguousarray(image, np.uint8)
+  k = max(1, -(-int(min_side) // max(1, min(canvas.shape[:2]))))
+  if k > 1:
+    canvas = cv2.resize(canvas, None, fx=k, fy=k,
+                        interpolation=cv2.INTER_NEAREST)
+    records = [dict(r, bbox=[v * k for v in r['bbox']]) for r in records]
+  canvas = canvas.copy()
   names = category_names or {}
-  scale = max(0.35, min(1.0, min(canvas.shape[:2]) / 1200.0))
+  scale = max(0.5, min(1.0, min(canvas.shape[:2]) / 1000.0))
   thick = 2
   for rec in records:
     x, y, w, h = rec['bbox']
     cat = int(rec['category_id'])
-    color = category_color(cat)
+    name = str(rec.get('category_name', names.get(cat, cat)))
+    color = category_color(name)
     p1 = (int(round(x)), int(round(y)))
     p2 = (int(round(x + w)), int(round(y + h)))
     cv2.rectangle(canvas, p1, p2, color, thick)
-    name = rec.get('category_name', names.get(cat, str(cat)))
     label = f"{name} {float(rec['score']):.2f}"
     (tw, th), _ = cv2.getTextSize(label, _FONT, scale, 1)
-    top = max(p1[1] - th - 4, 0)
-    cv2.rectangle(canvas, (p1[0], top), (p1[0] + tw + 2, top + th + 4),
-                  color, -1)
-    cv2.putText(canvas, label, (p1[0] + 1, top + th + 1), _FONT, scale,
+    top, left = max(p1[1] - th - 4, 0), max(p1[0], 0)
+    cv2.rectangle(canvas, (left, top), (left + tw + 2, top + th + 4), color,
+                  -1)
+    cv2.putText(canvas, label, (left + 1, top + th + 1), _FONT, scale,
                 (0, 0, 0), 1, cv2.LINE_AA)
   return canvas
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
   """An (h, w, 3) uint8 RGB array encoded as PNG."""
-  ok, data = cv2.imencode('.png', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+  ok, data = cv2.imencode('.png', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                          [cv2.IMWRITE_PNG_COMPRESSION, 9])
   if not ok:
     raise ValueError(f'cannot encode an array of shape {rgb.shape} as PNG')
   return data.tobytes()
@@ -113,9 +123,8 @@ def draw_eval_images(source, detections: Sequence[dict], *,
       ``evaluate_model``'s metrics['image_ids']).
     score_threshold: the lowest score drawn.
   Returns:
-    [('image_<image_id>', (h, w, 3) uint8 RGB)]: the original image,
-    enlarged k times (nearest pixel) when its short side is under
-    ``MIN_DRAWN_SIDE``; an image that cannot be read is left out.
+    [('image_<image_id>', (h, w, 3) uint8 RGB)]: ``draw_detections`` of
+    the original image; an image that cannot be read is left out.
   """
   chosen: dict[int, list[dict]] = {int(i): [] for i in image_ids}
   if not chosen:
@@ -132,11 +141,6 @@ def draw_eval_images(source, detections: Sequence[dict], *,
     image = source.load(index[image_id])['image']
     if image is None:
       continue
-    k = max(1, -(-MIN_DRAWN_SIDE // max(1, min(image.shape[:2]))))
-    if k > 1:
-      image = cv2.resize(image, None, fx=k, fy=k,
-                         interpolation=cv2.INTER_NEAREST)
-      records = [dict(r, bbox=[v * k for v in r['bbox']]) for r in records]
     out.append((f'image_{image_id}',
                 draw_detections(image, records, category_names=names)))
   return out
