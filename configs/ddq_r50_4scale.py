@@ -188,4 +188,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- evaluation ------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 8
+  # At each evaluation of a training run: the detections on this many
+  # held-out images, drawn at scores >= draw_score_threshold, go to
+  # WORKDIR/drawings/step_N/*.png and TensorBoard (0: none).
+  c.eval.num_drawn_images = 4
+  c.eval.draw_score_threshold = 0.3
   return c

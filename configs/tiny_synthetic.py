@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.class_names = ('circle', 'square', 'triangle', 'cross', 'ring', 'diamond',
                    'hbar', 'star')[:c.num_classes]
   # Measured (2-core CPU): AP 0.005 / 0.046 / 0.124 / 0.192 (AP50 0.39)
-  # after 100 / 200 / 300 / 400 steps; see benchmarks/RESULTS.md.
+  # after 100 / 200 / 300 / 400 steps; fresh runs end at AP 0.16 to 0.19
+  # (AP50 0.30 to 0.39), see benchmarks/RESULTS.md.
   c.train.max_steps = 400
   c.train.eval_every = 200        # and once more at the end
   c.train.checkpoint_every = 100

@@ -14,11 +14,15 @@ Where it lives, first match wins:
 
 ``python -m ddq_jax benchmark --no-compilation-cache`` turns it off for one
 run.  Deleting the directory is always safe.
+
+``compile_count(fn)`` is the one compile counter: every "compiles once"
+check (the training step, the detect program of evaluation, ``Detector``
+and the tests) reads it.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 
@@ -66,3 +70,12 @@ def enable_compilation_cache(enabled: bool = True) -> Optional[str]:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   return path
+
+
+def compile_count(fn: Any) -> int:
+  """Executables a jitted function holds: one per input signature (shapes,
+  dtypes, shardings) it was called with, however it was compiled (XLA or a
+  hit in the persistent cache).  ``fn``: a ``jax.jit`` function or a
+  wrapper exposing one as ``fn.jitted`` (``serve.detect.jit_detect_fn``)."""
+  jitted = getattr(fn, 'jitted', fn)
+  return int(jitted._cache_size())  # pylint: disable=protected-access

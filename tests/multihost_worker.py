@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import standin  # noqa: E402
 
+from ddq_jax.compilation_cache import compile_count
 from ddq_jax.train.checkpoint import Checkpointer
 
 
@@ -41,7 +42,7 @@ def main():
   if pid == 0:
     with open(os.path.join(out_dir, 'losses.json'), 'w') as f:
       json.dump({'fresh': fresh.tolist(), 'resumed': resumed.tolist(),
-                 'compiles': int(s['step']._cache_size())}, f)
+                 'compiles': compile_count(s['step'])}, f)
   jax.distributed.shutdown()
 
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import ddq_jax
+from ddq_jax.compilation_cache import compile_count
 from ddq_jax.config import load_config
 from ddq_jax.data.transforms import read_image
 from ddq_jax.parity.canvas import tie_ordered_detections
-from ddq_jax.serve import api
+from ddq_jax.serve import api, detect
 
 SAMPLE = os.path.join(os.path.dirname(api.__file__), 'assets', 'sample.jpg')
 
@@ -64,7 +65,7 @@ def test_serving_program_matches_fixture(detector):
 
 def test_images_of_every_kind_and_one_compile_per_canvas(detector):
   rgb = read_image(SAMPLE)
-  start = detector.trace_count()
+  start = compile_count(detector.detect)
   one = detector(SAMPLE)
   assert isinstance(one, api.ImageDetections)
   assert len(one) == 50 and one.boxes.shape == (50, 4)
@@ -78,10 +79,10 @@ def test_images_of_every_kind_and_one_compile_per_canvas(detector):
   np.testing.assert_allclose(many[0].boxes, one.boxes, atol=1e-4)
   np.testing.assert_allclose(many[2].scores, one.scores, atol=1e-6)
   assert (many[1].boxes[:, 2] <= w // 2 + 1e-3).all()
-  assert detector.trace_count() - start == 1  # one canvas, one compile
+  assert compile_count(detector.detect) - start == 1  # one canvas, one compile
   portrait = np.ascontiguousarray(rgb.transpose(1, 0, 2))
   detector(portrait)
-  assert detector.trace_count() - start == 2  # the portrait canvas
+  assert compile_count(detector.detect) - start == 2  # the portrait canvas
   thr = detector(SAMPLE, score_threshold=float(one.scores[9]))
   assert len(thr) >= 10 and (thr.scores >= one.scores[9]).all()
   recs = one.to_records('sample.jpg')
@@ -124,11 +125,11 @@ def test_bfloat16_close_to_float32(tiny_variables, tiny_config):
 
 def test_inference_config_sets_padding_invariant(tiny_config):
   c = tiny_config.copy_and_resolve_references()
-  assert 'padding_invariant' not in api.inference_config(c) or \
-      api.inference_config(c).padding_invariant
+  assert 'padding_invariant' not in detect.inference_config(c) or \
+      detect.inference_config(c).padding_invariant
   with c.unlocked():
     c.padding_invariant = False
-  assert api.inference_config(c).padding_invariant is True
+  assert detect.inference_config(c).padding_invariant is True
   assert c.padding_invariant is False
   assert isinstance(c, ml_collections.ConfigDict)
 

@@ -33,10 +33,12 @@ def train_ds(cfg):
   return build_dataset(cfg, 'train')
 
 
-def _check_contract(b, cfg, batch):
+def _check_contract(b, cfg, batch, *, images=np.float32):
+  """The batch contract; ``images``: float32 (training) or uint8 (the
+  evaluation's canvases)."""
   g = cfg.loss.max_gt
   assert set(b) == set(KEYS)
-  for k, dt in KEYS.items():
+  for k, dt in dict(KEYS, images=images).items():
     assert b[k].dtype == dt, k
     assert b[k].shape[0] == batch, k
   _, h, w, _ = b['images'].shape
@@ -184,7 +186,7 @@ def test_eval_iterator_pads_last_batch(cfg):
   assert sorted(ids[valid].tolist()) == list(range(1, 14))
   assert np.all(ids[~valid] == -1)
   for b in batches:
-    _check_contract(b, cfg, 4)
+    _check_contract(b, cfg, 4, images=np.uint8)
     for i in np.nonzero(~b['sample_valid'])[0]:
       assert not b['gt_valid'][i].any()
       assert np.all(b['img_shapes'][i] > 0)
@@ -211,9 +213,9 @@ def test_eval_test_resize_and_gt(cfg):
     np.testing.assert_array_equal(b['orig_sizes'][i], [h, w])
     np.testing.assert_allclose(b['scale_factors'][i], [nw / w, nh / h])
     ref = cv2.resize(r['image'], (nw, nh), interpolation=cv2.INTER_LINEAR)
-    mean, std = np.array(cfg.data.mean), np.array(cfg.data.std)
-    np.testing.assert_allclose(b['images'][i, :nh, :nw],
-                               (ref - mean) / std, atol=1e-5)
+    assert b['images'].dtype == np.uint8  # the inference program's input
+    np.testing.assert_array_equal(b['images'][i, :nh, :nw], ref)
+    assert not b['images'][i, nh:].any() and not b['images'][i, :, nw:].any()
     n = len(r['boxes'])
     np.testing.assert_allclose(b['gt_boxes'][i, :n],
                                r['boxes'] * ([nw / w, nh / h] * 2), rtol=1e-5)

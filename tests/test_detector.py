@@ -1,6 +1,6 @@
 """The full DDQDETR module against the golden fixtures: every inference
 intermediate and the detections (infer.npz), both distinct-mask semantics,
-the jitted predict function (compile once, input validation), and the
+the inference program (``serve.detect``: compile once, input validation), and the
 training forward with the fixture's injected denoising queries (train.npz)."""
 
 import json
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
+from ddq_jax.compilation_cache import compile_count
 from ddq_jax.config import load_config
 from ddq_jax.io.conversion.mapping import match_rule
 from ddq_jax.losses.config import CriterionConfig
@@ -18,7 +19,8 @@ from ddq_jax.losses.criterion import ddq_criterion, total_loss
 from ddq_jax.model.detector import INTERMEDIATES, build_model
 from ddq_jax.model.outputs import Detections
 from ddq_jax.model.variables import variable_shapes
-from ddq_jax.serve.inference import make_predict_fn, validate_predict_inputs
+from ddq_jax.serve.detect import (jit_detect_fn, normalize_canvas,
+                                  validate_detect_inputs)
 
 EXACT = ('feat_mask', 'memory_mask', 'topk_indices', 'num_kept_after_nms',
          'distinct_keep_0', 'distinct_keep_1', 'head_query_mask_0',
@@ -115,54 +117,59 @@ def test_kept_set_semantics_changes_only_image0_predictions(
   assert not np.array_equal(out['det_scores'][0], infer_out['det_scores'][0])
 
 
-def test_predict_fn_compiles_once(model, tiny_variables, tiny_inputs,
-                                  tiny_infer):
-  predict = make_predict_fn(model)
-  args = [tiny_inputs[k] for k in INFER_INPUTS]
-  dets = predict(tiny_variables, *args)
+def test_detect_fn_compiles_once(model, tiny_config, tiny_variables,
+                                 tiny_inputs, tiny_infer):
+  """The one inference program on the fixture's uint8 canvases: its
+  normalisation gives the reference's float images bit for bit, so its
+  detections are the model's on them, and it compiles once."""
+  detect = jit_detect_fn(tiny_config)
+  args = (tiny_inputs['raw_images'], tiny_inputs['img_shapes'],
+          tiny_inputs['scale_factors'])
+  dets = detect(tiny_variables, *args)
   assert isinstance(dets, Detections)
   assert np.abs(np.asarray(dets.boxes) - tiny_infer['det_bboxes']).max() \
       <= 1e-3
   assert np.abs(np.asarray(dets.scores) - tiny_infer['det_scores']).max() \
       <= 1e-5
   np.testing.assert_array_equal(dets.labels, tiny_infer['det_labels'])
-  # New values, same shapes: no retrace.
-  images = np.ascontiguousarray(args[0][::-1])
-  dets2 = predict(tiny_variables, images, args[1][::-1], args[2][::-1],
-                  args[3][::-1])
+  x, pad_mask = jax.jit(lambda im, sz: normalize_canvas(
+      im, sz, mean=tiny_config.data.mean, std=tiny_config.data.std))(
+          *args[:2])
+  np.testing.assert_array_equal(x, tiny_inputs['images'])
+  np.testing.assert_array_equal(pad_mask, tiny_inputs['pad_mask'])
+  # New values, same shapes: no recompilation.
+  dets2 = detect(tiny_variables, *(np.ascontiguousarray(a[::-1])
+                                   for a in args))
   jax.block_until_ready(dets2)
-  assert predict.trace_count() == 1
+  assert compile_count(detect) == 1
 
 
 @pytest.mark.parametrize('bad, message', [
-    (dict(images=np.zeros((2, 8, 8, 3), np.float64)), 'images: expected dtype float32'),
-    (dict(images=np.zeros((8, 8, 3), np.float32)), 'images: expected rank 4'),
-    (dict(images=np.zeros((2, 8, 8, 1), np.float32)), 'images: expected 3 channels'),
-    (dict(pad_mask=np.zeros((2, 8, 8), np.int32)), 'pad_mask: expected dtype bool'),
-    (dict(pad_mask=np.zeros((2, 8, 9), bool)), 'pad_mask: expected shape'),
-    (dict(img_shapes=np.zeros((2, 3))), 'img_shapes: expected shape'),
+    (dict(images=np.zeros((2, 8, 8, 3), np.float32)), 'images: expected dtype uint8'),
+    (dict(images=np.zeros((8, 8, 3), np.uint8)), 'images: expected .N, H, W, 3.'),
+    (dict(images=np.zeros((2, 8, 8, 1), np.uint8)), 'images: expected .N, H, W, 3.'),
+    (dict(image_sizes=np.zeros((2, 3))), 'image_sizes: expected shape'),
+    (dict(image_sizes=np.zeros((2, 2), bool)), 'image_sizes: expected a numeric'),
     (dict(scale_factors=np.zeros((1, 2))), 'scale_factors: expected shape'),
-    (dict(images=[[1.0]]), 'images: expected an array'),
+    (dict(images=[[1]]), 'images: expected an array'),
 ])
-def test_predict_input_validation(bad, message):
-  args = dict(images=np.zeros((2, 8, 8, 3), np.float32),
-              pad_mask=np.zeros((2, 8, 8), bool),
-              img_shapes=np.full((2, 2), 8), scale_factors=np.ones((2, 2)))
+def test_detect_input_validation(bad, message):
+  args = dict(images=np.zeros((2, 8, 8, 3), np.uint8),
+              image_sizes=np.full((2, 2), 8), scale_factors=np.ones((2, 2)))
   args.update(bad)
   with pytest.raises((TypeError, ValueError), match=message):
-    validate_predict_inputs(**args)
+    validate_detect_inputs(**args)
 
 
-def test_predict_fn_rejects_before_tracing(model, tiny_variables):
-  predict = make_predict_fn(model)
-  with pytest.raises(TypeError, match='images: expected dtype float32'):
-    predict(tiny_variables, np.zeros((1, 32, 32, 3), np.float64),
-            np.zeros((1, 32, 32), bool), np.full((1, 2), 32),
-            np.ones((1, 2)))
+def test_detect_fn_rejects_before_tracing(tiny_config, tiny_variables):
+  detect = jit_detect_fn(tiny_config)
+  with pytest.raises(TypeError, match='images: expected dtype uint8'):
+    detect(tiny_variables, np.zeros((1, 32, 32, 3), np.float32),
+           np.full((1, 2), 32), np.ones((1, 2)))
   with pytest.raises(TypeError, match='variables'):
-    predict([], np.zeros((1, 32, 32, 3), np.float32),
-            np.zeros((1, 32, 32), bool), np.full((1, 2), 32), np.ones((1, 2)))
-  assert predict.trace_count() == 0
+    detect([], np.zeros((1, 32, 32, 3), np.uint8), np.full((1, 2), 32),
+           np.ones((1, 2)))
+  assert compile_count(detect) == 0
 
 
 TRAIN_INPUTS = ('images', 'pad_mask', 'img_shapes', 'gt_boxes', 'gt_labels',

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from ddq_jax.compilation_cache import compile_count
 from ddq_jax.config import load_config
 from ddq_jax.data import build_dataset, make_eval_iterator
 from ddq_jax.evaluation import cli as evaluate
@@ -15,8 +16,7 @@ from ddq_jax.evaluation.coco_metrics import (METRIC_NAMES, coco_box_metrics,
                                              detections_to_coco, format_table,
                                              pycocotools_box_metrics)
 from ddq_jax.io.weights import load_weights
-from ddq_jax.model.detector import build_model
-from ddq_jax.serve.inference import make_predict_fn
+from ddq_jax.serve.detect import jit_detect_fn
 from ddq_jax.train.parallel.mesh import make_mesh
 
 TINY_PTH = os.path.join(os.path.dirname(__file__), 'data', 'tiny',
@@ -173,8 +173,8 @@ def test_sharded_equals_single_device(cli_run):
   variables, config = load_weights(TINY_PTH, config)
   src = build_dataset(config, config.data.eval_split)
   it = make_eval_iterator(config, batch_size=BATCH, dataset=src, num_workers=0)
-  predict = make_predict_fn(build_model(config))
-  metrics, dets = evaluate_model(predict, variables, it,
+  detect = jit_detect_fn(config)
+  metrics, dets = evaluate_model(detect, variables, it,
                                  mesh=make_mesh(None, jax.devices()[:1]),
                                  progress=False, print_table=False)
   with open(os.path.join(cli_run, 'metrics.json')) as f:
@@ -194,7 +194,7 @@ def test_sharded_equals_single_device(cli_run):
   assert metrics['images_per_s'] > 0
   # max_images: whole batches run, metrics cover exactly the first N images
   it = make_eval_iterator(config, batch_size=BATCH, dataset=src, num_workers=0)
-  m3, d3 = evaluate_model(predict, variables, it, max_images=3,
+  m3, d3 = evaluate_model(detect, variables, it, max_images=3,
                           mesh=make_mesh(None, jax.devices()[:1]), progress=False,
                           print_table=False)
   assert m3['num_images'] == 3
@@ -202,7 +202,7 @@ def test_sharded_equals_single_device(cli_run):
   ids3 = {d['image_id'] for d in d3}
   assert len(ids3) <= 3
   assert len(d3) == sum(d['image_id'] in ids3 for d in dets)
-  assert predict.trace_count() == 1  # one compile for the whole run
+  assert compile_count(detect) == 1  # one compile for the whole run
 
 
 def test_cli_errors(tmp_path, capsys):

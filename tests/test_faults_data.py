@@ -12,7 +12,7 @@ from ddq_jax.data.class_names import COCO_CATEGORY_IDS, COCO_CLASSES
 from ddq_jax.data.coco_folder import CocoFolderSource, parse_coco_json
 from ddq_jax.data.image_size import image_size
 from ddq_jax.evaluation.coco_metrics import coco_box_metrics, detections_to_coco
-from ddq_jax.serve.predict import drawing_paths
+from ddq_jax.serve.drawing import drawing_paths
 
 
 def _folder(tmp_path, *, n=4, sizes=True, ids=None, cats=None, ext='png'):

@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import standin  # noqa: E402
 
+from ddq_jax.compilation_cache import compile_count
 from ddq_jax.train.parallel import mesh as mesh_lib
 from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.train import optimizer as opt
@@ -43,7 +44,7 @@ def _run(config, devices, *, min_size=shd.MIN_SHARD_SIZE, steps=STEPS):
     losses.append(float(m['loss']))
     metrics.append(m)
   return dict(losses=np.array(losses), metrics=metrics, state=state,
-              compiles=step_lib.compile_count(step), mesh=mesh, batch=batch)
+              compiles=compile_count(step), mesh=mesh, batch=batch)
 
 
 @pytest.fixture(scope='module')
@@ -164,7 +165,7 @@ def test_real_model_8_devices_equals_1():
     for b in batches:
       state, m = step(state, shd.shard_batch(b, mesh))
       losses.append(float(shd.to_host(m)['loss']))
-    assert step_lib.compile_count(step) == 1
+    assert compile_count(step) == 1
     res[n] = (np.array(losses), shd.to_host(state.params))
   # measured: losses bitwise equal, max param diff 6e-8
   np.testing.assert_allclose(res[8][0], res[1][0], rtol=LOSS_RTOL)

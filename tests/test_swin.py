@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, load_npz
+from ddq_jax.compilation_cache import compile_count
 from ddq_jax.config import load_config
 from ddq_jax.io.conversion import swin as swin_conv, torch_pickle
 from ddq_jax.io.conversion.converter import expected_shapes
@@ -56,7 +57,7 @@ def test_backbone_matches_reference(config, swin_params):
   fn = jax.jit(lambda p, x: model.apply({'params': p}, x))
   feats = fn(swin_params, inputs['images'])
   feats_again = fn(swin_params, inputs['images'])
-  assert fn._cache_size() == 1  # pylint: disable=protected-access
+  assert compile_count(fn) == 1
   assert len(feats) == 3
   for i, f in enumerate(feats):
     assert_close(np.transpose(np.asarray(f), (0, 3, 1, 2)),

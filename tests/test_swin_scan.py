@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddq_jax.compilation_cache import compile_count
 from ddq_jax.config import load_config
 from ddq_jax.model import swin
 
@@ -47,7 +48,7 @@ def test_scanned_forward_equals_unrolled(params):
   fn = jax.jit(lambda p: _model(scan=True).apply({'params': p}, _X))
   scanned = fn(params)
   fn(params)
-  assert fn._cache_size() == 1  # pylint: disable=protected-access
+  assert compile_count(fn) == 1
   for a, b in zip(plain, scanned):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 

@@ -24,6 +24,8 @@ config.data.canvas_sizes that fits every image of the *global* batch (so all
 hosts agree and jit compiles once per canvas)::
 
   images         (B, H, W, 3) float32  RGB, (x - mean) / std, padding 0
+                                       (evaluation: uint8 RGB, padding 0;
+                                       the inference program normalises)
   pad_mask       (B, H, W)    bool     True = padding
   img_shapes     (B, 2)       int32    real (h, w) after resize / augmentation
   scale_factors  (B, 2)       float32  (w, h) = new / original of the (last)

@@ -65,7 +65,8 @@ def padding_overhead(shapes: Sequence[Sequence[int]], *,
 
 def collate(samples: Sequence[dict], *, canvas: Sequence[int], max_gt: int,
             mean: Sequence[float], std: Sequence[float],
-            valid: Sequence[bool] | None = None) -> dict:
+            valid: Sequence[bool] | None = None,
+            normalized: bool = True) -> dict:
   """Pads transformed samples into one batch.
 
   Args:
@@ -75,8 +76,12 @@ def collate(samples: Sequence[dict], *, canvas: Sequence[int], max_gt: int,
     canvas: (H, W) static canvas, >= every image.
     max_gt: G; boxes beyond G are cut (first G kept, counted warning).
     valid: (B,) sample_valid, default all True.
+    normalized: images (x - mean) / std in float32 (training); False: the
+      uint8 pixels, zeros outside each image (evaluation: the inference
+      program ``serve.detect`` normalises).
   Returns:
-    the batch contract dict: images (B, H, W, 3) float32, pad_mask (B, H, W)
+    the batch contract dict: images (B, H, W, 3) float32 (uint8 when not
+    ``normalized``), pad_mask (B, H, W)
     bool, img_shapes (B, 2) int32, scale_factors (B, 2) float32,
     orig_sizes (B, 2) int32, gt_boxes (B, G, 4) float32, gt_labels (B, G)
     int32, gt_valid (B, G) bool, image_ids (B,) int64, sample_valid (B,) bool.
@@ -84,7 +89,7 @@ def collate(samples: Sequence[dict], *, canvas: Sequence[int], max_gt: int,
   b = len(samples)
   hc, wc = int(canvas[0]), int(canvas[1])
   out = dict(
-      images=np.zeros((b, hc, wc, 3), np.float32),
+      images=np.zeros((b, hc, wc, 3), np.float32 if normalized else np.uint8),
       pad_mask=np.ones((b, hc, wc), bool),
       img_shapes=np.zeros((b, 2), np.int32),
       scale_factors=np.ones((b, 2), np.float32),
@@ -100,7 +105,8 @@ def collate(samples: Sequence[dict], *, canvas: Sequence[int], max_gt: int,
     h, w = img.shape[:2]
     if h > hc or w > wc:
       raise ValueError(f'image ({h}, {w}) does not fit canvas ({hc}, {wc})')
-    out['images'][i, :h, :w] = normalize(img, mean=mean, std=std)
+    out['images'][i, :h, :w] = (normalize(img, mean=mean, std=std)
+                                if normalized else img)
     out['pad_mask'][i, :h, :w] = False
     out['img_shapes'][i] = (h, w)
     out['scale_factors'][i] = s['scale_factor']

@@ -452,7 +452,8 @@ class EvalBatchFn:
     samples = [s if s is not None else _blank(canvas, self.mean)
                for s in samples]
     out = collate(samples, canvas=canvas, max_gt=self.max_gt,
-                  mean=self.mean, std=self.std, valid=valid)
+                  mean=self.mean, std=self.std, valid=valid,
+                  normalized=False)
     for i, image_id in lost.items():  # sample_valid False, id kept
       out['image_ids'][i] = image_id
     return out
@@ -480,7 +481,9 @@ def make_eval_iterator(config, *, batch_size: int, split: str | None = None,
       landscape and portrait images are batched apart).
     dataset: an already built source (default: build_dataset).
   Returns:
-    EvalIterator of batch-contract dicts; samples past the end of the split
+    EvalIterator of batch-contract dicts whose images are the uint8
+    canvases (zeros outside each image) that the inference program
+    ``serve.detect`` takes; samples past the end of the split
     have sample_valid False and image_ids -1, unreadable images (dropped)
     sample_valid False and their image id.
     Samples are ordered landscape-first when sizes are known.

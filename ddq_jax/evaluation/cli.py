@@ -47,7 +47,7 @@ from ddq_jax.io.outputs import check_out_dir, OutputPathError, write_text
 from ddq_jax.io.weights import load_weights
 from ddq_jax.model.detector import build_model
 from ddq_jax.model.variables import init_variables
-from ddq_jax.serve.inference import make_predict_fn
+from ddq_jax.serve.detect import jit_detect_fn
 from ddq_jax.train.parallel.mesh import make_mesh
 
 
@@ -202,12 +202,13 @@ def main(argv=None) -> dict:
   it = make_eval_iterator(config, batch_size=batch, dataset=source,
                           process_index=jax.process_index(),
                           process_count=jax.process_count())
-  predict = make_predict_fn(build_model(config))
-  metrics, dets = evaluate_model(predict, variables, it, mesh=mesh,
+  metrics, dets = evaluate_model(jit_detect_fn(config), variables, it,
+                                 mesh=mesh,
                                  config=config,
                                  progress=not args.no_progress,
                                  max_images=args.max_images)
   dropped = list(metrics.pop('dropped_image_ids', []))
+  metrics.pop('image_ids', None)  # the detections name them
   metrics.update(images_evaluated=int(metrics['num_images']),
                  images_dropped=len(dropped) + len(missing),
                  dropped_image_ids=dropped, missing_files=missing,

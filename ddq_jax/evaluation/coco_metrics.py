@@ -28,6 +28,8 @@ import numpy as np
 from pycocotools import coco as pycoco
 from pycocotools import cocoeval as pycocoeval
 
+from ddq_jax.serve.detect import detection_records
+
 log = logging.getLogger('ddq_jax.evaluation')
 
 METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
@@ -51,7 +53,8 @@ _ROWS = (('Average Precision', '(AP)', '0.50:0.95', 'all', 100),
 def detections_to_coco(boxes, scores, labels, valid, *, image_ids,
                        sample_valid, category_ids: Sequence[int]
                        ) -> list[dict]:
-  """One batch of predictions -> COCO results dicts.
+  """One batch of predictions -> COCO results dicts
+  (``serve.detect.detection_records`` per image, full precision).
 
   Args:
     boxes: (B, M, 4) xyxy in original-image pixels.
@@ -65,28 +68,15 @@ def detections_to_coco(boxes, scores, labels, valid, *, image_ids,
     list of {'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'},
     image by image, in the model's (score-sorted) order.
   """
-  boxes = np.asarray(boxes, np.float64)
-  scores = np.asarray(scores, np.float64)
-  labels = np.asarray(labels)
-  valid = np.asarray(valid, bool)
   image_ids = np.asarray(image_ids)
   sample_valid = np.asarray(sample_valid, bool)
-  cats = np.asarray(list(category_ids), np.int64)
-  keep = (valid & sample_valid[:, None] & (image_ids[:, None] >= 0)
-          & (labels >= 0) & (labels < len(cats)))
+  valid = np.asarray(valid, bool)
   out = []
-  for b in range(boxes.shape[0]):
-    idx = np.nonzero(keep[b])[0]
-    if not len(idx):
-      continue
-    img = int(image_ids[b])
-    bx = boxes[b, idx]
-    xywh = np.stack([bx[:, 0], bx[:, 1], bx[:, 2] - bx[:, 0],
-                     bx[:, 3] - bx[:, 1]], axis=1).tolist()
-    cat = cats[labels[b, idx]].tolist()
-    sc = scores[b, idx].tolist()
-    out.extend({'image_id': img, 'category_id': int(c), 'bbox': bb,
-                'score': float(s)} for c, bb, s in zip(cat, xywh, sc))
+  for b in range(valid.shape[0]):
+    if sample_valid[b] and image_ids[b] >= 0:
+      out.extend(detection_records(
+          boxes[b], scores[b], labels[b], keep=valid[b],
+          image=int(image_ids[b]), category_ids=category_ids))
   return out
 
 

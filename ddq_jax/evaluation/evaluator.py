@@ -1,10 +1,11 @@
-"""Model evaluation: the jitted predict step over static eval batches,
-sharded over the mesh's 'data' axis (``parallel/``: the same mesh and
-partition rules as training), COCO box metrics on the host.
+"""Model evaluation: the inference program (``serve.detect``, the one that
+``predict``, ``Detector`` and ``export`` run) over static eval batches of
+uint8 canvases, sharded over the mesh's 'data' axis (``parallel/``: the
+same mesh and partition rules as training), COCO box metrics on the host.
 
-    predict = make_predict_fn(build_model(config))
-    metrics, dets = evaluate_model(predict, variables, dataset, config=config)
-    # or: evaluate_model(predict, variables, make_eval_iterator(config, ...))
+    detect = jit_detect_fn(config)
+    metrics, dets = evaluate_model(detect, variables, dataset, config=config)
+    # or: evaluate_model(detect, variables, make_eval_iterator(config, ...))
 
 This is what the training loop's periodic evaluation calls.
 """
@@ -19,18 +20,20 @@ from jax.sharding import Mesh
 import numpy as np
 from tqdm import tqdm
 
+from ddq_jax.compilation_cache import compile_count
 from ddq_jax.data import build_dataset, make_eval_iterator
 from ddq_jax.evaluation.coco_metrics import (coco_box_metrics,
                                              detections_to_coco, format_table)
-from ddq_jax.model.detector import build_model
-from ddq_jax.serve.inference import make_predict_fn
+from ddq_jax.serve.detect import jit_detect_fn
 from ddq_jax.train.parallel import mesh as mesh_lib
 from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.train.parallel.mesh import DATA
 
 log = logging.getLogger('ddq_jax.evaluation')
 
-_INPUTS = ('images', 'pad_mask', 'img_shapes', 'scale_factors')
+# The eval batch's arrays the inference program takes: uint8 canvases,
+# image sizes (h, w), scale factors (w, h).
+_INPUTS = ('images', 'img_shapes', 'scale_factors')
 
 
 def _data_axis_size(mesh: Mesh) -> int:
@@ -72,18 +75,18 @@ def _source_of(data) -> Any:
   return src
 
 
-def evaluate_model(predict_fn, variables: dict, data: Any, *,
+def evaluate_model(detect_fn, variables: dict, data: Any, *,
                    config=None, mesh: Optional[Mesh] = None,
                    progress: bool = True, max_images: Optional[int] = None,
                    batch_size: Optional[int] = None, dataset: Any = None,
                    print_table: bool = True
                    ) -> tuple[dict[str, float], list[dict]]:
-  """Runs ``predict_fn`` over an eval split and computes COCO box metrics.
+  """Runs ``detect_fn`` over an eval split and computes COCO box metrics.
 
   Args:
-    predict_fn: ``fn(variables, images, pad_mask, img_shapes, scale_factors)
-      -> Detections`` (``make_predict_fn(model)``;
-      a plain function is wrapped in ``jax.jit``).
+    detect_fn: ``fn(variables, images, image_sizes, scale_factors) ->
+      Detections`` on uint8 canvases (``serve.detect.jit_detect_fn``; a
+      plain function, e.g. ``make_detect_fn``'s, is wrapped in ``jax.jit``).
     variables: {'params', 'batch_stats'} (host or device arrays); they are
       replicated over the mesh.
     data: a DetectionSource (``build_dataset``; then ``config`` is needed to
@@ -105,7 +108,8 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
   Returns:
     (metrics, detections): metrics has the 12 COCO numbers 'AP', 'AP50',
     'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl'
-    plus 'num_images' (evaluated), 'num_dropped' / 'dropped_image_ids'
+    plus 'num_images' / 'image_ids' (the evaluated images, in the order
+    they ran), 'num_dropped' / 'dropped_image_ids'
     (images that could not be read), 'num_detections', 'seconds' (the loop, compilation
     included), 'compile_s' / 'num_compiles' (one per canvas shape),
     'data_wait_s' (time blocked on the iterator) and 'images_per_s'
@@ -127,8 +131,8 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
   mesh = mesh if mesh is not None else mesh_lib.make_mesh(config)
   n_data = _data_axis_size(mesh)
   multiple = max(1, n_data // jax.process_count())
-  if not (hasattr(predict_fn, 'jitted') or hasattr(predict_fn, 'lower')):
-    predict_fn = jax.jit(predict_fn)
+  if not (hasattr(detect_fn, 'jitted') or hasattr(detect_fn, 'lower')):
+    detect_fn = jax.jit(detect_fn)
   variables = shd.place_tree(variables, mesh, config)
   category_ids = list(source.category_ids)
 
@@ -150,12 +154,6 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
   pending = None
   timing = dict(compile=0.0, data=0.0, compiles=0)
   t0 = time.perf_counter()
-
-  def compiles() -> int:
-    fn = getattr(predict_fn, 'jitted', predict_fn)
-    if hasattr(predict_fn, 'trace_count'):
-      return int(predict_fn.trace_count())
-    return int(fn._cache_size()) if hasattr(fn, '_cache_size') else 0  # pylint: disable=protected-access
 
   def drain(item):
     out, ids, valid = item
@@ -185,11 +183,11 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
       batch = pad_batch(batch, multiple)
       ids = shd.host_allgather(np.asarray(batch['image_ids'], np.int64))
       valid = shd.host_allgather(np.asarray(batch['sample_valid'], bool))
-      before, t = compiles(), time.perf_counter()
-      out = predict_fn(variables, *_put_batch(batch, mesh))  # async dispatch
-      if compiles() != before:  # jit compiles synchronously at dispatch
+      before, t = compile_count(detect_fn), time.perf_counter()
+      out = detect_fn(variables, *_put_batch(batch, mesh))  # async dispatch
+      if compile_count(detect_fn) != before:  # compiled at this dispatch
         timing['compile'] += time.perf_counter() - t
-        timing['compiles'] += compiles() - before
+        timing['compiles'] += compile_count(detect_fn) - before
       n_local += int(np.sum(np.asarray(batch['sample_valid'])))
       if pending is not None:
         drain(pending)  # host work on batch k-1 overlaps batch k's compute
@@ -211,7 +209,8 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
   metrics = coco_box_metrics(gt, detections, image_ids=seen)
   run_s = seconds - timing['compile']
   ips = len(seen) / run_s if run_s > 0 else 0.0
-  metrics.update(num_images=len(seen), num_dropped=len(dropped),
+  metrics.update(num_images=len(seen), image_ids=list(seen),
+                 num_dropped=len(dropped),
                  dropped_image_ids=sorted(set(dropped)),
                  num_detections=len(detections),
                  seconds=round(seconds, 3),
@@ -230,7 +229,7 @@ def evaluate_model(predict_fn, variables: dict, data: Any, *,
 
 def evaluate_on_split(config, variables, *, split: Optional[str] = None,
                       **kwargs) -> tuple[dict[str, float], list[dict]]:
-  """Convenience: builds the model, predict fn and split from ``config``."""
+  """Convenience: builds the detect fn and the split from ``config``."""
   source = build_dataset(config, split or config.data.eval_split)
-  predict = make_predict_fn(build_model(config))
-  return evaluate_model(predict, variables, source, config=config, **kwargs)
+  return evaluate_model(jit_detect_fn(config), variables, source,
+                        config=config, **kwargs)

@@ -29,6 +29,7 @@ from typing import Callable, Mapping, Optional
 import jax
 import numpy as np
 
+from ddq_jax.compilation_cache import compile_count
 from ddq_jax.config import apply_overrides, load_config
 from ddq_jax.io.conversion.converter import convert_checkpoint
 from ddq_jax.io.conversion.export import to_reference_names
@@ -244,7 +245,7 @@ def run_steps(model, config, variables: Mapping, batch: Mapping, *,
     if on_step is not None:
       on_step(i + 1, history[-1], time.perf_counter() - t0)
   return {'metrics': history, 'params': shd.to_host(state.params),
-          'dn_keys': keys, 'compiles': step_lib.compile_count(step_fn)}
+          'dn_keys': keys, 'compiles': compile_count(step_fn)}
 
 
 def history_arrays(metrics: list[dict]) -> dict[str, np.ndarray]:

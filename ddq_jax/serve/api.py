@@ -13,24 +13,25 @@ Images go through the reference's test-time resize
 of a static canvas; the canvas is ``canvas=`` or, by default, the test-scale
 bound of the image's orientation ((short, long) for landscape, (long, short)
 for portrait).  Images are run in batches of ``batch_size`` (the last batch
-padded), so the model compiles once per canvas.  Normalisation, the padding
-mask, the model and the post-processing run inside one jitted function,
-``detect_fn`` below, which ``ddq_jax.serve.export`` serialises as it is.
+padded), so the model compiles once per canvas.  The images go in as
+uint8 canvases to the one inference program, ``serve.detect`` (normalisation,
+the padding mask, the model and the post-processing), the program that
+``evaluate`` measures and ``ddq_jax.serve.export`` serialises.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ddq_jax.data.class_names import class_names_for
 from ddq_jax.data.transforms import apply_test_transform, read_image
 from ddq_jax.io.weights import load_weights
-from ddq_jax.model.detector import build_model, postprocess
+from ddq_jax.serve.detect import (detection_records, inference_config,
+                                  jit_detect_fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,77 +50,13 @@ class ImageDetections:
     return int(self.scores.shape[0])
 
   def to_records(self, image: Any = None) -> list[dict]:
-    """COCO-style records: category_id (the label), category_name, bbox
-    [x, y, w, h], score (and ``image`` when given)."""
-    out = []
-    for box, score, label, name in zip(self.boxes, self.scores, self.labels,
-                                       self.names):
-      x1, y1, x2, y2 = (float(v) for v in box)
-      rec = dict(category_id=int(label), category_name=name,
-                 bbox=[round(x1, 2), round(y1, 2), round(x2 - x1, 2),
-                       round(y2 - y1, 2)],
-                 score=round(float(score), 5))
-      if image is not None:
-        rec = dict(image=image, **rec)
-      out.append(rec)
-    return out
-
-
-def cast_floats(tree, dtype):
-  """Every floating leaf of ``tree`` as ``dtype`` (others unchanged)."""
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-      else x, tree)
-
-
-def inference_config(config):
-  """The config for inference: ``padding_invariant`` on where the config
-  has that switch (a copy; ``config`` is not changed)."""
-  config = config.copy_and_resolve_references()
-  if 'padding_invariant' in config:
-    config.padding_invariant = True
-  return config
-
-
-def make_detect_fn(config, *, dtype: str = 'float32') -> Callable:
-  """``fn(variables, images, image_sizes, scale_factors) -> Detections``.
-
-  images (N, H, W, 3) uint8 RGB, each resized by the test-time resize and
-  placed top-left; image_sizes (N, 2) int32 its (h, w) there;
-  scale_factors (N, 2) float32 (w, h) over the original image.  Inside:
-  (x - mean) / std, zero padding and the padding mask (True outside
-  image_sizes), the model in ``dtype`` ('float32' | 'bfloat16': parameters
-  and activations; the post-processing runs in float32), and
-  ``models.detector.postprocess``.  Returns ``models.outputs.Detections``
-  (N, K = config.max_per_img); pure, not jitted.
-  """
-
-  if dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f"dtype {dtype!r}: expected 'float32' or 'bfloat16'")
-  compute = jnp.dtype(dtype)
-  model = build_model(config)
-  mean = np.asarray(config.data.mean, np.float32)
-  std = np.asarray(config.data.std, np.float32)
-
-  def detect(variables, images, image_sizes, scale_factors):
-    _, h, w, _ = images.shape
-    image_sizes = image_sizes.astype(jnp.int32)
-    ys = jnp.arange(h, dtype=jnp.int32)[None, :, None]
-    xs = jnp.arange(w, dtype=jnp.int32)[None, None, :]
-    pad_mask = ((ys >= image_sizes[:, 0, None, None])
-                | (xs >= image_sizes[:, 1, None, None]))
-    x = (images.astype(jnp.float32) - mean) / std
-    x = jnp.where(pad_mask[..., None], 0.0, x)
-    if compute != jnp.float32:
-      variables = cast_floats(variables, compute)
-      x = x.astype(compute)
-    out = model.apply(variables, x, pad_mask)
-    out = out.replace(cls_logits=out.cls_logits.astype(jnp.float32),
-                      boxes=out.boxes.astype(jnp.float32))
-    return postprocess(config, out, image_sizes,
-                       scale_factors.astype(jnp.float32))
-
-  return detect
+    """COCO-style records (``serve.detect.detection_records``):
+    category_id (the label), category_name, bbox [x, y, w, h] (2
+    decimals), score (5 decimals), and ``image`` first when given."""
+    return detection_records(
+        self.boxes, self.scores, self.labels, image=image, image_key='image',
+        class_names=dict(zip(self.labels.tolist(), self.names)),
+        decimals=(2, 5))
 
 
 def default_canvas(config, size_hw: Sequence[int]) -> tuple[int, int]:
@@ -197,14 +134,9 @@ class Detector:
     self.score_threshold = float(score_threshold)
     self.class_names = class_names_for(self.config)
     self.variables = jax.device_put(variables)
-    self._traces = [0]
-    detect = make_detect_fn(self.config, dtype=dtype)
-
-    def counted(*args):
-      self._traces[0] += 1  # runs at trace time only
-      return detect(*args)
-
-    self._jitted = jax.jit(counted)
+    # the one inference program; compilation_cache.compile_count(det.detect)
+    # counts its compilations (one per canvas and batch size)
+    self.detect = jit_detect_fn(self.config, dtype=dtype)
 
   @classmethod
   def load(cls, path: str, *, config=None, overrides: Optional[dict] = None,
@@ -221,10 +153,6 @@ class Detector:
         overrides=None if config is not None else overrides)
     return cls(variables, config, **kwargs)
 
-  def trace_count(self) -> int:
-    """Compilations so far (one per canvas and batch size)."""
-    return self._traces[0]
-
   def prepare(self, image, index: int = 0) -> dict:
     """The test-time resize of one image: dict(image (h, w, 3) uint8,
     img_shape (h, w), scale_factor (w, h), orig (the RGB input))."""
@@ -237,11 +165,11 @@ class Detector:
 
   def run(self, images: np.ndarray, image_sizes: np.ndarray,
           scale_factors: np.ndarray):
-    """The jitted program on one prepared batch (``make_detect_fn``'s
+    """The jitted program on one prepared batch (``serve.detect``'s
     inputs); returns ``Detections`` as numpy."""
-    out = self._jitted(self.variables, np.asarray(images, np.uint8),
-                       np.asarray(image_sizes, np.int32),
-                       np.asarray(scale_factors, np.float32))
+    out = self.detect(self.variables, np.asarray(images, np.uint8),
+                      np.asarray(image_sizes, np.int32),
+                      np.asarray(scale_factors, np.float32))
     return jax.tree.map(np.asarray, out)
 
   def __call__(self, images, *, score_threshold: Optional[float] = None):

@@ -20,7 +20,8 @@ image_sizes int32 (N, 2) its (h, w) there; scale_factors float32 (N, 2) the
 (w, h) scale from the original image.  Outputs: boxes float32 (N, K, 4) xyxy
 in original pixels, scores float32 (N, K) (0 for empty slots), labels int32
 (N, K); K = max_per_img.  Normalisation, the padding mask, the model and the
-post-processing are inside; the weights are constants of the program.
+post-processing are inside; the weights are constants of the program.  It
+is the program ``evaluate`` measures (``serve.detect``).
 
 Everything is validated before DIR is created (the weights against the
 model of the config, the canvas against the test-time resize, the ONNX
@@ -47,7 +48,8 @@ import numpy as np
 from ddq_jax import cli
 from ddq_jax.io.outputs import check_out_dir, publish_dir, temporary_dir
 from ddq_jax.ops.nms import auto_method
-from ddq_jax.serve.api import Detector, make_detect_fn
+from ddq_jax.serve.api import Detector
+from ddq_jax.serve.detect import make_detect_fn
 from ddq_jax.serve.onnx_graph import fix_graph
 
 INPUT_NAMES = ('images', 'image_sizes', 'scale_factors')
@@ -100,7 +102,7 @@ def check_out(out: str) -> None:
 
 def serving_fn(detect, variables):
   """(images, image_sizes, scale_factors) -> (boxes, scores, labels) with
-  ``variables`` closed over (``api.make_detect_fn``'s function)."""
+  ``variables`` closed over (``detect.make_detect_fn``'s function)."""
   def serve(images, image_sizes, scale_factors):
     d = detect(variables, images, image_sizes, scale_factors)
     return d.boxes, d.scores, d.labels

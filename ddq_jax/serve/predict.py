@@ -8,9 +8,11 @@ the architecture) or an mmdetection .pth (converted on the fly).  Images are
 decoded and resized exactly like the reference's test pipeline (OpenCV,
 keep-ratio resize to config.data.test_scale) by ``ddq_jax.Detector``, on
 the static canvas of their orientation, so the model compiles once per
-canvas.  Prints COCO-style JSON:
+canvas, through the same inference program that ``evaluate`` measures
+(``serve.detect``).  Prints COCO-style JSON (``detect.detection_records``):
 one record per detection with image file, category_id (the label) and
-category name, bbox [x, y, w, h] in original pixels, score.
+category name, bbox [x, y, w, h] in original pixels, score.  ``--draw DIR``
+also writes each image with its boxes (``serve.drawing``).
 """
 from __future__ import annotations
 
@@ -19,58 +21,12 @@ import json
 import os
 import sys
 
-import cv2
-import numpy as np
-
 from ddq_jax import cli
 from ddq_jax.compilation_cache import enable_compilation_cache
 from ddq_jax.data.transforms import read_image
 from ddq_jax.io.outputs import check_out_file, OutputPathError, write_text
 from ddq_jax.serve.api import Detector
-
-
-def draw_detections(image: np.ndarray, dets: list[dict],
-                    path: str) -> None:
-  """Writes ``image`` (RGB uint8) with boxes, names and scores as a PNG."""
-  canvas = cv2.cvtColor(image, cv2.COLOR_RGB2BGR).copy()
-  for det in dets:
-    x, y, w, h = det['bbox']
-    color = tuple(int(c) for c in np.random.default_rng(
-        det['category_id']).integers(64, 256, 3))
-    p1, p2 = (int(round(x)), int(round(y))), (int(round(x + w)),
-                                              int(round(y + h)))
-    cv2.rectangle(canvas, p1, p2, color, 2)
-    label = f"{det['category_name']} {det['score']:.2f}"
-    (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
-    top = max(p1[1] - th - 4, 0)
-    cv2.rectangle(canvas, (p1[0], top), (p1[0] + tw + 2, top + th + 4), color,
-                  -1)
-    cv2.putText(canvas, label, (p1[0] + 1, top + th + 1),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-  if not cv2.imwrite(path, canvas):
-    raise OSError(f'could not write {path}')
-
-
-def drawing_paths(paths, draw_dir: str) -> list[str]:
-  """One PNG path in ``draw_dir`` per image: ``<stem>.png``, or
-  ``<stem>-2.png``, ``-3``... when another image of this call has the same
-  stem or the file already exists; no drawing ever overwrites a file.
-
-  Args:
-    paths: the input image paths, in order.
-  Returns:
-    list of output paths, all distinct and not existing yet.
-  """
-  taken, out = set(), []
-  for path in paths:
-    stem = os.path.splitext(os.path.basename(path))[0] or 'image'
-    n, name = 1, os.path.join(draw_dir, f'{stem}.png')
-    while name in taken or os.path.lexists(name):
-      n += 1
-      name = os.path.join(draw_dir, f'{stem}-{n}.png')
-    taken.add(name)
-    out.append(name)
-  return out
+from ddq_jax.serve.drawing import draw_detections, drawing_paths, write_png
 
 
 def read_images(paths, *, skip_bad: bool = False, report=print
@@ -122,7 +78,7 @@ def predict_files(paths, *, weights: str, config=None,
     dets = result.to_records(path)
     records += dets
     if draw_dir:
-      draw_detections(arrays[i], dets, drawings[i])
+      write_png(drawings[i], draw_detections(arrays[i], dets))
       report(f'drawing: {path} -> {drawings[i]}')
   return records
 

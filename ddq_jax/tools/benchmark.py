@@ -37,6 +37,8 @@ rejected: it changes fusion and hides cross-stage overlap.
 
 Random weights (``init_variables`` under jit) unless --weights is given;
 inputs are random images and a few random ground-truth boxes per image.
+--mode infer runs the one inference program (``serve.detect``: uint8
+canvases in, detections out), the one evaluate, predict and export run.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ from ddq_jax.compilation_cache import enable_compilation_cache
 from ddq_jax.io.weights import load_weights
 from ddq_jax.model.detector import build_model
 from ddq_jax.model.variables import init_variables, variable_shapes
-from ddq_jax.serve.inference import make_predict_fn
+from ddq_jax.serve.detect import jit_detect_fn
 from ddq_jax.tools.accelerators import deviceless, targets
 from ddq_jax.tools.accelerators.hlo_stats import memory_figures
 from ddq_jax.tools.profiling import analyze, hot_spots
@@ -155,7 +157,9 @@ def compiled_stats(compiled, *, lower_s: float, compile_s: float) -> dict:
 # --------------------------------------------------------------- hot spots
 
 
-def _inputs(config, batch: int, size, seed: int = 0):
+def _inputs(config, batch: int, size, seed: int = 0, *, mode: str = 'train'):
+  """Random inputs: normalised float images (train) or uint8 canvases
+  (infer), real sizes = the canvas, a few ground-truth boxes per image."""
   rng = np.random.default_rng(seed)
   h, w = size
   g = int(config.loss.max_gt)
@@ -163,8 +167,11 @@ def _inputs(config, batch: int, size, seed: int = 0):
   xy = rng.uniform(0, 0.6, (batch, g, 2)) * (w, h)
   wh = rng.uniform(0.05, 0.4, (batch, g, 2)) * (w, h)
   boxes = np.concatenate([xy, np.minimum(xy + wh, (w, h))], -1)
+  images = (rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
+            if mode == 'infer'
+            else rng.standard_normal((batch, h, w, 3)).astype(np.float32))
   return dict(
-      images=rng.standard_normal((batch, h, w, 3)).astype(np.float32),
+      images=images,
       pad_mask=np.zeros((batch, h, w), bool),
       img_shapes=np.tile(np.array([[h, w]], np.int32), (batch, 1)),
       scale_factors=np.ones((batch, 2), np.float32),
@@ -200,14 +207,14 @@ def build_step(config, mode: str, variables, batch: dict, mesh):
 
   Shardings come from ``parallel/`` (the mesh of ``config.mesh``); train
   mode runs the real training step of ``training/step.py``."""
-  model = build_model(config)
   batch = shd.shard_batch(batch, mesh)
   if mode == 'infer':
     variables = shd.place_tree(variables, mesh, config)
-    fn = make_predict_fn(model).jitted
-    args = (variables, batch['images'], batch['pad_mask'],
-            batch['img_shapes'], batch['scale_factors'])
+    fn = jit_detect_fn(config).jitted
+    args = (variables, batch['images'], batch['img_shapes'],
+            batch['scale_factors'])
     return fn, args, lambda a, out_fn: (a, out_fn(*a))
+  model = build_model(config)
   loss_fn = make_loss_fn(model, config, num_devices=int(mesh.devices.size))
   tx, _ = make_optimizer(config, steps_per_epoch=1000)
   make = lambda v: state_lib.create_train_state(  # noqa: E731
@@ -246,10 +253,9 @@ def run(args) -> dict:
   variables = jax.block_until_ready(variables)
   init_s = time.perf_counter() - t
 
-  batch = _inputs(config, args.batch, tuple(args.size))
+  batch = _inputs(config, args.batch, tuple(args.size), mode=args.mode)
   if args.mode == 'infer':
-    batch = {k: batch[k] for k in ('images', 'pad_mask', 'img_shapes',
-                                   'scale_factors')}
+    batch = {k: batch[k] for k in ('images', 'img_shapes', 'scale_factors')}
   else:
     batch = {k: v for k, v in batch.items() if k != 'scale_factors'}
   fn, fargs, step = build_step(config, args.mode, variables, batch, mesh)

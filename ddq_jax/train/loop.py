@@ -6,7 +6,9 @@
 
 Per run: ``workdir/config.json``, ``workdir/checkpoints/<step>/`` (orbax,
 async, keeps ``train.keep_checkpoints``), ``workdir/tb/`` (tensorboardX
-scalars, process 0).  A run resumes from its latest checkpoint (state +
+scalars and images, process 0), ``workdir/drawings/step_<N>/*.png`` (at
+each evaluation, the detections on ``eval.num_drawn_images`` held-out
+images at scores >= ``eval.draw_score_threshold``; also in TensorBoard).  A run resumes from its latest checkpoint (state +
 data position), else initialises from ``train.init_from`` (a converted
 weights directory, an mmdetection .pth, a torchvision ResNet .pth, or
 another run's checkpoint directory), else from scratch.  SIGINT / SIGTERM
@@ -48,12 +50,14 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from ddq_jax.compilation_cache import compile_count
 from ddq_jax.data.pipeline import build_dataset, make_train_iterator
 from ddq_jax.evaluation.evaluator import evaluate_model
 from ddq_jax.io.weights import load_pretrained
 from ddq_jax.model.detector import build_model
 from ddq_jax.model.variables import init_variables
-from ddq_jax.serve.inference import make_predict_fn
+from ddq_jax.serve.detect import jit_detect_fn
+from ddq_jax.serve.drawing import draw_eval_images
 from ddq_jax.train import checkpoint as ckpt_lib
 from ddq_jax.train import integrity
 from ddq_jax.train import nonfinite
@@ -139,7 +143,9 @@ class Components:
   loss_fn: (params, batch_stats, batch, rng) -> (loss, metrics).
   make_iterator: (start_step, process_index, process_count) -> iterator of
     host batches with ``.steps_per_epoch`` (and ideally ``set_state``).
-  evaluate_fn: optional (state) -> {name: float}.
+  evaluate_fn: optional (state) -> {name: float}, or ({name: float},
+    drawings): drawings [(name, (h, w, 3) uint8 RGB)] are written to
+    ``workdir/drawings/step_<N>/<name>.png`` and TensorBoard.
   """
   init_variables: Callable[[jax.Array], dict]
   loss_fn: Callable
@@ -167,25 +173,36 @@ def default_components(config, *, mesh=None) -> Components:
           model, config,
           num_devices=int(mesh.devices.size) if mesh is not None else 1),
       make_iterator=make_iterator,
-      evaluate_fn=default_evaluate_fn(config, model, mesh=mesh))
+      evaluate_fn=default_evaluate_fn(config, mesh=mesh))
 
 
-def default_evaluate_fn(config, model, *, mesh=None) -> Optional[Callable]:
-  """COCO evaluation via ddq_jax.evaluation.  It runs on the training ``mesh`` and reads the state's parameters with
-  their training shardings (nothing is re-replicated)."""
+def default_evaluate_fn(config, *, mesh=None) -> Callable:
+  """COCO evaluation via ddq_jax.evaluation, through the inference program
+  of ``evaluate`` / ``predict`` / ``export`` (``serve.detect``).  It runs
+  on the training ``mesh`` and reads the state's parameters with their
+  training shardings (nothing is re-replicated).  Returns (metrics,
+  drawings): the detections of the first ``eval.num_drawn_images``
+  evaluated images (``serve.drawing.draw_eval_images``)."""
   cache = {}
+  num_drawn = int(config.eval.get('num_drawn_images', 0))
+  threshold = float(config.eval.get('draw_score_threshold', 0.3))
 
   def evaluate(state):
-    if 'predict' not in cache:
-      cache['predict'] = make_predict_fn(model)
+    if 'detect' not in cache:
+      cache['detect'] = jit_detect_fn(config)
       cache['source'] = build_dataset(config, config.data.eval_split)
-    metrics, _ = evaluate_model(
-        cache['predict'], {'params': state.params,
-                           'batch_stats': state.batch_stats},
+    metrics, detections = evaluate_model(
+        cache['detect'], {'params': state.params,
+                          'batch_stats': state.batch_stats},
         cache['source'], config=config, mesh=mesh, progress=False,
         max_images=config.eval.get('max_images', None) or None)
+    drawings = []
+    if num_drawn > 0 and jax.process_index() == 0:
+      drawings = draw_eval_images(cache['source'], detections,
+                                  image_ids=metrics['image_ids'][:num_drawn],
+                                  score_threshold=threshold)
     return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float, np.floating, np.integer))}
+            if isinstance(v, (int, float, np.floating, np.integer))}, drawings
   return evaluate
 
 
@@ -383,8 +400,10 @@ def _train(config, workdir: str, *, components, devices) -> dict:
     nonlocal eval_metrics
     if comps.evaluate_fn is None:
       return
-    eval_metrics = comps.evaluate_fn(state)
+    out = comps.evaluate_fn(state)
+    eval_metrics, drawings = out if isinstance(out, tuple) else (out, [])
     logger.scalars(step, eval_metrics, prefix='eval/')
+    logger.images(step, drawings)
     if pidx == 0:
       log.info('eval at step %d: %s', step, eval_metrics)
 
@@ -453,7 +472,7 @@ def _train(config, workdir: str, *, components, devices) -> dict:
   ckpt.close()
   logger.close()
   result = {'step': step, 'last_metrics': last, 'eval': eval_metrics,
-            'compiles': step_lib.compile_count(step_fn), 'stopped': stopped,
+            'compiles': compile_count(step_fn), 'stopped': stopped,
             'signal': stop.signum if stopped else None,
             'nonfinite_steps': guard.total}
   if pidx == 0:

@@ -1,9 +1,11 @@
-"""The run's logs on process 0: metrics.jsonl, TensorBoard scalars, a tqdm
-bar.  A write that fails (disk full, ...) raises ``OutputWriteError``, one
-line (train.py exits 4); the library's traceback goes to the log only.
+"""The run's logs on process 0: metrics.jsonl, TensorBoard scalars and
+images, drawings as PNGs, a tqdm bar.  A write that fails (disk full, ...)
+raises ``OutputWriteError``, one line (train.py exits 4); the library's
+traceback goes to the log only.
 
     logger = RunLogger(workdir, total_steps, initial_step)
     logger.scalars(step, {'loss': 0.5})
+    logger.images(step, [('image_7', rgb)])  # drawings/step_<step>/image_7.png
     logger.close()
 """
 from __future__ import annotations
@@ -17,7 +19,10 @@ import threading
 import jax
 import numpy as np
 from tensorboardX import SummaryWriter
+from tensorboardX.proto.summary_pb2 import Summary
 from tqdm import tqdm
+
+from ddq_jax.serve.drawing import png_bytes, write_png
 
 log = logging.getLogger('ddq_jax.train')
 
@@ -84,6 +89,25 @@ class RunLogger:
       for k, v in values.items():
         if np.isfinite(float(v)):  # non-finite steps: logged, in the jsonl
           self.tb.add_scalar(prefix + k, float(v), step)
+      self.tb.flush()
+
+  @_writing('drawings / tb')
+  def images(self, step, images):
+    """``images`` [(name, (h, w, 3) uint8 RGB)] -> ``workdir/drawings/
+    step_<step>/<name>.png`` and TensorBoard (``eval/drawings/<name>``)."""
+    if not self.main or not images:
+      return
+    out = os.path.join(self.workdir, 'drawings', f'step_{int(step)}')
+    os.makedirs(out, exist_ok=True)
+    for name, rgb in images:
+      write_png(os.path.join(out, f'{name}.png'), rgb)
+      if self.tb is not None:  # the PNG as is (add_image would need PIL)
+        image = Summary.Image(height=rgb.shape[0], width=rgb.shape[1],
+                              colorspace=3,
+                              encoded_image_string=png_bytes(rgb))
+        self.tb.file_writer.add_summary(Summary(value=[Summary.Value(
+            tag=f'eval/drawings/{name}', image=image)]), int(step))
+    if self.tb is not None:
       self.tb.flush()
 
   def update(self, n, postfix=None):

@@ -81,15 +81,11 @@ def make_train_step(loss_fn: LossFn, tx, *,
 def jit_train_step(train_step, mesh: Mesh, state_shardings: TrainState, *,
                    donate: bool = True):
   """jax.jit with in (state, batch on 'data') / out (state, replicated
-  metrics) shardings; the input state is donated.  The returned function's
-  ``._cache_size()`` counts its compilations."""
+  metrics) shardings; the input state is donated.
+  ``compilation_cache.compile_count`` counts its compilations."""
   return jax.jit(
       train_step,
       in_shardings=(state_shardings, shd.batch_sharding(mesh)),
       out_shardings=(state_shardings, shd.replicated(mesh)),
       donate_argnums=(0,) if donate else ())
 
-
-def compile_count(jitted) -> int:
-  """Number of compiled executables held by a jitted function."""
-  return int(jitted._cache_size())  # pylint: disable=protected-access

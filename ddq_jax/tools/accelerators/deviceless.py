@@ -7,8 +7,8 @@ Nothing is materialised: the variables, the train state and the batch are
 ``jax.ShapeDtypeStruct``s (``jax.eval_shape``) carrying ``NamedSharding``s on
 a mesh of the target's devices, built with the same ``make_mesh``,
 ``state_shardings``, ``make_loss_fn``, ``make_optimizer`` and
-``jit_train_step`` as training (inference: ``make_predict_fn`` with the
-parameters under ``config.mesh``'s partition rules).  Tracing runs inside
+``jit_train_step`` as training (inference: ``serve.detect``'s program
+with the parameters under ``config.mesh``'s partition rules).  Tracing runs inside
 ``backend.target_platform`` so the graph is the one the target's own host
 would build.  The figures are per chip, from the target compiler's own
 accounting:
@@ -43,7 +43,7 @@ from ddq_jax.tools.accelerators.targets import Target, topology_devices
 from ddq_jax import backend
 from ddq_jax.model.detector import build_model
 from ddq_jax.model.variables import variable_shapes
-from ddq_jax.serve.inference import make_predict_fn
+from ddq_jax.serve.detect import jit_detect_fn
 from ddq_jax.train import state as state_lib
 from ddq_jax.train import step as step_lib
 from ddq_jax.train.objective import make_loss_fn
@@ -64,12 +64,14 @@ def abstract_batch(config, mode: str, batch: int, size, mesh) -> dict:
   """The benchmark's batch (``benchmark._inputs``) as sharded shapes."""
   h, w = size
   g = int(config.loss.max_gt)
-  spec = dict(images=((batch, h, w, 3), jnp.float32),
-              pad_mask=((batch, h, w), jnp.bool_),
-              img_shapes=((batch, 2), jnp.int32))
-  if mode == 'infer':
-    spec['scale_factors'] = ((batch, 2), jnp.float32)
+  if mode == 'infer':  # the inference program's uint8 canvases
+    spec = dict(images=((batch, h, w, 3), jnp.uint8),
+                img_shapes=((batch, 2), jnp.int32),
+                scale_factors=((batch, 2), jnp.float32))
   else:
+    spec = dict(images=((batch, h, w, 3), jnp.float32),
+                pad_mask=((batch, h, w), jnp.bool_),
+                img_shapes=((batch, 2), jnp.int32))
     spec.update(gt_boxes=((batch, g, 4), jnp.float32),
                 gt_labels=((batch, g), jnp.int32),
                 gt_valid=((batch, g), jnp.bool_))
@@ -81,16 +83,15 @@ def abstract_batch(config, mode: str, batch: int, size, mesh) -> dict:
 def abstract_step(config, mode: str, batch: dict, mesh):
   """(jitted step, abstract args): the benchmark's ``build_step`` on
   shapes only."""
-  model = build_model(config)
   variables = variable_shapes(config)
   if mode == 'infer':
     rules, min_size = shd.rules_from_config(config)
     shardings = shd.tree_shardings(variables, mesh, min_size=min_size,
                                    rules=rules)
-    fn = make_predict_fn(model).jitted
+    fn = jit_detect_fn(config).jitted
     return fn, (_abstract(variables, shardings), batch['images'],
-                batch['pad_mask'], batch['img_shapes'],
-                batch['scale_factors'])
+                batch['img_shapes'], batch['scale_factors'])
+  model = build_model(config)
   loss_fn = make_loss_fn(model, config, num_devices=int(mesh.devices.size))
   tx, _ = make_optimizer(config, steps_per_epoch=1000)
   abstract = jax.eval_shape(lambda v: state_lib.create_train_state(
