@@ -387,7 +387,7 @@ class DDQDecoder(DeformableSizes, kw_only=True):
                                   jax.tree.map(lambda x: x[0], xs))
     carry = jax.tree.map(lambda x, o: x.astype(o.dtype), carry, out_carry)
     carry, (outs, new_refs, keeps, head_masks) = jax.lax.scan(
-        body, carry, xs, unroll=1 if self.scan else n_layers)
+        body, carry, xs, unroll=1 if self.scan else True)
     return DecoderOutputs(
         hidden_states=norm(outs),
         references=jnp.concatenate([reference_points[None], new_refs], 0),

@@ -1,4 +1,5 @@
-"""Rematerialisation (activation checkpointing) policies, named in configs.
+"""Rematerialisation (activation checkpointing) policies, named in configs,
+and identical layers stored stacked and run as one scan.
 
 ``config.train.remat`` holds one policy name per part of the model::
 
@@ -17,6 +18,14 @@ Names (what the backward pass finds stored of a rematerialised layer):
 
 Remat changes memory and time, never values: the forward pass and its
 gradients are the same functions (tests/test_remat.py).
+
+Stacked layers: ``stacked_params`` creates the parameters of ``num``
+identical layers as one tree whose leaves have a leading layer axis (the
+layout the checkpoint holds), and ``scan_stacked`` applies the layer once
+per entry with ``lax.scan`` (``train.scan_layers``: a loop, or the same
+scan unrolled), each layer wrapped in ``jax.checkpoint`` by the remat
+policy.  The torch names of the single layers live at the conversion
+boundary (io/conversion/mapping.py).
 """
 from __future__ import annotations
 
@@ -150,7 +159,7 @@ def scan_stacked(layer, carry, args, variables, *, policy=None,
     v, xs, r = v_xs_r
     return one(v, c, xs, r), None
   carry, _ = jax.lax.scan(body, carry, (variables, per_layer, layer_rngs),
-                          unroll=num if unroll else 1)
+                          unroll=True if unroll else 1)
   return carry
 
 
