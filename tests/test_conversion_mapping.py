@@ -5,11 +5,13 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from ddq_jax.io.conversion.mapping import match_rule, stack_layers, unstack_layers
 from ddq_jax.io.conversion.weights_io import save_converted
 from ddq_jax.io.weights import load_weights
+from ddq_jax.train.checkpoint import load_params_only
 from ddq_jax.io.conversion.naming import flax_module_path
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
@@ -85,3 +87,19 @@ def test_old_layout_weights_load_converted_once(tmp_path, tiny_config,
   save_converted(out, unstack_layers(tiny_variables), tiny_config)
   variables, _ = load_weights(out)
   _assert_same_tree(variables, tiny_variables)
+
+
+def test_old_layout_training_run_loads_converted_once(tmp_path,
+                                                      tiny_variables):
+  """A training checkpoint saved per layer (before the stacked layout)
+  gives the stacked variables (``load_params_only``: evaluation,
+  ``train.init_from``)."""
+  old = unstack_layers(tiny_variables)
+  mngr = ocp.CheckpointManager(str(tmp_path), item_names=('state', 'meta'))
+  mngr.save(1, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({'params': old['params'],
+                                   'batch_stats': old['batch_stats']}),
+      meta=ocp.args.JsonSave({})))
+  mngr.wait_until_finished()
+  mngr.close()
+  _assert_same_tree(load_params_only(str(tmp_path)), tiny_variables)
