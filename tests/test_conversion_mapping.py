@@ -1,10 +1,17 @@
-"""The declarative torch -> Flax table covers the real models' manifests."""
+"""The declarative torch -> Flax table covers the real models' manifests;
+identical layers are stacked at the conversion boundary."""
 import json
 import os
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import pytest
 
-from ddq_jax.io.conversion.mapping import match_rule
+from ddq_jax.io.conversion.mapping import match_rule, stack_layers, unstack_layers
+from ddq_jax.io.conversion.weights_io import save_converted
+from ddq_jax.io.weights import load_weights
+from ddq_jax.train.checkpoint import load_params_only
 from ddq_jax.io.conversion.naming import flax_module_path
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
@@ -31,3 +38,68 @@ def test_tiny_checkpoint_maps_completely(tiny_variables):
   assert tiny_variables['params']['backbone']['conv1']['kernel'].shape == (
       7, 7, 3, 16)
   assert np.isfinite(tiny_variables['params']['level_embed']).all()
+
+
+def _assert_same_tree(a, b):
+  flat_a = dict(jax.tree_util.tree_flatten_with_path(a)[0])
+  flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
+  assert sorted(flat_a, key=str) == sorted(flat_b, key=str)
+  for k, x in flat_a.items():
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(flat_b[k]),
+                                  err_msg=jax.tree_util.keystr(k))
+
+
+def test_identical_layers_are_stacked(tiny_config, tiny_variables):
+  """Converted weights hold the encoder / decoder layers and the head's
+  branches stacked, entry i being torch's module i; unstacking gives
+  torch's per-layer names back, and stacking is idempotent."""
+  p = tiny_variables['params']
+  n_enc, n_dec = tiny_config.num_encoder_layers, tiny_config.num_decoder_layers
+  assert p['encoder']['layers']['norms_0']['scale'].shape[0] == n_enc
+  assert p['decoder']['layers']['ffn']['layers_1']['bias'].shape[0] == n_dec
+  assert p['bbox_head']['cls_branches']['bias'].shape[0] == n_dec + 2
+  assert p['bbox_head']['reg_branches']['4']['kernel'].shape[0] == n_dec + 2
+  assert p['bbox_head']['aux_reg_branches']['0']['bias'].shape[0] == n_dec
+  per_layer = unstack_layers(tiny_variables)
+  q = per_layer['params']
+  assert 'layers' not in q['encoder'] and 'cls_branches' not in q['bbox_head']
+  np.testing.assert_array_equal(q['decoder']['layers_2']['norms_1']['scale'],
+                                p['decoder']['layers']['norms_1']['scale'][2])
+  np.testing.assert_array_equal(q['bbox_head']['reg_branches_3_2']['kernel'],
+                                p['bbox_head']['reg_branches']['2']['kernel'][3])
+  _assert_same_tree(stack_layers(per_layer), tiny_variables)
+  _assert_same_tree(stack_layers(tiny_variables), tiny_variables)
+
+
+def test_stacking_refuses_gaps():
+  tree = {'params': {'encoder': {'layers_0': {'w': np.zeros(2)},
+                                 'layers_2': {'w': np.zeros(2)}}}}
+  with pytest.raises(ValueError, match='layers'):
+    stack_layers(tree)
+
+
+def test_old_layout_weights_load_converted_once(tmp_path, tiny_config,
+                                                tiny_variables):
+  """Converted weights written per layer (``encoder/layers_0``, ... as
+  before the stacked layout) load as the stacked variables, identical to a
+  fresh conversion."""
+  out = str(tmp_path / 'old')
+  save_converted(out, unstack_layers(tiny_variables), tiny_config)
+  variables, _ = load_weights(out)
+  _assert_same_tree(variables, tiny_variables)
+
+
+def test_old_layout_training_run_loads_converted_once(tmp_path,
+                                                      tiny_variables):
+  """A training checkpoint saved per layer (before the stacked layout)
+  gives the stacked variables (``load_params_only``: evaluation,
+  ``train.init_from``)."""
+  old = unstack_layers(tiny_variables)
+  mngr = ocp.CheckpointManager(str(tmp_path), item_names=('state', 'meta'))
+  mngr.save(1, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({'params': old['params'],
+                                   'batch_stats': old['batch_stats']}),
+      meta=ocp.args.JsonSave({})))
+  mngr.wait_until_finished()
+  mngr.close()
+  _assert_same_tree(load_params_only(str(tmp_path)), tiny_variables)

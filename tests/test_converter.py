@@ -27,8 +27,8 @@ def test_tiny_checkpoint_converts_with_its_own_config(tiny_dir, tiny_variables):
     assert config[key] == tiny[key], key
   assert config.backbone.base_channels == 16
   np.testing.assert_array_equal(
-      variables['params']['bbox_head']['reg_branches_1_4']['kernel'],
-      tiny_variables['params']['bbox_head']['reg_branches_1_4']['kernel'])
+      variables['params']['bbox_head']['reg_branches']['4']['kernel'][1],
+      tiny_variables['params']['bbox_head']['reg_branches']['4']['kernel'][1])
 
 
 @pytest.mark.parametrize('manifest,config', [('r50', 'ddq_r50_4scale'),

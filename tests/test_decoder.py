@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
+from ddq_jax.io.conversion.mapping import stack_layers, unstack_layers
 from ddq_jax.model.decoder import DDQDecoder, coordinate_to_encoding, row0_of_inverted
 from ddq_jax.model.head import DDQHead
 
@@ -27,11 +28,10 @@ class _DecoderAndHead(nn.Module):
         query, value=memory, key_padding_mask=memory_mask,
         self_attn_mask=None, reference_points=reference_points,
         spatial_shapes=spatial_shapes, valid_ratios=valid_ratios,
-        reg_fn=self.bbox_head.reg, cls_fn=self.bbox_head.cls)
-    cls, box = self.bbox_head(out['hidden_states'], out['references'])
-    out['all_layers_cls_scores'] = cls
-    out['all_layers_bbox_preds'] = box
-    return out
+        branches=self.bbox_head.decoder_branches())
+    cls, box = self.bbox_head(out.hidden_states, out.references)
+    return dict(vars(out), all_layers_cls_scores=cls,
+                all_layers_bbox_preds=box)
 
 
 def _run(config, variables, infer, semantics='row0'):
@@ -109,7 +109,7 @@ def test_kept_set_restricts_next_nms(tiny_config, tiny_variables, tiny_infer):
   row 0 (all queries, image 0) or over the kept set."""
   cfg = tiny_config.copy_and_resolve_references()
   cfg.num_decoder_layers = 4
-  v = jax.tree.map(lambda x: x, tiny_variables)
+  v = unstack_layers(tiny_variables)  # torch's per-layer names
   dec = dict(v['params']['decoder'])
   dec['layers_3'] = dec['layers_2']
   head = dict(v['params']['bbox_head'])
@@ -119,8 +119,11 @@ def test_kept_set_restricts_next_nms(tiny_config, tiny_variables, tiny_infer):
                   if k == f'{name}_{i - 1}' or k.startswith(f'{name}_{i - 1}_')]:
         head[key.replace(f'{name}_{i - 1}', f'{name}_{i}', 1)] = (
             v['params']['bbox_head'][key])
+    for key in [k for k in v['params']['bbox_head']  # unused, but stored
+                if k == f'aux_{name}_2' or k.startswith(f'aux_{name}_2_')]:
+      head[key.replace('_2', '_3', 1)] = v['params']['bbox_head'][key]
   params = dict(v['params'], decoder=dec, bbox_head=head)
-  variables = {'params': params}
+  variables = stack_layers({'params': params})
   row0 = _run(cfg, variables, tiny_infer, 'row0')
   kept = _run(cfg, variables, tiny_infer, 'kept_set')
   # Layer 2's candidates: all (row0, image 0) vs the layer-1 kept set.

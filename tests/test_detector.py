@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_close
 from ddq_jax.compilation_cache import compile_count
 from ddq_jax.config import load_config
-from ddq_jax.io.conversion.mapping import match_rule
+from ddq_jax.io.conversion.mapping import match_rule, unstack_layers
 from ddq_jax.losses.config import CriterionConfig
 from ddq_jax.losses.criterion import ddq_criterion, total_loss
 from ddq_jax.model.detector import INTERMEDIATES, build_model
@@ -249,8 +249,9 @@ def test_training_losses_and_gradients_match_fixture(train_run, tiny_train):
     assert abs(got - exp) <= 1e-4 * max(abs(exp), 1e-6), (k, got, exp)
   exp_total = float(tiny_train['loss_total'].reshape(()))
   assert abs(float(total) - exp_total) <= 1e-4 * abs(exp_total)
+  per_layer = unstack_layers({'params': grads})['params']  # torch's names
   flat = {'/'.join(p): np.asarray(g) for p, g in
-          jax.tree_util.tree_flatten_with_path(grads)[0]
+          jax.tree_util.tree_flatten_with_path(per_layer)[0]
           for p in [[getattr(e, 'key', str(e)) for e in p]]}
   for k in (k for k in tiny_train if k.startswith('grad/')):
     name = k[5:]
@@ -294,8 +295,8 @@ def test_r50_head_and_decoder_match_manifest():
     rule, p = match_rule(name, len(shape))
     layout = rule.layout(np.zeros(shape, np.float32))
     expected['/'.join(p)] = tuple(layout.shape)
-  got = {k: s for k, s in _shapes(variable_shapes(
-      load_config('ddq_r50_4scale'))).items()
+  got = {k: s for k, s in _shapes(unstack_layers(variable_shapes(
+      load_config('ddq_r50_4scale')))).items()
          if k.split('/')[1] in ('bbox_head', 'decoder', 'query_map',
                                 'memory_trans_fc', 'memory_trans_norm',
                                 'level_embed', 'dn_query_generator')}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ddq_jax.config import load_config
+from ddq_jax.io.conversion.mapping import stack_layers, unstack_layers
 from ddq_jax.model.detector import build_model
 from ddq_jax.model.variables import init_variables
 
@@ -20,7 +21,8 @@ def setup():
   model = build_model(config)
   variables = init_variables(model, config, jax.random.key(0))
   variables = jax.tree_util.tree_map(np.asarray, variables)
-  return config, model, variables
+  # Checked per layer, under torch's names (encoder/layers_0, ...).
+  return config, model, unstack_layers(variables)
 
 
 def _leaves(tree, prefix=''):
@@ -208,7 +210,8 @@ def test_initial_class_scores_near_prior(setup):
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(1, size, size, 3)), jnp.float32)
   pad_mask = jnp.zeros((1, size, size), bool)
-  out = jax.jit(lambda v, x, m: model.apply(v, x, m))(v, images, pad_mask)
+  out = jax.jit(lambda v, x, m: model.apply(v, x, m))(stack_layers(v), images,
+                                                      pad_mask)
   scores = jax.nn.sigmoid(out.cls_logits)
   mean = float(scores.mean())
   assert 0.005 < mean < 0.03, mean

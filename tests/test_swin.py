@@ -12,8 +12,8 @@ from conftest import assert_close, load_npz
 from ddq_jax.compilation_cache import compile_count
 from ddq_jax.config import load_config
 from ddq_jax.io.conversion import swin as swin_conv, torch_pickle
-from ddq_jax.io.conversion.converter import expected_shapes
-from ddq_jax.io.conversion.mapping import convert_state_dict, match_rule
+from ddq_jax.model.variables import variable_shapes
+from ddq_jax.io.conversion.mapping import convert_state_dict, match_rule, unstack_layers
 from ddq_jax.io.conversion.mmdet_config import config_from_mmdet
 from ddq_jax.io.conversion.torch_pickle import (load_torch_checkpoint,
     state_dict_of)
@@ -252,7 +252,9 @@ def test_swinl_manifest_maps_onto_the_real_model():
     manifest = json.load(f)
   tensors = manifest['tensors']
   assert len(tensors) == manifest['num_tensors']
-  want = expected_shapes(load_config('ddq_swinl_4scale'))
+  shapes = unstack_layers(variable_shapes(load_config('ddq_swinl_4scale')))
+  want = {tuple(getattr(e, 'key', str(e)) for e in p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
   have, ignored = {}, []
   for name, (shape, _) in tensors.items():
     rule, path = match_rule(name, len(shape))

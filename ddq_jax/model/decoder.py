@@ -18,19 +18,21 @@ query 0 was kept, else the kept set.  ``'kept_set'`` reads the kept set.
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from ddq_jax import backend
+from ddq_jax.model import head as head_lib
 from ddq_jax.model import initializers as inits
 from ddq_jax.model import remat as remat_lib
 from ddq_jax.model.deform_attn import DeformableSizes, MultiScaleDeformableAttention
 from ddq_jax.model.encoder import FFN
+from ddq_jax.model.head import LayerBranches
 from ddq_jax.ops.boxes import cxcywh_to_xyxy, inverse_sigmoid
 from ddq_jax.ops.nms import nms_keep
 
@@ -208,11 +210,37 @@ def row0_of_inverted(keep: jnp.ndarray) -> jnp.ndarray:
   return keep | keep[:, :1]
 
 
-class DDQDecoder(DeformableSizes, kw_only=True):
-  """``DDQTransformerDecoder`` (return_intermediate=True).
+@flax.struct.dataclass
+class DecoderOutputs:
+  """What the decoder gives the head and the caller.
 
-  The head's branches are passed in as callables so that they stay owned by
-  the head (``bbox_head``) in the params tree.
+  Attributes:
+    hidden_states: (L, B, Q, C) every layer's output after the decoder norm.
+    references: (L + 1, B, Q, 4) sigmoid cxcywh, the initial one first
+      (later ones carry the gradient of that layer's refinement).
+    distinct_keep: (L - 1, B, num_dis) bool, the NMS keep set per layer.
+    head_query_mask: (L - 1, B, num_dis) bool, what the head reads (row 0
+      of the inverted mask, or the kept set).
+    self_attn_mask: (B, Q, Q) the self-attention mask after the last
+      selection.
+  """
+  hidden_states: jnp.ndarray
+  references: jnp.ndarray
+  distinct_keep: jnp.ndarray
+  head_query_mask: jnp.ndarray
+  self_attn_mask: jnp.ndarray
+
+
+class DDQDecoder(DeformableSizes, kw_only=True):
+  """``DDQTransformerDecoder`` (return_intermediate=True): one ``lax.scan``
+  of the layer step over the stacked ``layers`` parameters and the head's
+  branches of the decoder layers.
+
+  Parameters: ``layers/...`` (every leaf with a leading axis of
+  ``num_layers``: torch's ``decoder.layers.{l}`` is entry l),
+  ``ref_point_head/layers_{0,1}`` and ``norm``.  The head's branches are
+  passed in (``head.LayerBranches``) so that they stay owned by the head
+  (``bbox_head``) in the params tree.
   """
   num_layers: int = 6
   ffn_dims: int = 2048
@@ -220,8 +248,7 @@ class DDQDecoder(DeformableSizes, kw_only=True):
   distinct_mask_semantics: str = 'row0'
   # 'none' | 'minimal' | 'full' per decoder layer (ddq_jax/model/remat.py).
   remat: str = 'none'
-  # Trace the layer once: a scan over the stacked layers_{l} parameters
-  # (the head's branch l is indexed by the traced l); init runs unrolled.
+  # A scan loop (the layer step compiled once); False unrolls the same scan.
   scan: bool = True
 
   @classmethod
@@ -241,14 +268,11 @@ class DDQDecoder(DeformableSizes, kw_only=True):
                self_attn_mask: Optional[jnp.ndarray],
                reference_points: jnp.ndarray,
                spatial_shapes: Sequence[Sequence[int]],
-               valid_ratios: jnp.ndarray,
-               reg_fn: Callable[[int, jnp.ndarray], jnp.ndarray],
-               cls_fn: Callable[[int, jnp.ndarray], jnp.ndarray],
-               aux_reg_fn: Optional[Callable] = None,
+               valid_ratios: jnp.ndarray, branches: LayerBranches,
                dis_start: int = 0, num_dis: Optional[int] = None,
                num_dense: int = 0,
                distinct_mask_semantics: Optional[str] = None,
-               image_normalized_pos: bool = False) -> dict:
+               image_normalized_pos: bool = False) -> DecoderOutputs:
     """Runs all decoder layers.
 
     Args:
@@ -257,8 +281,8 @@ class DDQDecoder(DeformableSizes, kw_only=True):
       self_attn_mask: (Q, Q) or (B, Q, Q) bool, True = blocked; None = open.
       reference_points: (B, Q, 4) sigmoid cxcywh.
       spatial_shapes: static ((h, w), ...); valid_ratios (B, levels, 2).
-      reg_fn(l, x) / cls_fn(l, x): the head's reg/cls branch l.
-      aux_reg_fn(l, x): the head's aux reg branch l (dense queries).
+      branches: the head's cls / reg (and, with dense queries, aux reg)
+        branches of the decoder layers, stacked (``DDQHead.decoder_branches``).
       dis_start, num_dis: static slice of the distinct queries
         (default 0, Q - num_dense).
       num_dense: static number of dense queries at the end (training).
@@ -268,13 +292,8 @@ class DDQDecoder(DeformableSizes, kw_only=True):
         ratios 1) instead of the canvas-scaled ones (the reference's
         batched padding): padding-invariant mode.
 
-    Returns dict:
-      hidden_states (L, B, Q, C) after the decoder norm;
-      references (L + 1, B, Q, 4) (the initial one first; later ones carry
-        the gradient of that layer's refinement);
-      distinct_keep (L - 1, B, num_dis) bool, the NMS keep set per layer;
-      head_query_mask (L - 1, B, num_dis) bool, what the head reads
-        (row 0 of the inverted mask, or the kept set).
+    Returns:
+      ``DecoderOutputs``.
     """
     semantics = distinct_mask_semantics or self.distinct_mask_semantics
     if semantics not in ('row0', 'kept_set'):
@@ -291,24 +310,29 @@ class DDQDecoder(DeformableSizes, kw_only=True):
     # Candidates of the next NMS: row 0 of the inverted distinct block.
     candidates = ~self_attn_mask[:, s, s:e]
 
-    ref_point_head = MLP(c, c, 2, name='ref_point_head')
-    norm = nn.LayerNorm(epsilon=LN_EPS, name='norm')
     vr4 = jnp.concatenate([valid_ratios, valid_ratios], -1)  # (B, L, 4)
     shapes = tuple((int(hh), int(ww)) for hh, ww in spatial_shapes)
     n_layers = self.num_layers
-    layer_kw = dict(**self.deformable_sizes(), ffn_dims=self.ffn_dims,
-                    spatial_shapes=shapes)
-    policy = remat_lib.checkpoint_policy(self.remat)
+    layer = DecoderLayer(**self.deformable_sizes(), ffn_dims=self.ffn_dims,
+                         spatial_shapes=shapes)
+    ref_point_head = MLP(c, c, 2)
+    ref_input = jnp.zeros((b, q, len(shapes), 4), reference_points.dtype)
+    layer_params = remat_lib.stacked_params(
+        self, 'layers', layer, n_layers, query, query, value,
+        key_padding_mask, self_attn_mask, ref_input)
+    head_params = remat_lib.module_params(
+        self, 'ref_point_head', ref_point_head,
+        jnp.zeros((b, q, 2 * c), query.dtype))
+    norm = nn.LayerNorm(epsilon=LN_EPS, name='norm')
+    if remat_lib.num_stacked(branches.cls) != n_layers:
+      raise ValueError(f'{n_layers} decoder layers but '
+                       f'{remat_lib.num_stacked(branches.cls)} head branches')
 
-    def branch(fn, l, x):
-      """Branch l of the head; l static, or traced (inside the scan: the
-      head reads branch l from its branches' stacked parameters)."""
-      return fn(l, x)
-
-    def select(l, query, reference_points, self_attn_mask, candidates):
-      """Scores + NMS of the distinct queries after layer l -> the new
-      (mask, candidates, keep, head_mask)."""
-      scores = jnp.max(jax.nn.sigmoid(branch(cls_fn, l, query[:, s:e])), -1)
+    def select(br, query, reference_points, self_attn_mask, candidates):
+      """Scores + NMS of the distinct queries after a layer (its branches
+      ``br``) -> the new (mask, candidates, keep, head_mask)."""
+      scores = jnp.max(jax.nn.sigmoid(head_lib.dense(br.cls, query[:, s:e])),
+                       -1)
       boxes = cxcywh_to_xyxy(reference_points[:, s:e])
       keep = nms_keep(jax.lax.stop_gradient(boxes),
                       jax.lax.stop_gradient(scores), valid=candidates,
@@ -318,89 +342,54 @@ class DDQDecoder(DeformableSizes, kw_only=True):
       head_mask = row0_of_inverted(keep) if semantics == 'row0' else keep
       return self_attn_mask, head_mask, keep, head_mask
 
-    def step(l, layer_fn, query, reference_points, self_attn_mask,
-             candidates):
-      """Layer l (static or traced): -> its output (before the norm), the
-      refined references, and the selection state for layer l + 1."""
+    def skip(br, query, reference_points, self_attn_mask, candidates):
+      """The last layer selects nothing."""
+      return self_attn_mask, candidates, candidates, candidates
+
+    def body(carry, xs):
+      """Layer l: its output (before the norm), the refined references,
+      and the selection state for layer l + 1."""
+      query, reference_points, self_attn_mask, candidates = carry
+      l, p, br = xs
       ref_input = reference_points[:, :, None] * vr4[:, None]
-      query_pos = ref_point_head(coordinate_to_encoding(
+      query_pos = ref_point_head.apply({'params': head_params},
+                                       coordinate_to_encoding(
           reference_points if image_normalized_pos else ref_input[:, :, 0],
           num_feats=c // 2))
-      query = layer_fn(query, query_pos, value, key_padding_mask,
-                       self_attn_mask, ref_input)
+      query = layer.apply({'params': p}, query, query_pos, value,
+                          key_padding_mask, self_attn_mask, ref_input)
       if num_dense:
-        tmp = jnp.concatenate([branch(reg_fn, l, query[:, :-num_dense]),
-                               branch(aux_reg_fn, l, query[:, -num_dense:])],
-                              1)
+        tmp = jnp.concatenate(
+            [head_lib.reg_mlp(br.reg, query[:, :-num_dense]),
+             head_lib.reg_mlp(br.aux_reg, query[:, -num_dense:])], 1)
       else:
-        tmp = branch(reg_fn, l, query)
+        tmp = head_lib.reg_mlp(br.reg, query)
       new_refs = jax.nn.sigmoid(tmp + inverse_sigmoid(
           reference_points, eps=DECODER_INV_SIGMOID_EPS))
       reference_points = jax.lax.stop_gradient(new_refs)
-      return query, new_refs, reference_points, self_attn_mask, candidates
-
-    if self.scan and n_layers > 1 and not self.is_initializing():
-      # One traced layer, scanned over the stacked layers_{l} parameters;
-      # the last layer's selection is skipped by a cond.
-      layer = DecoderLayer(**layer_kw)
-      stacked = remat_lib.stack_layer_params(
-          self.variables['params'], [f'layers_{l}' for l in range(n_layers)])
-
-      def apply_layer(p, *args):
-        return layer.apply({'params': p}, *args)
-
-      def body(carry, xs):
-        query, reference_points, self_attn_mask, candidates = carry
-        l, p = xs
-        query, new_refs, reference_points, self_attn_mask, candidates = step(
-            l, functools.partial(apply_layer, p), query, reference_points,
-            self_attn_mask, candidates)
-        self_attn_mask, candidates, keep, head_mask = jax.lax.cond(
-            l < n_layers - 1, select,
-            lambda l, q, r, m, cand: (m, cand, cand, cand),
-            l, query, reference_points, self_attn_mask, candidates)
-        return ((query, reference_points, self_attn_mask, candidates),
-                (query, new_refs, keep, head_mask))
-      if self.remat != 'none':
-        # The whole layer step (with the head's branches and the selection)
-        # is rematerialised: a layer keeps only its carry for the backward
-        # pass, and the selection (no gradient) is not recomputed there.
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-
-      carry = (query, reference_points, self_attn_mask, candidates)
-      xs = (jnp.arange(n_layers), stacked)
-      # The carry takes the dtypes a layer returns (e.g. float32 after
-      # bfloat16 inputs), as in the unrolled loop after its first layer.
-      out_carry, _ = jax.eval_shape(body, carry,
-                                    jax.tree.map(lambda x: x[0], xs))
-      carry = jax.tree.map(lambda x, o: x.astype(o.dtype), carry, out_carry)
-      carry, (outs, new_refs, keeps, head_masks) = jax.lax.scan(
-          body, carry, xs)
-      self_attn_mask = carry[2]
-      hidden = norm(outs)
-      refs = jnp.concatenate([reference_points[None], new_refs], 0)
-      return dict(hidden_states=hidden, references=refs,
-                  distinct_keep=keeps[:-1], head_query_mask=head_masks[:-1],
-                  self_attn_mask=self_attn_mask)
-
-    hidden, refs, keeps, head_masks = [], [reference_points], [], []
-    layer_cls = DecoderLayer
+      self_attn_mask, candidates, keep, head_mask = jax.lax.cond(
+          l < n_layers - 1, select, skip, br, query, reference_points,
+          self_attn_mask, candidates)
+      return ((query, reference_points, self_attn_mask, candidates),
+              (query, new_refs, keep, head_mask))
     if self.remat != 'none':
-      layer_cls = nn.remat(DecoderLayer, policy=policy)
-    for l in range(n_layers):
-      layer_fn = layer_cls(name=f'layers_{l}', **layer_kw)
-      query, new_refs, reference_points, self_attn_mask, candidates = step(
-          l, layer_fn, query, reference_points, self_attn_mask, candidates)
-      if l < n_layers - 1:
-        self_attn_mask, candidates, keep, head_mask = select(
-            l, query, reference_points, self_attn_mask, candidates)
-        keeps.append(keep)
-        head_masks.append(head_mask)
-      hidden.append(norm(query))
-      refs.append(new_refs)
-    empty = jnp.zeros((0, b, num_dis), bool)
-    return dict(
-        hidden_states=jnp.stack(hidden), references=jnp.stack(refs),
-        distinct_keep=jnp.stack(keeps) if keeps else empty,
-        head_query_mask=jnp.stack(head_masks) if head_masks else empty,
-        self_attn_mask=self_attn_mask)
+      # The whole layer step (with the head's branches and the selection)
+      # is rematerialised: a layer keeps only its carry for the backward
+      # pass, and the selection (no gradient) is not recomputed there.
+      body = jax.checkpoint(body, policy=remat_lib.checkpoint_policy(
+          self.remat), prevent_cse=False)
+
+    carry = (query, reference_points, self_attn_mask, candidates)
+    xs = (jnp.arange(n_layers), layer_params, branches)
+    # The carry takes the dtypes a layer returns (e.g. float32 after
+    # bfloat16 inputs), as the carry of every later layer.
+    out_carry, _ = jax.eval_shape(body, carry,
+                                  jax.tree.map(lambda x: x[0], xs))
+    carry = jax.tree.map(lambda x, o: x.astype(o.dtype), carry, out_carry)
+    carry, (outs, new_refs, keeps, head_masks) = jax.lax.scan(
+        body, carry, xs, unroll=1 if self.scan else True)
+    return DecoderOutputs(
+        hidden_states=norm(outs),
+        references=jnp.concatenate([reference_points[None], new_refs], 0),
+        distinct_keep=keeps[:-1], head_query_mask=head_masks[:-1],
+        self_attn_mask=carry[2])

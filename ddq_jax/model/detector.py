@@ -170,21 +170,20 @@ class DDQDETR(nn.Module):
         query, value=enc['memory'], key_padding_mask=enc['memory_mask'],
         self_attn_mask=self_attn_mask, reference_points=reference_points,
         spatial_shapes=enc['spatial_shapes'],
-        valid_ratios=enc['valid_ratios'], reg_fn=self.bbox_head.reg,
-        cls_fn=self.bbox_head.cls,
-        aux_reg_fn=self.bbox_head.aux_reg if num_dense else None,
+        valid_ratios=enc['valid_ratios'],
+        branches=self.bbox_head.decoder_branches(num_dense=num_dense),
         dis_start=layout.num_dn, num_dis=layout.num_distinct,
         num_dense=num_dense, distinct_mask_semantics=semantics,
         image_normalized_pos=invariant)
-    cls, box = self.bbox_head(dec['hidden_states'], dec['references'],
+    cls, box = self.bbox_head(dec.hidden_states, dec.references,
                               num_dense=num_dense)
-    self.record(hidden_states=dec['hidden_states'],
-                references=dec['references'], all_layers_cls_scores=cls,
+    self.record(hidden_states=dec.hidden_states,
+                references=dec.references, all_layers_cls_scores=cls,
                 all_layers_bbox_preds=box)
-    for l in range(dec['distinct_keep'].shape[0]):
-      self.record(**{f'distinct_keep_{l}': dec['distinct_keep'][l],
-                     f'head_query_mask_{l}': dec['head_query_mask'][l]})
-    return cls, box, dec['head_query_mask']
+    for l in range(dec.distinct_keep.shape[0]):
+      self.record(**{f'distinct_keep_{l}': dec.distinct_keep[l],
+                     f'head_query_mask_{l}': dec.head_query_mask[l]})
+    return cls, box, dec.head_query_mask
 
   # ---- pre_decoder -------------------------------------------------------
   def encoder_branches(self, output_memory, output_proposals, *,

@@ -1,11 +1,13 @@
 """Deformable DETR encoder (mmdet DeformableDetrTransformerEncoder) and the
 mmcv FFN it (and the decoder) uses.
 
-Param tree (torch names via the naming rule):
-  layers_{i}/self_attn/{value_proj,sampling_offsets,attention_weights,output_proj}
-  layers_{i}/norms_{0,1}            LayerNorm, eps 1e-5
-  layers_{i}/ffn/layers_0_0         Linear + ReLU
-  layers_{i}/ffn/layers_1           Linear
+Param tree: the identical layers stored stacked, every leaf with a leading
+axis of ``num_layers`` (the torch name ``encoder.layers.{i}.X`` is entry i
+of ``encoder/layers/X``; io/conversion/mapping.py stacks and unstacks):
+  layers/self_attn/{value_proj,sampling_offsets,attention_weights,output_proj}
+  layers/norms_{0,1}            LayerNorm, eps 1e-5
+  layers/ffn/layers_0_0         Linear + ReLU
+  layers/ffn/layers_1           Linear
 """
 from __future__ import annotations
 
@@ -110,13 +112,13 @@ class DeformableEncoderLayer(DeformableSizes, kw_only=True):
 
 
 class DeformableEncoder(DeformableSizes, kw_only=True):
-  """mmdet DeformableDetrTransformerEncoder; submodules ``layers_{i}``.
+  """mmdet DeformableDetrTransformerEncoder: one ``lax.scan`` of
+  ``DeformableEncoderLayer`` over the stacked ``layers`` parameters.
 
   Attributes (besides the sizes):
     remat: 'none' | 'minimal' | 'full', per layer (ddq_jax/model/remat.py).
-    scan: trace the layer once and scan it over the layers' parameters,
-      stacked on the fly from ``layers_0 .. layers_{n-1}`` (the checkpoint
-      layout is unchanged).  Init always runs the unrolled loop.
+    scan: a scan loop (the layer compiled once); False unrolls the same
+      scan (the same parameters and values).
   """
   num_layers: int = 6
   ffn_dims: int = 1024
@@ -159,19 +161,13 @@ class DeformableEncoder(DeformableSizes, kw_only=True):
     spatial_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
     reference_points = get_encoder_reference_points(
         spatial_shapes=spatial_shapes, valid_ratios=valid_ratios)
-    policy = remat_lib.checkpoint_policy(self.remat)
     kw = dict(spatial_shapes=spatial_shapes, **self.deformable_sizes(),
               ffn_dims=self.ffn_dims, dtype=self.dtype)
+    layer = DeformableEncoderLayer(**kw)
     args = (query_pos, key_padding_mask, reference_points)
-    if self.scan and self.num_layers > 1 and not self.is_initializing():
-      layer = DeformableEncoderLayer(**kw)
-      return remat_lib.scan_layer_params(
-          layer, query, args, self.variables['params'],
-          names=[f'layers_{i}' for i in range(self.num_layers)],
-          policy=policy, remat=self.remat != 'none')
-    layer_cls = DeformableEncoderLayer
-    if self.remat != 'none':
-      layer_cls = nn.remat(layer_cls, policy=policy)
-    for i in range(self.num_layers):
-      query = layer_cls(name=f'layers_{i}', **kw)(query, *args)
-    return query
+    params = remat_lib.stacked_params(self, 'layers', layer, self.num_layers,
+                                      query, *args)
+    return remat_lib.scan_stacked(
+        layer, query, args, {'params': params},
+        policy=remat_lib.checkpoint_policy(self.remat),
+        remat=self.remat != 'none', unroll=not self.scan)

@@ -1,4 +1,5 @@
-"""Rematerialisation (activation checkpointing) policies, named in configs.
+"""Rematerialisation (activation checkpointing) policies, named in configs,
+and identical layers stored stacked and run as one scan.
 
 ``config.train.remat`` holds one policy name per part of the model::
 
@@ -17,12 +18,22 @@ Names (what the backward pass finds stored of a rematerialised layer):
 
 Remat changes memory and time, never values: the forward pass and its
 gradients are the same functions (tests/test_remat.py).
+
+Stacked layers: ``stacked_params`` creates the parameters of ``num``
+identical layers as one tree whose leaves have a leading layer axis (the
+layout the checkpoint holds), and ``scan_stacked`` applies the layer once
+per entry with ``lax.scan`` (``train.scan_layers``: a loop, or the same
+scan unrolled), each layer wrapped in ``jax.checkpoint`` by the remat
+policy.  The torch names of the single layers live at the conversion
+boundary (io/conversion/mapping.py).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 REMAT_POLICIES = ('none', 'minimal', 'full')
 REMAT_PARTS = ('encoder', 'decoder', 'backbone')
@@ -55,69 +66,82 @@ def remat_name(config, part: str) -> str:
 
 
 def scan_layers(config) -> bool:
-  """``config.train.scan_layers`` (default True): trace identical layers
-  once (a scan over stacked per-layer parameters)."""
+  """``config.train.scan_layers`` (default True): stacked layers run as one
+  ``lax.scan`` loop (traced and compiled once); False unrolls the same scan
+  (straight-line code, one copy per layer)."""
   train = config.get('train', None) if hasattr(config, 'get') else None
   return bool(train.get('scan_layers', True)) if train is not None else True
 
 
-def stack_trees(trees):
-  """Identically shaped trees -> one tree, leaves stacked on a new leading
-  axis in list order."""
-  return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *trees)
+def _abstract(tree):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
 
 
-def stack_layer_params(params, names):
-  """{name: tree} of identically shaped layers -> one tree, leaves stacked
-  on a new leading axis in ``names`` order."""
-  missing = [n for n in names if n not in params]
-  if missing:
-    raise KeyError(f'layer parameters {missing} not found; have '
-                   f'{sorted(params)}')
-  return stack_trees([params[n] for n in names])
+def _zeros(shapes):
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def scan_layer_params(layer, carry, args, params, *, names,
-                      policy=None, remat: bool = False, per_layer=(),
-                      rngs=None):
-  """Applies the unbound Flax ``layer`` once per entry of ``names``:
-  ``carry = layer.apply({'params': params[name]}, carry, *args,
-  *per_layer[l])``, as one ``lax.scan`` over the stacked parameters (the
-  layer is traced once).
+def module_params(module: nn.Module, name: str, layer: nn.Module,
+                  *example) -> Any:
+  """``module.param(name)`` holding the parameters of the unbound ``layer``
+  (its own init on zeros shaped like ``example``): the layer is then applied
+  as a pure function, ``layer.apply({'params': p}, ...)``, e.g. inside a
+  scan body, and its parameters sit at ``module/name`` as if it were a
+  submodule."""
+  shapes = _abstract(example)
+  return module.param(
+      name, lambda rng: layer.init(rng, *_zeros(shapes))['params'])
+
+
+def stacked_params(module: nn.Module, name: str, layer: nn.Module, num: int,
+                   *example) -> Any:
+  """``module.param(name)`` holding ``num`` independent inits of the unbound
+  ``layer`` (on zeros shaped like ``example``), every leaf stacked on a new
+  leading axis of ``num``: the parameters of identical layers in the shape
+  the scan reads them (``scan_stacked``)."""
+  shapes = _abstract(example)
+
+  def init(rng):
+    return jax.vmap(lambda k: layer.init(k, *_zeros(shapes))['params'])(
+        jax.random.split(rng, num))
+  return module.param(name, init)
+
+
+def num_stacked(tree) -> int:
+  """The leading axis (the number of layers) of stacked parameters."""
+  return int(jax.tree.leaves(tree)[0].shape[0])
+
+
+def scan_stacked(layer, carry, args, variables, *, policy=None,
+                 remat: bool = False, unroll: bool = False, per_layer=(),
+                 rngs=None):
+  """Applies the unbound Flax ``layer`` once per layer of the stacked
+  ``variables`` ({collection: tree with a leading layer axis}), as one
+  ``lax.scan``: ``carry = layer.apply(variables[l], carry, *args,
+  *per_layer[l])``.
 
   Args:
     layer: an unbound module whose ``__call__(carry, *args, *per_layer)``
-      returns the new carry (same shape and dtype).
+      returns the new carry (same shape).
     carry: the first argument (e.g. (B, N, C) queries).
     args: the other arguments, the same for every layer (arrays or None).
-    params: a dict holding ``params[name]`` for every name.
-    names: the layers' parameter names, in order.
+    variables: {'params': stacked, ...} (``stacked_params``).
     policy, remat: wrap each layer in ``jax.checkpoint(policy=policy)``.
-    per_layer: arrays with a leading axis of len(names): layer l gets
-      their slices [l] after ``args`` (e.g. per-layer drop-path rates).
+    unroll: unroll the scan (straight-line code; the same values).
+    per_layer: arrays with a leading axis of one entry per layer: layer l
+      gets their slices [l] after ``args`` (e.g. drop-path rates).
     rngs: {collection: key} or None; layer l is applied with
-      ``rngs={collection: split(key, len(names))[l]}``.
+      ``rngs={collection: split(key, num_layers)[l]}``.
   """
-  return scan_layer_variables(layer, carry, args, {'params': params},
-                              names=names, policy=policy, remat=remat,
-                              per_layer=per_layer, rngs=rngs)
-
-
-def scan_layer_variables(layer, carry, args, variables, *, names,
-                         policy=None, remat: bool = False, per_layer=(),
-                         rngs=None):
-  """``scan_layer_params`` over several collections: ``variables`` maps a
-  collection ('params', 'batch_stats') to a dict holding every name; layer
-  l is applied with ``{collection: variables[collection][names[l]]}``."""
-  stacked = {col: stack_layer_params(tree, names)
-             for col, tree in variables.items()}
+  num = num_stacked(variables)
   per_layer = tuple(per_layer)
   for a in per_layer:
-    if a.shape[:1] != (len(names),):
-      raise ValueError(f'per_layer arrays need a leading axis of '
-                       f'{len(names)} (one per layer), got {a.shape}')
+    if a.shape[:1] != (num,):
+      raise ValueError(f'per_layer arrays need a leading axis of {num} (one '
+                       f'per layer), got {a.shape}')
   layer_rngs = None if not rngs else {
-      k: jax.random.split(v, len(names)) for k, v in rngs.items()}
+      k: jax.random.split(v, num) for k, v in rngs.items()}
 
   def one(v, c, xs, r):
     kw = {} if r is None else dict(rngs=r)
@@ -126,13 +150,31 @@ def scan_layer_variables(layer, carry, args, variables, *, names,
     one = jax.checkpoint(one, policy=policy, prevent_cse=False)
 
   # The carry takes the dtype the layer returns (float32 LayerNorms after
-  # bfloat16 inputs), as in the unrolled loop after its first layer.
-  first = jax.tree.map(lambda x: x[0], (stacked, per_layer, layer_rngs))
+  # bfloat16 inputs), as the carry of every later layer.
+  first = jax.tree.map(lambda x: x[0], (variables, per_layer, layer_rngs))
   out = jax.eval_shape(one, first[0], carry, first[1], first[2])
   carry = carry.astype(out.dtype)
 
   def body(c, v_xs_r):
     v, xs, r = v_xs_r
     return one(v, c, xs, r), None
-  carry, _ = jax.lax.scan(body, carry, (stacked, per_layer, layer_rngs))
+  carry, _ = jax.lax.scan(body, carry, (variables, per_layer, layer_rngs),
+                          unroll=True if unroll else 1)
   return carry
+
+
+def stack_trees(trees):
+  """Identically shaped trees -> one tree, leaves stacked on a new leading
+  axis in list order."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def scan_layer_variables(layer, carry, args, variables, *, names,
+                         policy=None, remat: bool = False, per_layer=(),
+                         rngs=None):
+  """``scan_stacked`` over layers stored one per name: ``variables`` maps a
+  collection to a dict holding every name (stacked here, on every call)."""
+  stacked = {col: stack_trees([tree[n] for n in names])
+             for col, tree in variables.items()}
+  return scan_stacked(layer, carry, args, stacked, policy=policy,
+                      remat=remat, per_layer=per_layer, rngs=rngs)

@@ -353,9 +353,9 @@ class SwinStage(_SwinBlockOptions, kw_only=True):
       rngs = None
       if not self.deterministic:
         rngs = {_DROP_RNG: self.make_rng(_DROP_RNG)}
-      x = remat_lib.scan_layer_params(
+      x = remat_lib.scan_layer_variables(
           SwinBlockPair(**self.swin_block_options()), x, (),
-          pair_params(self.variables['params'], num_pairs),
+          {'params': pair_params(self.variables['params'], num_pairs)},
           names=[f'pair_{k}' for k in range(num_pairs)],
           policy=policy, remat=self.remat != 'none',
           per_layer=(np.asarray(rates[:start], np.float32).reshape(

@@ -40,7 +40,7 @@ import numpy as np
 from ddq_jax import cli
 from ddq_jax.config import apply_overrides, load_config
 from ddq_jax.io.conversion.converter import ConversionError, convert_checkpoint
-from ddq_jax.io.conversion.mapping import match_rule
+from ddq_jax.io.conversion.mapping import match_rule, unstack_layers
 from ddq_jax.io.conversion.mmdet_config import ConfigParseError
 from ddq_jax.io.conversion.torch_pickle import CheckpointReadError
 from ddq_jax.losses.config import CriterionConfig
@@ -117,6 +117,8 @@ def run_training(model, config, variables, inputs):
 
 
 def _grad_of(grads, torch_name, ref):
+  """The gradient of a torch tensor, in torch's layout, from per-layer
+  gradients (``unstack_layers``); None when we have no such parameter."""
   rule, path = match_rule(torch_name, ref.ndim)
   if rule is None or not path or path[0] != 'params':
     return None
@@ -278,9 +280,10 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
     if os.path.isfile(ref_path):
       ref = _load_npz(ref_path)
       train_dump, ref = clip_survivor_counts(train_dump, ref, config)
+      per_layer = unstack_layers({'params': grads})['params']
       for key in sorted(ref):
         if key.startswith('grad/'):
-          g = _grad_of(grads, key[5:], ref[key])
+          g = _grad_of(per_layer, key[5:], ref[key])
           if g is None:
             out(f'--   {key:<44s} no such parameter')
             continue

@@ -35,6 +35,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from ddq_jax.io.conversion.mapping import stack_layers
 from ddq_jax.train import integrity
 from ddq_jax.train.flat_optimizer import canonical_opt_state
 from ddq_jax.train.flat_optimizer import from_canonical_opt_state
@@ -317,7 +318,8 @@ class Checkpointer:
 
 def load_params_only(directory: str, step: int | None = None) -> dict:
   """{'params', 'batch_stats'} (numpy) of a TrainState checkpoint, without
-  the optimiser state (e.g. for evaluation / fine-tuning).
+  the optimiser state (e.g. for evaluation / fine-tuning), in the stacked
+  layout (``mapping.stack_layers``: a run saved per layer loads too).
 
   Their checksums are verified; with ``step`` None a damaged newest
   checkpoint is reported and the next older one is read (nothing is moved:
@@ -354,7 +356,8 @@ def load_params_only(directory: str, step: int | None = None) -> dict:
               f'{", ".join(bad[:3])})')
       if not integrity.host_all_finite(out):
         raise DamagedCheckpointError(s, 'holds non-finite values')
-      return out
+      # A run from before layers were stored stacked: converted here, once.
+      return stack_layers(out)
     except Exception as e:  # pylint: disable=broad-except
       msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
       log.error('checkpoint step %d in %s is damaged (%s: %s)%s', s,

@@ -89,7 +89,9 @@ def convert_state_dict_checked(
   variables, ignored, unmapped = mapping.convert_state_dict(state_dict)
   # Both collections always present (a Swin backbone has no BatchNorm).
   variables.setdefault('batch_stats', {})
-  report = ConversionReport(converted=sum(1 for _ in _flatten(variables)),
+  # Counted in torch tensors (the layers of a stacked group one each).
+  report = ConversionReport(converted=len(state_dict) - len(ignored)
+                            - len(unmapped),
                             ignored=ignored, unmapped=sorted(unmapped))
   if check:
     check_variables(variables, expected_shapes(config),

@@ -1,7 +1,8 @@
 """Our variables back to the reference's names and layouts.
 
-The inverse of ``mapping.convert_state_dict``: for each reference tensor
-name, the same rule of ``mapping.RULES`` that imported it finds our leaf,
+The inverse of ``mapping.convert_state_dict``: the stacked layers are
+unstacked (``mapping.unstack_layers``), then for each reference tensor
+name the same rule of ``mapping.RULES`` that imported it finds our leaf,
 and the inverse of its layout puts it back in torch's layout (Dense kernel
 (in, out) -> Linear weight (out, in); HWIO -> OIHW).
 
@@ -58,6 +59,8 @@ def to_reference_names(variables: Mapping, names: Mapping[str, int], *,
       message names both).
   """
   out = {}
+  variables = mapping.unstack_layers(
+      {k: v for k, v in variables.items() if k in collections})
   for name, ndim in names.items():
     rule, path = reference_path(name, int(ndim))
     if rule is None:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ddq_jax.io.conversion.mapping import stack_layers
 from ddq_jax.io.outputs import pid_alive
 
 VARIABLES_FILE = 'variables.msgpack'
@@ -226,7 +227,9 @@ def load_config_json(path: str) -> ml_collections.ConfigDict:
 
 
 def load_converted(weights_dir: str) -> tuple[dict, ml_collections.ConfigDict]:
-  """Reads a directory written by ``save_converted``: (variables, config)."""
+  """Reads a directory written by ``save_converted``: (variables, config),
+  the variables in the stacked layout (``mapping.stack_layers``: files
+  written per layer load too)."""
   var_path = os.path.join(weights_dir, VARIABLES_FILE)
   cfg_path = os.path.join(weights_dir, CONFIG_FILE)
   if not os.path.isfile(var_path):
@@ -240,4 +243,5 @@ def load_converted(weights_dir: str) -> tuple[dict, ml_collections.ConfigDict]:
       raise ValueError(f'{var_path}: unreadable ({e}); the file is truncated '
                        'or not a ddq-jax checkpoint') from None
   config = load_config_json(cfg_path) if os.path.isfile(cfg_path) else None
-  return variables, config
+  # Weights converted before layers were stored stacked: converted here.
+  return stack_layers(variables), config
