@@ -71,10 +71,16 @@ def test_identical_layers_are_stacked(tiny_config, tiny_variables):
   _assert_same_tree(stack_layers(tiny_variables), tiny_variables)
 
 
-def test_stacking_refuses_gaps():
+def test_stacking_leaves_incomplete_groups_per_layer():
+  """A layer missing: the group stays per layer (the fit check then names
+  what is missing); a group both stacked and per layer is refused."""
   tree = {'params': {'encoder': {'layers_0': {'w': np.zeros(2)},
                                  'layers_2': {'w': np.zeros(2)}}}}
-  with pytest.raises(ValueError, match='layers'):
+  assert sorted(stack_layers(tree)['params']['encoder']) == ['layers_0',
+                                                             'layers_2']
+  tree['params']['encoder']['layers'] = {'w': np.zeros((1, 2))}
+  tree['params']['encoder']['layers_1'] = {'w': np.zeros(2)}
+  with pytest.raises(ValueError, match='both stacked and per layer'):
     stack_layers(tree)
 
 

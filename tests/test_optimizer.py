@@ -178,7 +178,8 @@ def test_labels_on_real_model(tiny_config):
   counts = {l: sum(v == l for v in flat.values())
             for l in ('frozen', 'backbone', 'default')}
   print(counts)
-  assert counts['backbone'] == 3 * (4 + 6 + 3) + 3  # 3 convs/block + 3 downsamples
+  # Layers 2-4: block 0's 3 convs + downsample, blocks 1.. stacked (3 convs).
+  assert counts['backbone'] == 3 * (3 + 1 + 3)
 
 
 def test_flat_moments_and_their_checkpoint_layout():

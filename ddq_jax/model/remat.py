@@ -108,6 +108,25 @@ def stacked_params(module: nn.Module, name: str, layer: nn.Module, num: int,
   return module.param(name, init)
 
 
+def stacked_variables(module: nn.Module, name: str, layer: nn.Module,
+                      num: int, *example) -> dict:
+  """``stacked_params`` for a layer with more collections than 'params'
+  (e.g. BatchNorm statistics): {collection: stacked tree}, each stored at
+  ``module/name`` of its collection ('params' drawn from the 'params' rng;
+  the others, which need no randomness, from a fixed key)."""
+  shapes = _abstract(example)
+
+  def init(rng):
+    return jax.vmap(lambda k: layer.init(k, *_zeros(shapes)))(
+        jax.random.split(rng, num))
+  collections = jax.eval_shape(init, jax.random.key(0)).keys()
+  out = {'params': module.param(name, lambda rng: init(rng)['params'])}
+  for col in sorted(set(collections) - {'params'}):
+    out[col] = module.variable(
+        col, name, lambda c=col: init(jax.random.key(0))[c]).value
+  return out
+
+
 def num_stacked(tree) -> int:
   """The leading axis (the number of layers) of stacked parameters."""
   return int(jax.tree.leaves(tree)[0].shape[0])

@@ -7,7 +7,12 @@ affine parameters (``scale``, ``bias``) in ``params``.  Submodules are named
 by the project's naming rule so a converted checkpoint loads as is:
 
     conv1, bn1, layer1_0/{conv1,bn1,conv2,bn2,conv3,bn3,downsample_0,
-    downsample_1}, layer1_1/..., layer4_2/...
+    downsample_1}, layer1_tail/..., layer4_0/..., layer4_tail/...
+
+A stage's blocks after its first are identical: they are stored stacked
+(``layer{i}_tail``, every leaf with a leading axis; torch's
+``layer{i}.{j}`` is entry j - 1, io/conversion/mapping.py) and run as one
+scan.
 
 Input NHWC float32, outputs a list of NHWC maps, one per ``out_indices``.
 
@@ -25,6 +30,7 @@ torchvision weights over this (``init_from``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -276,7 +282,7 @@ class ResNet(nn.Module):
   # 'none' | 'minimal' | 'full' per trainable block (ddq_jax/model/remat.py);
   # frozen stages keep nothing for the backward pass anyway.
   remat: str = 'none'
-  # Trace identical blocks once (train.scan_layers); init runs unrolled.
+  # Blocks 1.. of a stage: a scan loop (train.scan_layers), or unrolled.
   scan: bool = True
 
   @classmethod
@@ -345,31 +351,33 @@ class ResNet(nn.Module):
       frozen = i + 1 <= self.frozen_stages
       block_kw = dict(planes=planes, bn_trainable=self.bn_trainable,
                       zero_init_residual=self.zero_init_residual)
-      # Blocks 1.. of a stage are identical: traced once, scanned over
-      # their stacked variables (the tree keeps layer{i}_{j}).
-      scanned = (self.scan and num_blocks > 2 and
-                 not self.is_initializing())
-      for j in range(1 if scanned else num_blocks):
-        s = stride if j == 0 else 1
-        with_ds = j == 0 and (s != 1 or inplanes != planes * expansion)
-        x = (block_cls if frozen else remat_cls)(
-            stride=s, with_downsample=with_ds, in_stride=stride_now,
-            name=f'layer{i + 1}_{j}', **block_kw)(x, extents)
-        stride_now *= s
-        inplanes = planes * expansion
-      if scanned:
-        names = [f'layer{i + 1}_{j}' for j in range(1, num_blocks)]
-        params, stats = (self.variables['params'],
-                         self.variables['batch_stats'])
-        folded = {n: fold_block_bns(params[n], stats[n],
-                                    trainable=self.bn_trainable)
-                  for n in names}
-        x = remat_lib.scan_layer_variables(
-            block_cls(in_stride=stride_now, tap_weight_grad=not frozen,
+      # Block 0 (stride, downsample) differs; blocks 1.. are identical:
+      # stored stacked (layer{i}_tail) and scanned, their BatchNorms read
+      # folded to (mul, shift).
+      s = stride
+      with_ds = s != 1 or inplanes != planes * expansion
+      x = (block_cls if frozen else remat_cls)(
+          stride=s, with_downsample=with_ds, in_stride=stride_now,
+          name=f'layer{i + 1}_0', **block_kw)(x, extents)
+      stride_now *= s
+      inplanes = planes * expansion
+      if num_blocks > 1:
+        tail = remat_lib.stacked_variables(
+            self, f'layer{i + 1}_tail',
+            block_cls(in_stride=stride_now, parent=None, **block_kw),
+            num_blocks - 1, x, extents)
+        folded = jax.vmap(functools.partial(
+            fold_block_bns, trainable=self.bn_trainable))(
+                tail['params'], tail['batch_stats'])
+        # Weight gradients by taps inside the loop (ops/conv.py); the
+        # unrolled scan keeps XLA's own.
+        x = remat_lib.scan_stacked(
+            block_cls(in_stride=stride_now,
+                      tap_weight_grad=self.scan and not frozen,
                       folded_bn=True, parent=None, **block_kw), x,
-            (extents,), {'params': folded}, names=names,
+            (extents,), {'params': folded},
             policy=remat_lib.checkpoint_policy(self.remat),
-            remat=self.remat != 'none' and not frozen)
+            remat=self.remat != 'none' and not frozen, unroll=not self.scan)
       if i + 1 <= self.frozen_stages:
         x = jax.lax.stop_gradient(x)
       if i in self.out_indices:

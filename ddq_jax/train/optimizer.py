@@ -124,7 +124,7 @@ def frozen_param_rules(config) -> tuple[str, ...]:
     rules.append(r'^backbone/(conv1|bn1)/')
   if frozen_stages >= 1 and not _is_swin(b):
     stages = '|'.join(str(i) for i in range(1, frozen_stages + 1))
-    rules.append(rf'^backbone/layer({stages})_\d+/')
+    rules.append(rf'^backbone/layer({stages})_(\d+|tail)/')
   if b and not _is_swin(b) and not bool(b.get('bn_trainable', False)):
     rules.append(r'^backbone/(.+/)?(bn\d+|downsample_1|norm\d*)/')
   optim = config.get('optim', None)

@@ -125,53 +125,71 @@ def torch_names_by_path(state_dict: dict[str, np.ndarray]) -> dict[tuple, str]:
     if rule is not None and rule.collection is not None:
       stacked, index, group = _stacked_path(path)
       if index is not None:
-        name = re.sub(rf'(^|\.){group}\.{index}(\.|$)', rf'\g<1>{group}.*\2',
-                      name, count=1)
+        name = re.sub(rf'(^|\.){group.name}\.{index}(\.|$)',
+                      rf'\g<1>{group.name}.*\2', name, count=1)
       out[stacked] = name
   return out
 
 
-# Identical layers stored stacked: (the parent module's path, one pattern
-# per key, and the torch ModuleList's name).  The per-layer keys
-# ``{name}_{i}`` (and ``{name}_{i}_{j}``: entry j of a torch Sequential)
-# become ``{name}`` (and ``{name}/{j}``) with a leading axis over i.
-STACKED: tuple[tuple[tuple[str, ...], str], ...] = (
-    (('encoder',), 'layers'),
-    (('decoder',), 'layers'),
-    (('bbox_head',), 'cls_branches'),
-    (('bbox_head',), 'reg_branches'),
-    (('bbox_head',), 'aux_cls_branches'),
-    (('bbox_head',), 'aux_reg_branches'),
-)
+@dataclasses.dataclass(frozen=True)
+class Stacked:
+  """A group of identical layers stored stacked.
+
+  The per-layer keys ``{name}_{i}`` (and ``{name}_{i}_{j}``: entry j of a
+  torch Sequential) under ``parent`` become ``{key}`` (and ``{key}/{j}``)
+  with a leading axis over i - first; layers before ``first`` stay per
+  layer (a ResNet stage's first block, which differs).
+  """
+  parent: tuple[str, ...]   # the parent module's path, a pattern per key
+  name: str                 # the torch ModuleList's name
+  first: int = 0
+  key: str = ''             # the stacked key (default: name)
+
+  @property
+  def stacked_key(self) -> str:
+    return self.key or self.name
+
+
+STACKED: tuple[Stacked, ...] = (
+    Stacked(('encoder',), 'layers'),
+    Stacked(('decoder',), 'layers'),
+    Stacked(('bbox_head',), 'cls_branches'),
+    Stacked(('bbox_head',), 'reg_branches'),
+    Stacked(('bbox_head',), 'aux_cls_branches'),
+    Stacked(('bbox_head',), 'aux_reg_branches'),
+) + tuple(Stacked(('backbone',), f'layer{i}', first=1, key=f'layer{i}_tail')
+          for i in range(1, 5))
 _SEQUENTIAL_INDEX = re.compile(r'^\d+(?:_\d+)*$')
 
 
 def _group_at(path: tuple[str, ...]):
-  """(the STACKED name, the position of its key in ``path``, the layer
-  index or None when the key is the stacked one, the Sequential index
+  """(the Stacked group, the position of its key in ``path``, the torch
+  layer index or None when the key is the stacked one, the Sequential index
   joined to it) or (None,) * 4; ``path`` starts with the collection."""
-  for parent, name in STACKED:
-    n = len(parent)
+  for group in STACKED:
+    n = len(group.parent)
     if len(path) <= n + 1 or not all(
-        fnmatch.fnmatchcase(k, pat) for k, pat in zip(path[1:n + 1], parent)):
+        fnmatch.fnmatchcase(k, pat)
+        for k, pat in zip(path[1:n + 1], group.parent)):
       continue
     key = path[n + 1]
-    if key == name:
-      return name, n + 1, None, None
-    found = re.match(rf'^{name}_(\d+)(?:_(\d+(?:_\d+)*))?$', key)
-    if found:
-      return name, n + 1, int(found.group(1)), found.group(2)
+    if key == group.stacked_key:
+      return group, n + 1, None, None
+    found = re.match(rf'^{group.name}_(\d+)(?:_(\d+(?:_\d+)*))?$', key)
+    if found and int(found.group(1)) >= group.first:
+      return group, n + 1, int(found.group(1)), found.group(2)
   return None, None, None, None
 
 
 def _stacked_path(path: tuple[str, ...]):
-  """A per-layer path -> (its stacked path, the layer index or None, the
-  group name)."""
-  name, pos, index, seq = _group_at(path)
+  """A per-layer path -> (its stacked path, the torch layer index or None,
+  the group)."""
+  group, pos, index, seq = _group_at(path)
   if index is None:
     return path, None, None
   rest = (seq,) if seq else ()
-  return path[:pos] + (name,) + rest + path[pos + 1:], index, name
+  return (path[:pos] + (group.stacked_key,) + rest + path[pos + 1:], index,
+          group)
 
 
 def _flat(tree, prefix=()):
@@ -200,24 +218,28 @@ def stack_layers(variables: dict) -> dict:
   Args:
     variables: {collection: nested dicts of arrays}.
 
+  A group whose layers are not numbered first..n-1 (a tensor missing) is
+  left per layer, for the fit check to name what is missing.
+
   Raises:
-    ValueError: a group whose layers are not numbered 0..n-1, or one
-      present both stacked and per layer.
+    ValueError: a group present both stacked and per layer.
   """
   flat, groups = {}, {}
   for path, leaf in _flat(variables):
-    stacked, index, _ = _stacked_path(path)
+    stacked, index, group = _stacked_path(path)
     if index is None:
       flat[path] = leaf
     else:
-      groups.setdefault(stacked, {})[index] = leaf
-  for path, layers in groups.items():
+      groups.setdefault(stacked, (group, {}))[1][index] = leaf
+  for path, (group, layers) in groups.items():
     if path in flat:
       raise ValueError(f'{"/".join(path)}: both stacked and per layer')
-    if sorted(layers) != list(range(len(layers))):
-      raise ValueError(f'{"/".join(path)}: layers {sorted(layers)}, expected '
-                       f'0..{len(layers) - 1}')
-    flat[path] = np.stack([np.asarray(layers[i]) for i in range(len(layers))])
+    want = list(range(group.first, group.first + len(layers)))
+    if sorted(layers) != want:  # a tensor missing: left for the fit check
+      flat.update({_per_layer_path(path, group, i): leaf
+                   for i, leaf in layers.items()})
+      continue
+    flat[path] = np.stack([np.asarray(layers[i]) for i in want])
   return _with_collections(_nest(flat), variables)
 
 
@@ -226,6 +248,16 @@ def _with_collections(tree: dict, like: dict) -> dict:
   for key in like:
     tree.setdefault(key, {})
   return tree
+
+
+def _per_layer_path(stacked: tuple[str, ...], group: Stacked, i: int):
+  """A stacked path back to torch layer ``i``'s path."""
+  pos = stacked.index(group.stacked_key, 1 + len(group.parent))
+  tail = stacked[pos + 1:]
+  seq = ()
+  if tail and _SEQUENTIAL_INDEX.match(tail[0]):
+    seq, tail = (tail[0],), tail[1:]
+  return stacked[:pos] + ('_'.join((group.name, str(i)) + seq),) + tail
 
 
 def _layer_of(leaf, i: int):
@@ -241,15 +273,10 @@ def unstack_layers(variables: dict) -> dict:
   ``jax.ShapeDtypeStruct``."""
   flat = {}
   for path, leaf in _flat(variables):
-    name, pos, index, _ = _group_at(path)
-    if name is None or index is not None:
+    group, pos, index, _ = _group_at(path)
+    if group is None or index is not None:
       flat[path] = leaf
       continue
-    tail = path[pos + 1:]
-    seq = ()
-    if tail and _SEQUENTIAL_INDEX.match(tail[0]):
-      seq, tail = (tail[0],), tail[1:]
     for i in range(leaf.shape[0]):
-      key = '_'.join((name, str(i)) + seq)
-      flat[path[:pos] + (key,) + tail] = _layer_of(leaf, i)
+      flat[_per_layer_path(path, group, i + group.first)] = _layer_of(leaf, i)
   return _with_collections(_nest(flat), variables)

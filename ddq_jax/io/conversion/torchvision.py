@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddq_jax.io.conversion.mapping import convert_state_dict
+from ddq_jax.io.conversion.mapping import convert_state_dict, unstack_layers
 from ddq_jax.model.resnet import ResNet
 
 _PREFIX = 'backbone.'
@@ -22,13 +22,18 @@ _STRIP_PREFIXES = ('module.', 'backbone.')  # DataParallel / mmdet-style dumps
 
 def expected_backbone_shapes(*, depth: int = 50, base_channels: int = 64
                              ) -> dict[tuple, tuple]:
-  """{(collection, *path): shape} of ResNet(depth, base_channels)'s variables
+  """{(collection, *path): shape} of ResNet(depth, base_channels)'s variables,
+  per block as torch names them
   (from ``jax.eval_shape`` of its init; nothing is allocated)."""
   model = ResNet(depth=depth, base_channels=base_channels,
                  out_indices=(0, 1, 2, 3), frozen_stages=-1)
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0),
                          jnp.zeros((1, 64, 64, 3), jnp.float32)))
+  # Per block, as torchvision names them (the model stores blocks stacked).
+  shapes = unstack_layers({col: {'backbone': tree}
+                           for col, tree in shapes.items()})
+  shapes = {col: tree['backbone'] for col, tree in shapes.items()}
   return {key: tuple(s.shape) for key, s in _flatten_structs(shapes).items()}
 
 
@@ -67,9 +72,10 @@ def torchvision_resnet_to_variables(state_dict: dict[str, np.ndarray], *,
       continue
     renamed[_PREFIX + name] = np.asarray(tensor)
   variables, _, unmapped = convert_state_dict(renamed)
+  per_block = unstack_layers(variables)
   got = {}
   for col in ('params', 'batch_stats'):
-    sub = variables.get(col, {}).get('backbone', {})
+    sub = per_block.get(col, {}).get('backbone', {})
     for key, arr in _flatten_structs(sub).items():
       got[(col,) + key] = arr
   expected = expected_backbone_shapes(depth=depth, base_channels=base_channels)
