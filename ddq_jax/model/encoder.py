@@ -135,8 +135,7 @@ class DeformableEncoder(DeformableSizes, kw_only=True):
               scan=remat_lib.scan_layers(config))
     # bfloat16 training computes the encoder in bfloat16 too (LayerNorm
     # statistics stay float32 inside flax); float32 otherwise.
-    if str(config.get('train', {}).get('compute_dtype', 'float32')) == \
-        'bfloat16':
+    if str(config.train.compute_dtype) == 'bfloat16':
       kw['dtype'] = jnp.bfloat16
     kw.update(kwargs)
     return cls(**kw)

@@ -287,8 +287,8 @@ class ResNet(nn.Module):
     return cls(depth=int(b.depth), base_channels=int(b.base_channels),
                out_indices=tuple(int(i) for i in b.out_indices),
                frozen_stages=int(b.frozen_stages),
-               zero_init_residual=bool(b.get('zero_init_residual', True)),
-               bn_trainable=bool(b.get('bn_trainable', False)),
+               zero_init_residual=bool(b.zero_init_residual),
+               bn_trainable=bool(b.bn_trainable),
                remat=remat_lib.remat_name(config, 'backbone'),
                scan=remat_lib.scan_layers(config))
 

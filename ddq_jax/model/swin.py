@@ -403,25 +403,25 @@ class SwinTransformer(nn.Module):
   def from_config(cls, config) -> 'SwinTransformer':
     """Builds from ``config.backbone`` (type 'swin')."""
     b = config.backbone
-    if bool(b.get('use_abs_pos_embed', False)):
+    if bool(b.use_abs_pos_embed):
       raise ValueError('backbone.use_abs_pos_embed=True is not supported '
                        '(DDQ-DETR Swin configs use False)')
     return cls(embed_dims=int(b.embed_dims),
                depths=tuple(int(d) for d in b.depths),
                num_heads=tuple(int(h) for h in b.num_heads),
                window_size=int(b.window_size),
-               mlp_ratio=float(b.get('mlp_ratio', 4)),
-               patch_size=int(b.get('patch_size', 4)),
-               strides=tuple(int(s) for s in b.get('strides', (4, 2, 2, 2))),
+               mlp_ratio=float(b.mlp_ratio),
+               patch_size=int(b.patch_size),
+               strides=tuple(int(s) for s in b.strides),
                out_indices=tuple(int(i) for i in b.out_indices),
-               qkv_bias=bool(b.get('qkv_bias', True)),
-               qk_scale=float(b.get('qk_scale', 0.0) or 0.0),
-               patch_norm=bool(b.get('patch_norm', True)),
-               drop_rate=float(b.get('drop_rate', 0.0)),
-               attn_drop_rate=float(b.get('attn_drop_rate', 0.0)),
-               drop_path_rate=float(b.get('drop_path_rate', 0.0)),
-               frozen_stages=int(b.get('frozen_stages', -1)),
-               with_cp=bool(b.get('with_cp', False)),
+               qkv_bias=bool(b.qkv_bias),
+               qk_scale=float(b.qk_scale or 0.0),
+               patch_norm=bool(b.patch_norm),
+               drop_rate=float(b.drop_rate),
+               attn_drop_rate=float(b.attn_drop_rate),
+               drop_path_rate=float(b.drop_path_rate),
+               frozen_stages=int(b.frozen_stages),
+               with_cp=bool(b.with_cp),
                remat=remat_lib.remat_name(config, 'backbone'),
                scan=remat_lib.scan_layers(config))
 
