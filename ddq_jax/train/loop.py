@@ -48,6 +48,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from ddq_jax.config import ConfigError, complete_config
 from ddq_jax.data.pipeline import build_dataset, make_train_iterator
 from ddq_jax.evaluation.evaluator import evaluate_model
 from ddq_jax.io.weights import load_pretrained
@@ -246,6 +247,10 @@ def check_resume_config(checkpointer: ckpt_lib.Checkpointer, config) -> None:
       continue  # damaged: restore_latest_good reports it
     if saved is None:
       return
+    try:  # as every stored config: a field it lacks takes its default
+      saved = integrity.config_to_dict(complete_config(saved))
+    except ConfigError:
+      pass  # a field this version does not know: compared as stored
     extra = tuple(config.train.resume_may_change)
     current = integrity.config_to_dict(config)
     diffs = integrity.config_differences(
