@@ -31,6 +31,7 @@ from ddq_jax.data.class_names import class_names_for
 from ddq_jax.data.transforms import apply_test_transform, read_image
 from ddq_jax.io.weights import load_weights
 from ddq_jax.model.detector import build_model, postprocess
+from ddq_jax.precision import Precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +66,6 @@ class ImageDetections:
     return out
 
 
-def cast_floats(tree, dtype):
-  """Every floating leaf of ``tree`` as ``dtype`` (others unchanged)."""
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-      else x, tree)
-
-
 def inference_config(config):
   """The config for inference: ``padding_invariant`` on where the config
   has that switch (a copy; ``config`` is not changed)."""
@@ -96,7 +90,7 @@ def make_detect_fn(config, *, dtype: str = 'float32') -> Callable:
 
   if dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"dtype {dtype!r}: expected 'float32' or 'bfloat16'")
-  compute = jnp.dtype(dtype)
+  precision = Precision(compute_dtype=dtype)
   model = build_model(config)
   mean = np.asarray(config.data.mean, np.float32)
   std = np.asarray(config.data.std, np.float32)
@@ -110,9 +104,9 @@ def make_detect_fn(config, *, dtype: str = 'float32') -> Callable:
                 | (xs >= image_sizes[:, 1, None, None]))
     x = (images.astype(jnp.float32) - mean) / std
     x = jnp.where(pad_mask[..., None], 0.0, x)
-    if compute != jnp.float32:
-      variables = cast_floats(variables, compute)
-      x = x.astype(compute)
+    if precision.mixed:
+      variables = precision.cast(variables)
+      x = x.astype(precision.dtype)
     out = model.apply(variables, x, pad_mask)
     out = out.replace(cls_logits=out.cls_logits.astype(jnp.float32),
                       boxes=out.boxes.astype(jnp.float32))
