@@ -1,8 +1,10 @@
 """The config schema: every config (a file's, one stored with weights) is
 merged onto the defaults; every field can be set from the command line; the
-learning-rate groups and frozen parameters are one (regex, lr_mult) list."""
+learning-rate groups and frozen parameters are one (regex, lr_mult) list;
+one Precision object."""
 import json
 
+import jax.numpy as jnp
 import pytest
 
 from ddq_jax import cli
@@ -10,6 +12,7 @@ from ddq_jax.config import (ConfigError, complete_config, config_keys,
                             default_config, load_config)
 from ddq_jax.io.conversion import weights_io
 from ddq_jax.model import param_groups as pg
+from ddq_jax.precision import Precision
 
 
 def _drop(data: dict, dotted: str) -> None:
@@ -104,3 +107,14 @@ def test_swin_lr_groups_and_frozen_parameters():
   assert pg.lr_mult('backbone/stages_2/blocks_0/norm1/scale', rules) == 0.05
   c.backbone.frozen_stages = 0
   assert pg.frozen_stage_count(c) == 0
+
+
+def test_precision_from_the_config():
+  c = load_config('tiny', {'train.compute_dtype': 'bfloat16'})
+  p = Precision.from_config(c)
+  assert p.mixed and p.module_dtype == jnp.bfloat16
+  tree = p.cast({'w': jnp.ones(2), 'i': jnp.ones(2, jnp.int32)})
+  assert tree['w'].dtype == jnp.bfloat16 and tree['i'].dtype == jnp.int32
+  assert Precision.from_config(load_config('tiny')).module_dtype is None
+  with pytest.raises(ValueError, match='float16'):
+    Precision('float16')
