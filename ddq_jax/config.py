@@ -152,6 +152,7 @@ def complete_config(config: Any, *, source: str = ''
   kind = str(backbone['type']).lower() if 'type' in backbone else 'resnet'
   merged = default_config(kind)
   _merge(merged, data, '', f'{source}: ' if source else '', merged)
+  merged.backbone.type = kind
   return merged
 
 
