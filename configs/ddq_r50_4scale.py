@@ -13,6 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- model -----------------------------------------------------------
   c.num_classes = 80
+  # Label names (empty: COCO's for 80 classes, else 'class_<i>').
+  c.class_names = ()
   c.embed_dims = 256
   c.num_heads = 8
   c.num_levels = 4            # feature levels seen by the transformer
@@ -49,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.backbone.base_channels = 64
   c.backbone.out_indices = (1, 2, 3)
   c.backbone.frozen_stages = 1  # stem + first stage get no gradient
+  c.backbone.zero_init_residual = True  # each block's last norm starts at 0
+  c.backbone.bn_trainable = False  # True: train the norms' scale and bias
 
   c.neck = ml_collections.ConfigDict()
   c.neck.num_groups = 32        # GroupNorm groups
@@ -150,6 +154,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 16
   c.train.max_steps = -1          # -1: epochs * steps_per_epoch
+  c.train.steps_per_epoch = 0     # used when the data iterator gives none
   c.train.seed = 0
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
@@ -193,4 +198,5 @@ def get_config() -> ml_collections.ConfigDict:
   # WORKDIR/drawings/step_N/*.png and TensorBoard (0: none).
   c.eval.num_drawn_images = 4
   c.eval.draw_score_threshold = 0.3
+  c.eval.max_images = 0           # images per evaluation (0: all)
   return c

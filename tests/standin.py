@@ -9,9 +9,9 @@ padded ground truth with validity masks.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from ddq_jax.config import complete_config
 from ddq_jax.train import optimizer as opt
 from ddq_jax.train import state as state_lib
 from ddq_jax.train import step as step_lib
@@ -150,18 +150,15 @@ def make_batch(step, global_batch, *, seed=0, process_index=0,
 
 
 def config(**train):
-  c = ml_collections.ConfigDict()
-  c.backbone = ml_collections.ConfigDict(dict(frozen_stages=1))
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-3, weight_decay=0.05, backbone_lr_mult=0.1, clip_norm=0.1,
-      warmup_steps=4, warmup_factor=0.1, epochs=2, decay_epochs=(1,),
-      decay_factor=0.1))
-  c.train = ml_collections.ConfigDict(dict(
-      global_batch_size=8, seed=0, checkpoint_every=3, keep_checkpoints=2,
-      compute_dtype='float32'))
-  c.train.update(train)
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
-  return c
+  """The defaults with the stand-in's optimiser and loop settings."""
+  return complete_config(dict(
+      backbone=dict(frozen_stages=1),
+      optim=dict(lr=1e-3, weight_decay=0.05, backbone_lr_mult=0.1,
+                 clip_norm=0.1, warmup_steps=4, warmup_factor=0.1, epochs=2,
+                 decay_epochs=(1,), decay_factor=0.1),
+      train=dict(dict(global_batch_size=8, seed=0, checkpoint_every=3,
+                      keep_checkpoints=2, compute_dtype='float32'), **train),
+      mesh=dict(data=-1, model=1)))
 
 
 STEPS_PER_EPOCH = 4

@@ -2,24 +2,20 @@
 + clip_grad_norm_ reproduced step by step (numpy reference of torch's code)."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from ddq_jax.config import complete_config
 from ddq_jax.model.variables import variable_shapes
 from ddq_jax.train import flat_optimizer as fo
 from ddq_jax.train import optimizer as opt
 
 
 def _config(**optim):
-  c = ml_collections.ConfigDict()
-  c.backbone = ml_collections.ConfigDict(dict(frozen_stages=1))
-  c.optim = ml_collections.ConfigDict(dict(
+  return complete_config(dict(backbone=dict(frozen_stages=1), optim=dict(dict(
       lr=2e-4, weight_decay=0.05, backbone_lr_mult=0.1, clip_norm=0.1,
       warmup_steps=2000, warmup_factor=1e-4, epochs=12, decay_epochs=(11,),
-      decay_factor=0.1))
-  c.optim.update(optim)
-  return c
+      decay_factor=0.1), **optim)))
 
 
 def _mmengine_lrs(n, *, base, start, end_iter, milestones, gamma):

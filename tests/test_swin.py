@@ -17,7 +17,7 @@ from ddq_jax.io.conversion.mapping import convert_state_dict, match_rule, unstac
 from ddq_jax.io.conversion.mmdet_config import config_from_mmdet
 from ddq_jax.io.conversion.torch_pickle import (load_torch_checkpoint,
     state_dict_of)
-from ddq_jax.model import swin
+from ddq_jax.model import param_groups, swin
 from ddq_jax.model.backbones import backbone_out_channels, build_backbone
 from ddq_jax.train.loop import load_pretrained
 from ddq_jax.train.optimizer import BACKBONE, DEFAULT, FROZEN, param_labels
@@ -119,15 +119,21 @@ def test_drop_path_is_per_sample_and_unbiased():
   np.testing.assert_array_equal(swin.drop_path(x, rate=0.25, rng=None), x)
 
 
-def test_frozen_stages_get_no_gradient():
+def test_frozen_stages_get_no_gradient(config):
+  """The optimiser's frozen parameters (param_groups) get no gradient."""
   x = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
   model = _tiny_swin(frozen_stages=1)
+  c = config.copy_and_resolve_references()
+  c.backbone.frozen_stages = 1
+  rules = param_groups.param_rules(c)
+  assert param_groups.frozen_stage_count(c) == 1
   params = jax.jit(model.init)(jax.random.key(1), x)['params']
   grads = jax.jit(jax.grad(lambda p: sum(jnp.sum(o ** 2) for o in model.apply(
       {'params': p}, x))))(params)
   for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
     names = [str(k.key) for k in path]
-    frozen = swin.is_frozen_param(names, frozen_stages=1)
+    frozen = param_groups.lr_mult('/'.join(['backbone'] + names),
+                                  rules) is None
     assert frozen == (names[0] in ('patch_embed', 'stages_0', 'norm0')), names
     if frozen:
       assert not np.asarray(g).any(), names

@@ -26,7 +26,7 @@ COCO_CATEGORY_IDS = (
 def class_names_for(config) -> tuple[str, ...]:
   """Names for the config's labels: config.class_names if set, COCO's for 80
   classes, else 'class_<i>'."""
-  names = config.get('class_names', None) if hasattr(config, 'get') else None
+  names = config.class_names
   if names:
     return tuple(names)
   if config.num_classes == len(COCO_CLASSES):

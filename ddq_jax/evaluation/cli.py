@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
                  images_dropped=len(dropped) + len(missing),
                  dropped_image_ids=dropped, missing_files=missing,
                  strict=not args.skip_bad_images)
-  metrics.update(config=str(config.get('name', args.config)),
+  metrics.update(config=str(config.name),
                  weights=args.weights or 'random-init', split=split,
                  source=str(d.source), batch_size=batch,
                  num_devices=len(devices),

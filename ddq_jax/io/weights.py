@@ -171,7 +171,7 @@ def load_pretrained(path: str, config) -> dict:
                rep['unused'], rep['not_in_checkpoint'])
       return variables
   log.info('init_from: detector weights %s', path)
-  partial = bool(config.train.get('init_from_partial', False))
+  partial = bool(config.train.init_from_partial)
   variables, _ = load_weights(
       path, config, allow_partial=partial,
       opt_in='allow a partial load (the fitting tensors) with '

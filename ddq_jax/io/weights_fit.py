@@ -23,10 +23,10 @@ import json
 import logging
 from typing import Any
 
-import ml_collections
 import numpy as np
 
-from ddq_jax.io.conversion.weights_io import _tuples, flatten, nonfinite_paths
+from ddq_jax.config import complete_config
+from ddq_jax.io.conversion.weights_io import flatten, nonfinite_paths
 from ddq_jax.model.variables import variable_shapes
 from ddq_jax.train import integrity
 
@@ -72,7 +72,7 @@ def expected_shapes(config) -> dict[str, tuple]:
 
 @functools.lru_cache(maxsize=8)
 def _expected_shapes(config_json: str) -> tuple:
-  config = ml_collections.ConfigDict(_tuples(json.loads(config_json)))
+  config = complete_config(json.loads(config_json))
   return tuple((p, tuple(x.shape))
                for p, x in flatten(variable_shapes(config)).items())
 

@@ -19,8 +19,8 @@ BACKBONE_TYPES = ('resnet', 'swin')
 
 
 def backbone_type(config) -> str:
-  """The config's backbone type (default 'resnet'), checked."""
-  kind = str(config.backbone.get('type', 'resnet')).lower()
+  """The config's backbone type, checked."""
+  kind = str(config.backbone.type).lower()
   if kind not in BACKBONE_TYPES:
     raise ValueError(f'config.backbone.type {kind!r}: expected one of '
                      f'{BACKBONE_TYPES}')

@@ -311,13 +311,11 @@ class DDQDETR(nn.Module):
     """
     invariant = padding_invariant
     if invariant is None:
-      # A config written before the switch existed gets the default (on).
-      invariant = (not train and bool(self.config.get('padding_invariant',
-                                                      True))
+      invariant = (not train and bool(self.config.padding_invariant)
                    and supports_padding_invariance(self.config))
     elif invariant and not supports_padding_invariance(self.config):
       raise ValueError(f'padding_invariant=True: backbone type '
-                       f'{self.config.backbone.get("type", "resnet")!r} does '
+                       f'{self.config.backbone.type!r} does '
                        'not support padding-invariant inference yet')
     enc = self.forward_encoder(images, pad_mask, invariant=invariant)
     output_memory, output_proposals = self.encoder_outputs(
@@ -376,10 +374,10 @@ def postprocess(config, out: O.DetectorOutputs, img_shapes,
 
 def build_model(config) -> DDQDETR:
   """The detector for a config (``ddq_jax.config.load_config(...)``)."""
-  if config.get('padding_invariant', True) and not \
+  if config.padding_invariant and not \
       supports_padding_invariance(config):
     logging.getLogger('ddq_jax.model').warning(
         'padding_invariant is on, but the %s backbone does not support it '
         'yet: inference uses the reference\'s batched padding (evaluate at '
-        'batch 1 for the reference\'s numbers)', config.backbone.get('type'))
+        'batch 1 for the reference\'s numbers)', config.backbone.type)
   return DDQDETR(config)

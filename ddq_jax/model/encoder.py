@@ -20,6 +20,7 @@ import numpy as np
 from ddq_jax.model import initializers as inits
 from ddq_jax.model import remat as remat_lib
 from ddq_jax.ops.xla_cpu import exact_divide
+from ddq_jax.precision import Precision
 from ddq_jax.model.deform_attn import DeformableSizes, MultiScaleDeformableAttention
 
 LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default
@@ -137,9 +138,9 @@ class DeformableEncoder(DeformableSizes, kw_only=True):
               scan=remat_lib.scan_layers(config))
     # bfloat16 training computes the encoder in bfloat16 too (LayerNorm
     # statistics stay float32 inside flax); float32 otherwise.
-    if str(config.get('train', {}).get('compute_dtype', 'float32')) == \
-        'bfloat16':
-      kw['dtype'] = jnp.bfloat16
+    dtype = Precision.from_config(config).module_dtype
+    if dtype is not None:
+      kw['dtype'] = dtype
     kw.update(kwargs)
     return cls(**kw)
 

@@ -52,25 +52,19 @@ def checkpoint_policy(name: str) -> Optional[Callable]:
 
 
 def remat_name(config, part: str) -> str:
-  """``config.train.remat.<part>`` ('none' when the config has no such
-  field, e.g. an old config); validated."""
+  """``config.train.remat.<part>``, validated."""
   if part not in REMAT_PARTS:
     raise ValueError(f'remat part must be one of {REMAT_PARTS}, got {part!r}')
-  train = config.get('train', None) if hasattr(config, 'get') else None
-  remat = train.get('remat', None) if train is not None else None
-  if remat is None:
-    return 'none'
-  name = remat if isinstance(remat, str) else remat.get(part, 'none')
-  checkpoint_policy(str(name))
-  return str(name)
+  name = str(config.train.remat[part])
+  checkpoint_policy(name)
+  return name
 
 
 def scan_layers(config) -> bool:
-  """``config.train.scan_layers`` (default True): stacked layers run as one
-  ``lax.scan`` loop (traced and compiled once); False unrolls the same scan
+  """``config.train.scan_layers``: stacked layers run as one ``lax.scan``
+  loop (traced and compiled once); False unrolls the same scan
   (straight-line code, one copy per layer)."""
-  train = config.get('train', None) if hasattr(config, 'get') else None
-  return bool(train.get('scan_layers', True)) if train is not None else True
+  return bool(config.train.scan_layers)
 
 
 def _abstract(tree):

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from ddq_jax import backend
 from ddq_jax.model import initializers as inits
 from ddq_jax.model.extents import extent_valid, zero_outside
+from ddq_jax.model import param_groups
 from ddq_jax.model import remat as remat_lib
 from ddq_jax.ops.conv import conv2d_tap_weight_grad
 
@@ -287,14 +288,14 @@ class ResNet(nn.Module):
 
   @classmethod
   def from_config(cls, config) -> 'ResNet':
-    """Builds from ``config.backbone`` (depth, base_channels, out_indices,
-    frozen_stages)."""
+    """Builds from ``config.backbone`` (depth, base_channels, out_indices);
+    the frozen stages are those ``param_groups.param_rules`` freezes."""
     b = config.backbone
     return cls(depth=int(b.depth), base_channels=int(b.base_channels),
                out_indices=tuple(int(i) for i in b.out_indices),
-               frozen_stages=int(b.frozen_stages),
-               zero_init_residual=bool(b.get('zero_init_residual', True)),
-               bn_trainable=bool(b.get('bn_trainable', False)),
+               frozen_stages=param_groups.frozen_stage_count(config),
+               zero_init_residual=bool(b.zero_init_residual),
+               bn_trainable=bool(b.bn_trainable),
                remat=remat_lib.remat_name(config, 'backbone'),
                scan=remat_lib.scan_layers(config))
 

@@ -33,7 +33,8 @@ What the reference does and this reproduces:
   * Frozen stages (``frozen_stages`` = k >= 0): patch_embed, stages 0..k-1
     and their output norms get no gradient (stop_gradient) and run in eval
     mode (no drop-path), as ``_freeze_stages`` sets ``requires_grad=False``
-    and ``.eval()``.  ``is_frozen_param`` names them for the optimiser.
+    and ``.eval()``.  ``from_config`` reads k from the frozen parameters of
+    ``model/param_groups.py``, the list the optimiser reads.
 
 Memory and compile time (no change to the numbers): ``train.remat.backbone``
 re-materialises each trainable block; ``train.scan_layers`` scans each
@@ -49,7 +50,6 @@ weights over this (``train.init_from``, ``ddq_jax/io/conversion/swin.py``).
 from __future__ import annotations
 
 import math
-import re
 from typing import Sequence
 
 import flax.linen as nn
@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddq_jax.model import param_groups
 from ddq_jax.model import remat as remat_lib
 from ddq_jax.model.drop_path import drop_path, drop_path_rates
 from ddq_jax.model.swin_windows import pad_bottom_right, relative_position_index, shifted_window_mask, unfold_2x2, window_partition, window_reverse
@@ -97,18 +98,6 @@ def swin_out_channels(*, embed_dims: int, out_indices: Sequence[int]
                       ) -> tuple[int, ...]:
   """Channels of the backbone's outputs (the neck's ``in_channels``)."""
   return tuple(int(embed_dims * 2**i) for i in out_indices)
-
-
-def is_frozen_param(names: Sequence[str], *, frozen_stages: int) -> bool:
-  """Does the backbone parameter at ``names`` (its path below ``backbone``)
-  have ``requires_grad=False`` under the reference's ``_freeze_stages``?"""
-  if frozen_stages < 0 or not names:
-    return False
-  head = names[0]
-  if head in ('patch_embed', 'absolute_pos_embed'):
-    return True
-  m = re.match(r'^(?:stages_|norm)(\d+)$', head)
-  return bool(m) and int(m.group(1)) < frozen_stages
 
 
 # ------------------------------------------------------------------ modules
@@ -403,25 +392,25 @@ class SwinTransformer(nn.Module):
   def from_config(cls, config) -> 'SwinTransformer':
     """Builds from ``config.backbone`` (type 'swin')."""
     b = config.backbone
-    if bool(b.get('use_abs_pos_embed', False)):
+    if bool(b.use_abs_pos_embed):
       raise ValueError('backbone.use_abs_pos_embed=True is not supported '
                        '(DDQ-DETR Swin configs use False)')
     return cls(embed_dims=int(b.embed_dims),
                depths=tuple(int(d) for d in b.depths),
                num_heads=tuple(int(h) for h in b.num_heads),
                window_size=int(b.window_size),
-               mlp_ratio=float(b.get('mlp_ratio', 4)),
-               patch_size=int(b.get('patch_size', 4)),
-               strides=tuple(int(s) for s in b.get('strides', (4, 2, 2, 2))),
+               mlp_ratio=float(b.mlp_ratio),
+               patch_size=int(b.patch_size),
+               strides=tuple(int(s) for s in b.strides),
                out_indices=tuple(int(i) for i in b.out_indices),
-               qkv_bias=bool(b.get('qkv_bias', True)),
-               qk_scale=float(b.get('qk_scale', 0.0) or 0.0),
-               patch_norm=bool(b.get('patch_norm', True)),
-               drop_rate=float(b.get('drop_rate', 0.0)),
-               attn_drop_rate=float(b.get('attn_drop_rate', 0.0)),
-               drop_path_rate=float(b.get('drop_path_rate', 0.0)),
-               frozen_stages=int(b.get('frozen_stages', -1)),
-               with_cp=bool(b.get('with_cp', False)),
+               qkv_bias=bool(b.qkv_bias),
+               qk_scale=float(b.qk_scale or 0.0),
+               patch_norm=bool(b.patch_norm),
+               drop_rate=float(b.drop_rate),
+               attn_drop_rate=float(b.attn_drop_rate),
+               drop_path_rate=float(b.drop_path_rate),
+               frozen_stages=param_groups.frozen_stage_count(config),
+               with_cp=bool(b.with_cp),
                remat=remat_lib.remat_name(config, 'backbone'),
                scan=remat_lib.scan_layers(config))
 

@@ -65,14 +65,8 @@ def reference_order(config) -> dict:
   ``encoder.layers.0.self_attn.sampling_offsets.weight`` ends 2.0e-3 off
   instead of 6.2e-4).  ``--config.train.remat.encoder=full`` etc. put them
   back."""
-  train = config.get('train', None)
-  if train is None:
-    return {}
-  out = {}
-  if 'scan_layers' in train:
-    out['train.scan_layers'] = False
-  remat = train.get('remat', None)
-  for part in (remat.keys() if remat is not None else ()):
+  out = {'train.scan_layers': False}
+  for part in config.train.remat.keys():
     out[f'train.remat.{part}'] = 'none'
   return out
 

@@ -30,13 +30,7 @@ import numpy as np
 
 from ddq_jax.model.detector import build_model, postprocess
 from ddq_jax.ops.xla_cpu import exact_divide
-
-
-def cast_floats(tree, dtype):
-  """Every floating leaf of ``tree`` as ``dtype`` (others unchanged)."""
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-      else x, tree)
+from ddq_jax.precision import Precision
 
 
 def inference_config(config):
@@ -81,17 +75,15 @@ def make_detect_fn(config, *, dtype: str = 'float32',
   of ``config.distinct_mask_semantics``.  Returns
   ``model.outputs.Detections`` (N, K = config.max_per_img).
   """
-  if dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f"dtype {dtype!r}: expected 'float32' or 'bfloat16'")
-  compute = jnp.dtype(dtype)
+  precision = Precision(compute_dtype=dtype)
   model = build_model(config)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
 
   def detect(variables, images, image_sizes, scale_factors):
     x, pad_mask = normalize_canvas(images, image_sizes, mean=mean, std=std)
-    if compute != jnp.float32:
-      variables = cast_floats(variables, compute)
-      x = x.astype(compute)
+    if precision.mixed:
+      variables = precision.cast(variables)
+      x = x.astype(precision.dtype)
     out = model.apply(variables, x, pad_mask, semantics=semantics)
     out = out.replace(cls_logits=out.cls_logits.astype(jnp.float32),
                       boxes=out.boxes.astype(jnp.float32))

@@ -266,7 +266,7 @@ def run(args) -> dict:
   compiled = lowered.compile()
   xla_s = time.perf_counter() - t
   stats = compiled_stats(compiled, lower_s=lower_s, compile_s=xla_s)
-  head = dict(config=str(config.get('name', args.config)), mode=args.mode,
+  head = dict(config=str(config.name), mode=args.mode,
               batch=args.batch, size=list(args.size), devices=len(devices),
               device_kind=devices[0].device_kind,
               platform=devices[0].platform, init_s=round(init_s, 2),

@@ -46,9 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ddq_jax.model.param_groups import BACKBONE, DEFAULT, FROZEN
 from ddq_jax.ops.xla_cpu import opaque_zero, rounded_alone, run_unfused
 
-FROZEN, BACKBONE, DEFAULT = 'frozen', 'backbone', 'default'
 GROUPS = (DEFAULT, BACKBONE)
 
 

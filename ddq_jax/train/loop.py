@@ -51,6 +51,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from ddq_jax.compilation_cache import compile_count
+from ddq_jax.config import ConfigError, complete_config
 from ddq_jax.data.pipeline import build_dataset, make_train_iterator
 from ddq_jax.evaluation.evaluator import evaluate_model
 from ddq_jax.io.weights import load_pretrained
@@ -100,13 +101,13 @@ def check_train_config(config) -> None:
   """Raises TrainConfigError naming the first field training cannot use."""
   t = config.train
   checks = (
-      (int(t.get('max_steps', -1)) >= -1, 'train.max_steps',
+      (int(t.max_steps) >= -1, 'train.max_steps',
        '-1 (epochs) or >= 0'),
       (int(t.global_batch_size) >= 1, 'train.global_batch_size', '>= 1'),
-      (int(t.get('log_every', 1)) >= 1, 'train.log_every', '>= 1'),
-      (int(t.get('checkpoint_every', 1)) >= 1, 'train.checkpoint_every',
+      (int(t.log_every) >= 1, 'train.log_every', '>= 1'),
+      (int(t.checkpoint_every) >= 1, 'train.checkpoint_every',
        '>= 1'),
-      (int(t.get('keep_checkpoints', 0)) >= 0, 'train.keep_checkpoints',
+      (int(t.keep_checkpoints) >= 0, 'train.keep_checkpoints',
        '>= 0 (0 keeps all)'))
   for ok, key, want in checks:
     if not ok:
@@ -184,8 +185,8 @@ def default_evaluate_fn(config, *, mesh=None) -> Callable:
   drawings): the detections of the first ``eval.num_drawn_images``
   evaluated images (``serve.drawing.draw_eval_images``)."""
   cache = {}
-  num_drawn = int(config.eval.get('num_drawn_images', 0))
-  threshold = float(config.eval.get('draw_score_threshold', 0.3))
+  num_drawn = int(config.eval.num_drawn_images)
+  threshold = float(config.eval.draw_score_threshold)
 
   def evaluate(state):
     if 'detect' not in cache:
@@ -195,7 +196,7 @@ def default_evaluate_fn(config, *, mesh=None) -> Callable:
         cache['detect'], {'params': state.params,
                           'batch_stats': state.batch_stats},
         cache['source'], config=config, mesh=mesh, progress=False,
-        max_images=config.eval.get('max_images', None) or None)
+        max_images=int(config.eval.max_images) or None)
     drawings = []
     if num_drawn > 0 and jax.process_index() == 0:
       drawings = draw_eval_images(cache['source'], detections,
@@ -247,7 +248,7 @@ class StopSignal:
 
 # -------------------------------------------------------------------- loop
 def _total_steps(config, steps_per_epoch: int) -> int:
-  if int(config.train.get('max_steps', -1)) > 0:
+  if int(config.train.max_steps) > 0:
     return int(config.train.max_steps)
   return int(config.optim.epochs) * steps_per_epoch
 
@@ -263,7 +264,11 @@ def check_resume_config(checkpointer: ckpt_lib.Checkpointer, config) -> None:
       continue  # damaged: restore_latest_good reports it
     if saved is None:
       return
-    extra = tuple(config.train.get('resume_may_change', ()) or ())
+    try:  # as every stored config: a field it lacks takes its default
+      saved = integrity.config_to_dict(complete_config(saved))
+    except ConfigError:
+      pass  # a field this version does not know: compared as stored
+    extra = tuple(config.train.resume_may_change)
     current = integrity.config_to_dict(config)
     diffs = integrity.config_differences(
         saved, current, may_change=integrity.RESUME_MAY_CHANGE + extra)
@@ -352,7 +357,7 @@ def _train(config, workdir: str, *, components, devices) -> dict:
   pidx, pcount = jax.process_index(), jax.process_count()
   gbs = int(config.train.global_batch_size)
   if (mesh.devices.size > 1 and
-      config.get('loss', {}).get('hungarian_solver', '') == 'scipy'):
+      config.loss.hungarian_solver == 'scipy'):
     log.warning("loss.hungarian_solver='scipy' on %d devices: the host "
                 'callback runs on one device (all-gather + serialised); '
                 "'jax' keeps matching on every device", mesh.devices.size)
@@ -360,7 +365,7 @@ def _train(config, workdir: str, *, components, devices) -> dict:
 
   data = comps.make_iterator(0, pidx, pcount)
   spe = int(getattr(data, 'steps_per_epoch', 0) or
-            config.train.get('steps_per_epoch', 0))
+            config.train.steps_per_epoch)
   if spe <= 0:
     raise ValueError('the data iterator has no steps_per_epoch')
   total = _total_steps(config, spe)
@@ -374,7 +379,7 @@ def _train(config, workdir: str, *, components, devices) -> dict:
   if meta is not None:
     start = int(meta['data_position'])
     log.info('resumed from step %d', start)
-  elif config.train.get('init_from', ''):
+  elif config.train.init_from:
     state = _init_from(state, config, tx)
   if start:
     if hasattr(data, 'set_state'):
@@ -382,19 +387,18 @@ def _train(config, workdir: str, *, components, devices) -> dict:
     else:
       data = comps.make_iterator(start, pidx, pcount)
 
-  compute_dtype = config.train.get('compute_dtype', 'float32')
+  compute_dtype = config.train.compute_dtype
   step_fn = step_lib.jit_train_step(
       step_lib.make_train_step(comps.loss_fn, tx, compute_dtype=compute_dtype),
       mesh, shardings)
   log_every = max(int(config.train.log_every), 1)
-  eval_every = int(config.train.get('eval_every', -1))
+  eval_every = int(config.train.eval_every)
   eval_every = spe if eval_every == -1 else eval_every
   logger = RunLogger(workdir, total, start)
   pending, last, eval_metrics, stopped = [], {}, {}, False
   t_log, n_log = time.time(), 0
-  guard = nonfinite.NonFiniteGuard(int(config.train.get(
-      'max_nonfinite_steps', nonfinite.DEFAULT_MAX_IN_A_ROW)))
-  poison = {int(k) for k in config.train.get('inject_nan_at_steps', ()) or ()}
+  guard = nonfinite.NonFiniteGuard(int(config.train.max_nonfinite_steps))
+  poison = {int(k) for k in config.train.inject_nan_at_steps}
 
   def run_eval(step):
     nonlocal eval_metrics

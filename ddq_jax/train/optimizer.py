@@ -21,11 +21,12 @@ What this reproduces, and why:
   parameter whose ``.grad`` is None, weight decay included) and no state:
   the stem (conv1, bn1) and stages 1..frozen_stages (``ResNet._freeze_stages``)
   and every backbone BatchNorm affine (``norm_cfg=dict(type='BN',
-  requires_grad=False)``).  Which parameters are frozen is decided here
-  only, by regular expressions over the parameter paths (big_vision style):
-  ``frozen_param_rules`` derives them from ``backbone.frozen_stages`` /
-  ``backbone.bn_trainable`` (the fields the backbone reads to stop its
-  gradients) and adds the config's ``optim.frozen_params``.  Frozen
+  requires_grad=False)``).  Which parameters are frozen, and each group's
+  lr multiplier, is one list of ``(regex, lr_mult or None)`` over the
+  parameter paths (``model/param_groups.py``): derived once from the
+  backbone type, ``backbone.frozen_stages`` / ``backbone.bn_trainable`` and
+  the config's ``optim.frozen_params``; the backbones read the same list
+  to stop their gradients.  Frozen
   parameters get neither an update (AdamW would otherwise decay them) nor
   moments.  The ``batch_stats`` collection is never touched by the optimiser.
 * ``clip_grad_norm_``: ``g *= min(1, max_norm / (total_norm + 1e-6))`` over the
@@ -39,16 +40,16 @@ What this reproduces, and why:
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ddq_jax.train.flat_optimizer import BACKBONE, DEFAULT, FROZEN, FlatAdamW, adamw_element_update, bias_corrections
+from ddq_jax.model import param_groups
+from ddq_jax.model.param_groups import BACKBONE, DEFAULT, FROZEN  # noqa: F401  (re-exported)
+from ddq_jax.train.flat_optimizer import FlatAdamW, adamw_element_update, bias_corrections
 from ddq_jax.ops.xla_cpu import opaque_zero
-_BACKBONE = re.compile(r'(^|/)backbone(/|$)')
 
 
 def lr_factor(step, *, warmup_steps: int, warmup_factor: float,
@@ -94,57 +95,14 @@ def _path(path) -> str:
   return '/'.join(out)
 
 
-def _is_swin(backbone_config) -> bool:
-  return bool(backbone_config) and str(
-      backbone_config.get('type', 'resnet')).lower() == 'swin'
-
-
-def frozen_param_rules(config) -> tuple[str, ...]:
-  """Regular expressions (``re.search`` over 'a/b/kernel' paths, without
-  the 'params' collection) of the parameters the optimiser never updates.
-
-  From ``backbone.frozen_stages`` k >= 0, ResNet: the stem (conv1, bn1)
-  and ``layer1..layer{k}``, and unless ``backbone.bn_trainable`` every
-  backbone norm affine; Swin: the patch embedding and ``stages_i`` /
-  ``norm{i}`` for i < k.  Plus ``optim.frozen_params`` (e.g.
-  ``('^neck/',)``).
-  """
-  b = config.get('backbone', None)
-  frozen_stages = int(b.get('frozen_stages', -1)) if b else -1
-  rules = []
-  if _is_swin(b):
-    # mmdet SwinTransformer._freeze_stages: the patch embedding, then
-    # stages_i and norm_i for i < frozen_stages; its LayerNorms train.
-    if frozen_stages >= 0:
-      rules.append(r'^backbone/(patch_embed|absolute_pos_embed)(/|$)')
-    if frozen_stages >= 1:
-      stages = '|'.join(str(i) for i in range(frozen_stages))
-      rules.append(rf'^backbone/(stages_|norm)({stages})/')
-  elif frozen_stages >= 0:
-    rules.append(r'^backbone/(conv1|bn1)/')
-  if frozen_stages >= 1 and not _is_swin(b):
-    stages = '|'.join(str(i) for i in range(1, frozen_stages + 1))
-    rules.append(rf'^backbone/layer({stages})_(\d+|tail)/')
-  if b and not _is_swin(b) and not bool(b.get('bn_trainable', False)):
-    rules.append(r'^backbone/(.+/)?(bn\d+|downsample_1|norm\d*)/')
-  optim = config.get('optim', None)
-  rules += list(optim.get('frozen_params', ()) or ()) if optim else []
-  return tuple(rules)
-
-
 def param_labels(params, config):
   """A pytree of labels ('frozen' | 'backbone' | 'default') with the
-  structure of ``params``: frozen by ``frozen_param_rules``, else
-  'backbone' (lr x ``optim.backbone_lr_mult``, mmengine's ``custom_keys``)
-  for paths with a 'backbone' component."""
-  rules = [re.compile(r) for r in frozen_param_rules(config)]
-
-  def label(path, _):
-    name = _path(path)
-    if any(r.search(name) for r in rules):
-      return FROZEN
-    return BACKBONE if _BACKBONE.search(name) else DEFAULT
-  return jax.tree_util.tree_map_with_path(label, params)
+  structure of ``params``, from ``param_groups.param_rules(config)``:
+  frozen, else 'backbone' (lr x ``optim.backbone_lr_mult``, mmengine's
+  ``custom_keys``) for paths with a 'backbone' component."""
+  rules = param_groups.param_rules(config)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: param_groups.label(_path(path), rules), params)
 
 
 class TorchAdamWState(NamedTuple):
@@ -219,14 +177,13 @@ def make_optimizer(config, steps_per_epoch: int, params=None):
   del params
   o = config.optim
   schedule = make_schedule(config, steps_per_epoch)
-  mesh = config.get('mesh', None)
-  model_axis = int(mesh.get('model', 1)) if mesh is not None else 1
+  model_axis = int(config.mesh.model)
   tx = FlatAdamW(
       labels_fn=lambda p: param_labels(p, config), schedule=schedule,
-      lr_mults={DEFAULT: 1.0, BACKBONE: float(o.backbone_lr_mult)},
+      lr_mults=param_groups.lr_mults(param_groups.param_rules(config)),
       weight_decay=float(o.weight_decay),
-      max_norm=float(o.get('clip_norm', 0.0) or 0.0),
-      concat=bool(o.get('flat_update', True)) and model_axis <= 1)
+      max_norm=float(o.clip_norm or 0.0),
+      concat=bool(o.flat_update) and model_axis <= 1)
   return tx, schedule
 
 

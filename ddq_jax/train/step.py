@@ -1,9 +1,9 @@
 """The train step: one jax.jit with explicit shardings and a donated state.
 
-Mixed precision lives here and only here: ``compute_dtype='bfloat16'``
-(config ``train.compute_dtype``) casts the parameters and the images inside
-the differentiated function; master parameters, gradients, optimiser state
-and the loss stay float32 (the criterion reads its inputs in float32).
+Mixed precision (``ddq_jax/precision.py``, config ``train.compute_dtype``):
+``compute_dtype='bfloat16'`` casts the parameters and the images inside the
+differentiated function; master parameters, gradients, optimiser state and
+the loss stay float32 (the criterion reads its inputs in float32).
 
 ``loss_fn(params, batch_stats, batch, rng) -> (loss, metrics)`` sees the
 *global* batch (jit works on global arrays), so its mean over images is the
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from ddq_jax.precision import Precision
 from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.train.optimizer import current_lrs
 from ddq_jax.train.state import TrainState
@@ -24,12 +25,6 @@ from ddq_jax.train.state import TrainState
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
 # Batch entries cast to the compute dtype (the rest keep theirs).
 _CAST_BATCH_KEYS = ('images',)
-
-
-def _cast_floats(tree, dtype):
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-      tree)
 
 
 def make_train_step(loss_fn: LossFn, tx, *,
@@ -43,19 +38,19 @@ def make_train_step(loss_fn: LossFn, tx, *,
   not finite: that step's update is not applied, params and optimiser state
   stay as they were; the loop counts and stops).
   """
-  dtype = jnp.dtype(compute_dtype)
+  precision = Precision(compute_dtype=str(jnp.dtype(compute_dtype)))
 
   def train_step(state: TrainState, batch: dict):
     rng, step_rng = jax.random.split(state.rng)
 
     def objective(params):
       b = batch
-      if dtype != jnp.float32:
-        params = _cast_floats(params, dtype)
+      if precision.mixed:
+        params = precision.cast(params)
         b = dict(batch)
         for k in _CAST_BATCH_KEYS:
           if k in b:
-            b[k] = b[k].astype(dtype)
+            b[k] = b[k].astype(precision.dtype)
       loss, metrics = loss_fn(params, state.batch_stats, b, step_rng)
       return loss.astype(jnp.float32), metrics
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ddq_jax.config import complete_config
 from ddq_jax.io.conversion.mapping import stack_layers
 from ddq_jax.io.outputs import pid_alive
 
@@ -202,18 +203,10 @@ def _to_numpy(tree):
   return np.asarray(tree)
 
 
-def _tuples(value):
-  """JSON lists back to tuples (configs hold tuples)."""
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  return value
-
-
 def load_config_json(path: str) -> ml_collections.ConfigDict:
-  """A config.json as a ConfigDict; a file that is not a JSON object is a
-  ValueError naming it."""
+  """A config.json merged onto the defaults (``complete_config``: a field
+  it lacks takes its default); a file that is not a JSON object is a
+  ValueError naming it, an unknown field a ConfigError."""
   with open(path) as f:
     try:
       data = json.load(f)
@@ -223,7 +216,7 @@ def load_config_json(path: str) -> ml_collections.ConfigDict:
   if not isinstance(data, dict):
     raise ValueError(f'{path}: expected a JSON object (a config), got '
                      f'{type(data).__name__}')
-  return ml_collections.ConfigDict(_tuples(data))
+  return complete_config(data, source=path)
 
 
 def load_converted(weights_dir: str) -> tuple[dict, ml_collections.ConfigDict]:

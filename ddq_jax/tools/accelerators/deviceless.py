@@ -177,7 +177,7 @@ def compile_for_target(config, target: Target, *, mode: str, size,
       f.write(compiled.as_text())
   stats = compile_stats(compiled, target.platform, lower_s=lower_s,
                         compile_s=compile_s)
-  return dict(config=str(config.get('name', '')), mode=mode, target=target.spec,
+  return dict(config=str(config.name), mode=mode, target=target.spec,
               device_kind=devices[0].device_kind, devices=len(devices),
               batch=batch, batch_per_chip=batch_per_chip, size=list(size),
               compute_dtype=str(config.train.compute_dtype),

@@ -18,9 +18,8 @@ DATA, MODEL = 'data', 'model'
 def mesh_shape(config, num_devices: int) -> tuple[int, int]:
   """(data, model) sizes for ``num_devices`` devices (config None: every
   device on 'data')."""
-  m = config.get('mesh', None) if config is not None else None
-  data = int(m.get('data', -1)) if m is not None else -1
-  model = int(m.get('model', 1)) if m is not None else 1
+  data, model = ((int(config.mesh.data), int(config.mesh.model))
+                 if config is not None else (-1, 1))
   if model < 1 or num_devices % model:
     raise ValueError(f'mesh.model={model} does not divide {num_devices} devices')
   if data == -1:

@@ -42,16 +42,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def rules_from_config(config) -> tuple[tuple[tuple[str, str], ...], int]:
-  """(partition rules, min shard size) of ``config.mesh``."""
-  m = config.get('mesh', None) if config is not None else None
-  rules = tuple(tuple(r) for r in (m.get('partition_rules', DEFAULT_RULES)
-                                   if m is not None else DEFAULT_RULES))
+  """(partition rules, min shard size) of ``config.mesh`` (config None:
+  ``DEFAULT_RULES`` and ``MIN_SHARD_SIZE``)."""
+  m = config.mesh if config is not None else None
+  rules = tuple(tuple(r) for r in (m.partition_rules if m is not None
+                                   else DEFAULT_RULES))
   for r in rules:
     if len(r) != 2 or r[1] not in STRATEGIES:
       raise ValueError(f'mesh.partition_rules entry {r!r}: expected '
                        f'(regex, one of {STRATEGIES})')
-  min_size = int(m.get('min_shard_size', MIN_SHARD_SIZE)) if m is not None \
-      else MIN_SHARD_SIZE
+  min_size = int(m.min_shard_size) if m is not None else MIN_SHARD_SIZE
   return rules, min_size
 
 
