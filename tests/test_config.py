@@ -79,7 +79,7 @@ def test_r50_lr_groups_and_frozen_parameters():
   rules = pg.param_rules(c)
   assert rules == (
       (r'^backbone/(conv1|bn1)/', None),
-      (r'^backbone/layer(1)_\d+/', None),
+      (r'^backbone/layer(1)_(\d+|tail)/', None),
       (r'^backbone/(.+/)?(bn\d+|downsample_1|norm\d*)/', None),
       (pg.BACKBONE_PATTERN, 0.1), ('', 1.0))
   assert pg.lr_mults(rules) == {pg.DEFAULT: 1.0, pg.BACKBONE: 0.1}
