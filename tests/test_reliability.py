@@ -132,8 +132,8 @@ def test_train_checkpoint_is_checked_too(tmp_path, tiny_variables):
 def test_non_finite_weights_refused_at_conversion_and_load(
     tmp_path, converted, tiny_variables, capsys):
   bad = jax_tree_copy(tiny_variables)
-  bad['params']['bbox_head']['cls_branches_0']['bias'][3] = np.nan
-  with pytest.raises(ValueError, match='NaN or infinite.*cls_branches_0'):
+  bad['params']['bbox_head']['cls_branches']['bias'][0, 3] = np.nan
+  with pytest.raises(ValueError, match='NaN or infinite.*cls_branches/bias'):
     weights_io.save_converted(str(tmp_path / 'nan'), bad, load_config('tiny'))
   assert not (tmp_path / 'nan').exists()
   assert not [n for n in os.listdir(tmp_path) if n.startswith('.tmp-')]
@@ -261,5 +261,5 @@ def test_init_from_partial_drops_what_does_not_fit(converted):
     load_pretrained(converted, cfg)
   cfg.train.init_from_partial = True
   kept = flatten(load_pretrained(converted, cfg))
-  assert 'params/bbox_head/cls_branches_0/kernel' not in kept
-  assert 'params/bbox_head/reg_branches_0_0/kernel' in kept
+  assert 'params/bbox_head/cls_branches/kernel' not in kept
+  assert 'params/bbox_head/reg_branches/0/kernel' in kept
