@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
+from ddq_jax.io.conversion.mapping import unstack_layers
 from ddq_jax.model import query_selection as qs
 from test_nms import ref_batched_nms
 
@@ -27,7 +28,7 @@ def _branches(bh, idx, output_memory, output_proposals, *, aux=False):
 
 
 def _enc_outputs(variables, fx, num_layers):
-  bh = variables['params']['bbox_head']
+  bh = unstack_layers(variables)['params']['bbox_head']  # torch's names
   om = jnp.asarray(fx['output_memory'])
   op = jnp.asarray(fx['output_proposals'])
   cls, reg = _branches(bh, num_layers, om, op)

@@ -65,7 +65,7 @@ def test_fewer_decoder_layers_refused_at_every_entry_point(converted, capsys,
                        '--config.num_decoder_layers=2']) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1, err
-  assert 'unexpected (params/bbox_head' in err
+  assert 'mis-shaped (params/bbox_head' in err  # stacked: 3 layers vs 2
   assert "num_decoder_layers=2 (weights: 3)" in err
   with pytest.raises(WeightsMismatchError, match='num_encoder_layers=1'):
     Detector.load(converted, overrides={'num_encoder_layers': 1})
@@ -90,7 +90,8 @@ def test_num_classes_mismatch_is_one_line_not_a_traceback(tiny_dir):
     Detector.load(pth, overrides={'num_classes': 5})
   msg = str(e.value)
   assert '\n' not in msg and 'mis-shaped' in msg
-  assert '(64, 80) in the weights, (64, 5) in the model' in msg
+  # The head's branches are stacked (3 aux class branches here).
+  assert '(3, 64, 80) in the weights, (3, 64, 5) in the model' in msg
   assert 'num_classes=5 (weights: 80)' in msg
   with pytest.raises(WeightsMismatchError, match='mis-shaped'):  # --config
     Detector.load(pth, config=load_config('tiny', {'num_classes': 5}))
@@ -104,7 +105,8 @@ def test_partial_load_is_an_explicit_opt_in(tiny_variables):
   kept = check_fit(tiny_variables, cfg, allow_partial=True)
   p = fit_problems(kept, {k: v for k, v in _shapes(cfg).items()})
   assert not p['unexpected'] and not p['misshaped']
-  assert len(p['missing']) == 17 and all(
+  # The class branches' kernels and biases (stacked) and the label embedding.
+  assert len(p['missing']) == 5 and all(
       'cls_branches' in m or 'label_embedding' in m for m in p['missing'])
 
 
@@ -132,8 +134,8 @@ def test_train_checkpoint_is_checked_too(tmp_path, tiny_variables):
 def test_non_finite_weights_refused_at_conversion_and_load(
     tmp_path, converted, tiny_variables, capsys):
   bad = jax_tree_copy(tiny_variables)
-  bad['params']['bbox_head']['cls_branches_0']['bias'][3] = np.nan
-  with pytest.raises(ValueError, match='NaN or infinite.*cls_branches_0'):
+  bad['params']['bbox_head']['cls_branches']['bias'][0, 3] = np.nan
+  with pytest.raises(ValueError, match='NaN or infinite.*cls_branches/bias'):
     weights_io.save_converted(str(tmp_path / 'nan'), bad, load_config('tiny'))
   assert not (tmp_path / 'nan').exists()
   assert not [n for n in os.listdir(tmp_path) if n.startswith('.tmp-')]
@@ -261,5 +263,5 @@ def test_init_from_partial_drops_what_does_not_fit(converted):
     load_pretrained(converted, cfg)
   cfg.train.init_from_partial = True
   kept = flatten(load_pretrained(converted, cfg))
-  assert 'params/bbox_head/cls_branches_0/kernel' not in kept
-  assert 'params/bbox_head/reg_branches_0_0/kernel' in kept
+  assert 'params/bbox_head/cls_branches/kernel' not in kept
+  assert 'params/bbox_head/reg_branches/0/kernel' in kept
