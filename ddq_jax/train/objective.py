@@ -21,7 +21,7 @@ from ddq_jax.losses.config import CriterionConfig
 from ddq_jax.losses.criterion import ddq_criterion, total_loss
 from ddq_jax.model.detector import INTERMEDIATES
 from ddq_jax.model.outputs import DetectorOutputs
-from ddq_jax.train.parallel.mesh import DATA
+from ddq_jax.train.parallel.mesh import DATA, MODEL
 
 # The training metric counting images whose encoder-level NMS may have been
 # cut short by ``nms_pre_topk`` (0 means the selection is the reference's).
@@ -118,7 +118,11 @@ def make_device_losses(model, *, cfg: CriterionConfig, mesh: Mesh
   mmdet's ``reduce_mean``); the noise and drop-path keys are ``rng`` folded
   with the device's index.  The parameters enter replicated, so the only
   collectives are the normalisers' means here and, in the gradient, the
-  parameters' cotangent sum.  The 'model' axis stays automatic.
+  parameters' cotangent sum.  A 'model' axis of more than one device stays
+  automatic (then without host callbacks: the 'jax' Hungarian solver).
+  ``check_vma=False``: the ops' custom gradients (ops/conv.py, ops/boxes.py)
+  return a device's own cotangent for a replicated parameter; shard_map's
+  transpose sums those over 'data' at its boundary.
   """
 
   def local(params, batch_stats, batch, rng, dn_inject):
@@ -130,10 +134,15 @@ def make_device_losses(model, *, cfg: CriterionConfig, mesh: Mesh
           if out.denoising is not None else {})
     return jax.tree.map(lambda x: jnp.asarray(x)[None], (losses, dn))
 
+  # Every axis manual when 'model' has one device (host callbacks, the
+  # scipy solver's, need that); else 'model' stays automatic.
+  manual = set(mesh.axis_names) if int(mesh.shape.get(MODEL, 1)) == 1 \
+      else {DATA}
+
   def fn(params, batch_stats, batch, rng, dn_inject=None):
     return jax.shard_map(
         local, mesh=mesh, in_specs=(P(), P(), P(DATA), P(), P(DATA)),
-        out_specs=P(DATA), axis_names={DATA})(
+        out_specs=P(DATA), axis_names=manual, check_vma=False)(
             params, batch_stats, batch, rng, dn_inject)
   return fn
 
