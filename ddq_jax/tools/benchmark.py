@@ -208,7 +208,7 @@ def build_step(config, mode: str, variables, batch: dict, mesh):
     args = (variables, batch['images'], batch['pad_mask'],
             batch['img_shapes'], batch['scale_factors'])
     return fn, args, lambda a, out_fn: (a, out_fn(*a))
-  loss_fn = make_loss_fn(model, config, num_devices=int(mesh.devices.size))
+  loss_fn = make_loss_fn(model, config, mesh=mesh)
   tx, _ = make_optimizer(config, steps_per_epoch=1000)
   make = lambda v: state_lib.create_train_state(  # noqa: E731
       v, tx, jax.random.PRNGKey(0))

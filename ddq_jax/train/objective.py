@@ -72,13 +72,17 @@ def make_loss_fn(model, config, *, num_devices: int = 1,
   device, the loss runs per shard as the reference's DDP runs it per GPU
   (``make_device_losses``): the returned loss and terms are the devices'
   means, so the gradient is DDP's mean of the per-device gradients.
-  Without a mesh, or with one device on 'data', the whole batch is one
-  device's (the single-device numbers).
+  Without a mesh (or with one device on 'data') the loss is the whole
+  batch's, as on one device (jit partitions it automatically).
   """
   if mesh is not None and num_devices == 1:
     num_devices = int(mesh.devices.size)
   cfg = CriterionConfig.from_config(config, num_devices=num_devices)
   if mesh is not None and int(mesh.shape[DATA]) > 1:
+    if cfg.solver == 'scipy' and int(mesh.shape.get(MODEL, 1)) > 1:
+      raise ValueError("loss.hungarian_solver='scipy' needs a mesh without "
+                       "a 'model' axis (host callbacks run only where every "
+                       "axis is manual); use 'jax'")
     per_device = make_device_losses(model, cfg=cfg, mesh=mesh)
 
     def sharded_loss_fn(params, batch_stats, batch, rng):
