@@ -139,8 +139,10 @@ def test_bf16_compute(single):
                     reason='real tiny DDQ-DETR on 1 and 8 devices: ~5 min on '
                     'a loaded 2-core CPU; set DDQ_SLOW_TESTS=1')
 def test_real_model_8_devices_equals_1():
-  """The real objective (tiny config, converted fixture weights, 2 steps of
-  batch 8): sharded on 8 devices == 1 device.  Uses the in-graph JAX
+  """The whole-batch objective (``make_loss_fn`` without a mesh; tiny
+  config, converted fixture weights, 2 steps of batch 8): sharded on 8
+  devices by jit == 1 device.  (Training passes its mesh: the per-device
+  loss of tests/test_ddp_parity.py.)  Uses the in-graph JAX
   Hungarian solver: with the scipy host callback the 8-fake-CPU-device step
   hangs in an XLA CPU all-reduce rendezvous (the callback is partitioned to
   device 0)."""

@@ -293,8 +293,8 @@ def resolve_solver(name: str, *, num_devices: int = 1) -> str:
 
   'auto' -> 'scipy' for a single-device step on the CPU (fastest to
   compile, exact), 'jax' otherwise: on accelerators it avoids a host round
-  trip per step, and on a multi-device mesh the scipy callback would gather
-  every image's cost matrix onto one device and serialise the step.
+  trip per step, and on a multi-device mesh every device would wait for
+  its host callback each step.
   """
   if name not in ('auto', 'scipy', 'jax'):
     raise ValueError(f"loss.hungarian_solver={name!r}: expected 'auto', "

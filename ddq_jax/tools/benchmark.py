@@ -215,7 +215,7 @@ def build_step(config, mode: str, variables, batch: dict, mesh):
             batch['scale_factors'])
     return fn, args, lambda a, out_fn: (a, out_fn(*a))
   model = build_model(config)
-  loss_fn = make_loss_fn(model, config, num_devices=int(mesh.devices.size))
+  loss_fn = make_loss_fn(model, config, mesh=mesh)
   tx, _ = make_optimizer(config, steps_per_epoch=1000)
   make = lambda v: state_lib.create_train_state(  # noqa: E731
       v, tx, jax.random.PRNGKey(0))

@@ -170,9 +170,7 @@ def default_components(config, *, mesh=None) -> Components:
 
   return Components(
       init_variables=lambda rng: init_variables(model, config, rng),
-      loss_fn=make_loss_fn(
-          model, config,
-          num_devices=int(mesh.devices.size) if mesh is not None else 1),
+      loss_fn=make_loss_fn(model, config, mesh=mesh),
       make_iterator=make_iterator,
       evaluate_fn=default_evaluate_fn(config, mesh=mesh))
 
@@ -358,9 +356,9 @@ def _train(config, workdir: str, *, components, devices) -> dict:
   gbs = int(config.train.global_batch_size)
   if (mesh.devices.size > 1 and
       config.loss.hungarian_solver == 'scipy'):
-    log.warning("loss.hungarian_solver='scipy' on %d devices: the host "
-                'callback runs on one device (all-gather + serialised); '
-                "'jax' keeps matching on every device", mesh.devices.size)
+    log.warning("loss.hungarian_solver='scipy' on %d devices: each device "
+                'waits for a host callback every step; '
+                "'jax' keeps matching on the device", mesh.devices.size)
   shd.local_batch_size(gbs, mesh)  # checks divisibility
 
   data = comps.make_iterator(0, pidx, pcount)

@@ -5,9 +5,13 @@ Mixed precision (``ddq_jax/precision.py``, config ``train.compute_dtype``):
 differentiated function; master parameters, gradients, optimiser state and
 the loss stay float32 (the criterion reads its inputs in float32).
 
-``loss_fn(params, batch_stats, batch, rng) -> (loss, metrics)`` sees the
-*global* batch (jit works on global arrays), so its mean over images is the
-same whatever the mesh; the gradient all-reduce is inserted by XLA.
+``loss_fn(params, batch_stats, batch, rng) -> (loss, metrics)`` takes the
+*global* batch (jit works on global arrays).  The training objective on a
+mesh with several devices on 'data' (``objective.make_loss_fn(mesh=...)``)
+computes each device's loss on its own images inside a ``shard_map``, as
+the reference's DDP does per GPU, and returns the devices' mean: the
+gradient is DDP's mean of per-device gradients, its all-reduce the sum of
+the replicated parameters' cotangents at the shard_map's boundary.
 """
 from __future__ import annotations
 

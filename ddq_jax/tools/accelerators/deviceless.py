@@ -80,9 +80,12 @@ def abstract_batch(config, mode: str, batch: int, size, mesh) -> dict:
           for k, (s, d) in spec.items()}
 
 
-def abstract_step(config, mode: str, batch: dict, mesh):
+def abstract_step(config, mode: str, batch: dict, mesh, *,
+                  per_device_loss: bool = True):
   """(jitted step, abstract args): the benchmark's ``build_step`` on
-  shapes only."""
+  shapes only.  ``per_device_loss=False``: the loss over the whole batch
+  under jit's automatic partitioning (``make_loss_fn`` without a mesh), for
+  comparison with the per-device loss training runs."""
   variables = variable_shapes(config)
   if mode == 'infer':
     rules, min_size = shd.rules_from_config(config)
@@ -92,7 +95,8 @@ def abstract_step(config, mode: str, batch: dict, mesh):
     return fn, (_abstract(variables, shardings), batch['images'],
                 batch['img_shapes'], batch['scale_factors'])
   model = build_model(config)
-  loss_fn = make_loss_fn(model, config, num_devices=int(mesh.devices.size))
+  loss_fn = (make_loss_fn(model, config, mesh=mesh) if per_device_loss else
+             make_loss_fn(model, config, num_devices=int(mesh.devices.size)))
   tx, _ = make_optimizer(config, steps_per_epoch=1000)
   abstract = jax.eval_shape(lambda v: state_lib.create_train_state(
       v, tx, jax.random.PRNGKey(0)), variables)
@@ -143,14 +147,16 @@ def compile_stats(compiled, platform: str, *, lower_s: float,
 def compile_for_target(config, target: Target, *, mode: str, size,
                        batch_per_chip: int | None = None,
                        batch: int | None = None, hlo_out: str | None = None,
-                       compiler_options: dict | None = None) -> dict:
+                       compiler_options: dict | None = None,
+                       per_device_loss: bool = True) -> dict:
   """Lowers and compiles the step for ``target``; returns the JSON fields.
 
   The global batch is ``batch_per_chip`` x the mesh's data axis, or
   ``batch`` (which that axis must divide); default 1 image per chip.
   ``compiler_options``: XLA options for this compile (e.g.
   ``{'xla_dump_to': DIR}`` for the buffer assignment); the project sets
-  none by default, for any target."""
+  none by default, for any target.  ``per_device_loss``: see
+  ``abstract_step``."""
   devices = topology_devices(target)
   mesh = make_mesh(config, devices)
   data = int(mesh.shape[DATA])
@@ -164,7 +170,8 @@ def compile_for_target(config, target: Target, *, mode: str, size,
   batch = batch_per_chip * data
   with backend.target_platform(target.platform):
     fn, args = abstract_step(config, mode, abstract_batch(
-        config, mode, batch, tuple(size), mesh), mesh)
+        config, mode, batch, tuple(size), mesh), mesh,
+                             per_device_loss=per_device_loss)
     t = time.perf_counter()
     lowered = fn.lower(*args)
     lower_s = time.perf_counter() - t
