@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ddq_jax.config import load_config
+from ddq_jax.io.conversion.mapping import unstack_layers
 from ddq_jax.io.weights import load_weights
 from ddq_jax.model.denoising import build_self_attn_mask
 from ddq_jax.model.detector import build_model
@@ -98,8 +99,9 @@ def _check(config, loss, per, terms, dn, grads):
     results.append(compare(k, terms[k[len('loss/'):]], ref[k]))
   results.append(compare('loss_total', loss, np.mean(
       [ref[f'gpu{r}/loss_total'] for r in range(DEVICES)])))
+  per_layer = unstack_layers({'params': grads})['params']
   for k in (k for k in ref if k.startswith('grad/')):
-    g = verify._grad_of(grads, k[len('grad/'):], ref[k])  # pylint: disable=protected-access
+    g = verify._grad_of(per_layer, k[len('grad/'):], ref[k])  # pylint: disable=protected-access
     assert g is not None, k
     results.append(compare(k, g, ref[k]))
   results.append(compare('grad_global_norm', verify._global_norm(grads),  # pylint: disable=protected-access
