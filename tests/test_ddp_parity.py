@@ -47,12 +47,7 @@ def _run(solver):
   variables, config = load_weights(
       os.path.join(DATA, 'tiny', 'checkpoint.pth'), config)
   inputs = verify.bundle_inputs(_npz(os.path.join(BUNDLE, 'inputs.npz')))
-  batch = dict(images=inputs['images'].astype(np.float32),
-               pad_mask=inputs['pad_mask'].astype(bool),
-               img_shapes=inputs['img_shapes'].astype(np.int32),
-               gt_boxes=inputs['gt_boxes'].astype(np.float32),
-               gt_labels=inputs['gt_labels'].astype(np.int32),
-               gt_valid=inputs['gt_valid'].astype(bool))
+  batch = verify.training_batch(inputs)
   mesh = mesh_lib.make_mesh(config, jax.devices()[:DEVICES])
   assert dict(mesh.shape) == {'data': DEVICES, 'model': 1}
   loss_fn = objective.make_loss_fn(build_model(config), config, mesh=mesh)
@@ -101,10 +96,10 @@ def _check(config, loss, per, terms, dn, grads):
       [ref[f'gpu{r}/loss_total'] for r in range(DEVICES)])))
   per_layer = unstack_layers({'params': grads})['params']
   for k in (k for k in ref if k.startswith('grad/')):
-    g = verify._grad_of(per_layer, k[len('grad/'):], ref[k])  # pylint: disable=protected-access
+    g = verify.grad_of(per_layer, k[len('grad/'):], ref[k])
     assert g is not None, k
     results.append(compare(k, g, ref[k]))
-  results.append(compare('grad_global_norm', verify._global_norm(grads),  # pylint: disable=protected-access
+  results.append(compare('grad_global_norm', verify.global_norm(grads),
                          ref['grad_global_norm']))
   for c in results:
     print(c.line())

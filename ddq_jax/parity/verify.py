@@ -84,17 +84,24 @@ def run_inference(model, variables, inputs):
   return dict(out), time.perf_counter() - t0
 
 
+def training_batch(inputs) -> dict:
+  """The training batch of a bundle's ``inputs.npz`` (``bundle_inputs``):
+  images, pad_mask, img_shapes and the ground truth, in the step's
+  dtypes."""
+  return dict(images=inputs['images'].astype(np.float32),
+              pad_mask=inputs['pad_mask'].astype(bool),
+              img_shapes=inputs['img_shapes'].astype(np.int32),
+              gt_boxes=inputs['gt_boxes'].astype(np.float32),
+              gt_labels=inputs['gt_labels'].astype(np.int32),
+              gt_valid=inputs['gt_valid'].astype(bool))
+
+
 def run_training(model, config, variables, inputs):
   """Training forward + every loss + gradients, with the injected dn
   queries.  Returns (total, intermediates, losses, grads, num_dn_slots,
   seconds)."""
   cfg = CriterionConfig.from_config(config)
-  batch = dict(images=inputs['images'].astype(np.float32),
-               pad_mask=inputs['pad_mask'].astype(bool),
-               img_shapes=inputs['img_shapes'].astype(np.int32),
-               gt_boxes=inputs['gt_boxes'].astype(np.float32),
-               gt_labels=inputs['gt_labels'].astype(np.int32),
-               gt_valid=inputs['gt_valid'].astype(bool))
+  batch = training_batch(inputs)
   inject = (dict(label_ids=inputs['dn_label_ids'],
                  reference_points=inputs['dn_reference_points'])
             if 'dn_label_ids' in inputs else None)  # else the config's noise
@@ -116,7 +123,7 @@ def run_training(model, config, variables, inputs):
           time.perf_counter() - t0)
 
 
-def _grad_of(grads, torch_name, ref):
+def grad_of(grads, torch_name, ref):
   """The gradient of a torch tensor, in torch's layout, from per-layer
   gradients (``unstack_layers``); None when we have no such parameter."""
   rule, path = match_rule(torch_name, ref.ndim)
@@ -140,7 +147,7 @@ def _torch_layout(x, rule):
   return x
 
 
-def _global_norm(tree):
+def global_norm(tree):
   return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64))))
                            for x in jax.tree.leaves(tree))))
 
@@ -275,7 +282,7 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
     for key, value in losses.items():
       train_dump[f'loss/{key}'] = np.asarray(value)
     train_dump['loss_total'] = np.asarray(loss).reshape(1)
-    train_dump['grad_global_norm'] = np.asarray(_global_norm(grads))
+    train_dump['grad_global_norm'] = np.asarray(global_norm(grads))
     ref_path = os.path.join(bundle, 'train.npz')
     if os.path.isfile(ref_path):
       ref = _load_npz(ref_path)
@@ -283,7 +290,7 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
       per_layer = unstack_layers({'params': grads})['params']
       for key in sorted(ref):
         if key.startswith('grad/'):
-          g = _grad_of(per_layer, key[5:], ref[key])
+          g = grad_of(per_layer, key[5:], ref[key])
           if g is None:
             out(f'--   {key:<44s} no such parameter')
             continue
