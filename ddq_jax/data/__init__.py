@@ -61,7 +61,7 @@ RandomChoiceResize(crop_scales) -> RandomCrop('absolute_range', crop_size,
 allow_negative_crop=True) -> RandomChoiceResize(train_scales); boxes scaled,
 clipped, boxes outside a crop dropped; crowd boxes dropped.
 """
-from ddq_jax.data.pipeline import (build_dataset, make_eval_iterator,
-                                   make_train_iterator)
+from ddq_jax.data.eval_batches import make_eval_iterator
+from ddq_jax.data.pipeline import build_dataset, make_train_iterator
 
 __all__ = ['build_dataset', 'make_train_iterator', 'make_eval_iterator']

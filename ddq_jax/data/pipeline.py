@@ -1,5 +1,7 @@
-"""Datasets and iterators: build_dataset, make_train_iterator,
-make_eval_iterator (the batch contract is documented in ddq_jax.data).
+"""Datasets and training batches: build_dataset, make_train_iterator, and
+the iterator both batch streams share (evaluation batches:
+``data/eval_batches.py``; the batch contract is documented in
+ddq_jax.data).
 
 Training order is a pure function of (seed, epoch): a permutation of the
 dataset, grouped like mmdet's AspectRatioBatchSampler by the orientation of
@@ -17,10 +19,8 @@ from a step reproduces the stream exactly.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import threading
-from typing import Any
 
 from absl import flags
 import grain
@@ -28,8 +28,7 @@ import numpy as np
 
 from ddq_jax.data import transforms as T
 from ddq_jax.data.base import DetectionSource, log
-from ddq_jax.data.batching import (collate, eval_canvases, fits_any,
-                                   select_canvas)
+from ddq_jax.data.batching import collate, select_canvas
 from ddq_jax.data.class_names import class_names_for
 from ddq_jax.data.coco_folder import CocoFolderSource
 from ddq_jax.data.synthetic import SyntheticSource
@@ -39,10 +38,6 @@ from ddq_jax.data.workers import die_with_parent
 _BIG = 2 ** 62
 _COCO_SPLITS = {'train': 'train2017', 'validation': 'val2017',
                 'val': 'val2017', 'test': 'test2017'}
-
-
-def _cfg(data, name: str, default: Any) -> Any:
-  return data[name] if name in data else default
 
 
 def build_dataset(config, split: str) -> DetectionSource:
@@ -60,29 +55,29 @@ def build_dataset(config, split: str) -> DetectionSource:
   is_train = split == d.train_split
   if d.source == 'synthetic':
     return SyntheticSource(
-        seed=_cfg(d, 'synthetic_seed', 0), split=split,
+        seed=d['synthetic_seed'], split=split,
         num_images=d.synthetic_num_train if is_train else d.synthetic_num_eval,
         size=d.synthetic_size,
-        num_classes=min(_cfg(d, 'synthetic_num_classes', 8),
+        num_classes=min(d['synthetic_num_classes'],
                         config.num_classes),
-        max_objects=_cfg(d, 'synthetic_max_objects', 6))
+        max_objects=d['synthetic_max_objects'])
   if d.source == 'coco_dir':
     sub = _COCO_SPLITS.get(split, split)
     prefix = 'train' if is_train else 'eval'
-    image_dir = _cfg(d, f'{prefix}_image_dir', '') or os.path.join(
+    image_dir = d[f'{prefix}_image_dir'] or os.path.join(
         d.coco_dir, sub)
-    ann = _cfg(d, f'{prefix}_ann_file', '') or os.path.join(
+    ann = d[f'{prefix}_ann_file'] or os.path.join(
         d.coco_dir, 'annotations', f'instances_{sub}.json')
     return CocoFolderSource(image_dir=image_dir, ann_file=ann,
-                            min_size=_cfg(d, 'train_min_size', 32)
+                            min_size=d['train_min_size']
                             if is_train else 0,
                             model_class_names=class_names_for(config))
   if d.source == 'tfds':
     records, names = open_tfds_source(data_dir=d.tfds_data_dir,
                                       name=d.tfds_name, split=split)
     src = TfdsSource(records, class_names=names)
-    src.ann_file = _cfg(d, 'tfds_ann_file', '') or None
-    index = _cfg(d, 'tfds_index_file', '')
+    src.ann_file = d['tfds_ann_file'] or None
+    index = d['tfds_index_file']
     if index:
       src.load_index(index.format(split=split))
     return src
@@ -235,7 +230,7 @@ class TrainBatchFn:
       valid.append(s is not None)
       samples.append(s)
     if canvas is None:  # one host, sizes unknown: decoded shapes decide
-      canvas = _best_canvas([s['image'].shape[:2] for s in samples if s],
+      canvas = best_canvas([s['image'].shape[:2] for s in samples if s],
                             canvases=self.canvases)
       for i, s in enumerate(samples):
         if s is not None and (s['image'].shape[0] > canvas[0]
@@ -244,13 +239,13 @@ class TrainBatchFn:
                       '(add a square data.canvas_sizes entry); blanked',
                       s['image_id'])
           samples[i], valid[i] = None, False
-    samples = [s if s is not None else _blank(canvas, self.mean)
+    samples = [s if s is not None else blank_sample(canvas, self.mean)
                for s in samples]
     return collate(samples, canvas=canvas, max_gt=self.max_gt,
                    mean=self.mean, std=self.std, valid=valid)
 
 
-def _best_canvas(shapes, *, canvases) -> tuple[int, int]:
+def best_canvas(shapes, *, canvases) -> tuple[int, int]:
   """select_canvas, or if none fits all: the one fitting the most shapes."""
   try:
     return select_canvas(shapes or [(1, 1)], canvas_sizes=canvases)
@@ -261,7 +256,7 @@ def _best_canvas(shapes, *, canvases) -> tuple[int, int]:
     return tuple(min(canvases, key=score))
 
 
-def _blank(canvas, mean) -> dict:
+def blank_sample(canvas, mean) -> dict:
   """A padding sample: the mean colour (normalises to 0), no boxes."""
   img = np.broadcast_to(np.round(np.asarray(mean)).astype(np.uint8),
                         (int(canvas[0]), int(canvas[1]), 3)).copy()
@@ -270,7 +265,7 @@ def _blank(canvas, mean) -> dict:
               scale_factor=(1.0, 1.0), orig_size=tuple(canvas), image_id=-1)
 
 
-class _Iterator:
+class BatchIterator:
   """Runs ``fn`` over ``range(start, stop)`` (grain workers if > 0; they
   exit when this process dies, see ``die_with_parent``)."""
 
@@ -314,7 +309,7 @@ class _Iterator:
       it.close()
 
 
-class TrainIterator(_Iterator):
+class TrainIterator(BatchIterator):
   """Infinite training iterator; position = the next step.
 
   ``source`` is the DetectionSource (category_ids, class_names, coco_gt).
@@ -366,136 +361,3 @@ def make_train_iterator(config, *, seed: int, start_step: int = 0,
                     process_count=process_count)
   nw = config.data.num_workers if num_workers is None else num_workers
   return TrainIterator(fn, start_step=start_step, num_workers=nw)
-
-
-# ------------------------------------------------------------------- eval
-
-
-class EvalBatchFn:
-  """Eval batch number -> this host's batch (test-time resize only)."""
-
-  def __init__(self, source: DetectionSource, data_cfg, *, batch_size: int,
-               max_gt: int, process_index: int, process_count: int):
-    self.source, self.b = source, int(batch_size)
-    self.p, self.pc, self.max_gt = process_index, process_count, max_gt
-    self.scale = tuple(data_cfg.test_scale)
-    self.exact = _cfg(data_cfg, 'eval_canvas', 'static') == 'exact'
-    self.divisor = max(1, int(_cfg(data_cfg, 'pad_size_divisor', 1)))
-    self.canvases = eval_canvases(data_cfg)
-    self.mean, self.std = tuple(data_cfg.mean), tuple(data_cfg.std)
-    n = len(source)
-    self.sizes = source.sizes
-    self.gb = self.b * process_count
-    if self.sizes is not None:
-      # Images grouped by the canvas each needs alone (in canvas order),
-      # each group padded (-1) to whole global batches: no batch is padded
-      # to a larger canvas because of a neighbour.
-      self.shapes = [T.rescale_size(size_hw=s, scale=self.scale)[0]
-                     for s in self.sizes]
-      own = np.asarray([self.canvases.index(select_canvas(
-          [s], canvas_sizes=self.canvases)) if fits_any(s, self.canvases)
-                        else len(self.canvases) for s in self.shapes])
-      groups = [np.nonzero(own == c)[0]
-                for c in range(len(self.canvases) + 1)]
-      self.order = np.concatenate(
-          [np.pad(g, (0, -len(g) % self.gb), constant_values=-1)
-           for g in groups]).astype(np.int64)
-    else:
-      self.order = np.arange(n)
-    self.num_batches = math.ceil(len(self.order) / self.gb)
-
-  def __call__(self, k: int) -> dict:
-    g = self.order[k * self.gb:(k + 1) * self.gb]
-    local = list(g[self.p * self.b:(self.p + 1) * self.b])
-    local += [-1] * (self.b - len(local))
-    samples, lost = [], {}  # lost: slot -> image id of an unreadable image
-    for idx in local:
-      s = None
-      if idx >= 0:
-        r = self.source.load(int(idx))
-        if r['image'] is not None:
-          s = T.apply_test_transform(r['image'], r['boxes'], r['labels'],
-                                     scale=self.scale)
-          s.update(image_id=r['image_id'], orig_size=r['orig_size'])
-        else:
-          lost[len(samples)] = int(r['image_id'])
-      samples.append(s)
-    shapes = [s['image'].shape[:2] for s in samples if s is not None]
-    canvas = None
-    if self.exact and (self.pc == 1 or self.sizes is not None):
-      # pad only to the batch's largest image (the reference's way)
-      if self.pc > 1:  # hosts agree through the metadata
-        shapes = [self.shapes[i] for i in g if i >= 0]
-      d = self.divisor
-      hm = max([int(h) for h, _ in shapes] or [1])
-      wm = max([int(w) for _, w in shapes] or [1])
-      canvas = (-(-hm // d) * d, -(-wm // d) * d)
-    elif self.pc == 1:  # one host: the decoded shapes decide
-      try:
-        canvas = select_canvas(shapes or [(1, 1)], canvas_sizes=self.canvases)
-      except ValueError:
-        canvas = None
-    if canvas is None and self.sizes is not None:
-      canvas = select_canvas([self.shapes[i] for i in g if i >= 0],
-                             canvas_sizes=self.canvases)
-    elif canvas is None:
-      canvas = max(self.canvases, key=lambda c: (c[0] * c[1], c))
-    for i, s in enumerate(samples):
-      if s is not None and (s['image'].shape[0] > canvas[0]
-                            or s['image'].shape[1] > canvas[1]):
-        log.warning('image %s: decoded size %s differs from its metadata and '
-                    'fits no agreed canvas; skipped', s['image_id'],
-                    s['orig_size'])
-        lost[i] = int(s['image_id'])
-        samples[i] = None
-    valid = [s is not None for s in samples]
-    samples = [s if s is not None else _blank(canvas, self.mean)
-               for s in samples]
-    out = collate(samples, canvas=canvas, max_gt=self.max_gt,
-                  mean=self.mean, std=self.std, valid=valid,
-                  normalized=False)
-    for i, image_id in lost.items():  # sample_valid False, id kept
-      out['image_ids'][i] = image_id
-    return out
-
-
-class EvalIterator(_Iterator):
-  """Finite iterator over the whole split; ``len()`` = number of batches;
-  ``source`` is the DetectionSource (category_ids, coco_gt())."""
-
-  def __len__(self) -> int:
-    return self.stop
-
-
-def make_eval_iterator(config, *, batch_size: int, split: str | None = None,
-                       process_index: int = 0, process_count: int = 1,
-                       dataset: DetectionSource | None = None,
-                       num_workers: int | None = None) -> EvalIterator:
-  """Iterator over the whole eval split in static batches.
-
-  Args:
-    batch_size: per-host batch size B.
-    split: default config.data.eval_split.
-    process_index, process_count: hosts; every host yields the same number
-      of batches (about ceil(N / (B * process_count)), one more when
-      landscape and portrait images are batched apart).
-    dataset: an already built source (default: build_dataset).
-  Returns:
-    EvalIterator of batch-contract dicts whose images are the uint8
-    canvases (zeros outside each image) that the inference program
-    ``serve.detect`` takes; samples past the end of the split
-    have sample_valid False and image_ids -1, unreadable images (dropped)
-    sample_valid False and their image id.
-    Samples are ordered landscape-first when sizes are known.
-    With data.eval_canvas == 'exact' the canvas is the batch's largest image
-    rounded up to data.pad_size_divisor (not a static canvas): with
-    batch_size 1 that is the reference's padding exactly (none), at the
-    cost of one compile per distinct shape.
-  """
-  src = dataset if dataset is not None else build_dataset(
-      config, split or config.data.eval_split)
-  fn = EvalBatchFn(src, config.data, batch_size=batch_size,
-                   max_gt=config.loss.max_gt, process_index=process_index,
-                   process_count=process_count)
-  nw = config.data.num_workers if num_workers is None else num_workers
-  return EvalIterator(fn, start=0, stop=fn.num_batches, num_workers=nw)
