@@ -11,11 +11,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import standin  # noqa: E402
 import jax.numpy as jnp
+import optax
 
 from ddq_jax.train.parallel import mesh as mesh_lib
 from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.io import weights
-from ddq_jax.train.checkpoint import Checkpointer, load_params_only
+from ddq_jax.io.conversion.mapping import unstack_layers
+from ddq_jax.train import checkpoint_layout
+from ddq_jax.train.checkpoint import Checkpointer, StateMismatchError
+from ddq_jax.train.checkpoint import load_params_only
 from ddq_jax.model.variables import variable_shapes
 from ddq_jax.train import loop
 from ddq_jax.train import optimizer as opt
@@ -212,3 +216,52 @@ def _offset(state, path):
         return off
       off += int(np.prod(shape))
   raise KeyError(path)
+
+
+def test_checkpoint_from_before_stacking_resumes(tmp_path):
+  """A checkpoint whose parameters, batch statistics and AdamW moments hold
+  identical layers per layer (``encoder/layers_0``, ``backbone/layer1_1``:
+  written before layers were stored stacked) restores into today's stacked
+  state, sharded, values unchanged; the next save is stacked."""
+  rng = np.random.default_rng(0)
+  params = {'encoder': {'layers': {'w': rng.normal(size=(3, 4, 8))}},
+            'backbone': {'conv1': {'kernel': rng.normal(size=(8, 8))},
+                         'layer1_tail': {'k': rng.normal(size=(2, 8, 4))}}}
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  tx = optax.adamw(1e-3)
+  opt_state = tx.update(params, tx.init(params), params)[1]
+  state = state_lib.TrainState(
+      step=jnp.asarray(5, jnp.int32), params=params,
+      batch_stats={'backbone': {'layer1_tail': {'mean': jnp.ones((2, 4))}}},
+      opt_state=opt_state, rng=jnp.zeros((2,), jnp.uint32))
+  old = checkpoint_layout.map_model_trees(unstack_layers, state)
+  assert 'layers_2' in old.params['encoder']
+  assert 'layer1_2' in old.opt_state[0].mu['backbone']
+  ck = Checkpointer(str(tmp_path / 'ck'), async_save=False)
+  assert ck.save(old, step=5, force=True)
+  ck.close()
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2),
+                           ('data', 'model'))
+  shardings = shd.tree_shardings(state, mesh, min_size=1)
+  target = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      state, shardings)
+  ck = Checkpointer(str(tmp_path / 'ck'), async_save=False)
+  got, meta = ck.restore(target)
+  assert meta['step'] == 5
+  assert got.params['encoder']['layers']['w'].sharding.spec == \
+      jax.sharding.PartitionSpec(None, None, 'model')
+  for a, b, s in zip(jax.tree.leaves(got), jax.tree.leaves(state),
+                     jax.tree.leaves(shardings)):
+    assert a.sharding == s
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert ck.save(got, step=6, force=True)
+  assert 'params/encoder/layers/w' in ck.read_meta(6)['arrays']
+  ck.close()
+  # another state altogether is still refused, naming the arrays
+  other = target.replace(params={'encoder': {'layers': {
+      'w': jax.ShapeDtypeStruct((3, 4, 9), jnp.float32,
+                                sharding=shd.replicated(mesh))}}})
+  with pytest.raises(StateMismatchError, match='arrays differ'):
+    Checkpointer(str(tmp_path / 'ck')).restore(other, step=5)

@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from ddq_jax.io.conversion.mapping import stack_layers
+from ddq_jax.train import checkpoint_layout
 from ddq_jax.train import integrity
 from ddq_jax.train.flat_optimizer import canonical_opt_state
 from ddq_jax.train.flat_optimizer import from_canonical_opt_state
@@ -234,22 +235,29 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise DamagedCheckpointError(
           step, f'metadata unreadable ({type(e).__name__})') from e
+    legacy = None  # the per-layer layout of a checkpoint from before stacking
     if saved is not None:
       want = array_specs(abstract)
       diff = sorted(k for k in set(saved) | set(want)
                     if saved.get(k) != want.get(k))
       if diff:
-        shown = '; '.join(f'{k}: {saved.get(k, "absent")} saved, '
-                          f'{want.get(k, "absent")} expected'
-                          for k in diff[:4])
-        raise StateMismatchError(
-            f'checkpoint step {step} in {self.directory} is intact but holds '
-            f'another state: {len(diff)} arrays differ ({shown}); was it '
-            'written with another model / optimiser config?')
+        old_layout = checkpoint_layout.per_layer(
+            abstract, jax.tree.leaves(target)[0].sharding)
+        if array_specs(old_layout) == saved:
+          legacy = old_layout
+        else:
+          shown = '; '.join(f'{k}: {saved.get(k, "absent")} saved, '
+                            f'{want.get(k, "absent")} expected'
+                            for k in diff[:4])
+          raise StateMismatchError(
+              f'checkpoint step {step} in {self.directory} is intact but '
+              f'holds another state: {len(diff)} arrays differ ({shown}); '
+              'was it written with another model / optimiser config?')
     try:
       out = self._mngr.restore(
           step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract),
+              state=ocp.args.StandardRestore(
+                  abstract if legacy is None else legacy),
               meta=ocp.args.JsonRestore()))
       state, meta = out['state'], dict(out['meta'])
     except Exception as e:  # pylint: disable=broad-except
@@ -268,6 +276,11 @@ class Checkpointer:
                   'version): not verified', step)
     if not finite:
       raise DamagedCheckpointError(step, 'holds non-finite values')
+    if legacy is not None:
+      state = checkpoint_layout.stacked(state, abstract)
+      log.warning('checkpoint step %d holds identical layers per layer (an '
+                  'older version): stacked into the current layout; the '
+                  'next checkpoint is written stacked', step)
     log.info('checkpoint: restored step %d from %s (checksums verified)',
              step, self.directory)
     return from_canonical_state(state, target), meta

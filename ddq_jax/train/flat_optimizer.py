@@ -48,6 +48,7 @@ import optax
 
 from ddq_jax.model.param_groups import BACKBONE, DEFAULT, FROZEN
 from ddq_jax.ops.xla_cpu import opaque_zero, rounded_alone, run_unfused
+from ddq_jax.train.parallel import sharding as sharding_lib
 
 GROUPS = (DEFAULT, BACKBONE)
 
@@ -123,7 +124,8 @@ def per_parameter_moments(moments: FlatMoments, params):
     off = 0
     for path, shape in items:
       n = math.prod(shape)
-      by_path[path] = _place(host[off:off + n].reshape(shape), vec.sharding)
+      by_path[path] = sharding_lib.from_host(
+          host[off:off + n].reshape(shape), vec.sharding)
       off += n
   tdef = jax.tree.structure(params)
   return tdef.unflatten([by_path.get(p, optax.MaskedNode())
@@ -141,7 +143,8 @@ def flat_moments(tree, like: FlatMoments) -> FlatMoments:
       raise ValueError(f'moments of {missing[:3]} missing')
     host = np.concatenate([np.asarray(_host(by_path[p])).ravel()
                            for p, _ in items]).astype(vec.dtype)
-    vectors.append(_place(host, getattr(vec, 'sharding', None)))
+    vectors.append(sharding_lib.from_host(host,
+                                         getattr(vec, 'sharding', None)))
   return FlatMoments(vectors, like.layout)
 
 
@@ -152,14 +155,6 @@ def _host(x):
       raise ValueError(f'flat moments must be replicated, got {x.sharding}')
     return x.addressable_data(0)
   return x
-
-
-def _place(host: np.ndarray, sharding):
-  """The same value on every process -> a global array (any sharding)."""
-  if sharding is None:
-    return jnp.asarray(host)
-  return jax.make_array_from_callback(host.shape, sharding,
-                                      lambda index: host[index])
 
 
 def canonical_opt_state(opt_state, params):

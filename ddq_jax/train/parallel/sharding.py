@@ -142,3 +142,12 @@ def to_host(tree: Any) -> Any:
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
   return jax.tree.map(get, tree)
+
+
+def from_host(host: np.ndarray, sharding) -> jax.Array:
+  """The same value on every process -> a global array on ``sharding``
+  (None: this process's default device)."""
+  if sharding is None:
+    return jax.numpy.asarray(host)
+  return jax.make_array_from_callback(host.shape, sharding,
+                                      lambda index: host[index])
