@@ -151,6 +151,7 @@ def setup_logging(workdir: str, *, main: bool = True,
   records with their tracebacks (absl / orbax included), and so do
   exceptions of other threads and of atexit callbacks.  Returns the log file's path."""
   path = os.path.join(workdir, file_name)
+  os.makedirs(workdir, exist_ok=True)  # a non-main process may come first
   logging.raiseExceptions = False  # a full disk must not print tracebacks
   root = logging.getLogger()
   for h in list(root.handlers):
