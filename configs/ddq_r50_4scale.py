@@ -184,9 +184,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1                # -1: all devices on the data axis
   c.mesh.model = 1                # >1: shard large parameters on 'model'
   # Partition rules for parameters and optimiser state (parallel/sharding.py):
-  # (regex over 'params/backbone/...', 'replicate' | 'largest_axis'), first
-  # match wins; 'largest_axis' splits leaves of >= min_shard_size elements
-  # on 'model'.
+  # (regex over 'params/backbone/...', 'replicate' | 'largest_axis' |
+  # 'fsdp'), first match wins; 'largest_axis' splits leaves of >=
+  # min_shard_size elements on 'model'; 'fsdp' splits them over every device
+  # (parameters, gradients and moments rest sharded: big models on pods).
   c.mesh.partition_rules = (('.*', 'largest_axis'),)
   c.mesh.min_shard_size = 2 ** 14
 

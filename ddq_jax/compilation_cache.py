@@ -76,6 +76,9 @@ def compile_count(fn: Any) -> int:
   """Executables a jitted function holds: one per input signature (shapes,
   dtypes, shardings) it was called with, however it was compiled (XLA or a
   hit in the persistent cache).  ``fn``: a ``jax.jit`` function or a
-  wrapper exposing one as ``fn.jitted`` (``serve.detect.jit_detect_fn``)."""
+  wrapper exposing one as ``fn.jitted`` (``serve.detect.jit_detect_fn``)
+  or its own ``compile_count()`` (``train.step.CompiledSteps``)."""
+  if hasattr(fn, 'compile_count'):  # train.step.CompiledSteps
+    return int(fn.compile_count())
   jitted = getattr(fn, 'jitted', fn)
   return int(jitted._cache_size())  # pylint: disable=protected-access

@@ -29,9 +29,10 @@ PARAM_ATOL = 2e-6   # params are O(0.1); 4 AdamW steps of lr <= 1e-3
 def _run(config, devices, *, min_size=shd.MIN_SHARD_SIZE, steps=STEPS):
   mesh = mesh_lib.make_mesh(config, devices)
   tx, _ = opt.make_optimizer(config, standin.STEPS_PER_EPOCH)
+  rules, _ = shd.rules_from_config(config)
   state, shardings = state_lib.init_train_state(
       standin.init_variables, tx, jax.random.PRNGKey(0), mesh,
-      min_size=min_size)
+      min_size=min_size, rules=rules)
   step = step_lib.jit_train_step(
       step_lib.make_train_step(standin.loss_fn, tx,
                                compute_dtype=config.train.compute_dtype),
@@ -126,6 +127,32 @@ def test_data_and_model_parallel(single):
         if getattr(x, 'shape', ()) == (64, 256)]
   assert mu and all(x.sharding.spec == P(None, 'model') for x in mu)
   _compare(mp, single)
+
+
+def test_fully_sharded_data_parallel(single):
+  """'fsdp' rules: parameters and AdamW moments rest split over all 8
+  devices (1/8 of the replicated bytes per device), the step equals the
+  1-device step, and its collectives are the parameters' all-gather and
+  the gradient's reduce-scatter (plus scalar all-reduces)."""
+  c = standin.config()
+  c.mesh.partition_rules = (('.*', 'fsdp'),)
+  fs = _run(c, jax.devices(), min_size=256)
+  assert fs['compiles'] == 1
+  hidden = fs['state'].params['hidden']['kernel']
+  assert hidden.sharding.spec == P(None, ('data', 'model'))
+  assert hidden.addressable_shards[0].data.shape == (64, 32)
+  mu = [x for x in jax.tree.leaves(fs['state'].opt_state)
+        if getattr(x, 'shape', ()) == (64, 256)]
+  assert len(mu) == 2 and all(
+      x.sharding.spec == P(None, ('data', 'model')) for x in mu)
+  _compare(fs, single)
+
+
+def test_fsdp_spec():
+  assert shd.fsdp_spec((64, 256), 8, 1, min_size=1) == P(None, ('data', 'model'))
+  assert shd.fsdp_spec((24, 10), 8, 2, min_size=1) == P('data', None)
+  assert shd.fsdp_spec((7, 5), 8, 1, min_size=1) == P()
+  assert shd.fsdp_spec((64, 256), 8, 1, min_size=10 ** 6) == P()
 
 
 def test_bf16_compute(single):

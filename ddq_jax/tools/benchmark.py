@@ -219,7 +219,8 @@ def build_step(config, mode: str, variables, batch: dict, mesh):
   tx, _ = make_optimizer(config, steps_per_epoch=1000)
   make = lambda v: state_lib.create_train_state(  # noqa: E731
       v, tx, jax.random.PRNGKey(0))
-  shardings = state_lib.state_shardings(jax.eval_shape(make, variables), mesh)
+  shardings = state_lib.state_shardings(jax.eval_shape(make, variables), mesh,
+                                        config)
   state = jax.jit(make, out_shardings=shardings)(variables)
   fn = step_lib.jit_train_step(
       step_lib.make_train_step(loss_fn, tx, compute_dtype=str(

@@ -386,9 +386,9 @@ def _train(config, workdir: str, *, components, devices) -> dict:
       data = comps.make_iterator(start, pidx, pcount)
 
   compute_dtype = config.train.compute_dtype
-  step_fn = step_lib.jit_train_step(
+  step_fn = step_lib.CompiledSteps(step_lib.jit_train_step(
       step_lib.make_train_step(comps.loss_fn, tx, compute_dtype=compute_dtype),
-      mesh, shardings)
+      mesh, shardings))
   log_every = max(int(config.train.log_every), 1)
   eval_every = int(config.train.eval_every)
   eval_every = spe if eval_every == -1 else eval_every

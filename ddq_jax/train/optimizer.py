@@ -49,6 +49,7 @@ import optax
 from ddq_jax.model import param_groups
 from ddq_jax.model.param_groups import BACKBONE, DEFAULT, FROZEN  # noqa: F401  (re-exported)
 from ddq_jax.train.flat_optimizer import FlatAdamW, adamw_element_update, bias_corrections
+from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.ops.xla_cpu import opaque_zero
 
 
@@ -183,7 +184,8 @@ def make_optimizer(config, steps_per_epoch: int, params=None):
       lr_mults=param_groups.lr_mults(param_groups.param_rules(config)),
       weight_decay=float(o.weight_decay),
       max_norm=float(o.clip_norm or 0.0),
-      concat=bool(o.flat_update) and model_axis <= 1)
+      concat=(bool(o.flat_update) and model_axis <= 1 and
+              not shd.shards_parameters_over_data(config)))
   return tx, schedule
 
 

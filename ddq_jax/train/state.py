@@ -37,13 +37,16 @@ def create_train_state(variables: dict, tx, rng) -> TrainState:
                     opt_state=tx.init(params), rng=jnp.asarray(rng, jnp.uint32))
 
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh, *,
-                    min_size: int = shd.MIN_SHARD_SIZE,
-                    rules=shd.DEFAULT_RULES) -> TrainState:
-  """NamedShardings for every leaf under the partition rules (scalars and
-  the rng are too small to shard: replicated)."""
-  return shd.tree_shardings(abstract_state, mesh, min_size=min_size,
-                            rules=rules)
+def state_shardings(abstract_state: TrainState, mesh: Mesh, config=None, *,
+                    min_size: int | None = None, rules=None) -> TrainState:
+  """NamedShardings for every leaf under the partition rules of
+  ``config.mesh`` (``min_size`` / ``rules`` override them; no config: the
+  defaults).  Scalars and the rng are too small to shard: replicated."""
+  config_rules, config_min = shd.rules_from_config(config)
+  return shd.tree_shardings(
+      abstract_state, mesh,
+      min_size=config_min if min_size is None else min_size,
+      rules=config_rules if rules is None else rules)
 
 
 def init_train_state(init_variables: Callable[[jax.Array], dict], tx,

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
+from orbax.checkpoint import multihost as ocp_multihost
 
 from ddq_jax.precision import Precision
 from ddq_jax.train.parallel import sharding as shd
@@ -88,3 +89,38 @@ def jit_train_step(train_step, mesh: Mesh, state_shardings: TrainState, *,
       out_shardings=(state_shardings, shd.replicated(mesh)),
       donate_argnums=(0,) if donate else ())
 
+
+# How long a process waits for the others to finish compiling a step.
+COMPILE_BARRIER_TIMEOUT_S = 3 * 3600
+
+
+class CompiledSteps:
+  """A jitted step, compiled ahead of its first call for each batch
+  signature (shapes and dtypes), called through the compiled executable.
+
+  With several processes, each waits at a barrier of the coordination
+  service after compiling, so that none enters the step's first collective
+  while another still compiles: CPU (gloo) collectives give up after 30 s,
+  and two processes on one host compile at different speeds.
+  ``compile_count`` is the number of executables.
+  """
+
+  def __init__(self, jitted):
+    self.jitted = jitted
+    self._compiled: dict = {}
+
+  def __call__(self, state, batch):
+    key = tuple((k, tuple(v.shape), str(v.dtype))
+                for k, v in sorted(batch.items()))
+    fn = self._compiled.get(key)
+    if fn is None:
+      fn = self.jitted.lower(state, batch).compile()
+      if jax.process_count() > 1:
+        ocp_multihost.sync_global_processes(
+            f'ddq_train_step_compiled_{len(self._compiled)}',
+            timeout=COMPILE_BARRIER_TIMEOUT_S)
+      self._compiled[key] = fn
+    return fn(state, batch)
+
+  def compile_count(self) -> int:
+    return len(self._compiled)

@@ -100,7 +100,7 @@ def abstract_step(config, mode: str, batch: dict, mesh, *,
   tx, _ = make_optimizer(config, steps_per_epoch=1000)
   abstract = jax.eval_shape(lambda v: state_lib.create_train_state(
       v, tx, jax.random.PRNGKey(0)), variables)
-  shardings = state_lib.state_shardings(abstract, mesh)
+  shardings = state_lib.state_shardings(abstract, mesh, config)
   fn = step_lib.jit_train_step(
       step_lib.make_train_step(loss_fn, tx, compute_dtype=str(
           config.train.compute_dtype)), mesh, shardings)

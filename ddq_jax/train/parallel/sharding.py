@@ -14,6 +14,17 @@ One stack for training, evaluation and the benchmark: the mesh of
                     largest axis that the model axis divides is split over
                     'model' (Adam moments have their parameter's shape, so
                     they get the same sharding); else replicated.
+    'fsdp'          fully sharded data parallel: a leaf of at least
+                    ``min_shard_size`` elements is split on its largest
+                    axis that every device of the mesh divides, over
+                    ('data', 'model') (else one the 'data' axis divides,
+                    over 'data'; else as 'largest_axis').  The parameters,
+                    gradients and AdamW moments rest sharded; the step
+                    all-gathers the parameters where the per-device loss
+                    needs them whole and reduce-scatters the gradient, in
+                    place of the replicated layout's all-reduce.  The
+                    optimiser then updates per parameter
+                    (``optim.flat_update`` is ignored).
   Unmatched leaves are replicated.
 """
 from __future__ import annotations
@@ -30,7 +41,7 @@ from ddq_jax.train.parallel.mesh import DATA, MODEL
 
 MIN_SHARD_SIZE = 2 ** 14
 DEFAULT_RULES = (('.*', 'largest_axis'),)
-STRATEGIES = ('replicate', 'largest_axis')
+STRATEGIES = ('replicate', 'largest_axis', 'fsdp')
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -68,6 +79,30 @@ def leaf_spec(shape, model_size: int, *, min_size: int = MIN_SHARD_SIZE) -> P:
   return P()
 
 
+def fsdp_spec(shape, data_size: int, model_size: int, *,
+              min_size: int = MIN_SHARD_SIZE) -> P:
+  """PartitionSpec of one array under the 'fsdp' strategy."""
+  if int(np.prod(shape)) < min_size or not shape:
+    return P()
+  order = sorted(range(len(shape)), key=lambda i: (-shape[i], -i))
+  for size, axes in ((data_size * model_size, (DATA, MODEL)),
+                     (data_size, DATA)):
+    if size <= 1:
+      continue
+    for axis in order:
+      if shape[axis] % size == 0:
+        spec = [None] * len(shape)
+        spec[axis] = axes
+        return P(*spec)
+  return leaf_spec(shape, model_size, min_size=min_size)
+
+
+def shards_parameters_over_data(config) -> bool:
+  """Whether ``config.mesh.partition_rules`` use 'fsdp'."""
+  rules, _ = rules_from_config(config)
+  return any(strategy == 'fsdp' for _, strategy in rules)
+
+
 def _path(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(
       k, 'idx', k)))) for k in path)
@@ -78,6 +113,7 @@ def tree_shardings(tree: Any, mesh: Mesh, *, min_size: int = MIN_SHARD_SIZE,
   """NamedShardings for every leaf of ``tree`` (arrays or ShapeDtypeStructs)
   under the partition ``rules``."""
   model_size = int(mesh.shape[MODEL]) if MODEL in mesh.axis_names else 1
+  data_size = int(mesh.shape[DATA]) if DATA in mesh.axis_names else 1
   compiled = [(re.compile(r), s) for r, s in rules]
 
   def spec(path, x):
@@ -85,6 +121,9 @@ def tree_shardings(tree: Any, mesh: Mesh, *, min_size: int = MIN_SHARD_SIZE,
     strategy = next((s for r, s in compiled if r.search(name)), 'replicate')
     if strategy == 'replicate':
       return NamedSharding(mesh, P())
+    if strategy == 'fsdp':
+      return NamedSharding(mesh, fsdp_spec(np.shape(x), data_size,
+                                           model_size, min_size=min_size))
     return NamedSharding(mesh, leaf_spec(np.shape(x), model_size,
                                          min_size=min_size))
   return jax.tree_util.tree_map_with_path(spec, tree)
