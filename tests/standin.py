@@ -170,7 +170,8 @@ def setup(config, devices=None, *, min_size=None, seed=0):
   tx, _ = opt.make_optimizer(config, STEPS_PER_EPOCH)
   state, shardings = state_lib.init_train_state(
       init_variables, tx, jax.random.PRNGKey(seed), mesh,
-      min_size=shd.MIN_SHARD_SIZE if min_size is None else min_size)
+      min_size=shd.MIN_SHARD_SIZE if min_size is None else min_size,
+      rules=shd.rules_from_config(config)[0])
   step = step_lib.jit_train_step(
       step_lib.make_train_step(loss_fn, tx,
                                compute_dtype=config.train.compute_dtype),

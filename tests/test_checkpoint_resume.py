@@ -88,6 +88,16 @@ def test_restore_into_other_meshes(tmp_path, uninterrupted):
   _, rest = standin.run_steps(s2, state, meta['data_position'], 3)
   np.testing.assert_allclose(rest, uninterrupted[3:], rtol=1e-5)
 
+  # -> fully sharded: parameters and moments split over all 8 devices.
+  c3 = standin.config()
+  c3.mesh.partition_rules = (('.*', 'fsdp'),)
+  s3 = standin.setup(c3, jax.devices(), min_size=256, seed=7)
+  state, meta = Checkpointer(ckpt_dir).restore(s3['state'])
+  assert state.params['hidden']['kernel'].sharding.spec == \
+      jax.sharding.PartitionSpec(None, ('data', 'model'))
+  _, rest = standin.run_steps(s3, state, meta['data_position'], 3)
+  np.testing.assert_allclose(rest, uninterrupted[3:], rtol=1e-5)
+
 
 class _Iter:
   """Deterministic-by-step stand-in data; sends SIGTERM to this process
