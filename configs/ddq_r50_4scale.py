@@ -178,6 +178,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.remat.backbone = 'full'   # each trainable ResNet block
   # Trace identical encoder layers once (scan over their parameters).
   c.train.scan_layers = True
+  # 'config': scan_layers and remat as written above.  'auto': compile the
+  # step for each layer plan, fastest first (unrolled without remat ...
+  # scanned with full remat), and train with the first whose compiled peak
+  # fits memory_budget_gb per device (0: the device's memory); see
+  # ddq_jax/train/memory_plan.py.
+  c.train.memory = 'config'
+  c.train.memory_budget_gb = 0.0
 
   # ---- parallelism -----------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

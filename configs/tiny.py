@@ -39,5 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.global_batch_size = 8
   c.train.log_every = 10
   c.train.checkpoint_every = 100
+  # Small enough to run unrolled without remat: the fastest plan that fits.
+  c.train.memory = 'auto'
   c.eval.batch_size = 8
   return c

@@ -62,6 +62,7 @@ from ddq_jax.serve.detect import jit_detect_fn
 from ddq_jax.tools.accelerators import deviceless, targets
 from ddq_jax.tools.accelerators.hlo_stats import memory_figures
 from ddq_jax.tools.profiling import analyze, hot_spots
+from ddq_jax.train import memory_plan
 from ddq_jax.train import state as state_lib
 from ddq_jax.train import step as step_lib
 from ddq_jax.train.objective import make_loss_fn
@@ -232,6 +233,19 @@ def build_step(config, mode: str, variables, batch: dict, mesh):
   return fn, (state, batch), step
 
 
+def _memory_plan(config, variables, batch: dict, mesh, canvas):
+  """``train.memory=auto`` at the benchmark's canvas: (the chosen config,
+  the plans compiled with their peaks)."""
+  tx, _ = make_optimizer(config, steps_per_epoch=1000)
+  abstract = jax.eval_shape(lambda v: state_lib.create_train_state(
+      v, tx, jax.random.PRNGKey(0)), variables)
+  chosen, _, _, report = memory_plan.plan_train_step(
+      config, host_batch=batch, state=abstract, tx=tx, mesh=mesh,
+      shardings=state_lib.state_shardings(abstract, mesh, config),
+      canvas=canvas)
+  return chosen, report
+
+
 def run(args) -> dict:
   config = args.config_dict
   devices = jax.devices()[:args.devices] if args.devices else jax.devices()
@@ -259,6 +273,10 @@ def run(args) -> dict:
     batch = {k: batch[k] for k in ('images', 'img_shapes', 'scale_factors')}
   else:
     batch = {k: v for k, v in batch.items() if k != 'scale_factors'}
+  plan = None
+  if args.mode == 'train' and memory_plan.memory_mode(config) == 'auto':
+    config, plan = _memory_plan(config, variables, batch, mesh,
+                                tuple(args.size))
   fn, fargs, step = build_step(config, args.mode, variables, batch, mesh)
   t = time.perf_counter()
   lowered = fn.lower(*fargs)
@@ -272,6 +290,8 @@ def run(args) -> dict:
               device_kind=devices[0].device_kind,
               platform=devices[0].platform, init_s=round(init_s, 2),
               **stats)
+  if plan is not None:
+    head['memory_plan'] = plan
   if args.compile_only:
     return dict(head, compile_only=True, jax=jax.__version__,
                 host_cpus=os.cpu_count(),

@@ -23,14 +23,16 @@ CHECKSUM_ALGO = 'u32-position-weighted-sum-v1'
 # Config keys that may change when a run resumes (prefixes of dotted keys):
 # run length, logging / evaluation / checkpoint cadence, data loading,
 # the device layout, the fault guards, and how matching is computed (every
-# solver is exact).  Everything else must equal the checkpoint's config.
+# solver is exact), and the layer plan (scans and remat never change values).
+# Everything else must equal the checkpoint's config.
 RESUME_MAY_CHANGE = (
     'train.max_steps', 'train.log_every', 'train.eval_every',
     'train.checkpoint_every', 'train.keep_checkpoints', 'train.init_from',
     'train.init_from_partial',
     'train.max_nonfinite_steps', 'train.inject_nan_at_steps',
     'train.resume_may_change', 'eval.', 'mesh.', 'data.num_workers',
-    'loss.hungarian_solver')
+    'loss.hungarian_solver', 'train.memory', 'train.scan_layers',
+    'train.remat.')
 
 
 def _leaf_bits(x: jax.Array) -> jax.Array:

@@ -61,6 +61,7 @@ from ddq_jax.serve.detect import jit_detect_fn
 from ddq_jax.serve.drawing import draw_eval_images
 from ddq_jax.train import checkpoint as ckpt_lib
 from ddq_jax.train import integrity
+from ddq_jax.train import memory_plan
 from ddq_jax.train import nonfinite
 from ddq_jax.train import optimizer as opt_lib
 from ddq_jax.train import state as state_lib
@@ -385,10 +386,23 @@ def _train(config, workdir: str, *, components, devices) -> dict:
     else:
       data = comps.make_iterator(start, pidx, pcount)
 
-  compute_dtype = config.train.compute_dtype
+  loss_fn, first_host, planned = comps.loss_fn, None, None
+  if memory_plan.memory_mode(config) == 'auto':
+    if components is not None:
+      log.warning('train.memory=auto plans the real model only: these '
+                  'components run as configured')
+    else:
+      first_host = {k: v for k, v in next(data).items() if k in TRAIN_KEYS}
+      config, loss_fn, planned, _ = memory_plan.plan_train_step(
+          config, host_batch=first_host, state=state, tx=tx, mesh=mesh,
+          shardings=shardings)
   step_fn = step_lib.CompiledSteps(step_lib.jit_train_step(
-      step_lib.make_train_step(comps.loss_fn, tx, compute_dtype=compute_dtype),
+      step_lib.make_train_step(loss_fn, tx,
+                               compute_dtype=config.train.compute_dtype),
       mesh, shardings))
+  if planned is not None:
+    step_fn.add(memory_plan.largest_canvas_batch(first_host, config, mesh),
+                planned)
   log_every = max(int(config.train.log_every), 1)
   eval_every = int(config.train.eval_every)
   eval_every = spe if eval_every == -1 else eval_every
@@ -414,7 +428,8 @@ def _train(config, workdir: str, *, components, devices) -> dict:
     failed = None
     try:
       while step < total:
-        host = next(data)
+        host, first_host = (first_host if first_host is not None
+                            else next(data)), None
         if step in poison:  # test hook: a NaN input at this step
           host = dict(host, images=np.full_like(host['images'], np.nan))
         batch = shd.shard_batch({k: host[k] for k in TRAIN_KEYS if k in host},

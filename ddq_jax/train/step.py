@@ -109,9 +109,19 @@ class CompiledSteps:
     self.jitted = jitted
     self._compiled: dict = {}
 
+  @staticmethod
+  def signature(batch: dict) -> tuple:
+    """A batch's (key, shape, dtype) entries: one executable per value."""
+    return tuple((k, tuple(v.shape), str(v.dtype))
+                 for k, v in sorted(batch.items()))
+
+  def add(self, batch: dict, compiled) -> None:
+    """Uses ``compiled`` (this step, compiled elsewhere, e.g. by
+    ``memory_plan``) for batches of ``batch``'s signature."""
+    self._compiled[self.signature(batch)] = compiled
+
   def __call__(self, state, batch):
-    key = tuple((k, tuple(v.shape), str(v.dtype))
-                for k, v in sorted(batch.items()))
+    key = self.signature(batch)
     fn = self._compiled.get(key)
     if fn is None:
       fn = self.jitted.lower(state, batch).compile()
