@@ -15,7 +15,7 @@ take (B, 2) per-image sizes as arrays (static shapes):
 
 * ``padded_to_window``: an extent padded to whole windows;
 * ``per_image_roll``: ``jnp.roll`` of each image's own padded map, on the
-  canvas map (positions past it stay in place);
+  canvas map;
 * ``shifted_window_regions``: the regions whose differences make the -100
   mask, from each image's own padded size, window by window.
 """
@@ -101,7 +101,8 @@ def _roll_index(padded, *, size: int, shift: int):
 def per_image_roll(x, padded, *, shift: int):
   """x (B, H, W, C), padded (B, 2) int (h_p, w_p) <= (H, W) -> x with each
   image's top-left (h_p, w_p) block rolled by ``shift`` along both axes
-  (``jnp.roll(block, (shift, shift), (0, 1))``), the rest in place."""
+  (``jnp.roll(block, (shift, shift), (0, 1))``); the positions outside
+  it only exchange values among themselves."""
   rows = _roll_index(padded[:, 0], size=x.shape[1], shift=shift)
   cols = _roll_index(padded[:, 1], size=x.shape[2], shift=shift)
   return jax.vmap(lambda xi, r, c: xi[r][:, c])(x, rows, cols)
