@@ -36,10 +36,18 @@ What the reference does and this reproduces:
     and ``.eval()``.  ``from_config`` reads k from the frozen parameters of
     ``model/param_groups.py``, the list the optimiser reads.
 
+Padding invariance (``extents`` given, inference): each image's map at
+stage i is its top-left ceil((h, w) / (4 * 2**i)) block, and everything
+that depends on the map's size (the zero padding of PatchEmbed, of every
+block's windows and of PatchMerging, the shifted blocks' roll and their
+-100 regions) follows each image's own size, as the reference computes it
+for the image alone (swin_attention.py, docs/PADDING.md).
+
 Memory and compile time (no change to the numbers): ``train.remat.backbone``
 re-materialises each trainable block; ``train.scan_layers`` scans each
 stage's (regular, shifted) block pairs (``SwinBlockPair``; stage 3 of
-Swin-L: 9 pairs traced once).  The window geometry is in swin_windows.py.
+Swin-L: 9 pairs traced once).  The window attention is in
+swin_attention.py, the window geometry in swin_windows.py.
 
 Init (``init_cfg=None``): Linear weights truncated normal std 0.02 and
 biases 0, LayerNorm 1 / 0, the relative position bias tables zeros (the
