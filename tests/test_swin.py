@@ -137,8 +137,8 @@ def test_frozen_stages_get_no_gradient(config):
     assert frozen == (names[0] in ('patch_embed', 'stages_0', 'norm0')), names
     if frozen:
       assert not np.asarray(g).any(), names
-  assert np.asarray(grads['stages_1']['blocks_0']['attn']['w_msa']['qkv']
-                    ['kernel']).any()
+  assert np.asarray(grads['stages_1']['pairs']['regular']['attn']['w_msa']
+                    ['qkv']['kernel']).any()
 
 
 def test_optimizer_labels_follow_swin_frozen_stages(config):
@@ -148,14 +148,16 @@ def test_optimizer_labels_follow_swin_frozen_stages(config):
             'neck': {'w': jnp.zeros(())}}
   c = config.copy_and_resolve_references()
   labels = param_labels(params, c)  # frozen_stages -1: LayerNorms train
-  assert labels['backbone']['stages_0']['blocks_0']['norm1']['scale'] == BACKBONE
+  assert labels['backbone']['stages_0']['pairs']['regular']['norm1'][
+      'scale'] == BACKBONE
   assert labels['neck']['w'] == DEFAULT
   c.backbone.frozen_stages = 1
   labels = param_labels(params, c)
   assert labels['backbone']['patch_embed']['projection']['kernel'] == FROZEN
   assert labels['backbone']['stages_0']['downsample']['reduction']['kernel'] == FROZEN
   assert labels['backbone']['norm0']['scale'] == FROZEN
-  assert labels['backbone']['stages_1']['blocks_1']['norm2']['scale'] == BACKBONE
+  assert labels['backbone']['stages_1']['pairs']['shifted']['norm2'][
+      'scale'] == BACKBONE
 
 
 def test_out_indices_from_config(config):

@@ -5,14 +5,21 @@ The reference as DDQ-DETR's Swin-L setting uses it (patch size 4, strides
 embedding), with mmcv's FFN / DropPath semantics.  NHWC in, a list of NHWC
 maps out (one per ``out_indices``, after that stage's ``norm{i}``).
 
-Module tree (the torch names under the naming rule, so a converted
-checkpoint loads as is):
+Module tree (the torch names under the naming rule, but for the block
+pairs, stored stacked):
 
     patch_embed/{projection, norm}
-    stages_{i}/blocks_{j}/{norm1, attn/w_msa/{qkv, proj,
+    stages_{i}/pairs/{regular, shifted}/{norm1, attn/w_msa/{qkv, proj,
         relative_position_bias_table}, norm2, ffn/{layers_0_0, layers_1}}
+                          (every leaf with a leading axis of depth // 2:
+                           entry k is torch's blocks.{2k} / blocks.{2k+1})
+    stages_{i}/blocks_{depth-1}/...              (an odd last block)
     stages_{i}/downsample/{norm, reduction}      (i < num_stages - 1)
     norm{i}                                      (i in out_indices)
+
+The per-block torch names live at the conversion boundary
+(io/conversion/mapping.py ``STACKED``: conversion stacks, export unstacks,
+and weights written per block load, stacked once when read).
 
 What the reference does and this reproduces:
   * PatchEmbed pads the image bottom/right with zeros to a multiple of the
@@ -44,9 +51,10 @@ block's windows and of PatchMerging, the shifted blocks' roll and their
 for the image alone (swin_attention.py, docs/PADDING.md).
 
 Memory and compile time (no change to the numbers): ``train.remat.backbone``
-re-materialises each trainable block; ``train.scan_layers`` scans each
-stage's (regular, shifted) block pairs (``SwinBlockPair``; stage 3 of
-Swin-L: 9 pairs traced once).  The window attention is in
+re-materialises each trainable block pair; each stage's (regular, shifted)
+block pairs (``SwinBlockPair``) run as one ``lax.scan`` over their stacked
+parameters, a loop with ``train.scan_layers`` (stage 3 of Swin-L: 9 pairs
+traced once), else the same scan unrolled.  The window attention is in
 swin_attention.py, the window geometry in swin_windows.py.
 
 Init (``init_cfg=None``): Linear weights truncated normal std 0.02 and
@@ -73,10 +81,6 @@ from ddq_jax.model.swin_attention import dense, DROP_RNG, ShiftWindowMSA, Window
 from ddq_jax.model.swin_windows import pad_bottom_right, unfold_2x2
 
 LN_EPS = 1e-5  # mmcv build_norm_layer(dict(type='LN')): torch's default
-# A stage scans its block pairs when it has at least this many: in a scan
-# the remat of a pair holds on XLA:CPU (unrolled, XLA overlaps the
-# recomputed forward passes: measured, benchmarks/RESULTS.md "Swin-L").
-MIN_SCANNED_PAIRS = 1
 
 # torch Conv2d default: kaiming_uniform(a=sqrt(5)) -> U(+-1/sqrt(fan_in)).
 _torch_conv_kernel = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in',
@@ -163,10 +167,9 @@ class SwinBlock(_SwinBlockOptions, kw_only=True):
 
 class SwinBlockPair(_SwinBlockOptions, kw_only=True):
   """A regular block then a shifted one (a stage's blocks 2k and 2k + 1),
-  their drop-path rates traced: the unit a stage scans.  Its parameters
-  ``{'regular': blocks_{2k}, 'shifted': blocks_{2k+1}}`` are assembled
-  from the stage's on the fly (``pair_params``), so the checkpoint layout
-  does not change."""
+  their drop-path rates traced: the unit a stage stores stacked and scans
+  (``stages_{i}/pairs/{regular, shifted}``, entry k of the leading axis
+  being torch's ``blocks.{2k}`` and ``blocks.{2k+1}``)."""
 
   @nn.compact
   def __call__(self, x, extent, rates):
@@ -175,14 +178,6 @@ class SwinBlockPair(_SwinBlockOptions, kw_only=True):
     opts = self.swin_block_options()
     x = SwinBlock(**opts, shift=False, name='regular')(x, rates[0], extent)
     return SwinBlock(**opts, shift=True, name='shifted')(x, rates[1], extent)
-
-
-def pair_params(params, num_pairs: int) -> dict:
-  """A stage's ``blocks_{j}`` parameters regrouped as ``pair_{k}``:
-  {'regular': blocks_{2k}, 'shifted': blocks_{2k+1}} (no copy)."""
-  return {f'pair_{k}': {'regular': params[f'blocks_{2 * k}'],
-                        'shifted': params[f'blocks_{2 * k + 1}']}
-          for k in range(num_pairs)}
 
 
 class PatchMerging(nn.Module):
@@ -227,11 +222,12 @@ class SwinStage(_SwinBlockOptions, kw_only=True):
   optional PatchMerging.  Returns (input of the next stage, this stage's
   output before its norm).
 
-  ``remat`` ('none' | 'minimal' | 'full', models/remat.py) re-materialises
-  each block (each scanned pair) in the backward pass.  ``scan``: the
-  (regular, shifted) pairs are one ``lax.scan`` over their stacked
-  parameters (a block pair traced once; an odd last block stays unrolled).
-  Neither changes the numbers beyond float32 rounding.
+  The (regular, shifted) pairs are stored stacked (``pairs``) and run as
+  one ``lax.scan``; an odd last block is a module of its own.  ``remat``
+  ('none' | 'minimal' | 'full', models/remat.py) re-materialises each pair
+  (and the odd block) in the backward pass.  ``scan``: the scan is a loop
+  (a block pair traced once); False unrolls it.  Neither changes the
+  numbers beyond float32 rounding.
   """
   depth: int
   drop_path_rates: Sequence[float] = ()
@@ -244,30 +240,30 @@ class SwinStage(_SwinBlockOptions, kw_only=True):
   def __call__(self, x, extent=None):
     """x (B, H, W, C); ``extent`` (B, 2) int: each image's (h, w) on this
     map (padding-invariant mode; ``SwinBlock``, ``PatchMerging``)."""
+    opts = self.swin_block_options()
     policy = remat_lib.checkpoint_policy(self.remat)
-    block_cls = SwinBlock
-    if self.remat != 'none':
-      block_cls = nn.remat(SwinBlock, policy=policy)
     rates = tuple(self.drop_path_rates) or (0.0,) * self.depth
     num_pairs = self.depth // 2
-    start = 0
-    if (self.scan and num_pairs >= MIN_SCANNED_PAIRS
-        and not self.is_initializing()):
-      start = 2 * num_pairs
-      rngs = None
-      if not self.deterministic:
-        rngs = {DROP_RNG: self.make_rng(DROP_RNG)}
-      x = remat_lib.scan_layer_variables(
-          SwinBlockPair(**self.swin_block_options()), x, (extent,),
-          {'params': pair_params(self.variables['params'], num_pairs)},
-          names=[f'pair_{k}' for k in range(num_pairs)],
-          policy=policy, remat=self.remat != 'none',
-          per_layer=(np.asarray(rates[:start], np.float32).reshape(
-              num_pairs, 2),), rngs=rngs)
-    for j in range(start, self.depth):
-      x = block_cls(**self.swin_block_options(), shift=j % 2 == 1,
-                    drop_path_rate=rates[j], name=f'blocks_{j}')(
-                        x, None, extent)
+    if num_pairs:
+      pair_rates = np.asarray(rates[:2 * num_pairs], np.float32).reshape(
+          num_pairs, 2)
+      # Parameters do not depend on dropout: init deterministic.
+      pairs = remat_lib.stacked_params(
+          self, 'pairs', SwinBlockPair(**dict(opts, deterministic=True),
+                                       parent=None),
+          num_pairs, x, extent, pair_rates[0])
+      rngs = None if self.deterministic else {
+          DROP_RNG: self.make_rng(DROP_RNG)}
+      x = remat_lib.scan_stacked(
+          SwinBlockPair(**opts, parent=None), x, (extent,),
+          {'params': pairs}, policy=policy, remat=self.remat != 'none',
+          unroll=not self.scan, per_layer=(pair_rates,), rngs=rngs)
+    if self.depth % 2:  # the odd last block: a regular one
+      block_cls = SwinBlock
+      if self.remat != 'none':
+        block_cls = nn.remat(SwinBlock, policy=policy)
+      x = block_cls(**opts, shift=False, drop_path_rate=rates[-1],
+                    name=f'blocks_{self.depth - 1}')(x, None, extent)
     if not self.downsample:
       return x, x
     down = PatchMerging(2 * self.embed_dims, self.patch_norm,
