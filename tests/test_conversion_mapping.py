@@ -11,6 +11,7 @@ import pytest
 
 from ddq_jax.config import load_config
 from ddq_jax.io.conversion.converter import convert_checkpoint
+from ddq_jax.io.conversion.export import to_reference_names
 from ddq_jax.io.conversion.mapping import match_rule, stack_layers, torch_names_by_path, unstack_layers
 from ddq_jax.io.conversion.torch_pickle import load_torch_checkpoint, state_dict_of
 from ddq_jax.io.conversion.weights_io import save_converted
@@ -179,3 +180,18 @@ def test_swin_error_messages_name_the_torch_blocks():
   assert names[path] == 'backbone.stages.2.blocks.*.norm1.weight'
   assert names[('params', 'backbone', 'stages_3', 'blocks_0', 'norm1',
                 'scale')] == 'backbone.stages.3.blocks.0.norm1.weight'
+
+
+def test_swin_exports_back_to_the_checkpoint(swin_variables):
+  """Export (to_reference_names) unstacks the pairs: every tensor of the
+  Swin checkpoint comes back bit for bit under its torch name."""
+  sd = state_dict_of(load_torch_checkpoint(
+      os.path.join(DATA, 'tiny_swin', 'checkpoint.pth')))
+  out = to_reference_names(swin_variables, {k: np.ndim(v)
+                                            for k, v in sd.items()})
+  assert 'backbone.stages.2.blocks.1.attn.w_msa.qkv.weight' in out
+  for name, value in out.items():
+    np.testing.assert_array_equal(value, np.asarray(sd[name]), err_msg=name)
+  mapped = [k for k, v in sd.items()
+            if match_rule(k, np.ndim(v))[1][:1] == ('params',)]
+  assert sorted(out) == sorted(mapped)
