@@ -55,6 +55,4 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.flat_update = False
   c.optim.epochs = 30
   c.optim.decay_epochs = (20, 26)
-  # Padding-invariant inference is ResNet-only for now (models/backbones.py).
-  c.padding_invariant = False
   return c

@@ -23,6 +23,4 @@ def get_config() -> ml_collections.ConfigDict:
   c.backbone.drop_path_rate = 0.0
   c.backbone.pretrain_img_size = 64
   c.optim.backbone_lr_mult = swin.optim.backbone_lr_mult
-  # Padding-invariant inference is ResNet-only for now (models/backbones.py).
-  c.padding_invariant = False
   return c

@@ -42,7 +42,7 @@ def test_stored_config_missing_fields_takes_the_defaults(tmp_path):
 def test_stored_swin_config_takes_the_swin_defaults():
   c = complete_config({'backbone': {'type': 'swin', 'embed_dims': 32}})
   assert c.backbone.embed_dims == 32 and c.backbone.window_size == 12
-  assert 'depth' not in c.backbone and c.padding_invariant is False
+  assert 'depth' not in c.backbone and c.padding_invariant is True
 
 
 @pytest.mark.parametrize('data, message', [

@@ -1,5 +1,6 @@
 """The declarative torch -> Flax table covers the real models' manifests;
-identical layers are stacked at the conversion boundary."""
+identical layers (Swin block pairs included) are stacked at the conversion
+boundary."""
 import json
 import os
 
@@ -8,7 +9,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ddq_jax.io.conversion.mapping import match_rule, stack_layers, unstack_layers
+from ddq_jax.config import load_config
+from ddq_jax.io.conversion.converter import convert_checkpoint
+from ddq_jax.io.conversion.export import to_reference_names
+from ddq_jax.io.conversion.mapping import match_rule, stack_layers, torch_names_by_path, unstack_layers
+from ddq_jax.io.conversion.torch_pickle import load_torch_checkpoint, state_dict_of
 from ddq_jax.io.conversion.weights_io import save_converted
 from ddq_jax.io.weights import load_weights
 from ddq_jax.train.checkpoint import load_params_only
@@ -109,3 +114,84 @@ def test_old_layout_training_run_loads_converted_once(tmp_path,
   mngr.wait_until_finished()
   mngr.close()
   _assert_same_tree(load_params_only(str(tmp_path)), tiny_variables)
+
+
+@pytest.fixture(scope='module')
+def swin_variables():
+  variables, _, _ = convert_checkpoint(
+      os.path.join(DATA, 'tiny_swin', 'checkpoint.pth'))
+  return variables
+
+
+def test_swin_block_pairs_are_stacked(swin_variables):
+  """A Swin stage's (regular, shifted) block pairs are stored stacked
+  (``stages_i/pairs/{regular, shifted}``, entry k being torch's blocks
+  2k / 2k + 1), an odd last block on its own; unstacking gives torch's
+  per-block names back (tiny_swin: depths 1, 1, 2, 1)."""
+  bb = swin_variables['params']['backbone']
+  assert sorted(bb['stages_2']) == ['downsample', 'pairs']
+  assert sorted(bb['stages_0']) == ['blocks_0', 'downsample']
+  assert sorted(bb['stages_3']) == ['blocks_0']
+  pairs = bb['stages_2']['pairs']
+  assert pairs['shifted']['attn']['w_msa']['relative_position_bias_table'
+                                          ].shape == (1, 49, 4)
+  per_block = unstack_layers(swin_variables)['params']['backbone']
+  assert sorted(per_block['stages_2']) == ['blocks_0', 'blocks_1',
+                                           'downsample']
+  np.testing.assert_array_equal(
+      per_block['stages_2']['blocks_1']['norm2']['scale'],
+      pairs['shifted']['norm2']['scale'][0])
+  _assert_same_tree(stack_layers(unstack_layers(swin_variables)),
+                    swin_variables)
+  _assert_same_tree(stack_layers(swin_variables), swin_variables)
+
+
+def test_swin_odd_last_block_stays_per_block():
+  """Depth 5: blocks 0-3 stack as two pairs, block 4 stays; names and order
+  survive the round trip."""
+  blocks = {f'blocks_{j}': {'norm1': {'scale': np.full(3, j, np.float32)}}
+            for j in range(5)}
+  tree = {'params': {'backbone': {'stages_1': blocks}}}
+  stacked = stack_layers(tree)['params']['backbone']['stages_1']
+  assert sorted(stacked) == ['blocks_4', 'pairs']
+  np.testing.assert_array_equal(
+      stacked['pairs']['regular']['norm1']['scale'][:, 0], [0, 2])
+  np.testing.assert_array_equal(
+      stacked['pairs']['shifted']['norm1']['scale'][:, 0], [1, 3])
+  _assert_same_tree(unstack_layers(stack_layers(tree)), tree)
+
+
+def test_swin_old_per_block_weights_load_converted_once(tmp_path,
+                                                         swin_variables):
+  """Swin weights written per block (``stages_2/blocks_0``, as before the
+  pairs were stored stacked) load stacked, identical to a fresh
+  conversion."""
+  out = str(tmp_path / 'old_swin')
+  save_converted(out, unstack_layers(swin_variables), load_config('tiny_swin'))
+  variables, _ = load_weights(out)
+  _assert_same_tree(variables, swin_variables)
+
+
+def test_swin_error_messages_name_the_torch_blocks():
+  names = torch_names_by_path(state_dict_of(load_torch_checkpoint(
+      os.path.join(DATA, 'tiny_swin', 'checkpoint.pth'))))
+  path = ('params', 'backbone', 'stages_2', 'pairs', 'shifted', 'norm1',
+          'scale')
+  assert names[path] == 'backbone.stages.2.blocks.*.norm1.weight'
+  assert names[('params', 'backbone', 'stages_3', 'blocks_0', 'norm1',
+                'scale')] == 'backbone.stages.3.blocks.0.norm1.weight'
+
+
+def test_swin_exports_back_to_the_checkpoint(swin_variables):
+  """Export (to_reference_names) unstacks the pairs: every tensor of the
+  Swin checkpoint comes back bit for bit under its torch name."""
+  sd = state_dict_of(load_torch_checkpoint(
+      os.path.join(DATA, 'tiny_swin', 'checkpoint.pth')))
+  out = to_reference_names(swin_variables, {k: np.ndim(v)
+                                            for k, v in sd.items()})
+  assert 'backbone.stages.2.blocks.1.attn.w_msa.qkv.weight' in out
+  for name, value in out.items():
+    np.testing.assert_array_equal(value, np.asarray(sd[name]), err_msg=name)
+  mapped = [k for k, v in sd.items()
+            if match_rule(k, np.ndim(v))[1][:1] == ('params',)]
+  assert sorted(out) == sorted(mapped)

@@ -1,6 +1,7 @@
 """Padding invariance: an image on any canvas, next to any other image, gives
 the reference's batch-1 unpadded result (tiny_single/a, b: 77x131, 139x83,
-no side a multiple of any stride).
+no side a multiple of any stride; the Swin model on the same images:
+tiny_swin_single).
 
 Both images share one batch on canvases that no stride divides, that only
 the small strides divide, and one much larger than either image; every
@@ -18,6 +19,7 @@ import pytest
 from ddq_jax.config import load_config
 from ddq_jax.data import transforms as T
 from ddq_jax.data.batching import eval_canvases, fits_any, padding_overhead
+from ddq_jax.io.conversion.converter import convert_checkpoint
 from ddq_jax.io.weights import load_weights
 from ddq_jax.model.detector import INTERMEDIATES, build_model
 from ddq_jax.model.extents import extent_valid, image_extents
@@ -120,6 +122,42 @@ def test_canvas_gives_unpadded_reference(canvas, order, canvas_runs,
       assert key in res, key
     bad = [r.line() for r in res.values() if not r.ok]
     assert not bad, (name, canvas, bad)
+
+
+SWIN_SINGLE = os.path.join(os.path.dirname(__file__), 'data',
+                           'tiny_swin_single')
+SWIN_CHECKPOINT = os.path.join(os.path.dirname(__file__), 'data',
+                               'tiny_swin', 'checkpoint.pth')
+
+
+@pytest.fixture(scope='module')
+def swin_invariant_apply():
+  variables, config, _ = convert_checkpoint(SWIN_CHECKPOINT)
+  config.padding_invariant = True
+  model = build_model(config)
+  fn = jax.jit(lambda v, *a: model.apply(v, a[0], a[1], img_shapes=a[2],
+                                         scale_factors=a[3],
+                                         mutable=[INTERMEDIATES])[1])
+  return lambda *a: dict(jax.device_get(fn(variables, *a))[INTERMEDIATES])
+
+
+@pytest.mark.parametrize('order', [('a', 'b'), ('b', 'a')])
+def test_swin_images_batched_on_a_canvas_give_batch1_reference(
+    order, swin_invariant_apply):
+  """The Swin model (tiny_swin's weights), both images in one batch on a
+  canvas that no stage's window grid divides: each gets the reference's
+  batch-1 result (tiny_swin_single), whichever image is its neighbour."""
+  bundles = {n: (_npz(os.path.join(SWIN_SINGLE, n, 'inputs.npz')),
+                 _npz(os.path.join(SWIN_SINGLE, n, 'infer.npz')))
+             for n in NAMES}
+  out = swin_invariant_apply(*_batch(bundles, ''.join(order), CANVASES[0]))
+  for i, name in enumerate(order):
+    res = worst_errors(_image(out, i), bundles[name][1])
+    for key in ('backbone_feat_0', 'backbone_feat_2', 'neck_feat_3',
+                'memory', 'hidden_states', 'det_bboxes', 'det_labels'):
+      assert key in res, key
+    bad = [r.line() for r in res.values() if not r.ok]
+    assert not bad, (name, bad)
 
 
 def test_batched_reference_mode_depends_on_canvas(bundles, tiny_variables,

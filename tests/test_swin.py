@@ -17,7 +17,7 @@ from ddq_jax.io.conversion.mapping import convert_state_dict, match_rule, unstac
 from ddq_jax.io.conversion.mmdet_config import config_from_mmdet
 from ddq_jax.io.conversion.torch_pickle import (load_torch_checkpoint,
     state_dict_of)
-from ddq_jax.model import param_groups, swin
+from ddq_jax.model import param_groups, swin, swin_windows
 from ddq_jax.model.backbones import backbone_out_channels, build_backbone
 from ddq_jax.train.loop import load_pretrained
 from ddq_jax.train.optimizer import BACKBONE, DEFAULT, FROZEN, param_labels
@@ -69,12 +69,12 @@ def test_backbone_matches_reference(config, swin_params):
 
 def test_relative_position_index_matches_checkpoint(swin_state_dict):
   key = 'backbone.stages.0.blocks.0.attn.w_msa.relative_position_index'
-  np.testing.assert_array_equal(swin.relative_position_index(4),
+  np.testing.assert_array_equal(swin_windows.relative_position_index(4),
                                 swin_state_dict[key])
 
 
 def test_shifted_window_mask_regions():
-  mask = swin.shifted_window_mask(8, 8, window=4, shift=2)
+  mask = swin_windows.shifted_window_mask(8, 8, window=4, shift=2)
   assert mask.shape == (4, 16, 16)
   assert not mask[0].any()  # the top-left window is one region
   assert set(np.unique(mask)) == {0.0, -100.0}
@@ -137,8 +137,8 @@ def test_frozen_stages_get_no_gradient(config):
     assert frozen == (names[0] in ('patch_embed', 'stages_0', 'norm0')), names
     if frozen:
       assert not np.asarray(g).any(), names
-  assert np.asarray(grads['stages_1']['blocks_0']['attn']['w_msa']['qkv']
-                    ['kernel']).any()
+  assert np.asarray(grads['stages_1']['pairs']['regular']['attn']['w_msa']
+                    ['qkv']['kernel']).any()
 
 
 def test_optimizer_labels_follow_swin_frozen_stages(config):
@@ -148,14 +148,16 @@ def test_optimizer_labels_follow_swin_frozen_stages(config):
             'neck': {'w': jnp.zeros(())}}
   c = config.copy_and_resolve_references()
   labels = param_labels(params, c)  # frozen_stages -1: LayerNorms train
-  assert labels['backbone']['stages_0']['blocks_0']['norm1']['scale'] == BACKBONE
+  assert labels['backbone']['stages_0']['pairs']['regular']['norm1'][
+      'scale'] == BACKBONE
   assert labels['neck']['w'] == DEFAULT
   c.backbone.frozen_stages = 1
   labels = param_labels(params, c)
   assert labels['backbone']['patch_embed']['projection']['kernel'] == FROZEN
   assert labels['backbone']['stages_0']['downsample']['reduction']['kernel'] == FROZEN
   assert labels['backbone']['norm0']['scale'] == FROZEN
-  assert labels['backbone']['stages_1']['blocks_1']['norm2']['scale'] == BACKBONE
+  assert labels['backbone']['stages_1']['pairs']['shifted']['norm2'][
+      'scale'] == BACKBONE
 
 
 def test_out_indices_from_config(config):

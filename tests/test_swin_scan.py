@@ -1,6 +1,6 @@
-"""Swin block pairs scanned (``train.scan_layers``) and rematerialised
-(``train.remat.backbone``): the same numbers as the unrolled blocks, the
-same parameter layout, one traced block pair per scanned stage."""
+"""Swin block pairs stored stacked, scanned (``train.scan_layers``) and
+rematerialised (``train.remat.backbone``): the same numbers as the unrolled
+scan, the same parameter layout, one traced block pair per scanned stage."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +8,7 @@ import pytest
 
 from ddq_jax.compilation_cache import compile_count
 from ddq_jax.config import load_config
+from ddq_jax.io.conversion.mapping import stack_layers, unstack_layers
 from ddq_jax.model import swin
 
 # Stage 0: one block (never scanned); stage 1: five blocks, two (regular,
@@ -35,12 +36,35 @@ def _loss(model):
   return jax.jit(jax.value_and_grad(loss))
 
 
-def test_scan_keeps_the_parameter_layout(params):
+def test_block_pairs_are_stored_stacked(params):
+  """Stage 1's two (regular, shifted) pairs are stored stacked, its odd last
+  block on its own, whatever scan and remat say; torch's per-block names
+  come back at the conversion boundary (mapping.unstack_layers)."""
   scanned = jax.eval_shape(_model(scan=True, remat='full').init,
                            jax.random.key(1), _X)['params']
   assert (jax.tree.structure(scanned) == jax.tree.structure(params))
-  assert sorted(params['stages_1']) == ['blocks_0', 'blocks_1', 'blocks_2',
-                                        'blocks_3', 'blocks_4']
+  assert sorted(params['stages_1']) == ['blocks_4', 'pairs']
+  assert sorted(params['stages_0']) == ['blocks_0', 'downsample']
+  pairs = params['stages_1']['pairs']
+  assert sorted(pairs) == ['regular', 'shifted']
+  assert pairs['shifted']['attn']['w_msa']['qkv']['kernel'].shape == (
+      2, 32, 96)
+  per_block = unstack_layers({'params': {'backbone': params}})['params'][
+      'backbone']
+  assert sorted(per_block['stages_1']) == ['blocks_0', 'blocks_1', 'blocks_2',
+                                           'blocks_3', 'blocks_4']
+  np.testing.assert_array_equal(
+      per_block['stages_1']['blocks_3']['norm1']['scale'],
+      pairs['shifted']['norm1']['scale'][1])
+  restacked = stack_layers({'params': {'backbone': per_block}})['params'][
+      'backbone']
+  assert jax.tree.structure(restacked) == jax.tree.structure(params)
+
+
+def test_pairs_init_independently(params):
+  """One init per pair (stacked_params), as separate blocks would be."""
+  kernel = params['stages_1']['pairs']['regular']['ffn']['layers_1']['kernel']
+  assert not np.allclose(kernel[0], kernel[1])
 
 
 def test_scanned_forward_equals_unrolled(params):
@@ -67,19 +91,24 @@ def test_scanned_gradients_equal_unrolled(params, remat):
 
 
 def test_scan_traces_one_block_pair():
-  """Stage 1 of depth 8 (4 pairs): the scanned jaxpr holds one pair's
-  attention matmuls, the unrolled one eight blocks'."""
+  """Stage 1 of depth 8 (4 pairs): the jaxpr holds one pair's matmuls (6
+  per block) beside stage 0's block and its patch merging, scanned or
+  not; with
+  ``scan`` the pairs are one loop in the program, else straight-line
+  code."""
   x = jnp.zeros((1, 16, 16, 3))
   kw = dict(depths=(1, 8))
   p = jax.eval_shape(_model(**kw).init, jax.random.key(1), x)['params']
 
-  def dots(model):
-    jaxpr = jax.make_jaxpr(lambda q: model.apply({'params': q}, x))(p)
-    return str(jaxpr).count('dot_general'), 'scan' in str(jaxpr)
-  plain, has_scan_plain = dots(_model(**kw))
-  scanned, has_scan = dots(_model(scan=True, **kw))
-  assert has_scan and not has_scan_plain
-  assert scanned < plain / 2, (scanned, plain)
+  def program(model):
+    fn = lambda q: model.apply({'params': q}, x)
+    jaxpr = str(jax.make_jaxpr(fn)(p))
+    hlo = jax.jit(fn).lower(p).as_text()
+    return jaxpr.count('dot_general'), hlo.count('stablehlo.while')
+  plain_dots, plain_loops = program(_model(**kw))
+  scan_dots, scan_loops = program(_model(scan=True, **kw))
+  assert plain_dots == scan_dots == 3 * 6 + 1, (plain_dots, scan_dots)
+  assert (plain_loops, scan_loops) == (0, 1)
 
 
 def test_traced_drop_path_rate_equals_static():

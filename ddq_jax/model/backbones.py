@@ -3,8 +3,10 @@
     'resnet' -> ``backbone.ResNet`` (mmdet ResNet, style 'pytorch')
     'swin'   -> ``swin.SwinTransformer`` (mmdet SwinTransformer)
 
-Both take (B, H, W, 3) NHWC images and return a list of NHWC maps, one per
-``out_indices``; the neck and everything above do not depend on the type.
+Both take (B, H, W, 3) NHWC images (and optionally each image's (h, w)
+extent: padding-invariant inference, docs/PADDING.md) and return a list of
+NHWC maps, one per ``out_indices``, with their strides in ``out_strides``;
+the neck and everything above do not depend on the type.
 """
 from __future__ import annotations
 
@@ -45,10 +47,3 @@ def backbone_out_channels(config) -> tuple[int, ...]:
                              base_channels=int(b.base_channels),
                              out_indices=tuple(b.out_indices))
 
-
-def supports_padding_invariance(config) -> bool:
-  """Whether the backbone can zero activations outside each image's extent
-  (``config.padding_invariant``).  ResNet can; Swin's shifted windows would
-  also need per-image attention masks from the extents, which it does not
-  build yet, so a Swin model runs with the reference's batched padding."""
-  return backbone_type(config) == 'resnet'

@@ -26,14 +26,13 @@ batch-1 unpadded result (see docs/PADDING.md).
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddq_jax.model.backbones import build_backbone, supports_padding_invariance
+from ddq_jax.model.backbones import build_backbone
 from ddq_jax.model.decoder import LN_EPS, DDQDecoder
 from ddq_jax.model.denoising import CdnQueryGenerator
 from ddq_jax.model.encoder import DeformableEncoder
@@ -311,12 +310,7 @@ class DDQDETR(nn.Module):
     """
     invariant = padding_invariant
     if invariant is None:
-      invariant = (not train and bool(self.config.padding_invariant)
-                   and supports_padding_invariance(self.config))
-    elif invariant and not supports_padding_invariance(self.config):
-      raise ValueError(f'padding_invariant=True: backbone type '
-                       f'{self.config.backbone.type!r} does '
-                       'not support padding-invariant inference yet')
+      invariant = not train and bool(self.config.padding_invariant)
     enc = self.forward_encoder(images, pad_mask, invariant=invariant)
     output_memory, output_proposals = self.encoder_outputs(
         enc['memory'], enc['memory_mask'], enc['spatial_shapes'])
@@ -374,10 +368,4 @@ def postprocess(config, out: O.DetectorOutputs, img_shapes,
 
 def build_model(config) -> DDQDETR:
   """The detector for a config (``ddq_jax.config.load_config(...)``)."""
-  if config.padding_invariant and not \
-      supports_padding_invariance(config):
-    logging.getLogger('ddq_jax.model').warning(
-        'padding_invariant is on, but the %s backbone does not support it '
-        'yet: inference uses the reference\'s batched padding (evaluate at '
-        'batch 1 for the reference\'s numbers)', config.backbone.type)
   return DDQDETR(config)

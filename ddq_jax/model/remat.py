@@ -175,19 +175,3 @@ def scan_stacked(layer, carry, args, variables, *, policy=None,
                           unroll=True if unroll else 1)
   return carry
 
-
-def stack_trees(trees):
-  """Identically shaped trees -> one tree, leaves stacked on a new leading
-  axis in list order."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def scan_layer_variables(layer, carry, args, variables, *, names,
-                         policy=None, remat: bool = False, per_layer=(),
-                         rngs=None):
-  """``scan_stacked`` over layers stored one per name: ``variables`` maps a
-  collection to a dict holding every name (stacked here, on every call)."""
-  stacked = {col: stack_trees([tree[n] for n in names])
-             for col, tree in variables.items()}
-  return scan_stacked(layer, carry, args, stacked, policy=policy,
-                      remat=remat, per_layer=per_layer, rngs=rngs)

@@ -5,14 +5,21 @@ The reference as DDQ-DETR's Swin-L setting uses it (patch size 4, strides
 embedding), with mmcv's FFN / DropPath semantics.  NHWC in, a list of NHWC
 maps out (one per ``out_indices``, after that stage's ``norm{i}``).
 
-Module tree (the torch names under the naming rule, so a converted
-checkpoint loads as is):
+Module tree (the torch names under the naming rule, but for the block
+pairs, stored stacked):
 
     patch_embed/{projection, norm}
-    stages_{i}/blocks_{j}/{norm1, attn/w_msa/{qkv, proj,
+    stages_{i}/pairs/{regular, shifted}/{norm1, attn/w_msa/{qkv, proj,
         relative_position_bias_table}, norm2, ffn/{layers_0_0, layers_1}}
+                          (every leaf with a leading axis of depth // 2:
+                           entry k is torch's blocks.{2k} / blocks.{2k+1})
+    stages_{i}/blocks_{depth-1}/...              (an odd last block)
     stages_{i}/downsample/{norm, reduction}      (i < num_stages - 1)
     norm{i}                                      (i in out_indices)
+
+The per-block torch names live at the conversion boundary
+(io/conversion/mapping.py ``STACKED``: conversion stacks, export unstacks,
+and weights written per block load, stacked once when read).
 
 What the reference does and this reproduces:
   * PatchEmbed pads the image bottom/right with zeros to a multiple of the
@@ -36,10 +43,19 @@ What the reference does and this reproduces:
     and ``.eval()``.  ``from_config`` reads k from the frozen parameters of
     ``model/param_groups.py``, the list the optimiser reads.
 
+Padding invariance (``extents`` given, inference): each image's map at
+stage i is its top-left ceil((h, w) / (4 * 2**i)) block, and everything
+that depends on the map's size (the zero padding of PatchEmbed, of every
+block's windows and of PatchMerging, the shifted blocks' roll and their
+-100 regions) follows each image's own size, as the reference computes it
+for the image alone (swin_attention.py, docs/PADDING.md).
+
 Memory and compile time (no change to the numbers): ``train.remat.backbone``
-re-materialises each trainable block; ``train.scan_layers`` scans each
-stage's (regular, shifted) block pairs (``SwinBlockPair``; stage 3 of
-Swin-L: 9 pairs traced once).  The window geometry is in swin_windows.py.
+re-materialises each trainable block pair; each stage's (regular, shifted)
+block pairs (``SwinBlockPair``) run as one ``lax.scan`` over their stacked
+parameters, a loop with ``train.scan_layers`` (stage 3 of Swin-L: 9 pairs
+traced once), else the same scan unrolled.  The window attention is in
+swin_attention.py, the window geometry in swin_windows.py.
 
 Init (``init_cfg=None``): Linear weights truncated normal std 0.02 and
 biases 0, LayerNorm 1 / 0, the relative position bias tables zeros (the
@@ -60,17 +76,12 @@ import numpy as np
 from ddq_jax.model import param_groups
 from ddq_jax.model import remat as remat_lib
 from ddq_jax.model.drop_path import drop_path, drop_path_rates
-from ddq_jax.model.swin_windows import pad_bottom_right, relative_position_index, shifted_window_mask, unfold_2x2, window_partition, window_reverse
+from ddq_jax.model.extents import extent_at_stride, extent_valid, zero_outside
+from ddq_jax.model.swin_attention import dense, DROP_RNG, ShiftWindowMSA, WindowAttentionOptions
+from ddq_jax.model.swin_windows import pad_bottom_right, unfold_2x2
 
 LN_EPS = 1e-5  # mmcv build_norm_layer(dict(type='LN')): torch's default
-# A stage scans its block pairs when it has at least this many: in a scan
-# the remat of a pair holds on XLA:CPU (unrolled, XLA overlaps the
-# recomputed forward passes: measured, benchmarks/RESULTS.md "Swin-L").
-MIN_SCANNED_PAIRS = 1
-_DROP_RNG = 'dropout'
 
-_trunc_normal_02 = nn.initializers.truncated_normal(0.02, lower=-100.0,
-                                                    upper=100.0)
 # torch Conv2d default: kaiming_uniform(a=sqrt(5)) -> U(+-1/sqrt(fan_in)).
 _torch_conv_kernel = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in',
                                                       'uniform')
@@ -88,11 +99,6 @@ def _layer_norm(name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name)
 
 
-def _dense(features: int, name: str, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, kernel_init=_trunc_normal_02,
-                  bias_init=nn.initializers.zeros, name=name)
-
-
 # ---------------------------------------------------------------- pure parts
 def swin_out_channels(*, embed_dims: int, out_indices: Sequence[int]
                       ) -> tuple[int, ...]:
@@ -101,67 +107,7 @@ def swin_out_channels(*, embed_dims: int, out_indices: Sequence[int]
 
 
 # ------------------------------------------------------------------ modules
-class WindowMSA(nn.Module):
-  """Window multi-head self-attention with the relative position bias."""
-  embed_dims: int
-  num_heads: int
-  window_size: int
-  qkv_bias: bool = True
-  qk_scale: float = 0.0   # 0 (or None): head_dim ** -0.5, as the reference
-  attn_drop_rate: float = 0.0
-  proj_drop_rate: float = 0.0
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, x, mask=None):
-    """x (B*nW, N, C); mask (nW, N, N) additive or None -> (B*nW, N, C)."""
-    bn, n, c = x.shape
-    h = self.num_heads
-    w = self.window_size
-    table = self.param('relative_position_bias_table', nn.initializers.zeros,
-                       ((2 * w - 1) * (2 * w - 1), h), jnp.float32)
-    qkv = _dense(3 * c, 'qkv', self.qkv_bias)(x)
-    qkv = qkv.reshape(bn, n, 3, h, c // h).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    scale = self.qk_scale or (c // h) ** -0.5
-    attn = jnp.einsum('bhnd,bhmd->bhnm', q * scale, k)
-    index = relative_position_index(w).reshape(-1)
-    bias = table[index].reshape(n, n, h).transpose(2, 0, 1)
-    attn = attn + bias[None].astype(attn.dtype)
-    if mask is not None:
-      nw = mask.shape[0]
-      attn = attn.reshape(bn // nw, nw, h, n, n) + jnp.asarray(
-          mask, attn.dtype)[None, :, None]
-      attn = attn.reshape(bn, h, n, n)
-    attn = jax.nn.softmax(attn, axis=-1)
-    attn = nn.Dropout(self.attn_drop_rate, deterministic=self.deterministic,
-                      rng_collection=_DROP_RNG)(attn)
-    out = jnp.einsum('bhnm,bhmd->bnhd', attn, v).reshape(bn, n, c)
-    out = _dense(c, 'proj')(out)
-    return nn.Dropout(self.proj_drop_rate, deterministic=self.deterministic,
-                      rng_collection=_DROP_RNG)(out)
-
-
-class _WindowAttentionOptions(nn.Module, kw_only=True):
-  """The attributes a Swin stage hands on to its blocks, and a block to its
-  ShiftWindowMSA."""
-  embed_dims: int
-  num_heads: int
-  window_size: int = 7
-  qkv_bias: bool = True
-  qk_scale: float = 0.0
-  attn_drop_rate: float = 0.0
-  deterministic: bool = True
-
-  def window_attention_options(self) -> dict:
-    """These attributes as keyword arguments."""
-    return dict(embed_dims=self.embed_dims, num_heads=self.num_heads,
-                window_size=self.window_size, qkv_bias=self.qkv_bias,
-                qk_scale=self.qk_scale, attn_drop_rate=self.attn_drop_rate,
-                deterministic=self.deterministic)
-
-
-class _SwinBlockOptions(_WindowAttentionOptions, kw_only=True):
+class _SwinBlockOptions(WindowAttentionOptions, kw_only=True):
   """The attributes a Swin stage hands on to each of its blocks."""
   feedforward_channels: int
   drop_rate: float = 0.0
@@ -171,42 +117,6 @@ class _SwinBlockOptions(_WindowAttentionOptions, kw_only=True):
     return dict(self.window_attention_options(),
                 feedforward_channels=self.feedforward_channels,
                 drop_rate=self.drop_rate)
-
-
-class ShiftWindowMSA(_WindowAttentionOptions, kw_only=True):
-  """(S)W-MSA on a (B, H, W, C) map, with window padding and drop-path."""
-  shift_size: int = 0
-  proj_drop_rate: float = 0.0
-  drop_path_rate: float = 0.0
-
-  @nn.compact
-  def __call__(self, x, drop_path_rate=None):
-    """x (B, H, W, C); ``drop_path_rate`` (traced scalar) overrides the
-    attribute (a scanned block's rate)."""
-    b, h, w, c = x.shape
-    ws, s = self.window_size, self.shift_size
-    if not 0 <= s < ws:
-      raise ValueError(f'shift_size {s} must be in [0, window {ws})')
-    x = pad_bottom_right(x, ws)
-    h_pad, w_pad = x.shape[1], x.shape[2]
-    mask = None
-    if s > 0:
-      x = jnp.roll(x, shift=(-s, -s), axis=(1, 2))
-      mask = shifted_window_mask(h_pad, w_pad, window=ws, shift=s)
-    windows = window_partition(x, ws).reshape(-1, ws * ws, c)
-    windows = WindowMSA(
-        embed_dims=self.embed_dims, num_heads=self.num_heads, window_size=ws,
-        qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
-        attn_drop_rate=self.attn_drop_rate,
-        proj_drop_rate=self.proj_drop_rate, deterministic=self.deterministic,
-        name='w_msa')(windows, mask)
-    x = window_reverse(windows.reshape(-1, ws, ws, c), h_pad, w_pad)
-    if s > 0:
-      x = jnp.roll(x, shift=(s, s), axis=(1, 2))
-    x = x[:, :h, :w, :]
-    rng = None if self.deterministic else self.make_rng(_DROP_RNG)
-    rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
-    return drop_path(x, rate=rate, rng=rng)
 
 
 class SwinFFN(nn.Module):
@@ -220,11 +130,11 @@ class SwinFFN(nn.Module):
   @nn.compact
   def __call__(self, x, identity, drop_path_rate=None):
     drop = lambda y: nn.Dropout(self.ffn_drop, deterministic=self.deterministic,
-                                rng_collection=_DROP_RNG)(y)
-    out = _dense(self.feedforward_channels, 'layers_0_0')(x)
+                                rng_collection=DROP_RNG)(y)
+    out = dense(self.feedforward_channels, 'layers_0_0')(x)
     out = drop(jax.nn.gelu(out, approximate=False))
-    out = drop(_dense(self.embed_dims, 'layers_1')(out))
-    rng = None if self.deterministic else self.make_rng(_DROP_RNG)
+    out = drop(dense(self.embed_dims, 'layers_1')(out))
+    rng = None if self.deterministic else self.make_rng(DROP_RNG)
     rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
     return identity + drop_path(out, rate=rate, rng=rng)
 
@@ -235,16 +145,17 @@ class SwinBlock(_SwinBlockOptions, kw_only=True):
   drop_path_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x, drop_path_rate=None):
+  def __call__(self, x, drop_path_rate=None, extent=None):
     """x (B, H, W, C) -> (B, H, W, C); ``drop_path_rate`` (traced scalar)
-    overrides the attribute (a scanned block's rate)."""
+    overrides the attribute (a scanned block's rate); ``extent`` (B, 2)
+    int: each image's (h, w) on this map (padding-invariant mode)."""
     identity = x
     x = _layer_norm('norm1')(x)
     x = ShiftWindowMSA(
         **self.window_attention_options(),
         shift_size=self.window_size // 2 if self.shift else 0,
         proj_drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate,
-        name='attn')(x, drop_path_rate)
+        name='attn')(x, drop_path_rate, extent)
     x = x + identity
     return SwinFFN(
         embed_dims=self.embed_dims,
@@ -256,25 +167,17 @@ class SwinBlock(_SwinBlockOptions, kw_only=True):
 
 class SwinBlockPair(_SwinBlockOptions, kw_only=True):
   """A regular block then a shifted one (a stage's blocks 2k and 2k + 1),
-  their drop-path rates traced: the unit a stage scans.  Its parameters
-  ``{'regular': blocks_{2k}, 'shifted': blocks_{2k+1}}`` are assembled
-  from the stage's on the fly (``pair_params``), so the checkpoint layout
-  does not change."""
+  their drop-path rates traced: the unit a stage stores stacked and scans
+  (``stages_{i}/pairs/{regular, shifted}``, entry k of the leading axis
+  being torch's ``blocks.{2k}`` and ``blocks.{2k+1}``)."""
 
   @nn.compact
-  def __call__(self, x, rates):
-    """x (B, H, W, C), rates (2,) float32 -> (B, H, W, C)."""
+  def __call__(self, x, extent, rates):
+    """x (B, H, W, C), extent (B, 2) int or None (``SwinBlock``), rates
+    (2,) float32 -> (B, H, W, C)."""
     opts = self.swin_block_options()
-    x = SwinBlock(**opts, shift=False, name='regular')(x, rates[0])
-    return SwinBlock(**opts, shift=True, name='shifted')(x, rates[1])
-
-
-def pair_params(params, num_pairs: int) -> dict:
-  """A stage's ``blocks_{j}`` parameters regrouped as ``pair_{k}``:
-  {'regular': blocks_{2k}, 'shifted': blocks_{2k+1}} (no copy)."""
-  return {f'pair_{k}': {'regular': params[f'blocks_{2 * k}'],
-                        'shifted': params[f'blocks_{2 * k + 1}']}
-          for k in range(num_pairs)}
+    x = SwinBlock(**opts, shift=False, name='regular')(x, rates[0], extent)
+    return SwinBlock(**opts, shift=True, name='shifted')(x, rates[1], extent)
 
 
 class PatchMerging(nn.Module):
@@ -283,11 +186,16 @@ class PatchMerging(nn.Module):
   patch_norm: bool = True
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, extent=None):
+    """x (B, H, W, C) -> (B, ceil(H / 2), ceil(W / 2), out_channels);
+    ``extent`` (B, 2) int: zeros outside each image's (h, w) first, as the
+    reference pads an image's own map."""
+    if extent is not None:
+      x = zero_outside(x, extent_valid(extent, stride=1, shape=x.shape[1:3]))
     x = unfold_2x2(pad_bottom_right(x, 2))
     if self.patch_norm:
       x = _layer_norm('norm')(x)
-    return _dense(self.out_channels, 'reduction', use_bias=False)(x)
+    return dense(self.out_channels, 'reduction', use_bias=False)(x)
 
 
 class PatchEmbed(nn.Module):
@@ -314,11 +222,12 @@ class SwinStage(_SwinBlockOptions, kw_only=True):
   optional PatchMerging.  Returns (input of the next stage, this stage's
   output before its norm).
 
-  ``remat`` ('none' | 'minimal' | 'full', models/remat.py) re-materialises
-  each block (each scanned pair) in the backward pass.  ``scan``: the
-  (regular, shifted) pairs are one ``lax.scan`` over their stacked
-  parameters (a block pair traced once; an odd last block stays unrolled).
-  Neither changes the numbers beyond float32 rounding.
+  The (regular, shifted) pairs are stored stacked (``pairs``) and run as
+  one ``lax.scan``; an odd last block is a module of its own.  ``remat``
+  ('none' | 'minimal' | 'full', models/remat.py) re-materialises each pair
+  (and the odd block) in the backward pass.  ``scan``: the scan is a loop
+  (a block pair traced once); False unrolls it.  Neither changes the
+  numbers beyond float32 rounding.
   """
   depth: int
   drop_path_rates: Sequence[float] = ()
@@ -328,34 +237,37 @@ class SwinStage(_SwinBlockOptions, kw_only=True):
   scan: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, extent=None):
+    """x (B, H, W, C); ``extent`` (B, 2) int: each image's (h, w) on this
+    map (padding-invariant mode; ``SwinBlock``, ``PatchMerging``)."""
+    opts = self.swin_block_options()
     policy = remat_lib.checkpoint_policy(self.remat)
-    block_cls = SwinBlock
-    if self.remat != 'none':
-      block_cls = nn.remat(SwinBlock, policy=policy)
     rates = tuple(self.drop_path_rates) or (0.0,) * self.depth
     num_pairs = self.depth // 2
-    start = 0
-    if (self.scan and num_pairs >= MIN_SCANNED_PAIRS
-        and not self.is_initializing()):
-      start = 2 * num_pairs
-      rngs = None
-      if not self.deterministic:
-        rngs = {_DROP_RNG: self.make_rng(_DROP_RNG)}
-      x = remat_lib.scan_layer_variables(
-          SwinBlockPair(**self.swin_block_options()), x, (),
-          {'params': pair_params(self.variables['params'], num_pairs)},
-          names=[f'pair_{k}' for k in range(num_pairs)],
-          policy=policy, remat=self.remat != 'none',
-          per_layer=(np.asarray(rates[:start], np.float32).reshape(
-              num_pairs, 2),), rngs=rngs)
-    for j in range(start, self.depth):
-      x = block_cls(**self.swin_block_options(), shift=j % 2 == 1,
-                    drop_path_rate=rates[j], name=f'blocks_{j}')(x)
+    if num_pairs:
+      pair_rates = np.asarray(rates[:2 * num_pairs], np.float32).reshape(
+          num_pairs, 2)
+      # Parameters do not depend on dropout: init deterministic.
+      pairs = remat_lib.stacked_params(
+          self, 'pairs', SwinBlockPair(**dict(opts, deterministic=True),
+                                       parent=None),
+          num_pairs, x, extent, pair_rates[0])
+      rngs = None if self.deterministic else {
+          DROP_RNG: self.make_rng(DROP_RNG)}
+      x = remat_lib.scan_stacked(
+          SwinBlockPair(**opts, parent=None), x, (extent,),
+          {'params': pairs}, policy=policy, remat=self.remat != 'none',
+          unroll=not self.scan, per_layer=(pair_rates,), rngs=rngs)
+    if self.depth % 2:  # the odd last block: a regular one
+      block_cls = SwinBlock
+      if self.remat != 'none':
+        block_cls = nn.remat(SwinBlock, policy=policy)
+      x = block_cls(**opts, shift=False, drop_path_rate=rates[-1],
+                    name=f'blocks_{self.depth - 1}')(x, None, extent)
     if not self.downsample:
       return x, x
     down = PatchMerging(2 * self.embed_dims, self.patch_norm,
-                        name='downsample')(x)
+                        name='downsample')(x, extent)
     return down, x
 
 
@@ -445,18 +357,33 @@ class SwinTransformer(nn.Module):
       return 'full'
     return self.remat
 
+  @property
+  def out_strides(self) -> tuple[int, ...]:
+    """Stride of each output (stage i: patch_size * 2**i)."""
+    return tuple(self.patch_size * 2**i for i in self.out_indices)
+
   @nn.compact
-  def __call__(self, x: jax.Array) -> list[jax.Array]:
+  def __call__(self, x: jax.Array, extents: jax.Array | None = None
+               ) -> list[jax.Array]:
     """x: (B, H, W, 3) NHWC -> [(B, h_i, w_i, embed * 2**i) for i in
-    out_indices], h_0 = ceil(H / 4), h_{i+1} = ceil(h_i / 2)."""
+    out_indices], h_0 = ceil(H / 4), h_{i+1} = ceil(h_i / 2).
+
+    extents: optional (B, 2) int (h, w) of each image on the canvas
+    (``extents.image_extents``): padding-invariant mode.  Each image's map
+    at stage i is then its top-left ceil((h, w) / (4 * 2**i)) block, as
+    the reference computes it for the image alone; outputs are 0 outside."""
     self._check()
-    training = self.has_rng(_DROP_RNG) and not self.is_initializing()
+    training = self.has_rng(DROP_RNG) and not self.is_initializing()
     frozen = self.frozen_stages
+    stage_extent = lambda i: None if extents is None else extent_at_stride(
+        extents, stride=self.patch_size * 2**i)
+    if extents is not None:
+      x = zero_outside(x, extent_valid(extents, stride=1, shape=x.shape[1:3]))
     x = PatchEmbed(self.embed_dims, self.patch_size, self.patch_norm,
                    name='patch_embed')(x)
     if training and frozen < 0:  # drop_after_pos (eval when frozen)
       x = nn.Dropout(self.drop_rate, deterministic=False,
-                     rng_collection=_DROP_RNG)(x)
+                     rng_collection=DROP_RNG)(x)
     if frozen >= 0:
       x = jax.lax.stop_gradient(x)
     dpr = drop_path_rates(self.drop_path_rate, self.depths)
@@ -475,12 +402,15 @@ class SwinTransformer(nn.Module):
           downsample=i < len(self.depths) - 1, patch_norm=self.patch_norm,
           deterministic=not training or stage_frozen,
           remat='none' if stage_frozen else self._block_remat(),
-          scan=self.scan, name=f'stages_{i}')(x)
+          scan=self.scan, name=f'stages_{i}')(x, stage_extent(i))
       if stage_frozen:
         x = jax.lax.stop_gradient(x)
         out = jax.lax.stop_gradient(out)
       channels = x.shape[-1]
       if i in self.out_indices:
         out = _layer_norm(f'norm{i}')(out)
+        if extents is not None:
+          out = zero_outside(out, extent_valid(
+              extents, stride=self.patch_size * 2**i, shape=out.shape[1:3]))
         outs.append(jax.lax.stop_gradient(out) if stage_frozen else out)
     return outs

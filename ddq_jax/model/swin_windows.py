@@ -7,9 +7,21 @@ pure functions on NHWC maps and numpy index / mask tables, no parameters.
 * ``pad_bottom_right``: AdaptivePadding 'corner' (and a block's padding to
   whole windows);
 * ``unfold_2x2``: PatchMerging's nn.Unfold in its channel order.
+
+Per image (padding invariance, docs/PADDING.md): on a canvas each image's
+map is the top-left ``extent`` block; the reference, run on that image
+alone, pads it to its own whole windows and rolls that padded map.  These
+take (B, 2) per-image sizes as arrays (static shapes):
+
+* ``padded_to_window``: an extent padded to whole windows;
+* ``per_image_roll``: ``jnp.roll`` of each image's own padded map, on the
+  canvas map;
+* ``shifted_window_regions``: the regions whose differences make the -100
+  mask, from each image's own padded size, window by window.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -71,3 +83,50 @@ def unfold_2x2(x):
   b, h, w, c = x.shape
   x = x.reshape(b, h // 2, 2, w // 2, 2, c)
   return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, 4 * c)
+
+
+def padded_to_window(extent, *, window: int):
+  """(B, 2) int (h, w) -> (B, 2) rounded up to multiples of ``window``."""
+  return (extent + (window - 1)) // window * window
+
+
+def _roll_index(padded, *, size: int, shift: int):
+  """(B,) per-image length p -> (B, size) source index of ``jnp.roll`` by
+  ``shift`` over [0, p): (i - shift) mod p for i < p, else i."""
+  i = jnp.arange(size, dtype=jnp.int32)[None, :]
+  p = padded[:, None].astype(jnp.int32)
+  return jnp.where(i < p, jnp.mod(i - shift, p), i)
+
+
+def per_image_roll(x, padded, *, shift: int):
+  """x (B, H, W, C), padded (B, 2) int (h_p, w_p) <= (H, W) -> x with each
+  image's top-left (h_p, w_p) block rolled by ``shift`` along both axes
+  (``jnp.roll(block, (shift, shift), (0, 1))``); the positions outside
+  it only exchange values among themselves."""
+  rows = _roll_index(padded[:, 0], size=x.shape[1], shift=shift)
+  cols = _roll_index(padded[:, 1], size=x.shape[2], shift=shift)
+  return jax.vmap(lambda xi, r, c: xi[r][:, c])(x, rows, cols)
+
+
+def _axis_region(padded, *, size: int, window: int, shift: int):
+  """(B,) per-image length p -> (B, size) int32 region of each position
+  along one axis of the shifted map: slices (0, -window), (-window,
+  -shift), (-shift, None) of [0, p) give 0, 1, 2."""
+  i = jnp.arange(size, dtype=jnp.int32)[None, :]
+  p = padded[:, None].astype(jnp.int32)
+  return ((i >= p - window).astype(jnp.int32)
+          + (i >= p - shift).astype(jnp.int32))
+
+
+def shifted_window_regions(padded, *, shape, window: int, shift: int):
+  """(B, 2) int per-image padded (h_p, w_p), static map ``shape`` (H, W),
+  multiples of the window -> (B * nW, window * window) int32 region of each
+  token, windows row-major as ``window_partition``.  Within the image's own
+  windows, tokens of different regions get the reference's -100
+  (``shifted_window_mask`` of (h_p, w_p))."""
+  h, w = int(shape[0]), int(shape[1])
+  rows = _axis_region(padded[:, 0], size=h, window=window, shift=shift)
+  cols = _axis_region(padded[:, 1], size=w, window=window, shift=shift)
+  region = rows[:, :, None] * 3 + cols[:, None, :]
+  return window_partition(region[..., None], window).reshape(
+      -1, window * window)

@@ -119,15 +119,19 @@ def convert_state_dict(
 def torch_names_by_path(state_dict: dict[str, np.ndarray]) -> dict[tuple, str]:
   """Inverse view for error messages: our (stacked) path -> the torch name
   it came from (a stacked group's index written ``*``)."""
-  out = {}
+  paths = {}
   for name, tensor in state_dict.items():
     rule, path = match_rule(name, np.ndim(tensor))
     if rule is not None and rule.collection is not None:
-      stacked, index, group = _stacked_path(path)
-      if index is not None:
-        name = re.sub(rf'(^|\.){group.name}\.{index}(\.|$)',
-                      rf'\g<1>{group.name}.*\2', name, count=1)
-      out[stacked] = name
+      paths[name] = path
+  ends = _stack_ends(paths.values())
+  out = {}
+  for name, path in paths.items():
+    stacked, entry, index, group = _stacked_path(path, ends)
+    if entry is not None:
+      name = re.sub(rf'(^|\.){group.name}\.{index}(\.|$)',
+                    rf'\g<1>{group.name}.*\2', name, count=1)
+    out[stacked] = name
   return out
 
 
@@ -139,15 +143,26 @@ class Stacked:
   torch Sequential) under ``parent`` become ``{key}`` (and ``{key}/{j}``)
   with a leading axis over i - first; layers before ``first`` stay per
   layer (a ResNet stage's first block, which differs).
+
+  ``slots``: the layers alternate between these kinds (a Swin stage's
+  regular and shifted blocks), stored as ``{key}/{slot}`` each with a
+  leading axis over the groups of ``len(slots)``: layer first + k * n + s
+  is entry k of slot s.  Layers past the last whole group stay per layer
+  (an odd last Swin block).
   """
   parent: tuple[str, ...]   # the parent module's path, a pattern per key
   name: str                 # the torch ModuleList's name
   first: int = 0
   key: str = ''             # the stacked key (default: name)
+  slots: tuple[str, ...] = ()
 
   @property
   def stacked_key(self) -> str:
     return self.key or self.name
+
+  @property
+  def group_size(self) -> int:
+    return max(1, len(self.slots))
 
 
 STACKED: tuple[Stacked, ...] = (
@@ -157,6 +172,8 @@ STACKED: tuple[Stacked, ...] = (
     Stacked(('bbox_head',), 'reg_branches'),
     Stacked(('bbox_head',), 'aux_cls_branches'),
     Stacked(('bbox_head',), 'aux_reg_branches'),
+    Stacked(('backbone', 'stages_*'), 'blocks', key='pairs',
+            slots=('regular', 'shifted')),
 ) + tuple(Stacked(('backbone',), f'layer{i}', first=1, key=f'layer{i}_tail')
           for i in range(1, 5))
 _SEQUENTIAL_INDEX = re.compile(r'^\d+(?:_\d+)*$')
@@ -181,15 +198,35 @@ def _group_at(path: tuple[str, ...]):
   return None, None, None, None
 
 
-def _stacked_path(path: tuple[str, ...]):
-  """A per-layer path -> (its stacked path, the torch layer index or None,
-  the group)."""
+def _stack_ends(paths) -> dict:
+  """{(group, parent path without the collection): the first torch layer
+  index past the last whole group} of the slotted groups among the
+  per-layer ``paths``."""
+  last = {}
+  for path in paths:
+    group, pos, index, _ = _group_at(path)
+    if index is not None and group.slots:
+      key = (group, path[1:pos])
+      last[key] = max(last.get(key, -1), index)
+  out = {}
+  for (group, parent), end in last.items():
+    whole = (end + 1 - group.first) // group.group_size
+    out[group, parent] = group.first + whole * group.group_size
+  return out
+
+
+def _stacked_path(path: tuple[str, ...], ends: dict):
+  """A per-layer path -> (its stacked path, its entry on the stacked axis
+  or None when it stays per layer, the torch layer index, the group);
+  ``ends``: ``_stack_ends`` of all paths."""
   group, pos, index, seq = _group_at(path)
-  if index is None:
-    return path, None, None
+  if index is None or (group.slots and
+                       index >= ends[(group, path[1:pos])]):
+    return path, None, None, None
   rest = (seq,) if seq else ()
-  return (path[:pos] + (group.stacked_key,) + rest + path[pos + 1:], index,
-          group)
+  entry, slot = divmod(index - group.first, group.group_size)
+  key = (group.stacked_key,) + ((group.slots[slot],) if group.slots else ())
+  return path[:pos] + key + rest + path[pos + 1:], entry, index, group
 
 
 def _flat(tree, prefix=()):
@@ -224,22 +261,23 @@ def stack_layers(variables: dict) -> dict:
   Raises:
     ValueError: a group present both stacked and per layer.
   """
+  leaves = dict(_flat(variables))
+  ends = _stack_ends(leaves)
   flat, groups = {}, {}
-  for path, leaf in _flat(variables):
-    stacked, index, group = _stacked_path(path)
-    if index is None:
+  for path, leaf in leaves.items():
+    stacked, entry, _, group = _stacked_path(path, ends)
+    if entry is None:
       flat[path] = leaf
     else:
-      groups.setdefault(stacked, (group, {}))[1][index] = leaf
+      groups.setdefault(stacked, (group, {}))[1][entry] = (path, leaf)
   for path, (group, layers) in groups.items():
     if path in flat:
       raise ValueError(f'{"/".join(path)}: both stacked and per layer')
-    want = list(range(group.first, group.first + len(layers)))
-    if sorted(layers) != want:  # a tensor missing: left for the fit check
-      flat.update({_per_layer_path(path, group, i): leaf
-                   for i, leaf in layers.items()})
+    if sorted(layers) != list(range(len(layers))):  # a tensor missing: left
+      flat.update(layers.values())                 # for the fit check
       continue
-    flat[path] = np.stack([np.asarray(layers[i]) for i in want])
+    flat[path] = np.stack([np.asarray(layers[i][1])
+                           for i in range(len(layers))])
   return _with_collections(_nest(flat), variables)
 
 
@@ -250,14 +288,18 @@ def _with_collections(tree: dict, like: dict) -> dict:
   return tree
 
 
-def _per_layer_path(stacked: tuple[str, ...], group: Stacked, i: int):
-  """A stacked path back to torch layer ``i``'s path."""
+def _per_layer_path(stacked: tuple[str, ...], group: Stacked, entry: int):
+  """A stacked path's entry back to its torch layer's path."""
   pos = stacked.index(group.stacked_key, 1 + len(group.parent))
   tail = stacked[pos + 1:]
+  index = group.first + entry * group.group_size
+  if group.slots:
+    index += group.slots.index(tail[0])
+    tail = tail[1:]
   seq = ()
   if tail and _SEQUENTIAL_INDEX.match(tail[0]):
     seq, tail = (tail[0],), tail[1:]
-  return stacked[:pos] + ('_'.join((group.name, str(i)) + seq),) + tail
+  return stacked[:pos] + ('_'.join((group.name, str(index)) + seq),) + tail
 
 
 def _layer_of(leaf, i: int):
@@ -278,5 +320,5 @@ def unstack_layers(variables: dict) -> dict:
       flat[path] = leaf
       continue
     for i in range(leaf.shape[0]):
-      flat[_per_layer_path(path, group, i + group.first)] = _layer_of(leaf, i)
+      flat[_per_layer_path(path, group, i)] = _layer_of(leaf, i)
   return _with_collections(_nest(flat), variables)

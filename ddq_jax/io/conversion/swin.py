@@ -13,7 +13,8 @@
   (x00, x10, x01, x11) to nn.Unfold's channel order.
   ``mmdet_to_official`` is its inverse.
 * ``official_backbone_variables``: such a checkpoint -> our backbone
-  variables for ``train.init_from``, checked against the model's shapes.
+  variables for ``train.init_from``, checked against the model's shapes
+  block by block, then stacked as the model stores them.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddq_jax.io.conversion.mapping import match_rule
+from ddq_jax.io.conversion.mapping import match_rule, stack_layers, unstack_layers
 from ddq_jax.model.swin import SwinTransformer
 
 _UNFOLD_ORDER = [0, 2, 1, 3]  # official (x00, x10, x01, x11) <-> unfold's
@@ -172,12 +173,16 @@ def is_official_swin(state_dict: dict[str, np.ndarray]) -> bool:
 
 def expected_backbone_shapes(config) -> dict[tuple, tuple]:
   """{path below params/backbone: shape} of the Swin backbone of ``config``
-  (abstract: jax.eval_shape, no compute)."""
+  (abstract: jax.eval_shape, no compute), one entry per block as torch
+  names them (``mapping.unstack_layers``: the model stores the block pairs
+  stacked)."""
   model = SwinTransformer.from_config(config)
   size = 2 * model.patch_size * model.window_size
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32)))
-  flat = jax.tree_util.tree_flatten_with_path(shapes['params'])[0]
+  per_block = unstack_layers({'params': {'backbone': shapes['params']}})
+  flat = jax.tree_util.tree_flatten_with_path(
+      per_block['params']['backbone'])[0]
   return {tuple(str(p.key) for p in path): tuple(leaf.shape)
           for path, leaf in flat}
 
@@ -185,7 +190,8 @@ def expected_backbone_shapes(config) -> dict[tuple, tuple]:
 def official_backbone_variables(state_dict: dict[str, np.ndarray], config
                                 ) -> tuple[dict, dict]:
   """An official Swin classification checkpoint -> ``{'params':
-  {'backbone': ...}}`` for ``config``'s Swin backbone.
+  {'backbone': ...}}`` for ``config``'s Swin backbone, its block pairs
+  stacked as the model stores them (``mapping.stack_layers``).
 
   As the reference (``load_state_dict(strict=False)`` after
   ``swin_converter``): the classifier (``head.*``), the final ``norm`` and
@@ -227,6 +233,6 @@ def official_backbone_variables(state_dict: dict[str, np.ndarray], config
     raise ValueError('the Swin checkpoint does not fit the backbone of '
                      f'config {config.name!r}:\n  ' + '\n  '.join(misshaped))
   missing = sorted('/'.join(p) for p in want if p not in loaded)
-  return ({'params': {'backbone': params}},
+  return (stack_layers({'params': {'backbone': params}}),
           {'loaded': len(loaded), 'unused': sorted(unused),
            'not_in_checkpoint': missing})
