@@ -173,18 +173,6 @@ def test_signature_and_readme(exported):
   assert 'any number of images' in text
 
 
-def test_model_jax_dynamic_batch(tiny_dir, tiny_config, exported):
-  """One model.jax, batches of 1 and 3: each image's detections are the
-  Detector's on it alone, whatever shares its batch."""
-  out_dir, _ = exported
-  with open(os.path.join(out_dir, 'model.jax'), 'rb') as f:
-    exp = jax.export.deserialize(bytearray(f.read()))
-  det = api.Detector.load(os.path.join(tiny_dir, 'checkpoint.pth'),
-                          config=tiny_config)
-  _matches_alone_and_together(
-      lambda *a: [np.asarray(x) for x in exp.call(*a)], det, (0, 1, 2))
-
-
 def test_readme_preparation_matches_the_project_resize(exported, reference):
   """The README's numpy + OpenCV recipe, run as written, builds the same
   inputs as the Detector."""
@@ -198,9 +186,29 @@ def test_readme_preparation_matches_the_project_resize(exported, reference):
   ns: dict = {}
   exec(code, ns)  # pylint: disable=exec-used
   (images, sizes, factors), _ = reference
+  assert ns['images'].shape[0] == 1  # a dynamic batch: one per path
   np.testing.assert_array_equal(ns['images'][0], images[0])
   np.testing.assert_array_equal(ns['image_sizes'][0], sizes[0])
   np.testing.assert_allclose(ns['scale_factors'][0], factors[0])
+
+
+@pytest.fixture(scope='module')
+def detector_1(tiny_dir, tiny_config):
+  """The tiny Detector at batch 1 (one compile shared by the tests)."""
+  return api.Detector.load(os.path.join(tiny_dir, 'checkpoint.pth'),
+                           config=tiny_config)
+
+
+@pytest.fixture(scope='module')
+def runners(exported):
+  """The exported model.jax, loaded once (its compiles shared)."""
+  return export.load_runners(exported[0])
+
+
+def test_model_jax_dynamic_batch(detector_1, runners):
+  """One model.jax, batches of 1 and 3: each image's detections are the
+  Detector's on it alone, whatever shares its batch."""
+  _matches_alone_and_together(runners['model.jax'], detector_1, (0, 1, 2))
 
 
 @pytest.mark.slow
@@ -263,44 +271,49 @@ def test_onnx_matches_detector_swin(tmp_path):
                 which=(0, 1))
 
 
-def test_check_artifacts(tiny_dir, tiny_config, exported):
+def _shifted(runner, px=0.1):
+  """An artifact runner whose boxes are ``px`` off."""
+  return lambda *a: [x + px if i == 0 else x
+                     for i, x in enumerate(runner(*a))]
+
+
+def test_check_artifacts(exported, detector_1, runners):
   """--check's comparison: the fresh model.jax agrees with the Detector on
-  the user's images; run next to other weights, each image is named."""
+  the user's images, alone and together; an artifact 0.1 px off is named
+  per image and batch."""
   out_dir, _ = exported
-  det = api.Detector.load(os.path.join(tiny_dir, 'checkpoint.pth'),
-                          config=tiny_config)
-  assert export.check_artifacts(out_dir, det, [SAMPLE] * 3,
-                                canvas=CANVAS) == []
-  other = api.Detector(
-      jax.tree.map(lambda x: x * 1.05 if x.dtype.kind == 'f' else x,
-                   det.variables), det.config)
-  diffs = export.check_artifacts(out_dir, other, [SAMPLE, SAMPLE],
-                                 canvas=CANVAS)
-  # each alone, then both in one batch
-  assert len(diffs) == 4, diffs
-  assert diffs[0].startswith(f'model.jax {SAMPLE} (batch of 1): ')
-  assert diffs[3].startswith(f'model.jax {SAMPLE} (batch of 2): ')
+  assert export.check_artifacts(out_dir, detector_1, [SAMPLE] * 3,
+                                canvas=CANVAS, runners=runners) == []
+  diffs = export.check_artifacts(
+      out_dir, detector_1, [SAMPLE] * 3, canvas=CANVAS,
+      runners={'model.jax': _shifted(runners['model.jax'])})
+  # each alone, then the three in one batch
+  assert len(diffs) == 6, diffs
+  assert diffs[0].startswith(f'model.jax {SAMPLE} (batch of 1): 0 of 50 '
+                             'labels differ, box error 0.1 px')
+  assert diffs[5].startswith(f'model.jax {SAMPLE} (batch of 3): ')
+  # a fixed batch of 2: the images in batches of 2 (the last one padded)
+  diffs = export.check_artifacts(
+      out_dir, detector_1, [SAMPLE] * 3, canvas=CANVAS, batch=2,
+      runners={'model.jax': _shifted(runners['model.jax'])})
+  assert [d.split(': ')[0] for d in diffs] == [
+      f'model.jax {SAMPLE} (batch of 2)'] * 3
 
 
 def test_cli_check_fails_loudly(tiny_dir, tmp_path, capsys, monkeypatch):
-  """``--check``: exit 0 and a line when the fresh artifact agrees; exit
-  1 with one error line per image and batch when it does not."""
-  args = ['--weights', os.path.join(tiny_dir, 'checkpoint.pth'), '--out',
-          str(tmp_path / 'o'), '--canvas', *map(str, CANVAS), '--format',
-          'jax', '--config', 'tiny', '--check', SAMPLE, SAMPLE]
-  assert export.main(args) == 0
-  assert 'agree with the Detector on 2 images' in capsys.readouterr().err
+  """``--check`` after the export: exit 1 with one error line per image,
+  artifact and batch that differs, and a summary."""
   real = export.load_runners
-
-  def shifted(out):  # an artifact whose boxes are 0.1 px off
-    run = real(out)['model.jax']
-    return {'model.jax': lambda *a: [x + 0.1 if i == 0 else x
-                                     for i, x in enumerate(run(*a))]}
-  monkeypatch.setattr(export, 'load_runners', shifted)
-  assert export.main(args) == 1
+  monkeypatch.setattr(export, 'load_runners', lambda out: {
+      'model.jax': _shifted(real(out)['model.jax'])})
+  assert export.main([
+      '--weights', os.path.join(tiny_dir, 'checkpoint.pth'), '--out',
+      str(tmp_path / 'o'), '--canvas', *map(str, CANVAS), '--format', 'jax',
+      '--config', 'tiny', '--check', SAMPLE]) == 1
   err = capsys.readouterr().err
-  assert err.count('error: --check: model.jax') == 4, err
-  assert 'box error 0.1 px' in err and '4 differences' in err
+  assert err.count('error: --check: model.jax') == 1, err
+  assert 'box error 0.1 px' in err and '--check failed' in err
+  assert (tmp_path / 'o' / 'model.jax').exists()
 
 
 def test_cli_errors(tmp_path, capsys):

@@ -262,15 +262,16 @@ def difference(got, want, j: int, i: int = 0) -> Optional[str]:
 
 
 def check_artifacts(out: str, detector, paths, *, canvas,
-                    batch: Optional[int] = None) -> list[str]:
+                    batch: Optional[int] = None,
+                    runners: Optional[dict] = None) -> list[str]:
   """Runs the artifacts in ``out`` next to ``detector`` on the images
   ``paths``.  The Detector runs each image alone; the artifacts run each
   image alone and all of them in one batch (``batch`` None: dynamic), or
   in batches of ``batch`` padded with empty canvases.  Returns one line
   per image, artifact and batch that differs (a label, a box by more than
   CHECK_BOX_PX, a score by more than CHECK_SCORE, or anything not finite),
-  [] when all agree."""
-  runners = load_runners(out)
+  [] when all agree.  ``runners``: default ``load_runners(out)``."""
+  runners = load_runners(out) if runners is None else runners
   samples = [detector.prepare(p, i) for i, p in enumerate(paths)]
   for p, s in zip(paths, samples):
     if s['img_shape'][0] > canvas[0] or s['img_shape'][1] > canvas[1]:
@@ -354,8 +355,8 @@ def main(argv=None) -> int:
   for line in diffs:
     print(f'error: --check: {line}', file=sys.stderr)
   if diffs:
-    print(f'error: --check: {len(diffs)} differences between the exported '
-          f'artifacts and the Detector on {len(args.check)} images',
+    print(f'error: --check failed: the exported artifacts differ from the '
+          f'Detector ({len(diffs)} lines above) on {len(args.check)} images',
           file=sys.stderr)
     return 1
   print(f'--check: the artifacts agree with the Detector on '
