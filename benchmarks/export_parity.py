@@ -81,9 +81,9 @@ def errors(got, want, rows):
   return box if finite else float('nan'), score, equal / total
 
 
-def timed(fn, *a):
+def timed(fn, *a, **kw):
   t = time.perf_counter()
-  out = fn(*a)
+  out = fn(*a, **kw)
   return out, time.perf_counter() - t
 
 

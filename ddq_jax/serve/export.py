@@ -109,11 +109,21 @@ def check_out(out: str) -> None:
                        'written.  Choose a new or empty directory')
 
 
-def serving_fn(detect, variables):
+def serving_fn(detect, variables, *, opaque_weights: bool = False):
   """(images, image_sizes, scale_factors) -> (boxes, scores, labels) with
-  ``variables`` closed over (``detect.make_detect_fn``'s function)."""
+  ``variables`` closed over (``detect.make_detect_fn``'s function).
+
+  ``opaque_weights``: the weights pass an ``optimization_barrier`` first,
+  so XLA compiles the program as it compiles the Detector's (weights as
+  values it cannot look into).  model.jax needs it: with the weights as
+  visible constants, XLA:CPU (jax 0.10.2) compiled the scanned decoder of
+  a 5-level 20-class model wrong in 5 of 5 fresh compiles at batch 1 (NaN
+  hidden states from the first layer on, or boxes 180 px off), and right
+  with the barrier or the layers unrolled."""
   def serve(images, image_sizes, scale_factors):
-    d = detect(variables, images, image_sizes, scale_factors)
+    v = (jax.lax.optimization_barrier(variables) if opaque_weights
+         else variables)
+    d = detect(v, images, image_sizes, scale_factors)
     return d.boxes, d.scores, d.labels
   return serve
 
@@ -190,12 +200,15 @@ def export(*, weights: str, out: str, canvas, batch='dynamic',
         f'{min(scale)} {max(scale)}')
   specs = input_specs(batch=n, canvas=canvas)
   k = int(det.config.max_per_img)
-  serve = serving_fn(make_detect_fn(det.config, dtype=dtype), det.variables)
+  detect = make_detect_fn(det.config, dtype=dtype)
+  serve = serving_fn(detect, det.variables)
   with temporary_dir(out) as tmp:
     plats = []
     if fmt in ('jax', 'both'):
       t = time.perf_counter()
-      data, plats = export_jax(serve, specs, platforms=platforms)
+      data, plats = export_jax(serving_fn(detect, det.variables,
+                                          opaque_weights=True),
+                               specs, platforms=platforms)
       _write_bytes(os.path.join(tmp, 'model.jax'), data)
       report['jax_export_s'] = time.perf_counter() - t
       report['jax_bytes'] = len(data)
