@@ -36,9 +36,16 @@ def image_extents(pad_mask: jax.Array) -> jax.Array:
 
 def extent_at_stride(extents: jax.Array, *, stride: int) -> jax.Array:
   """(B, 2) image (h, w) -> (B, 2) ceil((h, w) / stride): the unpadded map
-  size at that stride."""
+  size at that stride.
+
+  ``lax.div`` truncates, which is the floor here (extents >= 0), and has
+  no sign fix-up (``//`` has one, with a ``rem`` that jax2onnx cannot
+  lower on a symbolic batch).  ``h - (1 - s)`` is ``h + (s - 1)`` written
+  as a subtraction: jax2onnx rewrites a division of a sum by 2 into ONNX
+  ``Mean``, which has no integer kernel."""
   s = int(stride)
-  return (extents + (s - 1)) // s
+  extents = jnp.asarray(extents, jnp.int32)
+  return jax.lax.div(extents - jnp.int32(1 - s), jnp.int32(s))
 
 
 def extent_valid(extents: jax.Array, *, stride: int,

@@ -52,8 +52,11 @@ def _predict_one(cls_logits, bbox_preds, query_mask, img_shape, scale_factor,
   top, idx = jax.lax.top_k(flat, m)
   valid = top > -jnp.inf
   idx = idx.astype(jnp.int32)
-  labels = idx % k
-  qidx = jnp.minimum(idx // k, q - 1)
+  # idx >= 0: truncating division is the floor (no ``%`` / ``//``, whose
+  # sign fix-ups ONNX exporters cannot lower on a symbolic batch)
+  row = jax.lax.div(idx, jnp.int32(k))
+  labels = idx - row * k
+  qidx = jnp.minimum(row, q - 1)
   boxes = box_ops.cxcywh_to_xyxy(bbox_preds[qidx])
   factor = box_ops.image_size_factor(img_shape, boxes.dtype)
   boxes = jnp.clip(boxes * factor, 0.0, factor)

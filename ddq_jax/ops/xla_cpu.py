@@ -78,7 +78,7 @@ def exact_divide(num: jnp.ndarray, den: jnp.ndarray) -> jnp.ndarray:
   reference drops.  Materialising the divisor behind an optimisation
   barrier keeps the true division.  num, den: broadcastable arrays.
   """
-  shape = np.broadcast_shapes(np.shape(num), np.shape(den))
+  shape = jnp.broadcast_shapes(jnp.shape(num), jnp.shape(den))
   den = jax.lax.optimization_barrier(jnp.broadcast_to(den, shape))
   return num / den
 

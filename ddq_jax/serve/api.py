@@ -206,15 +206,21 @@ class Detector:
     return results[0] if one else results
 
   def _batch(self, samples: list[dict], canvas: tuple[int, int]):
-    """(images (B, H, W, 3) uint8, image_sizes (B, 2), scale_factors
-    (B, 2)) with B = batch_size; padding rows are full-canvas zeros."""
-    b = self.batch_size
-    images = np.zeros((b, canvas[0], canvas[1], 3), np.uint8)
-    sizes = np.tile(np.asarray(canvas, np.int32), (b, 1))
-    factors = np.ones((b, 2), np.float32)
-    for i, s in enumerate(samples):
-      h, w = s['img_shape']
-      images[i, :h, :w] = s['image']
-      sizes[i] = (h, w)
-      factors[i] = s['scale_factor']
-    return images, sizes, factors
+    """``canvas_batch`` of ``samples`` at this detector's batch size."""
+    return canvas_batch(samples, canvas, batch=self.batch_size)
+
+
+def canvas_batch(samples: Sequence[dict], canvas: Sequence[int], *,
+                 batch: int):
+  """(images (B, H, W, 3) uint8, image_sizes (B, 2) int32, scale_factors
+  (B, 2) float32) of ``Detector.prepare``'d samples on a (H, W) canvas, B =
+  ``batch`` >= len(samples); padding rows are full-canvas zeros."""
+  images = np.zeros((batch, canvas[0], canvas[1], 3), np.uint8)
+  sizes = np.tile(np.asarray(canvas, np.int32), (batch, 1))
+  factors = np.ones((batch, 2), np.float32)
+  for i, s in enumerate(samples):
+    h, w = s['img_shape']
+    images[i, :h, :w] = s['image']
+    sizes[i] = (h, w)
+    factors[i] = s['scale_factor']
+  return images, sizes, factors

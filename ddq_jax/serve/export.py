@@ -1,7 +1,7 @@
 """Export a detector as one self-contained program: jax.export and ONNX.
 
-    python -m ddq_jax export --weights WEIGHTS --out DIR --batch N
-        --canvas H W [--format jax|onnx|both] [--dtype float32|bfloat16]
+    python -m ddq_jax export --weights WEIGHTS --out DIR --canvas H W
+        [--batch dynamic|N] [--format jax|onnx|both] [--dtype float32|bfloat16]
         [--config PATH|NAME] [--config.KEY=VALUE ...] [--check IMG ...]
 
 WEIGHTS: a converted weights directory, an mmdetection .pth or a train.py
@@ -10,7 +10,9 @@ workdir.  DIR receives
   model.jax       jax.export.Exported.serialize() of
                   (images, image_sizes, scale_factors) -> (boxes, scores,
                   labels), lowered for cpu and cuda (and tpu);
-  model.onnx      the same function through jax2onnx (--format onnx|both);
+  model.onnx      the same function through jax2onnx (--format onnx|both),
+                  one image at a time in an ONNX Loop over the batch
+                  (``serve.onnx_export``);
   signature.json  shapes, dtypes, class names, the test-time resize rule;
   README.md       how to load both and prepare an input (numpy + OpenCV).
 
@@ -19,17 +21,26 @@ resize and placed at the top-left of the canvas (zeros elsewhere);
 image_sizes int32 (N, 2) its (h, w) there; scale_factors float32 (N, 2) the
 (w, h) scale from the original image.  Outputs: boxes float32 (N, K, 4) xyxy
 in original pixels, scores float32 (N, K) (0 for empty slots), labels int32
-(N, K); K = max_per_img.  Normalisation, the padding mask, the model and the
-post-processing are inside; the weights are constants of the program.  It
-is the program ``evaluate`` measures (``serve.detect``).
+(N, K); K = max_per_img.  H, W are static (--canvas).  N is dynamic by
+default (--batch dynamic): a symbolic dimension 'batch' in model.jax
+(``jax.export.symbolic_shape``), ``dim_param`` 'batch' in model.onnx and
+"batch" in signature.json's shapes, so one artifact takes any number of
+images; --batch N fixes it.  Padding invariance is on, so an image's
+detections do not depend on its batch mates.  Normalisation, the padding
+mask, the model and the post-processing are inside; the weights are
+constants of the program.  It is the program ``evaluate`` measures
+(``serve.detect``).
 
 Everything is validated before DIR is created (the weights against the
 model of the config, the canvas against the test-time resize, the ONNX
 tools for --format onnx|both); the artifact set is written into a
 temporary directory beside DIR and renamed into place, so DIR holds one
 complete export or none.  A DIR holding anything but a previous export is
-refused.  ONNX needs (jax2onnx pins an older orbax-checkpoint than
-training uses, so it is installed without its dependencies):
+refused.  --check IMG ... then runs the fresh artifacts next to the
+Detector on those images (each alone and, with a dynamic batch, all in one
+batch) and exits 1 with one line per difference.  ONNX needs (jax2onnx
+pins an older orbax-checkpoint than training uses, so it is installed
+without its dependencies):
 
   pip install "ddq-jax[export]" && pip install --no-deps "jax2onnx==0.17.1"
 """
@@ -40,6 +51,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -47,35 +59,32 @@ import numpy as np
 
 from ddq_jax import cli
 from ddq_jax.io.outputs import check_out_dir, publish_dir, temporary_dir
-from ddq_jax.ops.nms import auto_method
-from ddq_jax.serve.api import Detector
+from ddq_jax.serve.api import Detector, canvas_batch
+from ddq_jax.serve.artifact_docs import BATCH_NAME, readme, signature
 from ddq_jax.serve.detect import make_detect_fn
-from ddq_jax.serve.onnx_graph import fix_graph
+from ddq_jax.serve.onnx_export import (INPUT_NAMES, ONNX_INSTALL,
+                                       OUTPUT_NAMES, check_onnx_tools,
+                                       export_onnx)
 
-INPUT_NAMES = ('images', 'image_sizes', 'scale_factors')
-OUTPUT_NAMES = ('boxes', 'scores', 'labels')
 PLATFORMS = ('cpu', 'cuda', 'tpu')
-# The ONNX graph runs the NMS as a while loop of dense (N, N) steps (a
-# fori_loop under vmap has no lowering in jax2onnx).
-ONNX_NMS_METHOD = 'fixed_point'
-# The one install that makes --format onnx|both work (see pyproject.toml).
-ONNX_INSTALL = ('pip install "ddq-jax[export]" && pip install --no-deps '
-                '"jax2onnx==0.17.1"')
 ARTIFACTS = ('model.jax', 'model.onnx', 'signature.json', 'README.md')
+__all__ = ['export', 'check_artifacts', 'main', 'INPUT_NAMES',
+           'OUTPUT_NAMES', 'ONNX_INSTALL', 'BATCH_NAME']
 
 
-def check_onnx_tools() -> None:
-  """ImportError naming ``ONNX_INSTALL`` when jax2onnx / onnx are absent."""
-  missing = []
-  for module in ('onnx', 'jax2onnx'):
-    try:
-      __import__(module)
-    except ImportError:
-      missing.append(module)
-  if missing:
-    raise ImportError(f'ONNX export (--format onnx|both) needs '
-                      f'{" and ".join(missing)}: {ONNX_INSTALL}; or pass '
-                      '--format jax')
+def parse_batch(value) -> Optional[int]:
+  """--batch: 'dynamic' (or None) -> None; a positive int (or its text) ->
+  that int; anything else a ValueError naming it."""
+  if value is None or value == 'dynamic':
+    return None
+  try:
+    n = int(value)
+  except (TypeError, ValueError):
+    n = 0
+  if n < 1 or isinstance(value, bool):
+    raise ValueError(f"--batch {value!r}: expected 'dynamic' or a positive "
+                     'number of images')
+  return n
 
 
 def canvas_fits_some_image(canvas, test_scale) -> bool:
@@ -100,20 +109,36 @@ def check_out(out: str) -> None:
                        'written.  Choose a new or empty directory')
 
 
-def serving_fn(detect, variables):
+def serving_fn(detect, variables, *, opaque_weights: bool = False):
   """(images, image_sizes, scale_factors) -> (boxes, scores, labels) with
-  ``variables`` closed over (``detect.make_detect_fn``'s function)."""
+  ``variables`` closed over (``detect.make_detect_fn``'s function).
+
+  ``opaque_weights``: the weights pass an ``optimization_barrier`` first,
+  so XLA compiles the program as it compiles the Detector's (weights as
+  values it cannot look into).  model.jax needs it: with the weights as
+  visible constants, XLA:CPU (jax 0.10.2) compiled the scanned decoder of
+  a 5-level 20-class model wrong in 5 of 5 fresh compiles at batch 1 (NaN
+  hidden states from the first layer on, or boxes 180 px off), and right
+  with the barrier or the layers unrolled."""
   def serve(images, image_sizes, scale_factors):
-    d = detect(variables, images, image_sizes, scale_factors)
+    v = (jax.lax.optimization_barrier(variables) if opaque_weights
+         else variables)
+    d = detect(v, images, image_sizes, scale_factors)
     return d.boxes, d.scores, d.labels
   return serve
 
 
-def input_specs(*, batch: int, canvas):
+
+def input_specs(*, batch: Optional[int], canvas) -> tuple:
+  """ShapeDtypeStructs of (images (N, H, W, 3) uint8, image_sizes (N, 2)
+  int32, scale_factors (N, 2) float32); N = ``batch``, or the symbolic
+  dimension BATCH_NAME when None."""
   h, w = (int(v) for v in canvas)
-  return (jax.ShapeDtypeStruct((batch, h, w, 3), jnp.uint8),
-          jax.ShapeDtypeStruct((batch, 2), jnp.int32),
-          jax.ShapeDtypeStruct((batch, 2), jnp.float32))
+  n = (jax.export.symbolic_shape(BATCH_NAME)[0] if batch is None
+       else int(batch))
+  return (jax.ShapeDtypeStruct((n, h, w, 3), jnp.uint8),
+          jax.ShapeDtypeStruct((n, 2), jnp.int32),
+          jax.ShapeDtypeStruct((n, 2), jnp.float32))
 
 
 def export_jax(serve, specs, *, platforms=PLATFORMS) -> tuple[bytes, list]:
@@ -130,141 +155,25 @@ def export_jax(serve, specs, *, platforms=PLATFORMS) -> tuple[bytes, list]:
       plats = plats[:-1]
 
 
-def export_onnx(serve, specs, path: str) -> dict:
-  """Writes ``path`` (jax2onnx); returns {'ops': {op_type: count}}."""
-  try:
-    from jax2onnx import to_onnx  # optional: ddq-jax[export]
-    import onnx  # optional: ddq-jax[export]
-  except ImportError as e:
-    raise ImportError(f'ONNX export needs jax2onnx and onnx: {ONNX_INSTALL}'
-                      ) from e
-  # Trace with plain JAX first: the converter then sees lax primitives only
-  # (vmap already applied), not its patched jnp / flax functions.
-  # (A fresh function: jax caches traces by function, and an earlier
-  # export of ``serve`` traced the default NMS method.)
-  with auto_method(ONNX_NMS_METHOD):
-    closed = jax.make_jaxpr(lambda *a: serve(*a))(*specs)
 
-  def replay(*args):
-    return jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *args)
-
-  model = to_onnx(replay, list(specs), model_name='ddq_detr',
-                  input_names=list(INPUT_NAMES),
-                  output_names=list(OUTPUT_NAMES))
-  model = onnx.shape_inference.infer_shapes(model)
-  fixes = fix_graph(model.graph)
-  onnx.save(model, path)
-  ops: dict[str, int] = {}
-  for node in model.graph.node:
-    ops[node.op_type] = ops.get(node.op_type, 0) + 1
-  return {'ops': dict(sorted(ops.items(), key=lambda kv: -kv[1])),
-          'onnx_fixes': fixes,
-          'opset': [dict(domain=o.domain, version=o.version)
-                    for o in model.opset_import]}
+def output_shapes(*, batch: Optional[int], k: int) -> list:
+  n = BATCH_NAME if batch is None else int(batch)
+  return [(n, k, 4), (n, k), (n, k)]
 
 
-def signature(config, *, batch: int, canvas, dtype: str, platforms,
-              class_names) -> dict:
-  h, w = (int(v) for v in canvas)
-  k = int(config.max_per_img)
-  return dict(
-      inputs=[dict(name='images', dtype='uint8', shape=[batch, h, w, 3],
-                   layout='NHWC RGB, resized image at the top-left, zeros '
-                   'elsewhere'),
-              dict(name='image_sizes', dtype='int32', shape=[batch, 2],
-                   meaning='(h, w) of each resized image on the canvas'),
-              dict(name='scale_factors', dtype='float32', shape=[batch, 2],
-                   meaning='(w, h) = (new_w / orig_w, new_h / orig_h)')],
-      outputs=[dict(name='boxes', dtype='float32', shape=[batch, k, 4],
-                    meaning='xyxy in original-image pixels'),
-               dict(name='scores', dtype='float32', shape=[batch, k],
-                    meaning='sigmoid scores, best first; 0 for empty slots'),
-               dict(name='labels', dtype='int32', shape=[batch, k],
-                    meaning='index into class_names')],
-      resize=dict(
-          rule='keep ratio: factor = min(max(test_scale) / max(h, w), '
-          'min(test_scale) / min(h, w)); new_w = max(1, int(w * factor + '
-          '0.5)), new_h = max(1, int(h * factor + 0.5)); '
-          'cv2.resize(INTER_LINEAR) of the '
-          'RGB image',
-          test_scale=[int(v) for v in config.data.test_scale]),
-      normalisation=dict(mean=[float(v) for v in config.data.mean],
-                         std=[float(v) for v in config.data.std],
-                         inside=True),
-      canvas=[h, w], batch=batch, max_per_img=k, dtype=dtype,
-      platforms=list(platforms), class_names=list(class_names),
-      num_classes=int(config.num_classes))
-
-
-README = '''# DDQ-DETR, exported
-
-Inputs are a batch of {batch} images on a {h} x {w} canvas; outputs are the
-top {k} detections per image.  `signature.json` has the shapes, dtypes and
-class names.
-
-## Preparing an input (numpy + OpenCV)
-
-```python
-import json, cv2, numpy as np
-
-sig = json.load(open('signature.json'))
-H, W = sig['canvas']
-N = sig['batch']
-scale = sig['resize']['test_scale']
-
-def prepare(path):
-    """(image on the canvas, (h, w), (w_scale, h_scale)) of one file."""
-    rgb = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    h, w = rgb.shape[:2]
-    f = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    nw, nh = max(1, int(w * f + 0.5)), max(1, int(h * f + 0.5))
-    assert nh <= H and nw <= W, 'image does not fit the canvas'
-    canvas = np.zeros((H, W, 3), np.uint8)
-    canvas[:nh, :nw] = cv2.resize(rgb, (nw, nh),
-                                  interpolation=cv2.INTER_LINEAR)
-    return canvas, (nh, nw), (nw / w, nh / h)
-
-paths = ['a.jpg']                       # up to N; pad the batch with zeros
-images = np.zeros((N, H, W, 3), np.uint8)
-image_sizes = np.tile(np.array([H, W], np.int32), (N, 1))
-scale_factors = np.ones((N, 2), np.float32)
-for i, p in enumerate(paths):
-    images[i], image_sizes[i], scale_factors[i] = prepare(p)
-```
-
-## Running model.jax (needs only jax, not ddq_jax)
-
-```python
-import jax
-exported = jax.export.deserialize(open('model.jax', 'rb').read())
-boxes, scores, labels = exported.call(images, image_sizes, scale_factors)
-```
-
-## Running model.onnx (onnxruntime)
-
-```python
-import onnxruntime as ort
-sess = ort.InferenceSession('model.onnx', providers=['CPUExecutionProvider'])
-boxes, scores, labels = sess.run(None, dict(
-    images=images, image_sizes=image_sizes, scale_factors=scale_factors))
-```
-
-Keep `scores > threshold` (e.g. 0.3); `boxes[i, j]` is `(x1, y1, x2, y2)`
-in the original image's pixels; `sig['class_names'][labels[i, j]]` names it.
-'''
-
-
-def export(*, weights: str, out: str, batch: int, canvas, fmt: str = 'both',
-           dtype: str = 'float32', config=None, overrides=None,
-           platforms=PLATFORMS, check=(), log=print) -> dict:
+def export(*, weights: str, out: str, canvas, batch='dynamic',
+           fmt: str = 'both', dtype: str = 'float32', config=None,
+           overrides=None, platforms=PLATFORMS, check=(), log=print) -> dict:
   """Writes DIR/{model.jax, model.onnx, signature.json, README.md} as one
   set (temporary directory, then a rename); returns the timings, sizes and
-  ONNX op counts.  Every input is checked before DIR is created."""
+  ONNX op counts, and with ``check`` (image paths) the differences
+  ``check_artifacts`` finds.  ``batch``: 'dynamic' or N.  Every input is
+  checked before DIR is created."""
   if fmt not in ('jax', 'onnx', 'both'):
     raise ValueError(f"--format {fmt!r}: expected 'jax', 'onnx' or 'both'")
-  if int(batch) < 1 or len(canvas) != 2 or min(int(v) for v in canvas) < 1:
-    raise ValueError(f'--batch {batch} --canvas {canvas}: expected a positive '
-                     'batch and a positive (H, W)')
+  n = parse_batch(batch)
+  if len(canvas) != 2 or min(int(v) for v in canvas) < 1:
+    raise ValueError(f'--canvas {canvas}: expected a positive (H, W)')
   if dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"--dtype {dtype!r}: expected 'float32' or 'bfloat16'")
   check_out(out)
@@ -276,7 +185,7 @@ def export(*, weights: str, out: str, batch: int, canvas, fmt: str = 'both',
   if missing:
     raise FileNotFoundError(f'--check {missing[0]}: no such file '
                             f'({len(missing)} of {len(check)} missing)')
-  report: dict = {}
+  report: dict = {'batch': 'dynamic' if n is None else n}
   t = time.perf_counter()
   det = Detector.load(weights, config=config, overrides=overrides,
                       dtype=dtype)
@@ -289,13 +198,17 @@ def export(*, weights: str, out: str, batch: int, canvas, fmt: str = 'both',
         f'{max(scale)} or the short side to {min(scale)}); use a side >= '
         f'{max(scale)} or both sides >= {min(scale)}, e.g. --canvas '
         f'{min(scale)} {max(scale)}')
-  specs = input_specs(batch=int(batch), canvas=canvas)
-  serve = serving_fn(make_detect_fn(det.config, dtype=dtype), det.variables)
+  specs = input_specs(batch=n, canvas=canvas)
+  k = int(det.config.max_per_img)
+  detect = make_detect_fn(det.config, dtype=dtype)
+  serve = serving_fn(detect, det.variables)
   with temporary_dir(out) as tmp:
     plats = []
     if fmt in ('jax', 'both'):
       t = time.perf_counter()
-      data, plats = export_jax(serve, specs, platforms=platforms)
+      data, plats = export_jax(serving_fn(detect, det.variables,
+                                          opaque_weights=True),
+                               specs, platforms=platforms)
       _write_bytes(os.path.join(tmp, 'model.jax'), data)
       report['jax_export_s'] = time.perf_counter() - t
       report['jax_bytes'] = len(data)
@@ -305,24 +218,23 @@ def export(*, weights: str, out: str, batch: int, canvas, fmt: str = 'both',
     if fmt in ('onnx', 'both'):
       t = time.perf_counter()
       path = os.path.join(tmp, 'model.onnx')
-      report.update(export_onnx(serve, specs, path))
+      report.update(export_onnx(serve, specs, path, batch_name=BATCH_NAME,
+                                out_shapes=output_shapes(batch=n, k=k)))
       report['onnx_export_s'] = time.perf_counter() - t
       report['onnx_bytes'] = os.path.getsize(path)
       log(f'model.onnx: {report["onnx_bytes"] / 2**20:.1f} MiB, '
           f'{sum(report["ops"].values())} nodes of {len(report["ops"])} op '
           f'types in {report["onnx_export_s"]:.1f} s')
-    sig = signature(det.config, batch=int(batch), canvas=canvas, dtype=dtype,
+    sig = signature(det.config, batch=n, canvas=canvas, dtype=dtype,
                     platforms=plats, class_names=det.class_names)
     _write_bytes(os.path.join(tmp, 'signature.json'),
                  (json.dumps(sig, indent=1) + '\n').encode())
-    h, w = (int(v) for v in canvas)
-    _write_bytes(os.path.join(tmp, 'README.md'), README.format(
-        batch=int(batch), h=h, w=w, k=int(det.config.max_per_img)).encode())
+    _write_bytes(os.path.join(tmp, 'README.md'),
+                 readme(batch=n, canvas=canvas, k=k).encode())
     publish_dir(tmp, out, ARTIFACTS)
   if check:
-    ref = Detector(det.variables, det.config, dtype=dtype,
-                    batch_size=int(batch))
-    diffs = check_artifacts(out, ref, list(check), canvas=canvas)
+    ref = Detector(det.variables, det.config, dtype=dtype, batch_size=1)
+    diffs = check_artifacts(out, ref, list(check), canvas=canvas, batch=n)
     report['check'] = dict(images=len(check), differences=diffs)
   return report
 
@@ -331,11 +243,9 @@ def export(*, weights: str, out: str, batch: int, canvas, fmt: str = 'both',
 CHECK_BOX_PX, CHECK_SCORE = 1e-2, 1e-4
 
 
-def check_artifacts(out: str, detector, paths, *, canvas) -> list[str]:
-  """Runs the artifacts in ``out`` next to ``detector`` (its batch size
-  is the export's) on the images ``paths``; returns one line per image and
-  artifact that differs (a label, a box by more than CHECK_BOX_PX, a score
-  by more than CHECK_SCORE, or anything not finite), [] when all agree."""
+def load_runners(out: str) -> dict:
+  """{'model.jax' | 'model.onnx': fn(images, image_sizes, scale_factors) ->
+  [boxes, scores, labels] numpy} for the artifacts present in ``out``."""
   runners = {}
   if os.path.exists(os.path.join(out, 'model.jax')):
     with open(os.path.join(out, 'model.jax'), 'rb') as f:
@@ -347,27 +257,59 @@ def check_artifacts(out: str, detector, paths, *, canvas) -> list[str]:
                                 providers=['CPUExecutionProvider'])
     runners['model.onnx'] = lambda *a: sess.run(
         None, dict(zip(INPUT_NAMES, a)))
+  return runners
+
+
+def difference(got, want, j: int, i: int = 0) -> Optional[str]:
+  """None when row ``j`` of ``got`` ([boxes, scores, labels]) agrees with row
+  ``i`` of ``want`` (``Detections``): labels equal, boxes within
+  CHECK_BOX_PX, scores within CHECK_SCORE, all finite; else a description."""
+  boxes, scores, labels = got
+  lab = int((labels[j] != want.labels[i]).sum())
+  box = float(np.abs(boxes[j] - want.boxes[i]).max())
+  score = float(np.abs(scores[j] - want.scores[i]).max())
+  if lab or not box <= CHECK_BOX_PX or not score <= CHECK_SCORE:
+    return (f'{lab} of {labels.shape[1]} labels differ, box error {box:.3g} '
+            f'px, score error {score:.3g} vs the Detector')
+  return None
+
+
+def check_artifacts(out: str, detector, paths, *, canvas,
+                    batch: Optional[int] = None,
+                    runners: Optional[dict] = None) -> list[str]:
+  """Runs the artifacts in ``out`` next to ``detector`` on the images
+  ``paths``.  The Detector runs each image alone; the artifacts run each
+  image alone and all of them in one batch (``batch`` None: dynamic), or
+  in batches of ``batch`` padded with empty canvases.  Returns one line
+  per image, artifact and batch that differs (a label, a box by more than
+  CHECK_BOX_PX, a score by more than CHECK_SCORE, or anything not finite),
+  [] when all agree.  ``runners``: default ``load_runners(out)``."""
+  runners = load_runners(out) if runners is None else runners
   samples = [detector.prepare(p, i) for i, p in enumerate(paths)]
   for p, s in zip(paths, samples):
     if s['img_shape'][0] > canvas[0] or s['img_shape'][1] > canvas[1]:
       raise ValueError(f'--check {p}: resized to {tuple(s["img_shape"])}, '
                        f'larger than the canvas {tuple(canvas)}')
-  diffs, n = [], detector.batch_size
-  for start in range(0, len(samples), n):
-    chunk = samples[start:start + n]
-    inputs = detector._batch(chunk, tuple(canvas))  # pylint: disable=protected-access
-    want = detector.run(*inputs)
+  canvas = tuple(int(v) for v in canvas)
+  want = [detector.run(*canvas_batch([s], canvas, batch=detector.batch_size))
+          for s in samples]
+  if batch is None:
+    groups = [[i] for i in range(len(samples))]
+    if len(samples) > 1:
+      groups.append(list(range(len(samples))))
+  else:
+    groups = [list(range(len(samples)))[a:a + batch]
+              for a in range(0, len(samples), batch)]
+  diffs = []
+  for group in groups:
+    n = len(group) if batch is None else batch
+    inputs = canvas_batch([samples[i] for i in group], canvas, batch=n)
     for name, run in runners.items():
-      boxes, scores, labels = run(*inputs)
-      for j in range(len(chunk)):
-        lab = int((labels[j] != want.labels[j]).sum())
-        box = float(np.abs(boxes[j] - want.boxes[j]).max())
-        score = float(np.abs(scores[j] - want.scores[j]).max())
-        if lab or not box <= CHECK_BOX_PX or not score <= CHECK_SCORE:
-          diffs.append(f'{name} {paths[start + j]}: {lab} of '
-                       f'{labels.shape[1]} labels differ, box error '
-                       f'{box:.3g} px, score error {score:.3g} vs the '
-                       'Detector')
+      got = run(*inputs)
+      for j, i in enumerate(group):
+        line = difference(got, want[i], j)
+        if line:
+          diffs.append(f'{name} {paths[i]} (batch of {n}): {line}')
   return diffs
 
 
@@ -387,8 +329,9 @@ def main(argv=None) -> int:
                       help='converted weights directory, mmdetection .pth or '
                       'train.py workdir')
   parser.add_argument('--out', required=True, help='output directory')
-  parser.add_argument('--batch', type=int, default=1,
-                      help='static batch size N (default 1)')
+  parser.add_argument('--batch', default='dynamic',
+                      help="'dynamic' (default: any number of images per "
+                      "call) or a fixed batch size N")
   parser.add_argument('--canvas', type=int, nargs=2, required=True,
                       metavar=('H', 'W'), help='static canvas height, width')
   parser.add_argument('--format', default='both',
@@ -419,10 +362,19 @@ def main(argv=None) -> int:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     return 2
   print(json.dumps({k: v for k, v in report.items() if k != 'ops'}))
-  diffs = report.get('check', {}).get('differences', [])
+  if 'check' not in report:
+    return 0
+  diffs = report['check']['differences']
   for line in diffs:
-    print(f'error: {line}', file=sys.stderr)
-  return 1 if diffs else 0
+    print(f'error: --check: {line}', file=sys.stderr)
+  if diffs:
+    print(f'error: --check failed: the exported artifacts differ from the '
+          f'Detector ({len(diffs)} lines above) on {len(args.check)} images',
+          file=sys.stderr)
+    return 1
+  print(f'--check: the artifacts agree with the Detector on '
+        f'{len(args.check)} images', file=sys.stderr)
+  return 0
 
 
 if __name__ == '__main__':
