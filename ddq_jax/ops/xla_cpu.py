@@ -25,7 +25,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def run_unfused(fn: Callable, carry, *, trips: jax.Array):
