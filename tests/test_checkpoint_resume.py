@@ -208,7 +208,7 @@ def _offset(state, path):
   off = 0
   for _, items in state.opt_state.mu.layout[:1]:
     for p, shape in items:
-      if p == "['" + "']['".join(path.split('/')) + "']":
+      if p == path:
         return off
       off += int(np.prod(shape))
   raise KeyError(path)

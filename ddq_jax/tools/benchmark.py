@@ -68,6 +68,7 @@ from ddq_jax.train.objective import make_loss_fn
 from ddq_jax.train.optimizer import make_optimizer
 from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.train.parallel.mesh import make_mesh, mesh_shape
+from ddq_jax.tree_paths import map_with_paths, split
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -186,7 +187,7 @@ def random_variables(config, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
-    name = str(getattr(path[-1], 'key', path[-1]))
+    name = split(path)[-1]
     shape, dtype = tuple(leaf.shape), leaf.dtype
     if not np.issubdtype(dtype, np.floating):
       return np.zeros(shape, dtype)
@@ -199,7 +200,7 @@ def random_variables(config, seed: int = 0) -> dict:
     if name == 'level_embed':
       std = 1.0
     return (rng.standard_normal(shape) * std).astype(dtype)
-  return jax.tree_util.tree_map_with_path(fill, variable_shapes(config))
+  return map_with_paths(fill, variable_shapes(config))
 
 
 def build_step(config, mode: str, variables, batch: dict, mesh):

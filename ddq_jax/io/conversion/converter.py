@@ -21,6 +21,7 @@ from ddq_jax.io.conversion.mmdet_config import (config_from_mmdet,
                                                 ConfigParseError)
 from ddq_jax.io.conversion.torch_pickle import CheckpointReadError, load_torch_checkpoint, state_dict_of
 from ddq_jax.model.variables import variable_shapes
+from ddq_jax.tree_paths import flat_items, path_str
 
 
 class ConversionError(ValueError):
@@ -56,27 +57,19 @@ class ConversionReport:
     return '\n'.join(lines)
 
 
-def _flatten(tree, prefix=()):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _flatten(v, prefix + (k,))
-  else:
-    yield prefix, tree
-
-
 def expected_shapes(config: ml_collections.ConfigDict) -> dict[tuple, tuple]:
   """{path: shape} of every variable the model builds for ``config``."""
   shapes = variable_shapes(config)
-  return {path: tuple(leaf.shape) for path, leaf in _flatten(shapes)}
+  return {path: tuple(leaf.shape) for path, leaf in flat_items(shapes)}
 
 
 def check_variables(variables: dict, want: dict[tuple, tuple],
                     torch_names: dict[tuple, str],
                     report: ConversionReport) -> None:
-  have = {path: tuple(np.shape(leaf)) for path, leaf in _flatten(variables)}
+  have = {path: tuple(np.shape(leaf)) for path, leaf in flat_items(variables)}
   def name(path):
-    return f"{torch_names.get(path, '?')} -> {'/'.join(path)}"
-  report.missing = sorted('/'.join(p) for p in want if p not in have)
+    return f"{torch_names.get(path, '?')} -> {path_str(path)}"
+  report.missing = sorted(path_str(p) for p in want if p not in have)
   report.unexpected = sorted(name(p) for p in have if p not in want)
   report.misshaped = sorted(
       f'{name(p)}: {have[p]} vs {want[p]}' for p in have
