@@ -11,6 +11,7 @@ import pytest
 from conftest import assert_close, load_npz
 from ddq_jax.compilation_cache import compile_count
 from ddq_jax.config import load_config
+from ddq_jax.io import weight_formats
 from ddq_jax.io.conversion import swin as swin_conv, torch_pickle
 from ddq_jax.model.variables import variable_shapes
 from ddq_jax.io.conversion.mapping import convert_state_dict, match_rule, unstack_layers
@@ -223,8 +224,8 @@ def test_official_checkpoint_round_trip(config, swin_state_dict, swin_params):
                    'norm.bias': np.zeros((256,), np.float32),
                    'layers.0.blocks.1.attn_mask': np.zeros((64, 16, 16),
                                                            np.float32)})
-  assert swin_conv.is_official_swin(official)
-  assert not swin_conv.is_official_swin(swin_state_dict)
+  assert weight_formats.is_official_swin(official)
+  assert not weight_formats.is_official_swin(swin_state_dict)
   back = swin_conv.official_to_mmdet(official)
   for k, v in back.items():
     if k in swin_state_dict:

@@ -10,6 +10,7 @@ result is checked against the shapes our model expects for that config.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -94,9 +95,12 @@ def convert_state_dict_checked(
 
 def convert_checkpoint(
     path: str, config: ml_collections.ConfigDict | None = None,
-    *, check: bool = True,
+    *, check: bool = True, checkpoint: Any = None,
 ) -> tuple[dict, ml_collections.ConfigDict, ConversionReport]:
   """Reads an mmdetection DDQ-DETR ``.pth`` and maps it onto our model.
+
+  ``checkpoint``: the file's object when already read
+  (``load_torch_checkpoint``), so it is not read twice.
 
   Raises:
     CheckpointReadError: unreadable / truncated / not a torch checkpoint.
@@ -105,7 +109,7 @@ def convert_checkpoint(
     ConversionError: tensors missing, unexpected or mis-shaped; the message
       lists them by name.
   """
-  obj = load_torch_checkpoint(path)
+  obj = load_torch_checkpoint(path) if checkpoint is None else checkpoint
   state_dict = state_dict_of(obj, path)
   if config is None:
     meta = obj.get('meta', {}) if isinstance(obj, dict) else {}

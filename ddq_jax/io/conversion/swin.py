@@ -163,14 +163,6 @@ def mmdet_to_official(state_dict: dict[str, np.ndarray]
   return out
 
 
-def is_official_swin(state_dict: dict[str, np.ndarray]) -> bool:
-  """A state dict in the official Swin repository's layout?"""
-  names = [k[len('module.'):] if k.startswith('module.') else k
-           for k in state_dict]
-  return 'patch_embed.proj.weight' in names and any(
-      n.startswith('layers.0.blocks.0.attn.') for n in names)
-
-
 def expected_backbone_shapes(config) -> dict[tuple, tuple]:
   """{path below params/backbone: shape} of the Swin backbone of ``config``
   (abstract: jax.eval_shape, no compute)."""
