@@ -19,6 +19,7 @@ from ddq_jax.losses.criterion import ddq_criterion, total_loss
 from ddq_jax.model.detector import INTERMEDIATES, build_model
 from ddq_jax.model.outputs import Detections
 from ddq_jax.model.variables import variable_shapes
+from ddq_jax.parity.fixture_names import fixture_tensors
 from ddq_jax.tree_paths import leaf_paths, path_str
 from ddq_jax.serve.detect import (jit_detect_fn, normalize_canvas,
                                   validate_detect_inputs)
@@ -58,7 +59,7 @@ def _apply_with_intermediates(model, v, x, **kwargs):
   """(DetectorOutputs, the sown intermediates under the fixtures' names)."""
   out, state = model.apply(v, x['images'], x['pad_mask'],
                            mutable=[INTERMEDIATES], **kwargs)
-  return out, dict(state[INTERMEDIATES])
+  return out, fixture_tensors(state[INTERMEDIATES])
 
 
 @pytest.fixture(scope='module')

@@ -51,6 +51,7 @@ from ddq_jax.parity import trajectory
 from ddq_jax.parity.canvas import (place_in_canvas, tie_ordered_detections,
                                    unpadded_view)
 from ddq_jax.parity.compare import compare, Comparison
+from ddq_jax.parity.fixture_names import fixture_tensors
 from ddq_jax.train.objective import forward_and_losses
 
 
@@ -75,7 +76,7 @@ def run_inference(model, variables, inputs):
   def fn(v, *a):
     _, state = model.apply(v, a[0], a[1], img_shapes=a[2],
                            scale_factors=a[3], mutable=[INTERMEDIATES])
-    return state[INTERMEDIATES]
+    return fixture_tensors(state[INTERMEDIATES])
   args = (inputs['images'].astype(np.float32), inputs['pad_mask'].astype(bool),
           inputs['img_shapes'].astype(np.int32),
           inputs['scale_factors'].astype(np.float32))
@@ -113,7 +114,7 @@ def run_training(model, config, variables, inputs):
         batch, jax.random.key(0), cfg=cfg, dn_inject=inject,
         capture_intermediates=True)
     num_dn_slots.append(out.layout.num_dn)
-    return total_loss(losses), (inter, losses)
+    return total_loss(losses), (fixture_tensors(inter), losses)
 
   t0 = time.perf_counter()
   (loss, (out, losses)), grads = jax.device_get(
