@@ -46,7 +46,8 @@ class Selected:
   indices (B, S) int32 (-1 = padding), num_kept (B,) int32 (NMS survivors
   among the candidates), cut (B,) bool (the static candidate bound may have
   dropped a survivor: ``ops.nms.TopKAfterNms``), cls_logits (B, S, K),
-  coords_unact (B, S, 4), query (B, S, C) (zeros at padding, as
+  coords_unact (B, S, 4), boxes (B, S, 4) (its sigmoid: cxcywh),
+  query (B, S, C) (zeros at padding, as
   ``align_tensor``; None without ``query_map``).
   """
   indices: jax.Array
@@ -54,6 +55,7 @@ class Selected:
   cut: jax.Array
   cls_logits: jax.Array
   coords_unact: jax.Array
+  boxes: jax.Array
   query: Optional[jax.Array] = None
 
   @property
@@ -82,10 +84,9 @@ class QuerySelection:
     dense = self.dense
     return EncoderPredictions(
         cls_logits=self.distinct.cls_logits,
-        boxes=jax.nn.sigmoid(self.distinct.coords_unact),
+        boxes=self.distinct.boxes,
         dense_cls_logits=None if dense is None else dense.cls_logits,
-        dense_boxes=None if dense is None else jax.nn.sigmoid(
-            dense.coords_unact))
+        dense_boxes=None if dense is None else dense.boxes)
 
 
 def proposal_scores_and_boxes(enc_outputs_class: jnp.ndarray,
@@ -164,16 +165,16 @@ def select_queries(enc_outputs_class: jnp.ndarray,
   indices, num_kept, cut = nms_ops.topk_after_nms(
       boxes, scores, iou_threshold=iou_threshold, pre_topk=pre_topk,
       num_keep=num_select, valid=valid, method=nms_method)
+  pad = indices < 0
+  cls_logits = gather_padded(enc_outputs_class, indices)
+  coords_unact = gather_padded(enc_outputs_coord_unact, indices)
   query = None
   if query_map is not None:
     query = query_map(gather_padded(jax.lax.stop_gradient(memory), indices))
-    query = jnp.where((indices < 0)[..., None], 0.0, query).astype(
-        query.dtype)
+    query = jnp.where(pad[..., None], 0.0, query).astype(query.dtype)
   return Selected(indices=indices, num_kept=num_kept, cut=cut,
-                  cls_logits=gather_padded(enc_outputs_class, indices),
-                  coords_unact=gather_padded(enc_outputs_coord_unact,
-                                             indices),
-                  query=query)
+                  cls_logits=cls_logits, coords_unact=coords_unact,
+                  boxes=jax.nn.sigmoid(coords_unact), query=query)
 
 
 def num_dense_queries(*, num_queries: int, dense_topk_ratio: float) -> int:
