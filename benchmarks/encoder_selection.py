@@ -32,12 +32,11 @@ def selection_stats(model, variables, images, pad_mask) -> list[dict]:
 
   def fn(v, x, m):
     _, st = model.apply(v, x, m, mutable=[INTERMEDIATES])
-    inter = st[INTERMEDIATES]
-    cls, _ = model.apply(v, inter['output_memory'], inter['output_proposals'],
+    props, sel = st[INTERMEDIATES]['proposals'], st[INTERMEDIATES]['selection']
+    cls, _ = model.apply(v, props.output_memory, props.output_proposals,
                          method=DDQDETR.encoder_branches)
-    return (jax.nn.sigmoid(cls.max(-1)), inter['output_proposals'],
-            inter['num_kept_after_nms'], inter['topk_indices'],
-            inter['nms_cut'])
+    return (jax.nn.sigmoid(cls.max(-1)), props.output_proposals,
+            sel.distinct.num_kept, sel.distinct.indices, sel.distinct.cut)
   scores, props, kept, topk, cut = jax.device_get(
       jax.jit(fn)(variables, images, pad_mask))
   c = model.config

@@ -14,6 +14,7 @@ import ddq_jax
 from ddq_jax.compilation_cache import compile_count
 from ddq_jax.config import load_config
 from ddq_jax.data.transforms import read_image
+from ddq_jax.io import weight_formats
 from ddq_jax.parity.canvas import tie_ordered_detections
 from ddq_jax.serve import api, detect
 
@@ -138,5 +139,7 @@ def test_load_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='no such file'):
     ddq_jax.Detector.load(str(tmp_path / 'nope.pth'))
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(FileNotFoundError, match='neither a converted'):
+  with pytest.raises(weight_formats.UnknownWeightFormat,
+                     match='empty: not a known weight format.*converted: '
+                     '.*train_checkpoint: .*mmdet: '):
     ddq_jax.Detector.load(str(tmp_path / 'empty'))

@@ -15,7 +15,7 @@ import optax
 
 from ddq_jax.train.parallel import mesh as mesh_lib
 from ddq_jax.train.parallel import sharding as shd
-from ddq_jax.io import weights
+from ddq_jax.io import weight_formats
 from ddq_jax.io.conversion.mapping import unstack_layers
 from ddq_jax.train import checkpoint_layout
 from ddq_jax.train.checkpoint import Checkpointer, StateMismatchError
@@ -175,9 +175,10 @@ def test_init_from_pretrained(tiny_config, tiny_state_dict, tiny_variables,
   tv = {k[len('backbone.'):]: v for k, v in tiny_state_dict.items()
         if k.startswith('backbone.')}
   tv['fc.weight'] = np.zeros((10, 4), np.float32)
-  assert weights.is_torchvision_resnet(tv)
-  assert not weights.is_torchvision_resnet(tiny_state_dict)
-  bb = weights.torchvision_backbone_variables(tv, tiny_config)
+  assert weight_formats.is_torchvision_resnet(tv)
+  assert not weight_formats.is_torchvision_resnet(tiny_state_dict)
+  assert weight_formats.is_mmdet_detector(tiny_state_dict)
+  bb = weight_formats.torchvision_backbone_variables(tv, tiny_config)
   s2, rep = state_lib.merge_variables(state, bb, tx)
   n_bb = len(jax.tree.leaves(tiny_variables['params']['backbone'])) + len(
       jax.tree.leaves(tiny_variables['batch_stats']['backbone']))
@@ -222,7 +223,7 @@ def _offset(state, path):
   off = 0
   for _, items in state.opt_state.mu.layout[:1]:
     for p, shape in items:
-      if p == "['" + "']['".join(path.split('/')) + "']":
+      if p == path:
         return off
       off += int(np.prod(shape))
   raise KeyError(path)

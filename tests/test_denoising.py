@@ -33,15 +33,15 @@ def test_injected_matches_fixture(tiny_config, tiny_inputs, tiny_train,
       num_matching_queries=cfg.num_queries, num_dense_queries=num_dense,
       injected_label_ids=ids, injected_reference_points=pts))
   out = fn(variables, fx['dn_label_ids'], fx['dn_reference_points'])
-  meta = out['dn_meta']
+  meta = out.layout
   d_ref = fx['dn_label_ids'].shape[1]
-  d = meta['num_dn_slots']
+  d = out.num_slots
   assert d == 2 * max(cfg.dn.num_dn_queries, g)
   assert int(meta['num_groups']) == int(fx['dn_num_groups'])
   assert int(meta['num_denoising_queries']) == d_ref == int(
       tiny_train['dn_meta_num_denoising_queries'])
   # mask: equal to the reference on its slots, unused slots isolated
-  mask = np.asarray(out['attn_mask'])
+  mask = np.asarray(out.attn_mask)
   q_rest = cfg.num_queries + num_dense
   assert mask.shape == (d + q_rest, d + q_rest)
   sel = _ref_slots(d_ref, d, q_rest)
@@ -59,12 +59,12 @@ def test_injected_matches_fixture(tiny_config, tiny_inputs, tiny_train,
   ids = fx['dn_label_ids']
   expected = np.where(ids[..., None] >= 0, np.asarray(emb)[np.maximum(ids, 0)],
                       0.0)
-  lq = np.asarray(out['dn_label_query'])
+  lq = np.asarray(out.label_query)
   np.testing.assert_array_equal(lq[:, :d_ref], expected)
   np.testing.assert_array_equal(lq[:, d_ref:], 0)
   assert_close(lq[:, :d_ref], tiny_train['decoder_query_in'][:, :d_ref],
                name='dn query')
-  ref = jax.nn.sigmoid(out['dn_bbox_query'])
+  ref = jax.nn.sigmoid(out.bbox_query)
   assert_close(ref[:, :d_ref], tiny_train['decoder_reference_in'][:, :d_ref],
                rel=1e-5, name='dn reference points')
   # the layout marks exactly the slots whose ids are real
@@ -99,17 +99,17 @@ def test_random_path_statistics(tiny_config):
   changed, total, pos_in, neg_out, npos, nneg = 0, 0, 0, 0, 0, 0
   for i in range(30):
     out = fn(jax.random.PRNGKey(i))
-    meta = out['dn_meta']
+    meta = out.layout
     m = 5
     assert int(meta['num_groups']) == cfg.dn.num_dn_queries // m
     has = np.asarray(meta['slot_has_gt'])
     col = np.asarray(meta['slot_gt_index'])
-    lab = np.asarray(meta['labels'])
+    lab = np.asarray(out.labels)
     gt_lab = np.take_along_axis(labels, col, 1)
     changed += (lab != gt_lab)[has].sum()
     total += has.sum()
     assert (lab[~has] == -1).all()
-    bq = np.asarray(out['dn_bbox_query'])
+    bq = np.asarray(out.bbox_query)
     assert np.isfinite(bq).all() and (bq[~has] == 0).all()
     # corner offsets in units of half the box size
     box = np.asarray(jax.nn.sigmoid(bq))
@@ -147,14 +147,14 @@ def test_zero_gt_no_nan(tiny_config):
   params = gen.init(jax.random.PRNGKey(0), rng=jax.random.PRNGKey(1), **kw)
   out = jax.jit(lambda k: gen.apply(params, rng=k, **kw))(
       jax.random.PRNGKey(2))
-  meta = out['dn_meta']
+  meta = out.layout
   assert int(meta['num_groups']) == 1
   assert int(meta['num_denoising_queries']) == 0
-  for k in ('dn_label_query', 'dn_bbox_query'):
-    assert np.isfinite(np.asarray(out[k])).all()
-    assert (np.asarray(out[k]) == 0).all()
-  mask = np.asarray(out['attn_mask'])
-  d = meta['num_dn_slots']
+  for x in (out.label_query, out.bbox_query):
+    assert np.isfinite(np.asarray(x)).all()
+    assert (np.asarray(x) == 0).all()
+  mask = np.asarray(out.attn_mask)
+  d = out.num_slots
   assert mask[d:, :d].all() and mask[:d, :d].sum() == d * d - d
   assert (~mask).any(-1).all()
 

@@ -19,6 +19,8 @@ from ddq_jax.losses.criterion import ddq_criterion, total_loss
 from ddq_jax.model.detector import INTERMEDIATES, build_model
 from ddq_jax.model.outputs import Detections
 from ddq_jax.model.variables import variable_shapes
+from ddq_jax.parity.fixture_names import fixture_tensors
+from ddq_jax.tree_paths import leaf_paths, path_str
 from ddq_jax.serve.detect import (jit_detect_fn, normalize_canvas,
                                   validate_detect_inputs)
 
@@ -57,7 +59,7 @@ def _apply_with_intermediates(model, v, x, **kwargs):
   """(DetectorOutputs, the sown intermediates under the fixtures' names)."""
   out, state = model.apply(v, x['images'], x['pad_mask'],
                            mutable=[INTERMEDIATES], **kwargs)
-  return out, dict(state[INTERMEDIATES])
+  return out, fixture_tensors(state[INTERMEDIATES])
 
 
 @pytest.fixture(scope='module')
@@ -250,15 +252,14 @@ def test_training_losses_and_gradients_match_fixture(train_run, tiny_train):
   exp_total = float(tiny_train['loss_total'].reshape(()))
   assert abs(float(total) - exp_total) <= 1e-4 * abs(exp_total)
   per_layer = unstack_layers({'params': grads})['params']  # torch's names
-  flat = {'/'.join(p): np.asarray(g) for p, g in
-          jax.tree_util.tree_flatten_with_path(per_layer)[0]
-          for p in [[getattr(e, 'key', str(e)) for e in p]]}
+  flat = dict(zip(leaf_paths(per_layer),
+                  map(np.asarray, jax.tree.leaves(per_layer))))
   for k in (k for k in tiny_train if k.startswith('grad/')):
     name = k[5:]
     exp = tiny_train[k]
     rule, path = match_rule(name, exp.ndim)
     exp = np.asarray(rule.layout(exp), np.float64)
-    got = flat['/'.join(path[1:])]
+    got = flat[path_str(path[1:])]
     err = np.abs(got - exp).max() / np.abs(exp).max()
     assert err <= 1e-3, (name, err)
   norm = np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64)))
@@ -268,8 +269,8 @@ def test_training_losses_and_gradients_match_fixture(train_run, tiny_train):
 
 
 def _shapes(tree):
-  return {'/'.join(getattr(e, 'key', str(e)) for e in p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return dict(zip(leaf_paths(tree),
+                  (tuple(x.shape) for x in jax.tree.leaves(tree))))
 
 
 def test_variable_tree_equals_converted_checkpoint(tiny_config,
@@ -294,7 +295,7 @@ def test_r50_head_and_decoder_match_manifest():
       continue
     rule, p = match_rule(name, len(shape))
     layout = rule.layout(np.zeros(shape, np.float32))
-    expected['/'.join(p)] = tuple(layout.shape)
+    expected[path_str(p)] = tuple(layout.shape)
   got = {k: s for k, s in _shapes(unstack_layers(variable_shapes(
       load_config('ddq_r50_4scale')))).items()
          if k.split('/')[1] in ('bbox_head', 'decoder', 'query_map',

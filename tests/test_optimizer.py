@@ -9,6 +9,7 @@ from ddq_jax.config import complete_config
 from ddq_jax.model.variables import variable_shapes
 from ddq_jax.train import flat_optimizer as fo
 from ddq_jax.train import optimizer as opt
+from ddq_jax.tree_paths import leaf_paths, split
 
 
 def _config(**optim):
@@ -160,8 +161,8 @@ def test_labels_on_real_model(tiny_config):
   the backbone group = conv kernels of layers 2-4; nothing else frozen."""
   params = variable_shapes(tiny_config)['params']
   labels = opt.param_labels(params, tiny_config)
-  flat = {tuple(str(getattr(k, 'key', k)) for k in p): l for p, l in
-          jax.tree_util.tree_flatten_with_path(labels)[0]}
+  flat = {split(p): l for p, l in zip(leaf_paths(labels),
+                                      jax.tree.leaves(labels))}
   for path, label in flat.items():
     if path[0] != 'backbone':
       assert label == 'default', path

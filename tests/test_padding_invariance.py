@@ -28,6 +28,7 @@ from ddq_jax.model.resnet import ResNet
 from ddq_jax.parity import verify
 from ddq_jax.parity.canvas import place_in_canvas, tie_ordered_detections, unpadded_view
 from ddq_jax.parity.compare import compare
+from ddq_jax.parity.fixture_names import fixture_tensors
 from ddq_jax.serve import predict
 from ddq_jax.train.checkpoint import Checkpointer
 from ddq_jax.train.state import create_train_state
@@ -57,7 +58,8 @@ def invariant_apply(tiny_variables):
   fn = jax.jit(lambda v, *a: model.apply(v, a[0], a[1], img_shapes=a[2],
                                          scale_factors=a[3],
                                          mutable=[INTERMEDIATES])[1])
-  return lambda *a: dict(jax.device_get(fn(tiny_variables, *a))[INTERMEDIATES])
+  return lambda *a: fixture_tensors(
+      jax.device_get(fn(tiny_variables, *a))[INTERMEDIATES])
 
 
 def _batch(bundles, order, canvas):
@@ -166,7 +168,7 @@ def test_batched_reference_mode_depends_on_canvas(bundles, tiny_variables,
   not give the unpadded result on a canvas with padding at every level."""
   assert not tiny_config.padding_invariant
   model = build_model(tiny_config)
-  out = dict(jax.device_get(jax.jit(
+  out = fixture_tensors(jax.device_get(jax.jit(
       lambda v, *a: model.apply(v, a[0], a[1], img_shapes=a[2],
                                 scale_factors=a[3],
                                 mutable=[INTERMEDIATES])[1])(

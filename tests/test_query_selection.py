@@ -7,6 +7,7 @@ import pytest
 from conftest import assert_close
 from ddq_jax.io.conversion.mapping import unstack_layers
 from ddq_jax.model import query_selection as qs
+from ddq_jax.parity.fixture_names import fixture_tensors
 from test_nms import ref_batched_nms
 
 HI = jax.lax.Precision.HIGHEST
@@ -49,16 +50,23 @@ def _run(cfg, fx, variables, training):
   return fn(cls, reg, jnp.asarray(fx['memory']))
 
 
+def _named(sel):
+  """A selection's tensors under the fixtures' names."""
+  return fixture_tensors({'selection': sel,
+                          'outputs': {'encoder': sel.encoder}})
+
+
 def test_pre_decoder_eval_matches_fixture(tiny_config, tiny_infer,
                                           tiny_variables):
   fx = tiny_infer
-  out = _run(tiny_config, fx, tiny_variables, training=False)
+  out = _named(_run(tiny_config, fx, tiny_variables, training=False))
+  assert 'dense_topk_indices' not in out
   np.testing.assert_array_equal(np.asarray(out['topk_indices']),
                                 fx['topk_indices'])
   np.testing.assert_array_equal(np.asarray(out['num_kept_after_nms']),
                                 fx['num_kept_after_nms'])
-  assert_close(out['query'], fx['decoder_query_in'], name='query')
-  assert_close(out['reference_points'], fx['decoder_reference_in'],
+  assert_close(out['decoder_query_in'], fx['decoder_query_in'], name='query')
+  assert_close(out['decoder_reference_in'], fx['decoder_reference_in'],
                name='reference')
 
 
@@ -66,19 +74,21 @@ def test_pre_decoder_train_matches_fixture(tiny_config, tiny_train,
                                            tiny_variables):
   fx = tiny_train
   cfg = tiny_config
-  out = _run(cfg, fx, tiny_variables, training=True)
+  sel = _run(cfg, fx, tiny_variables, training=True)
+  out = _named(sel)
   np.testing.assert_array_equal(np.asarray(out['topk_indices']),
                                 fx['topk_indices'])
   np.testing.assert_array_equal(np.asarray(out['dense_topk_indices']),
                                 fx['dense_topk_indices'])
-  assert out['num_dense_queries'] == int(fx['dn_meta_num_dense_queries'])
+  assert sel.dense.indices.shape[1] == int(fx['dn_meta_num_dense_queries'])
   d = int(fx['dn_meta_num_denoising_queries'])
-  assert_close(out['query'], fx['decoder_query_in'][:, d:], name='query')
-  assert_close(out['reference_points'], fx['decoder_reference_in'][:, d:],
+  assert_close(out['decoder_query_in'], fx['decoder_query_in'][:, d:],
+               name='query')
+  assert_close(out['decoder_reference_in'], fx['decoder_reference_in'][:, d:],
                name='reference')
   for k in ('enc_outputs_class', 'enc_outputs_coord', 'aux_enc_outputs_class',
             'aux_enc_outputs_coord'):
-    assert_close(out[k], fx[f'head_in_{k}'], name=k)
+    assert_close(out[f'head_in_{k}'], fx[f'head_in_{k}'], name=k)
 
 
 def test_pre_decoder_pads_with_zeros():
@@ -92,13 +102,13 @@ def test_pre_decoder_pads_with_zeros():
   out = qs.pre_decoder(cls, reg, mem, query_map=lambda x: x * 2 + 1,
                        num_queries=q, iou_threshold=0.8, pre_topk=n)
   # image 0: all boxes identical -> one survivor
-  assert int(out['num_kept_after_nms'][0]) == 1
-  idx = np.asarray(out['topk_indices'][0])
+  assert int(out.distinct.num_kept[0]) == 1
+  idx = np.asarray(out.distinct.indices[0])
   assert idx[0] == int(np.argmax(np.asarray(cls[0]).max(-1))) and (idx[1:] == -1).all()
-  np.testing.assert_array_equal(np.asarray(out['query'][0, 1:]), 0)
-  np.testing.assert_array_equal(np.asarray(out['reference_points'][0, 1:]), 0.5)
-  np.testing.assert_array_equal(np.asarray(out['enc_outputs_class'][0, 1:]), 0)
-  assert np.isfinite(np.asarray(out['query'])).all()
+  np.testing.assert_array_equal(np.asarray(out.query[0, 1:]), 0)
+  np.testing.assert_array_equal(np.asarray(out.reference_points[0, 1:]), 0.5)
+  np.testing.assert_array_equal(np.asarray(out.encoder.cls_logits[0, 1:]), 0)
+  assert np.isfinite(np.asarray(out.query)).all()
 
 
 def _invalid_flood(rng, n, n_invalid):
@@ -151,12 +161,12 @@ def test_invalid_proposals_enter_the_candidates_as_one():
       c, r, m, query_map=None, num_select=num_select, iou_threshold=thr,
       pre_topk=k), static_argnums=3)
   out = fn(logits, unact, mem, 60)
-  np.testing.assert_array_equal(np.asarray(out['indices']), want)
+  np.testing.assert_array_equal(np.asarray(out.indices), want)
   # one invalid representative, the lowest index of the tied group
   first_invalid = np.flatnonzero(batch[0][2])[0]
-  assert first_invalid in np.asarray(out['indices'][0])
-  assert not np.asarray(out['cut']).any()
+  assert first_invalid in np.asarray(out.indices[0])
+  assert not np.asarray(out.cut).any()
   # a bound that cannot hold num_select survivors is reported, not silent
   small = fn(logits, unact, mem, 20)
-  assert np.asarray(small['cut']).all()
-  assert (np.asarray(small['num_kept']) < num_select).all()
+  assert np.asarray(small.cut).all()
+  assert (np.asarray(small.num_kept) < num_select).all()

@@ -11,6 +11,7 @@ import pytest
 from conftest import assert_close, load_npz
 from ddq_jax.compilation_cache import compile_count
 from ddq_jax.config import load_config
+from ddq_jax.io import weight_formats
 from ddq_jax.io.conversion import swin as swin_conv, torch_pickle
 from ddq_jax.model.variables import variable_shapes
 from ddq_jax.io.conversion.mapping import convert_state_dict, match_rule, unstack_layers
@@ -21,6 +22,7 @@ from ddq_jax.model import param_groups, swin, swin_windows
 from ddq_jax.model.backbones import backbone_out_channels, build_backbone
 from ddq_jax.train.loop import load_pretrained
 from ddq_jax.train.optimizer import BACKBONE, DEFAULT, FROZEN, param_labels
+from ddq_jax.tree_paths import flat_items, leaf_paths, split
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 TINY_SWIN = os.path.join(DATA, 'tiny_swin')
@@ -130,10 +132,9 @@ def test_frozen_stages_get_no_gradient(config):
   params = jax.jit(model.init)(jax.random.key(1), x)['params']
   grads = jax.jit(jax.grad(lambda p: sum(jnp.sum(o ** 2) for o in model.apply(
       {'params': p}, x))))(params)
-  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-    names = [str(k.key) for k in path]
-    frozen = param_groups.lr_mult('/'.join(['backbone'] + names),
-                                  rules) is None
+  for path, g in zip(leaf_paths(grads), jax.tree.leaves(grads)):
+    names = split(path)
+    frozen = param_groups.lr_mult(f'backbone/{path}', rules) is None
     assert frozen == (names[0] in ('patch_embed', 'stages_0', 'norm0')), names
     if frozen:
       assert not np.asarray(g).any(), names
@@ -225,8 +226,8 @@ def test_official_checkpoint_round_trip(config, swin_state_dict, swin_params):
                    'norm.bias': np.zeros((256,), np.float32),
                    'layers.0.blocks.1.attn_mask': np.zeros((64, 16, 16),
                                                            np.float32)})
-  assert swin_conv.is_official_swin(official)
-  assert not swin_conv.is_official_swin(swin_state_dict)
+  assert weight_formats.is_official_swin(official)
+  assert not weight_formats.is_official_swin(swin_state_dict)
   back = swin_conv.official_to_mmdet(official)
   for k, v in back.items():
     if k in swin_state_dict:
@@ -261,8 +262,7 @@ def test_swinl_manifest_maps_onto_the_real_model():
   tensors = manifest['tensors']
   assert len(tensors) == manifest['num_tensors']
   shapes = unstack_layers(variable_shapes(load_config('ddq_swinl_4scale')))
-  want = {tuple(getattr(e, 'key', str(e)) for e in p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  want = {p: tuple(x.shape) for p, x in flat_items(shapes)}
   have, ignored = {}, []
   for name, (shape, _) in tensors.items():
     rule, path = match_rule(name, len(shape))

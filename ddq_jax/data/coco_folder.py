@@ -159,6 +159,55 @@ def map_categories(*, ann_file: str, class_names: list,
       'metrics)')
 
 
+def _boxes_per_image(annotations: list, images: dict, cat2label: dict,
+                     stats: dict) -> dict:
+  """{image id: ([xyxy box], [label])} of the usable annotations; the
+  others are counted in ``stats`` (unknown image or category, crowd,
+  invalid box)."""
+  per_image: dict = {k: ([], []) for k in images}
+  for a in annotations:
+    im = images.get(a['image_id'])
+    if im is None:
+      stats['unknown_image'] += 1
+      continue
+    if a['category_id'] not in cat2label:
+      stats['unknown_category'] += 1
+      continue
+    if a.get('iscrowd', 0) or a.get('ignore', False):
+      stats['crowd'] += 1
+      continue
+    h, w = im.get('height'), im.get('width')
+    if h is None or w is None:
+      h = w = np.inf  # size unknown (file unreadable): clip at load time
+    box = sanitize_xywh(a['bbox'], height=h, width=w, area=a.get('area'))
+    if box is None:
+      stats['invalid_box'] += 1
+      continue
+    per_image[a['image_id']][0].append(box)
+    per_image[a['image_id']][1].append(cat2label[a['category_id']])
+  return per_image
+
+
+def _log_start_up(ann_file: str, image_dir: str, stats: dict, *,
+                  num_images: int, missing: list) -> None:
+  """One warning per kind of thing skipped at start-up."""
+  if stats['missing_file']:
+    log.warning('%s: images[].file_name: %d of %d image files missing under '
+                '%s (first: %r); those images are dropped', ann_file,
+                stats['missing_file'], num_images, image_dir, missing[0])
+  if stats['unknown_image']:
+    log.warning('%s: annotations[].image_id: %d annotations name no image '
+                'of images[] (skipped)', ann_file, stats['unknown_image'])
+  if stats['unknown_category']:
+    log.warning('%s: annotations[].category_id: %d annotations name no '
+                'category of categories[] (skipped)', ann_file,
+                stats['unknown_category'])
+  dropped = {k: v for k, v in stats.items() if v and k not in (
+      'missing_file', 'unknown_image', 'unknown_category', 'sizes_read')}
+  if dropped:
+    log.warning('%s: skipped at start-up: %s', ann_file, dropped)
+
+
 class CocoFolderSource(DetectionSource):
   """A COCO-format folder.
 
@@ -177,23 +226,7 @@ class CocoFolderSource(DetectionSource):
     super().__init__()
     data = parse_coco_json(ann_file)
     self.ann_file, self.image_dir = ann_file, image_dir
-    cats = sorted(data['categories'], key=lambda c: c['id'])
-    data_ids = [int(c['id']) for c in cats]
-    data_names = [str(c.get('name', c['id'])) for c in cats]
-    mapping, message = map_categories(ann_file=ann_file,
-                                      class_names=data_names,
-                                      model_class_names=model_class_names)
-    if message:
-      log.warning('%s', message)
-    if mapping is None:
-      self.category_ids, self.class_names = data_ids, data_names
-      cat2label = {c: i for i, c in enumerate(data_ids)}
-    else:  # model label -> category id; -1: a class with no category
-      self.category_ids = [-1] * len(model_class_names)
-      self.class_names = [str(n) for n in model_class_names]
-      for c, j in zip(data_ids, mapping):
-        self.category_ids[j] = c
-      cat2label = dict(zip(data_ids, mapping))
+    cat2label = self._set_categories(data['categories'], model_class_names)
     stats = dict(unknown_category=0, unknown_image=0, crowd=0,
                  invalid_box=0, missing_file=0, small_image=0,
                  no_size=0)
@@ -201,27 +234,8 @@ class CocoFolderSource(DetectionSource):
     for im in data['images']:
       images[im['id']] = im
     self._read_missing_sizes(images, image_dir, stats, ann_file)
-    per_image: dict = {k: ([], []) for k in images}
-    for a in data['annotations']:
-      im = images.get(a['image_id'])
-      if im is None:
-        stats['unknown_image'] += 1
-        continue
-      if a['category_id'] not in cat2label:
-        stats['unknown_category'] += 1
-        continue
-      if a.get('iscrowd', 0) or a.get('ignore', False):
-        stats['crowd'] += 1
-        continue
-      h, w = im.get('height'), im.get('width')
-      if h is None or w is None:
-        h = w = np.inf  # size unknown (file unreadable): clip at load time
-      box = sanitize_xywh(a['bbox'], height=h, width=w, area=a.get('area'))
-      if box is None:
-        stats['invalid_box'] += 1
-        continue
-      per_image[a['image_id']][0].append(box)
-      per_image[a['image_id']][1].append(cat2label[a['category_id']])
+    per_image = _boxes_per_image(data['annotations'], images, cat2label,
+                                 stats)
     ids, sizes, files, boxes, labels, missing = [], [], [], [], [], []
     for img_id, im in images.items():
       path = os.path.join(image_dir, im['file_name'])
@@ -249,26 +263,34 @@ class CocoFolderSource(DetectionSource):
     self.missing_files = missing  # file_names dropped at start-up
     self.stats.update(stats)
     self._kept_ids = set(ids)
-    if stats['missing_file']:
-      if not ids:
-        raise ValueError(
-            f'{ann_file}: images[].file_name: all {stats["missing_file"]} '
-            f'image files are missing under {image_dir} (first: '
-            f'{missing[0]!r}); is data.coco_dir / the image directory right?')
-      log.warning('%s: images[].file_name: %d of %d image files missing under '
-                  '%s (first: %r); those images are dropped', ann_file,
-                  stats['missing_file'], len(images), image_dir, missing[0])
-    if stats['unknown_image']:
-      log.warning('%s: annotations[].image_id: %d annotations name no image '
-                  'of images[] (skipped)', ann_file, stats['unknown_image'])
-    if stats['unknown_category']:
-      log.warning('%s: annotations[].category_id: %d annotations name no '
-                  'category of categories[] (skipped)', ann_file,
-                  stats['unknown_category'])
-    dropped = {k: v for k, v in stats.items() if v and k not in (
-        'missing_file', 'unknown_image', 'unknown_category', 'sizes_read')}
-    if dropped:
-      log.warning('%s: skipped at start-up: %s', ann_file, dropped)
+    if stats['missing_file'] and not ids:
+      raise ValueError(
+          f'{ann_file}: images[].file_name: all {stats["missing_file"]} '
+          f'image files are missing under {image_dir} (first: '
+          f'{missing[0]!r}); is data.coco_dir / the image directory right?')
+    _log_start_up(ann_file, image_dir, stats, num_images=len(images),
+                  missing=missing)
+
+  def _set_categories(self, categories: list, model_class_names) -> dict:
+    """``category_ids`` and ``class_names`` (the model's classes when
+    given, ``map_categories``); returns {category id: label}."""
+    cats = sorted(categories, key=lambda c: c['id'])
+    data_ids = [int(c['id']) for c in cats]
+    data_names = [str(c.get('name', c['id'])) for c in cats]
+    mapping, message = map_categories(ann_file=self.ann_file,
+                                      class_names=data_names,
+                                      model_class_names=model_class_names)
+    if message:
+      log.warning('%s', message)
+    if mapping is None:
+      self.category_ids, self.class_names = data_ids, data_names
+      return {c: i for i, c in enumerate(data_ids)}
+    # model label -> category id; -1: a class with no category
+    self.category_ids = [-1] * len(model_class_names)
+    self.class_names = [str(n) for n in model_class_names]
+    for c, j in zip(data_ids, mapping):
+      self.category_ids[j] = c
+    return dict(zip(data_ids, mapping))
 
   @staticmethod
   def _read_missing_sizes(images: dict, image_dir: str, stats: dict,

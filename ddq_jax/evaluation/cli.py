@@ -114,10 +114,8 @@ def _missing_at_start(source) -> list[str]:
   return list(getattr(source, 'missing_files', ()) or ())
 
 
-def main(argv=None) -> dict:
-  parser = _parser()
-  args, overrides = cli.parse_args(parser, argv)
-  enable_compilation_cache()
+def _check_args(parser, args) -> None:
+  """Every flag's value checked before any work (usage errors, exit 2)."""
   if not args.weights and not args.random_init:
     cli.fail(parser, '--weights is required (or --random-init for a smoke run)')
   if args.random_init and not args.config:
@@ -149,19 +147,26 @@ def main(argv=None) -> dict:
   except OutputPathError as e:
     cli.fail(parser, str(e))
 
+
+def _load_model(parser, args, overrides):
+  """(variables, config): the weights and their config (or --config), or a
+  random initialisation of --config."""
   config = (cli.load_or_fail(parser, args.config, overrides)
             if args.config else None)
-
   if args.random_init:
     variables = jax.jit(lambda r: init_variables(build_model(config), config,
                                                  r))(jax.random.key(0))
-  else:
-    try:
-      variables, config = load_weights(
-          args.weights, config, overrides=None if args.config else overrides)
-    except Exception as e:  # pylint: disable=broad-except
-      cli.fail(parser, f'--weights {args.weights}: cannot load: '
-                   f'{type(e).__name__}: {e}')
+    return variables, config
+  try:
+    return load_weights(args.weights, config,
+                        overrides=None if args.config else overrides)
+  except Exception as e:  # pylint: disable=broad-except
+    cli.fail(parser, f'--weights {args.weights}: cannot load: '
+                 f'{type(e).__name__}: {e}')
+
+
+def _data_from_flags(config, args) -> str:
+  """The data flags onto ``config.data``; the split to evaluate."""
   d = config.data
   if args.ann_file:
     d.source = 'coco_dir'
@@ -174,22 +179,32 @@ def main(argv=None) -> dict:
       d.tfds_data_dir = args.tfds_data_dir
   if args.num_workers is not None:
     d.num_workers = args.num_workers
-  split = args.split or d.eval_split
+  return args.split or d.eval_split
 
+
+def _open_split(parser, args, config, split: str):
+  """(source, image files missing at start-up); refused when files are
+  missing (without --skip-bad-images) or the split is empty."""
+  source_name = config.data.source
   try:
     source = build_dataset(config, split)
   except (FileNotFoundError, ValueError, OSError) as e:
-    cli.fail(parser, f'cannot open the {d.source} {split!r} split: {e}')
+    cli.fail(parser, f'cannot open the {source_name} {split!r} split: {e}')
   missing = _missing_at_start(source)
   if missing and not args.skip_bad_images:
     cli.fail(parser, f'{len(missing)} image files of the {split!r} split are '
              f'missing (first: {missing[0]}); --skip-bad-images evaluates the '
              'others and records the missing ones')
   if len(source) == 0:
-    cli.fail(parser, f'the {d.source} {split!r} split has no image to '
+    cli.fail(parser, f'the {source_name} {split!r} split has no image to '
              'evaluate')
+  return source, missing
 
-  devices = jax.devices()  # every process's: the batch spans all hosts
+
+def _devices(parser, args) -> list:
+  """Every process's devices (the batch spans all hosts), or the first
+  --devices of a single process."""
+  devices = jax.devices()
   if args.devices:
     if jax.process_count() > 1:
       cli.fail(parser, '--devices is for single-process runs')
@@ -197,6 +212,38 @@ def main(argv=None) -> dict:
       cli.fail(parser, f'--devices {args.devices}: only {len(devices)} local '
                    'devices')
     devices = devices[:args.devices]
+  return devices
+
+
+def _write_results(args, metrics: dict, dets: list, *, dropped: list,
+                   missing: list) -> None:
+  """metrics.json and detections.json (process 0), and what was dropped."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(args.out, exist_ok=True)
+  write_text(os.path.join(args.out, 'detections.json'), json.dumps(dets))
+  write_text(os.path.join(args.out, 'metrics.json'),
+             json.dumps(metrics, indent=1))
+  print(f'wrote {args.out}/metrics.json and {args.out}/detections.json '
+        f'({len(dets)} detections)', file=sys.stderr)
+  for image_id in dropped:
+    print(f'dropped image id {image_id}: could not be read', file=sys.stderr)
+  for name in missing:
+    print(f'dropped image {name}: missing at start-up', file=sys.stderr)
+  if dropped or missing:
+    print(f'{len(dropped) + len(missing)} images dropped, '
+          f'{metrics["images_evaluated"]} evaluated', file=sys.stderr)
+
+
+def main(argv=None) -> dict:
+  parser = _parser()
+  args, overrides = cli.parse_args(parser, argv)
+  enable_compilation_cache()
+  _check_args(parser, args)
+  variables, config = _load_model(parser, args, overrides)
+  split = _data_from_flags(config, args)
+  source, missing = _open_split(parser, args, config, split)
+  devices = _devices(parser, args)
   mesh = make_mesh(config, devices)
   batch = int(args.batch_size or config.eval.batch_size)
   it = make_eval_iterator(config, batch_size=batch, dataset=source,
@@ -215,24 +262,11 @@ def main(argv=None) -> dict:
                  strict=not args.skip_bad_images)
   metrics.update(config=str(config.name),
                  weights=args.weights or 'random-init', split=split,
-                 source=str(d.source), batch_size=batch,
+                 source=str(config.data.source), batch_size=batch,
                  num_devices=len(devices),
                  device_kind=devices[0].device_kind,
                  date=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
-  if jax.process_index() == 0:
-    os.makedirs(args.out, exist_ok=True)
-    write_text(os.path.join(args.out, 'detections.json'), json.dumps(dets))
-    write_text(os.path.join(args.out, 'metrics.json'),
-               json.dumps(metrics, indent=1))
-    print(f'wrote {args.out}/metrics.json and {args.out}/detections.json '
-          f'({len(dets)} detections)', file=sys.stderr)
-    for image_id in dropped:
-      print(f'dropped image id {image_id}: could not be read', file=sys.stderr)
-    for name in missing:
-      print(f'dropped image {name}: missing at start-up', file=sys.stderr)
-    if dropped or missing:
-      print(f'{len(dropped) + len(missing)} images dropped, '
-            f'{metrics["images_evaluated"]} evaluated', file=sys.stderr)
+  _write_results(args, metrics, dets, dropped=dropped, missing=missing)
   if metrics['images_evaluated'] == 0:
     cli.fail(parser, f'no image of the {split!r} split could be evaluated; '
              f'the metrics in {args.out} are empty')

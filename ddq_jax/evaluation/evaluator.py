@@ -120,22 +120,52 @@ def evaluate_model(detect_fn, variables: dict, data: Any, *,
   if source is None:
     raise ValueError('evaluate_model: cannot find the dataset (category ids, '
                      'ground truth) of this iterator; pass dataset=')
-  if hasattr(data, 'coco_gt') and not hasattr(data, '__next__'):
-    if config is None:
-      raise ValueError('evaluate_model: a dataset needs config= to build the '
-                       'eval iterator (or pass make_eval_iterator(...))')
-    bs = int(batch_size or config.eval.batch_size)
-    data = make_eval_iterator(config, batch_size=bs, dataset=source,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())
+  data = _as_iterator(data, source, config, batch_size)
   mesh = mesh if mesh is not None else mesh_lib.make_mesh(config)
-  n_data = _data_axis_size(mesh)
-  multiple = max(1, n_data // jax.process_count())
+  multiple = max(1, _data_axis_size(mesh) // jax.process_count())
   if not (hasattr(detect_fn, 'jitted') or hasattr(detect_fn, 'lower')):
     detect_fn = jax.jit(detect_fn)
   variables = shd.place_tree(variables, mesh, config)
-  category_ids = list(source.category_ids)
+  main = jax.process_index() == 0
+  run = _EvalRun(list(source.category_ids),
+                 bar=tqdm(total=_expected_images(source, max_images),
+                          unit='img', desc='eval', dynamic_ncols=True)
+                 if progress and main else None)
+  try:
+    _run_batches(detect_fn, variables, data, mesh, run, multiple=multiple,
+                 max_images=max_images)
+  finally:
+    if run.bar is not None:
+      run.bar.close()
+    if hasattr(data, 'close'):
+      data.close()
+  seconds = time.perf_counter() - run.t0
+  metrics, detections = _metrics(run, source, seconds, max_images=max_images)
+  if print_table and main:
+    print(format_table(metrics))
+    print(f'{metrics["num_images"]} images, {len(detections)} detections, '
+          f'{seconds:.1f} s ({run.compile_s:.1f} s compiling '
+          f'{run.compiles} shape(s), {run.data_s:.1f} s waiting for '
+          f'data): {metrics["images_per_s"]:.2f} images/s excluding '
+          'compilation')
+  return metrics, detections
 
+
+def _as_iterator(data, source, config, batch_size):
+  """``data`` itself, or the eval iterator of a DetectionSource."""
+  if not (hasattr(data, 'coco_gt') and not hasattr(data, '__next__')):
+    return data
+  if config is None:
+    raise ValueError('evaluate_model: a dataset needs config= to build the '
+                     'eval iterator (or pass make_eval_iterator(...))')
+  bs = int(batch_size or config.eval.batch_size)
+  return make_eval_iterator(config, batch_size=bs, dataset=source,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+
+
+def _expected_images(source, max_images: Optional[int]) -> Optional[int]:
+  """The progress bar's total: the split's size, at most ``max_images``."""
   total = None
   try:
     total = len(source)
@@ -143,87 +173,92 @@ def evaluate_model(detect_fn, variables: dict, data: Any, *,
     pass
   if max_images is not None:
     total = min(total, int(max_images)) if total else int(max_images)
-  main = jax.process_index() == 0
-  bar = None
-  if progress and main:
-    bar = tqdm(total=total, unit='img', desc='eval', dynamic_ncols=True)
+  return total
 
-  detections: list[dict] = []
-  seen: list[int] = []
-  dropped: list[int] = []  # unreadable images (sample_valid False, id kept)
-  pending = None
-  timing = dict(compile=0.0, data=0.0, compiles=0)
-  t0 = time.perf_counter()
 
-  def drain(item):
+class _EvalRun:
+  """What an evaluation collects: the COCO results, the images seen and
+  dropped (unreadable: sample_valid False, id kept), and the timings."""
+
+  def __init__(self, category_ids: list, *, bar=None):
+    self.category_ids = category_ids
+    self.bar = bar
+    self.detections: list[dict] = []
+    self.seen: list[int] = []
+    self.dropped: list[int] = []
+    self.compile_s = self.data_s = 0.0
+    self.compiles = 0
+    self.t0 = time.perf_counter()
+
+  def drain(self, item) -> None:
+    """One batch's detections to the host, as COCO results."""
     out, ids, valid = item
     host = shd.to_host(out)
-    detections.extend(detections_to_coco(
+    self.detections.extend(detections_to_coco(
         host.boxes, host.scores, host.labels, host.valid,
-        image_ids=ids, sample_valid=valid, category_ids=category_ids))
+        image_ids=ids, sample_valid=valid, category_ids=self.category_ids))
     ok = valid & (ids >= 0)
-    seen.extend(int(i) for i in ids[ok])
-    dropped.extend(int(i) for i in ids[~valid & (ids >= 0)])
-    if bar is not None:
-      bar.update(int(np.sum(ok)))
-      el = time.perf_counter() - t0 - timing['compile']
+    self.seen.extend(int(i) for i in ids[ok])
+    self.dropped.extend(int(i) for i in ids[~valid & (ids >= 0)])
+    if self.bar is not None:
+      self.bar.update(int(np.sum(ok)))
+      el = time.perf_counter() - self.t0 - self.compile_s
       if el > 0:
-        bar.set_postfix_str(f'{len(seen) / el:.2f} img/s (excl. compile)')
+        self.bar.set_postfix_str(f'{len(self.seen) / el:.2f} img/s '
+                                 '(excl. compile)')
 
-  n_local = 0
+
+def _run_batches(detect_fn, variables, data, mesh: Mesh, run: _EvalRun, *,
+                 multiple: int, max_images: Optional[int]) -> None:
+  """``detect_fn`` over the batches of ``data`` (each padded to a
+  ``multiple`` of rows); batch k's results reach the host while batch k+1
+  computes."""
+  pending, n_local = None, 0
   it = iter(data)
-  try:
-    while max_images is None or n_local < max_images:
-      t = time.perf_counter()
-      try:
-        batch = next(it)
-      except StopIteration:
-        break
-      timing['data'] += time.perf_counter() - t
-      batch = pad_batch(batch, multiple)
-      ids = shd.host_allgather(np.asarray(batch['image_ids'], np.int64))
-      valid = shd.host_allgather(np.asarray(batch['sample_valid'], bool))
-      before, t = compile_count(detect_fn), time.perf_counter()
-      out = detect_fn(variables, *_put_batch(batch, mesh))  # async dispatch
-      if compile_count(detect_fn) != before:  # compiled at this dispatch
-        timing['compile'] += time.perf_counter() - t
-        timing['compiles'] += compile_count(detect_fn) - before
-      n_local += int(np.sum(np.asarray(batch['sample_valid'])))
-      if pending is not None:
-        drain(pending)  # host work on batch k-1 overlaps batch k's compute
-      pending = (out, ids, valid)
+  while max_images is None or n_local < max_images:
+    t = time.perf_counter()
+    try:
+      batch = next(it)
+    except StopIteration:
+      break
+    run.data_s += time.perf_counter() - t
+    batch = pad_batch(batch, multiple)
+    ids = shd.host_allgather(np.asarray(batch['image_ids'], np.int64))
+    valid = shd.host_allgather(np.asarray(batch['sample_valid'], bool))
+    before, t = compile_count(detect_fn), time.perf_counter()
+    out = detect_fn(variables, *_put_batch(batch, mesh))  # async dispatch
+    if compile_count(detect_fn) != before:  # compiled at this dispatch
+      run.compile_s += time.perf_counter() - t
+      run.compiles += compile_count(detect_fn) - before
+    n_local += int(np.sum(np.asarray(batch['sample_valid'])))
     if pending is not None:
-      drain(pending)
-  finally:
-    if bar is not None:
-      bar.close()
-    if hasattr(data, 'close'):
-      data.close()
-  seconds = time.perf_counter() - t0
+      run.drain(pending)  # host work on batch k-1 overlaps batch k's compute
+    pending = (out, ids, valid)
+  if pending is not None:
+    run.drain(pending)
 
+
+def _metrics(run: _EvalRun, source, seconds: float, *,
+             max_images: Optional[int]) -> tuple[dict, list[dict]]:
+  """(COCO metrics + run figures, detections) over the images that ran
+  (the first ``max_images``)."""
+  seen, detections = run.seen, run.detections
   if max_images is not None and len(seen) > max_images:
     seen = seen[:int(max_images)]
     keep = set(seen)
     detections = [d for d in detections if d['image_id'] in keep]
-  gt = source.coco_gt()
-  metrics = coco_box_metrics(gt, detections, image_ids=seen)
-  run_s = seconds - timing['compile']
+  metrics = coco_box_metrics(source.coco_gt(), detections, image_ids=seen)
+  run_s = seconds - run.compile_s
   ips = len(seen) / run_s if run_s > 0 else 0.0
   metrics.update(num_images=len(seen), image_ids=list(seen),
-                 num_dropped=len(dropped),
-                 dropped_image_ids=sorted(set(dropped)),
+                 num_dropped=len(run.dropped),
+                 dropped_image_ids=sorted(set(run.dropped)),
                  num_detections=len(detections),
                  seconds=round(seconds, 3),
-                 compile_s=round(timing['compile'], 3),
-                 num_compiles=timing['compiles'],
-                 data_wait_s=round(timing['data'], 3),
+                 compile_s=round(run.compile_s, 3),
+                 num_compiles=run.compiles,
+                 data_wait_s=round(run.data_s, 3),
                  images_per_s=round(ips, 3))
-  if print_table and main:
-    print(format_table(metrics))
-    print(f'{len(seen)} images, {len(detections)} detections, '
-          f'{seconds:.1f} s ({timing["compile"]:.1f} s compiling '
-          f'{timing["compiles"]} shape(s), {timing["data"]:.1f} s waiting for '
-          f'data): {ips:.2f} images/s excluding compilation')
   return metrics, detections
 
 

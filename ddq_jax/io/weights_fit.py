@@ -29,6 +29,7 @@ from ddq_jax.config import complete_config
 from ddq_jax.io.conversion.weights_io import flatten, nonfinite_paths
 from ddq_jax.model.variables import variable_shapes
 from ddq_jax.train import integrity
+from ddq_jax.tree_paths import nest, split
 
 log = logging.getLogger('ddq_jax.io.weights')
 
@@ -40,17 +41,6 @@ SHOWN = 3
 
 class WeightsMismatchError(ValueError):
   """Weights that do not fit the model of the config (or are not finite)."""
-
-
-def _unflatten(flat: dict) -> dict:
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    *parents, last = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return out
 
 
 def fit_problems(variables: dict, want: dict[str, tuple]) -> dict:
@@ -141,5 +131,5 @@ def check_fit(variables: dict, config, *, source: str = 'weights',
             f', or {opt_in}' if opt_in else ''))
   drop = set(problems['unexpected']) | {m[0] for m in problems['misshaped']}
   log.warning('%s: partial load (train.init_from_partial): %s', source, text)
-  return _unflatten({p: x for p, x in flatten(variables).items()
-                     if p not in drop})
+  return nest({split(p): x for p, x in flatten(variables).items()
+               if p not in drop})

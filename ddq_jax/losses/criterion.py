@@ -74,26 +74,69 @@ def ddq_criterion(outputs: DetectorOutputs, *, gt_boxes, gt_labels, gt_valid,
   """
   gt_boxes, gt_labels, gt_valid, img_shapes = basic.as_gt_arrays(
       gt_boxes, gt_labels, gt_valid, img_shapes)
-  gt_kw = dict(gt_boxes=gt_boxes, gt_labels=gt_labels)
-  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  gt = dict(gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
+            img_shapes=img_shapes)
   layout, enc = outputs.layout, outputs.encoder
-  cls_all, box_all = f32(outputs.cls_logits), f32(outputs.boxes)
+  cls_all, box_all = _f32(outputs.cls_logits), _f32(outputs.boxes)
   num_layers, batch = cls_all.shape[:2]
-  qd = layout.num_distinct
   masks = layer_distinct_masks(outputs.distinct_masks, num_layers=num_layers,
-                               num_queries=qd, batch=batch)
+                               num_queries=layout.num_distinct, batch=batch)
+  l_cls, l_box, l_iou = _set_losses(outputs, cls_all, box_all, masks, gt,
+                                    cfg=cfg, axis_name=axis_name)
   losses = {}
-
-  def put(prefix, values, names):
-    for name, v in zip(names, values):
-      losses[f'{prefix}{name}'] = v
-
-  # One-to-one matching of every decoder layer and the encoder: one call.
   names = ('loss_cls', 'loss_bbox', 'loss_iou')
+  for i in range(num_layers):
+    losses.update(_named(_layer_prefix(i, num_layers), names,
+                         (l_cls[i], l_box[i], l_iou[i])))
+  losses.update(_named('enc_', names, (l_cls[num_layers], l_box[num_layers],
+                                       l_iou[num_layers])))
+  if layout.num_dn > 0:
+    for i in range(num_layers):
+      j = num_layers + 1 + i
+      losses.update(_named(_layer_prefix(i, num_layers),
+                           ('dn_loss_cls', 'dn_loss_bbox', 'dn_loss_iou'),
+                           (l_cls[j], l_box[j], l_iou[j])))
+
+  # Dense auxiliary loss: decoder layers and the encoder, one solver call.
+  dense_cls = jnp.concatenate([cls_all[:, :, layout.dense],
+                               _f32(enc.dense_cls_logits)[None]], 0)
+  dense_box = jnp.concatenate([box_all[:, :, layout.dense],
+                               _f32(enc.dense_boxes)[None]], 0)
+  a_cls, a_box = dense_aux_loss(
+      dense_cls, dense_box, topk=cfg.aux_num_pos, alpha=cfg.aux_alpha,
+      beta=cfg.aux_beta, match_cls_weight=cfg.match_cls_weight,
+      match_l1_weight=cfg.match_bbox_weight,
+      match_iou_weight=cfg.match_iou_weight, solver=cfg.solver,
+      axis_name=axis_name, **gt)
+  for i in range(num_layers):
+    losses[f'{i}_aux_aux_loss_cls'] = a_cls[i]
+    losses[f'{i}_aux_aux_loss_bbox'] = a_box[i]
+  losses['aux_enc_aux_loss_cls'] = a_cls[-1]
+  losses['aux_enc_aux_loss_bbox'] = a_box[-1]
+  return losses
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+def _named(prefix: str, names, values) -> dict:
+  return {f'{prefix}{name}': v for name, v in zip(names, values)}
+
+
+def _set_losses(outputs: DetectorOutputs, cls_all, box_all, masks, gt: dict,
+                *, cfg: CriterionConfig, axis_name):
+  """(loss_cls, loss_bbox, loss_iou), each (L + 1 [+ L],): the one-to-one
+  losses of every decoder layer and the encoder (one Hungarian call), then
+  the denoising queries' (fixed assignment), as one ``set_loss`` call."""
+  layout, enc = outputs.layout, outputs.encoder
+  gt_kw = dict(gt_boxes=gt['gt_boxes'], gt_labels=gt['gt_labels'])
+  gt_valid, img_shapes = gt['gt_valid'], gt['img_shapes']
+  batch, qd = cls_all.shape[1], layout.num_distinct
   all_cls = jnp.concatenate([cls_all[:, :, layout.distinct],
-                             f32(enc.cls_logits)[None]], 0)
+                             _f32(enc.cls_logits)[None]], 0)
   all_box = jnp.concatenate([box_all[:, :, layout.distinct],
-                             f32(enc.boxes)[None]], 0)
+                             _f32(enc.boxes)[None]], 0)
   all_mask = jnp.concatenate([masks, jnp.ones((1, batch, qd), bool)], 0)
   cost = distinct_match_cost(
       jax.lax.stop_gradient(all_cls), jax.lax.stop_gradient(all_box),
@@ -111,39 +154,11 @@ def ddq_criterion(outputs: DetectorOutputs, *, gt_boxes, gt_labels, gt_valid,
   # query axes padded to one length (padding: masked, unassigned), the
   # sets stacked on the layer axis; each row keeps its own sums and
   # average factor.
-  l_cls, l_box, l_iou = merged_call(
+  return merged_call(
       lambda cls, box, assigned, mask: set_loss(
           cls, box, assigned, query_mask=mask, img_shapes=img_shapes,
           cfg=cfg, axis_name=axis_name, **gt_kw),
       sets, (0, 0, -1, False), axis=2)
-  for i in range(num_layers):
-    put(_layer_prefix(i, num_layers), (l_cls[i], l_box[i], l_iou[i]), names)
-  put('enc_', (l_cls[num_layers], l_box[num_layers], l_iou[num_layers]),
-      names)
-  if layout.num_dn > 0:
-    for i in range(num_layers):
-      j = num_layers + 1 + i
-      put(_layer_prefix(i, num_layers), (l_cls[j], l_box[j], l_iou[j]),
-          ('dn_loss_cls', 'dn_loss_bbox', 'dn_loss_iou'))
-
-  # Dense auxiliary loss: decoder layers and the encoder, one solver call.
-  dense_cls = jnp.concatenate([cls_all[:, :, layout.dense],
-                               f32(enc.dense_cls_logits)[None]], 0)
-  dense_box = jnp.concatenate([box_all[:, :, layout.dense],
-                               f32(enc.dense_boxes)[None]], 0)
-  a_cls, a_box = dense_aux_loss(
-      dense_cls, dense_box, gt_valid=gt_valid, img_shapes=img_shapes,
-      topk=cfg.aux_num_pos, alpha=cfg.aux_alpha, beta=cfg.aux_beta,
-      match_cls_weight=cfg.match_cls_weight,
-      match_l1_weight=cfg.match_bbox_weight,
-      match_iou_weight=cfg.match_iou_weight, solver=cfg.solver,
-      axis_name=axis_name, **gt_kw)
-  for i in range(num_layers):
-    losses[f'{i}_aux_aux_loss_cls'] = a_cls[i]
-    losses[f'{i}_aux_aux_loss_bbox'] = a_box[i]
-  losses['aux_enc_aux_loss_cls'] = a_cls[-1]
-  losses['aux_enc_aux_loss_bbox'] = a_box[-1]
-  return losses
 
 
 def total_loss(losses: Dict[str, jnp.ndarray]) -> jnp.ndarray:

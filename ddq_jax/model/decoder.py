@@ -18,6 +18,7 @@ query 0 was kept, else the kept set.  ``'kept_set'`` reads the kept set.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -231,6 +232,94 @@ class DecoderOutputs:
   self_attn_mask: jnp.ndarray
 
 
+def _checked_semantics(semantics: str) -> str:
+  if semantics not in ('row0', 'kept_set'):
+    raise ValueError('distinct_mask_semantics must be "row0" or '
+                     f'"kept_set", got {semantics!r}')
+  return semantics
+
+
+def _per_image_mask(self_attn_mask, b: int, q: int) -> jnp.ndarray:
+  """A (Q, Q) mask, or None (all open), as (B, Q, Q)."""
+  if self_attn_mask is None:
+    return jnp.zeros((b, q, q), bool)
+  if self_attn_mask.ndim == 2:
+    return jnp.broadcast_to(self_attn_mask, (b, q, q))
+  return self_attn_mask
+
+
+def _select_distinct(br, query, reference_points, self_attn_mask, candidates,
+                     *, start: int, stop: int, iou_threshold: float,
+                     semantics: str):
+  """Scores + NMS of the distinct queries [start, stop) after a layer (its
+  branches ``br``) -> the new (mask, candidates, keep, head_mask)."""
+  s, e = start, stop
+  scores = jnp.max(jax.nn.sigmoid(head_lib.dense(br.cls, query[:, s:e])), -1)
+  boxes = cxcywh_to_xyxy(reference_points[:, s:e])
+  keep = nms_keep(jax.lax.stop_gradient(boxes),
+                  jax.lax.stop_gradient(scores), valid=candidates,
+                  iou_threshold=iou_threshold)
+  self_attn_mask = jax.lax.dynamic_update_slice(
+      self_attn_mask, distinct_block_mask(keep), (0, s, s))
+  head_mask = row0_of_inverted(keep) if semantics == 'row0' else keep
+  return self_attn_mask, head_mask, keep, head_mask
+
+
+def _skip_selection(br, query, reference_points, self_attn_mask, candidates):
+  """The last layer selects nothing."""
+  del br, query, reference_points
+  return self_attn_mask, candidates, candidates, candidates
+
+
+def _layer_step(carry, xs, *, layer, ref_point_head, value,
+                key_padding_mask, vr4, num_dense: int, num_layers: int,
+                select, image_normalized_pos: bool):
+  """Layer l (``xs``: its index, parameters and head branches): its output
+  (before the norm), the refined references, and the selection state for
+  layer l + 1.  ``carry``: (query, reference_points, self_attn_mask,
+  candidates)."""
+  query, reference_points, self_attn_mask, candidates = carry
+  l, p, br = xs
+  c = query.shape[-1]
+  ref_input = reference_points[:, :, None] * vr4[:, None]
+  query_pos = ref_point_head(coordinate_to_encoding(
+      reference_points if image_normalized_pos else ref_input[:, :, 0],
+      num_feats=c // 2))
+  query = layer.apply({'params': p}, query, query_pos, value,
+                      key_padding_mask, self_attn_mask, ref_input)
+  if num_dense:
+    tmp = jnp.concatenate(
+        [head_lib.reg_mlp(br.reg, query[:, :-num_dense]),
+         head_lib.reg_mlp(br.aux_reg, query[:, -num_dense:])], 1)
+  else:
+    tmp = head_lib.reg_mlp(br.reg, query)
+  new_refs = jax.nn.sigmoid(tmp + inverse_sigmoid(
+      reference_points, eps=DECODER_INV_SIGMOID_EPS))
+  reference_points = jax.lax.stop_gradient(new_refs)
+  self_attn_mask, candidates, keep, head_mask = jax.lax.cond(
+      l < num_layers - 1, select, _skip_selection, br, query,
+      reference_points, self_attn_mask, candidates)
+  return ((query, reference_points, self_attn_mask, candidates),
+          (query, new_refs, keep, head_mask))
+
+
+def _scan_layers(body, carry, xs, *, remat: str, scan: bool):
+  """``lax.scan`` of the layer step ``body`` over the stacked ``xs``
+  (unrolled unless ``scan``); ``remat`` != 'none': the whole step (with
+  the head's branches and the selection) is rematerialised, so a layer
+  keeps only its carry for the backward pass, and the selection (no
+  gradient) is not recomputed there."""
+  if remat != 'none':
+    body = jax.checkpoint(body, policy=remat_lib.checkpoint_policy(remat),
+                          prevent_cse=False)
+  # The carry takes the dtypes a layer returns (e.g. float32 after
+  # bfloat16 inputs), as the carry of every later layer.
+  out_carry, _ = jax.eval_shape(body, carry,
+                                jax.tree.map(lambda x: x[0], xs))
+  carry = jax.tree.map(lambda x, o: x.astype(o.dtype), carry, out_carry)
+  return jax.lax.scan(body, carry, xs, unroll=1 if scan else True)
+
+
 class DDQDecoder(DeformableSizes, kw_only=True):
   """``DDQTransformerDecoder`` (return_intermediate=True): one ``lax.scan``
   of the layer step over the stacked ``layers`` parameters and the head's
@@ -295,17 +384,12 @@ class DDQDecoder(DeformableSizes, kw_only=True):
     Returns:
       ``DecoderOutputs``.
     """
-    semantics = distinct_mask_semantics or self.distinct_mask_semantics
-    if semantics not in ('row0', 'kept_set'):
-      raise ValueError('distinct_mask_semantics must be "row0" or '
-                       f'"kept_set", got {semantics!r}')
+    semantics = _checked_semantics(distinct_mask_semantics or
+                                   self.distinct_mask_semantics)
     b, q, c = query.shape
     if num_dis is None:
       num_dis = q - dis_start - num_dense
-    if self_attn_mask is None:
-      self_attn_mask = jnp.zeros((b, q, q), bool)
-    elif self_attn_mask.ndim == 2:
-      self_attn_mask = jnp.broadcast_to(self_attn_mask, (b, q, q))
+    self_attn_mask = _per_image_mask(self_attn_mask, b, q)
     s, e = dis_start, dis_start + num_dis
     # Candidates of the next NMS: row 0 of the inverted distinct block.
     candidates = ~self_attn_mask[:, s, s:e]
@@ -328,66 +412,20 @@ class DDQDecoder(DeformableSizes, kw_only=True):
       raise ValueError(f'{n_layers} decoder layers but '
                        f'{remat_lib.num_stacked(branches.cls)} head branches')
 
-    def select(br, query, reference_points, self_attn_mask, candidates):
-      """Scores + NMS of the distinct queries after a layer (its branches
-      ``br``) -> the new (mask, candidates, keep, head_mask)."""
-      scores = jnp.max(jax.nn.sigmoid(head_lib.dense(br.cls, query[:, s:e])),
-                       -1)
-      boxes = cxcywh_to_xyxy(reference_points[:, s:e])
-      keep = nms_keep(jax.lax.stop_gradient(boxes),
-                      jax.lax.stop_gradient(scores), valid=candidates,
-                      iou_threshold=self.iou_threshold)
-      self_attn_mask = jax.lax.dynamic_update_slice(
-          self_attn_mask, distinct_block_mask(keep), (0, s, s))
-      head_mask = row0_of_inverted(keep) if semantics == 'row0' else keep
-      return self_attn_mask, head_mask, keep, head_mask
-
-    def skip(br, query, reference_points, self_attn_mask, candidates):
-      """The last layer selects nothing."""
-      return self_attn_mask, candidates, candidates, candidates
-
-    def body(carry, xs):
-      """Layer l: its output (before the norm), the refined references,
-      and the selection state for layer l + 1."""
-      query, reference_points, self_attn_mask, candidates = carry
-      l, p, br = xs
-      ref_input = reference_points[:, :, None] * vr4[:, None]
-      query_pos = ref_point_head.apply({'params': head_params},
-                                       coordinate_to_encoding(
-          reference_points if image_normalized_pos else ref_input[:, :, 0],
-          num_feats=c // 2))
-      query = layer.apply({'params': p}, query, query_pos, value,
-                          key_padding_mask, self_attn_mask, ref_input)
-      if num_dense:
-        tmp = jnp.concatenate(
-            [head_lib.reg_mlp(br.reg, query[:, :-num_dense]),
-             head_lib.reg_mlp(br.aux_reg, query[:, -num_dense:])], 1)
-      else:
-        tmp = head_lib.reg_mlp(br.reg, query)
-      new_refs = jax.nn.sigmoid(tmp + inverse_sigmoid(
-          reference_points, eps=DECODER_INV_SIGMOID_EPS))
-      reference_points = jax.lax.stop_gradient(new_refs)
-      self_attn_mask, candidates, keep, head_mask = jax.lax.cond(
-          l < n_layers - 1, select, skip, br, query, reference_points,
-          self_attn_mask, candidates)
-      return ((query, reference_points, self_attn_mask, candidates),
-              (query, new_refs, keep, head_mask))
-    if self.remat != 'none':
-      # The whole layer step (with the head's branches and the selection)
-      # is rematerialised: a layer keeps only its carry for the backward
-      # pass, and the selection (no gradient) is not recomputed there.
-      body = jax.checkpoint(body, policy=remat_lib.checkpoint_policy(
-          self.remat), prevent_cse=False)
-
-    carry = (query, reference_points, self_attn_mask, candidates)
-    xs = (jnp.arange(n_layers), layer_params, branches)
-    # The carry takes the dtypes a layer returns (e.g. float32 after
-    # bfloat16 inputs), as the carry of every later layer.
-    out_carry, _ = jax.eval_shape(body, carry,
-                                  jax.tree.map(lambda x: x[0], xs))
-    carry = jax.tree.map(lambda x, o: x.astype(o.dtype), carry, out_carry)
-    carry, (outs, new_refs, keeps, head_masks) = jax.lax.scan(
-        body, carry, xs, unroll=1 if self.scan else True)
+    select = functools.partial(_select_distinct, start=s, stop=e,
+                               iou_threshold=self.iou_threshold,
+                               semantics=semantics)
+    body = functools.partial(
+        _layer_step, layer=layer,
+        ref_point_head=lambda x: ref_point_head.apply(
+            {'params': head_params}, x),
+        value=value, key_padding_mask=key_padding_mask, vr4=vr4,
+        num_dense=num_dense, num_layers=n_layers, select=select,
+        image_normalized_pos=image_normalized_pos)
+    carry, (outs, new_refs, keeps, head_masks) = _scan_layers(
+        body, (query, reference_points, self_attn_mask, candidates),
+        (jnp.arange(n_layers), layer_params, branches), remat=self.remat,
+        scan=self.scan)
     return DecoderOutputs(
         hidden_states=norm(outs),
         references=jnp.concatenate([reference_points[None], new_refs], 0),

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ddq_jax.model import initializers as inits
+from ddq_jax.model.outputs import DenoisingTargets
 from ddq_jax.ops import boxes as box_ops
 from ddq_jax.ops.indexing import div_nonneg, rem_nonneg
 from ddq_jax.ops.indexing import take_along_axis_in_range
@@ -167,6 +169,29 @@ def noisy_dn_targets(key: jax.Array, *, gt_boxes: jnp.ndarray,
   return labels, bbox_query
 
 
+@struct.dataclass
+class DenoisingQueries:
+  """``CdnQueryGenerator``'s result.
+
+  label_query (B, D, C) and bbox_query (B, D, 4) inverse-sigmoid: the
+  denoising queries; attn_mask (Q, Q) bool, True = blocked, Q = D +
+  num_matching + num_dense: the decoder's self-attention mask; labels
+  (B, D) the noisy class ids used (-1 = zero content query); layout: the
+  slot layout (``dn_layout``'s dict); num_slots: the static D.
+  """
+  label_query: jax.Array
+  bbox_query: jax.Array
+  attn_mask: jax.Array
+  labels: jax.Array
+  layout: dict
+  num_slots: int = struct.field(pytree_node=False, default=0)
+
+  @property
+  def targets(self) -> DenoisingTargets:
+    """What the denoising loss reads of the layout."""
+    return DenoisingTargets.from_layout(self.layout)
+
+
 class CdnQueryGenerator(nn.Module):
   """Static-shape ``CdnQueryGenerator`` (dynamic dn groups).
 
@@ -196,8 +221,8 @@ class CdnQueryGenerator(nn.Module):
                rng: Optional[jax.Array] = None,
                injected_label_ids: Optional[jnp.ndarray] = None,
                injected_reference_points: Optional[jnp.ndarray] = None
-               ) -> dict:
-    """Denoising queries, the decoder's self-attention mask and dn_meta.
+               ) -> DenoisingQueries:
+    """Denoising queries, the decoder's self-attention mask, the layout.
 
     Args:
       gt_boxes: (B, G, 4) xyxy pixels of ``img_shapes``.
@@ -209,11 +234,8 @@ class CdnQueryGenerator(nn.Module):
         layout, -1 = zero content query (Di <= D; the rest padded with -1).
       injected_reference_points: optional (B, Di, 4) sigmoid-space noisy
         cxcywh boxes (-> inverse_sigmoid eps 1e-3); slots beyond Di get 0.
-    Returns dict:
-      dn_label_query (B, D, C), dn_bbox_query (B, D, 4) inverse-sigmoid,
-      attn_mask (Q, Q) bool True = blocked, Q = D + num_matching + num_dense,
-      dn_meta: dict of ``dn_layout`` + num_dn_slots (static D) +
-        num_dense_queries (static) + labels (B, D) the noisy ids used.
+    Returns:
+      ``DenoisingQueries``.
     """
     b, g = gt_valid.shape
     d = num_dn_slots(num_dn_queries=self.num_dn_queries, max_gt=g)
@@ -239,7 +261,6 @@ class CdnQueryGenerator(nn.Module):
     attn_mask = build_self_attn_mask(layout['slot_group'],
                                      num_matching=num_matching_queries,
                                      num_dense=num_dense_queries)
-    meta = dict(layout, num_dn_slots=d, num_dense_queries=num_dense_queries,
-                labels=labels)
-    return dict(dn_label_query=label_query, dn_bbox_query=bbox_query,
-                attn_mask=attn_mask, dn_meta=meta)
+    return DenoisingQueries(label_query=label_query, bbox_query=bbox_query,
+                            attn_mask=attn_mask, labels=labels, layout=layout,
+                            num_slots=d)

@@ -11,10 +11,11 @@ level embed, masks, valid ratios) -> deformable encoder -> pre_decoder
 (two-stage proposals, class-agnostic NMS picks ``num_queries`` distinct
 queries; in training also the dense top-k and the denoising queries) ->
 DDQ decoder (per-layer distinct-query NMS) -> head forward -> (inference)
-post-processing.  Returns a ``models.outputs.DetectorOutputs``; the parity
-intermediates go to the ``'intermediates'`` collection (``sow``) under the
-reference fixtures' names, for callers that apply with
-``mutable=['intermediates']``.
+post-processing.  Returns a ``models.outputs.DetectorOutputs``; each
+stage's typed output goes to the ``'intermediates'`` collection (``sow``)
+under the stage's name, for callers that apply with
+``mutable=['intermediates']`` (``model/outputs.py``; the reference
+fixtures' names for them: ``ddq_jax/parity/fixture_names.py``).
 
 Padding invariance (``config.padding_invariant``, inference only unless
 asked for explicitly): each image's own extent is taken from ``pad_mask``
@@ -48,10 +49,6 @@ from ddq_jax.model.proposals import gen_encoder_output_proposals
 
 
 INTERMEDIATES = 'intermediates'
-
-
-def _nhwc_to_nchw(x):
-  return jnp.transpose(x, (0, 3, 1, 2))
 
 
 def _keep_last(_, value):
@@ -89,12 +86,11 @@ class DDQDETR(nn.Module):
     self.level_embed = self.param('level_embed', inits.normal_std1,
                                   (c.num_levels, c.embed_dims))
 
-  def record(self, **tensors) -> None:
-    """Sows parity intermediates under the fixtures' names (a no-op unless
-    the caller made ``'intermediates'`` mutable)."""
-    for name, value in tensors.items():
-      self.sow(INTERMEDIATES, name, value, reduce_fn=_keep_last,
-               init_fn=lambda: None)
+  def expose(self, stage: str, value) -> None:
+    """Sows a stage's typed output under the stage's name (a no-op unless
+    the caller made ``'intermediates'`` mutable; see ``model/outputs.py``)."""
+    self.sow(INTERMEDIATES, stage, value, reduce_fn=_keep_last,
+             init_fn=lambda: None)
 
   @property
   def num_dense_queries(self) -> int:
@@ -112,7 +108,7 @@ class DDQDETR(nn.Module):
     return tuple(strides)
 
   def forward_encoder(self, images: jnp.ndarray, pad_mask: jnp.ndarray, *,
-                      invariant: bool = False) -> dict:
+                      invariant: bool = False) -> O.EncoderState:
     """Backbone, neck, flatten, encoder: the multi-scale inputs + memory.
     ``invariant``: padding-invariant mode."""
     masks = None
@@ -128,10 +124,6 @@ class DDQDETR(nn.Module):
     else:
       feats = self.backbone(images)
       neck = self.neck(feats)
-    self.record(**{f'backbone_feat_{i}': _nhwc_to_nchw(f)
-                   for i, f in enumerate(feats)})
-    self.record(**{f'neck_feat_{i}': _nhwc_to_nchw(f)
-                   for i, f in enumerate(neck)})
     ms = prepare_multiscale_inputs(
         neck, pad_mask=pad_mask, level_embed=self.level_embed,
         temperature=self.config.pos_temperature,
@@ -140,48 +132,41 @@ class DDQDETR(nn.Module):
         ms.feat_flatten, query_pos=ms.lvl_pos_embed_flatten,
         key_padding_mask=ms.mask_flatten, spatial_shapes=ms.spatial_shapes,
         valid_ratios=ms.valid_ratios)
-    self.record(feat_mask=ms.mask_flatten, feat_pos=ms.lvl_pos_embed_flatten,
-                valid_ratios=ms.valid_ratios, memory_mask=ms.mask_flatten,
-                memory=memory,
-                spatial_shapes=jnp.asarray(ms.spatial_shapes, jnp.int32),
-                level_start_index=jnp.asarray(ms.level_start_index,
-                                              jnp.int32))
-    return dict(memory=memory, memory_mask=ms.mask_flatten,
-                spatial_shapes=ms.spatial_shapes,
-                valid_ratios=ms.valid_ratios)
+    enc = O.EncoderState(backbone_feats=tuple(feats), neck_feats=tuple(neck),
+                         inputs=ms, memory=memory)
+    self.expose('encoded', enc)
+    return enc
 
-  def encoder_outputs(self, memory, memory_mask, spatial_shapes):
+  def encoder_outputs(self, enc: O.EncoderState) -> O.Proposals:
     """gen_encoder_output_proposals + memory_trans_fc/norm."""
     output_memory, output_proposals = gen_encoder_output_proposals(
-        memory, memory_mask=memory_mask, spatial_shapes=spatial_shapes)
-    output_memory = self.memory_trans_norm(self.memory_trans_fc(output_memory))
-    self.record(output_memory=output_memory,
-                output_proposals=output_proposals)
-    return output_memory, output_proposals
+        enc.memory, memory_mask=enc.inputs.mask_flatten,
+        spatial_shapes=enc.inputs.spatial_shapes)
+    props = O.Proposals(
+        output_memory=self.memory_trans_norm(
+            self.memory_trans_fc(output_memory)),
+        output_proposals=output_proposals)
+    self.expose('proposals', props)
+    return props
 
-  def run_decoder(self, query, reference_points, enc, *,
-                  layout: O.QueryLayout, self_attn_mask=None,
-                  semantics=None, invariant=False):
+  def run_decoder(self, sel: query_selection.QuerySelection,
+                  enc: O.EncoderState, *, layout: O.QueryLayout,
+                  self_attn_mask=None, semantics=None, invariant=False):
     """The decoder with the head's branches, then the head forward:
     (cls_logits (L, B, Q, K), boxes (L, B, Q, 4), distinct masks)."""
     num_dense = layout.num_dense
     dec = self.decoder(
-        query, value=enc['memory'], key_padding_mask=enc['memory_mask'],
-        self_attn_mask=self_attn_mask, reference_points=reference_points,
-        spatial_shapes=enc['spatial_shapes'],
-        valid_ratios=enc['valid_ratios'],
+        sel.query, value=enc.memory, key_padding_mask=enc.inputs.mask_flatten,
+        self_attn_mask=self_attn_mask, reference_points=sel.reference_points,
+        spatial_shapes=enc.inputs.spatial_shapes,
+        valid_ratios=enc.inputs.valid_ratios,
         branches=self.bbox_head.decoder_branches(num_dense=num_dense),
         dis_start=layout.num_dn, num_dis=layout.num_distinct,
         num_dense=num_dense, distinct_mask_semantics=semantics,
         image_normalized_pos=invariant)
+    self.expose('decoded', dec)
     cls, box = self.bbox_head(dec.hidden_states, dec.references,
                               num_dense=num_dense)
-    self.record(hidden_states=dec.hidden_states,
-                references=dec.references, all_layers_cls_scores=cls,
-                all_layers_bbox_preds=box)
-    for l in range(dec.distinct_keep.shape[0]):
-      self.record(**{f'distinct_keep_{l}': dec.distinct_keep[l],
-                     f'head_query_mask_{l}': dec.head_query_mask[l]})
     return cls, box, dec.head_query_mask
 
   # ---- pre_decoder -------------------------------------------------------
@@ -193,42 +178,37 @@ class DDQDETR(nn.Module):
     return (self.bbox_head.cls(i, output_memory),
             self.bbox_head.reg(i, output_memory) + output_proposals)
 
-  def select_distinct(self, memory, output_memory, output_proposals, *,
-                      valid=None):
+  def select_distinct(self, enc: O.EncoderState, props: O.Proposals, *,
+                      valid=None) -> query_selection.QuerySelection:
     """Inference ``pre_decoder``: the encoder heads score every position,
     class-agnostic NMS keeps the first ``num_queries`` survivors
     (zero-padded); content = query_map(memory) at those positions.
     ``valid`` (B, N) bool: positions allowed in (default all, as the
     reference's batched padding)."""
     c = self.config
-    enc_class, enc_coord_unact = self.encoder_branches(output_memory,
-                                                       output_proposals)
+    enc_class, enc_coord_unact = self.encoder_branches(
+        props.output_memory, props.output_proposals)
     sel = query_selection.pre_decoder(
-        enc_class, enc_coord_unact, memory, query_map=self.query_map,
+        enc_class, enc_coord_unact, enc.memory, query_map=self.query_map,
         num_queries=c.num_queries, iou_threshold=c.nms_iou_threshold,
         pre_topk=c.nms_pre_topk, valid=valid)
-    self.record(topk_indices=sel['topk_indices'],
-                num_kept_after_nms=sel['num_kept_after_nms'],
-                nms_cut=sel['nms_cut'],
-                decoder_query_in=sel['query'],
-                decoder_reference_in=sel['reference_points'])
+    self.expose('selection', sel)
     return sel
 
-  def training_queries(self, memory, output_memory, output_proposals, *,
+  def training_queries(self, enc: O.EncoderState, props: O.Proposals, *,
                        gt_boxes, gt_labels, gt_valid, img_shapes,
                        dn_inject=None, dn_rng=None, valid=None):
     """Training ``pre_decoder``: distinct (NMS) + dense (top-k by score)
     encoder queries, the denoising queries in front, and the full
     self-attention mask [dn (D static slots) | distinct | dense].
 
-    Returns (query, reference_points, self_attn_mask, layout, encoder
-    predictions, denoising targets)."""
+    Returns (QuerySelection, DenoisingQueries, QueryLayout)."""
     c = self.config
-    num_dense = min(self.num_dense_queries, memory.shape[1])
-    enc_class, enc_unact = self.encoder_branches(output_memory,
-                                                 output_proposals)
+    num_dense = min(self.num_dense_queries, enc.memory.shape[1])
+    enc_class, enc_unact = self.encoder_branches(props.output_memory,
+                                                 props.output_proposals)
     dense_class, dense_unact = self.encoder_branches(
-        output_memory, output_proposals, dense=True)
+        props.output_memory, props.output_proposals, dense=True)
     inject = dn_inject or {}
     dn = self.dn_query_generator(
         gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
@@ -237,40 +217,19 @@ class DDQDETR(nn.Module):
         injected_label_ids=inject.get('label_ids'),
         injected_reference_points=inject.get('reference_points'))
     sel = query_selection.pre_decoder(
-        enc_class, enc_unact, memory, query_map=self.query_map,
+        enc_class, enc_unact, enc.memory, query_map=self.query_map,
         num_queries=c.num_queries, iou_threshold=c.nms_iou_threshold,
         pre_topk=c.nms_pre_topk, dense_enc_outputs_class=dense_class,
         dense_enc_outputs_coord_unact=dense_unact,
         dense_topk_ratio=c.dense_topk_ratio,
-        dn_label_query=dn['dn_label_query'],
-        dn_bbox_query=dn['dn_bbox_query'], valid=valid)
-    meta = dn['dn_meta']
-    layout = O.QueryLayout(num_dn=int(meta['num_dn_slots']),
+        dn_label_query=dn.label_query, dn_bbox_query=dn.bbox_query,
+        valid=valid)
+    self.expose('selection', sel)
+    self.expose('denoising', dn)
+    layout = O.QueryLayout(num_dn=dn.num_slots,
                            num_distinct=int(c.num_queries),
                            num_dense=num_dense)
-    encoder = O.EncoderPredictions(
-        cls_logits=sel['enc_outputs_class'],
-        boxes=sel['enc_outputs_coord'],
-        dense_cls_logits=sel['aux_enc_outputs_class'],
-        dense_boxes=sel['aux_enc_outputs_coord'])
-    denoising = O.DenoisingTargets.from_layout(meta)
-    self.record(
-        topk_indices=sel['topk_indices'],
-        num_kept_after_nms=sel['num_kept_after_nms'],
-        nms_cut=sel['nms_cut'],
-        dense_topk_indices=sel['dense_topk_indices'],
-        decoder_query_in=sel['query'],
-        decoder_reference_in=sel['reference_points'],
-        self_attn_mask_in=dn['attn_mask'],
-        head_in_enc_outputs_class=encoder.cls_logits,
-        head_in_enc_outputs_coord=encoder.boxes,
-        head_in_aux_enc_outputs_class=encoder.dense_cls_logits,
-        head_in_aux_enc_outputs_coord=encoder.dense_boxes,
-        dn_meta_num_denoising_queries=denoising.num_queries,
-        dn_meta_num_denoising_groups=denoising.num_groups,
-        dn_meta_num_dense_queries=jnp.asarray(num_dense, jnp.int32))
-    return (sel['query'], sel['reference_points'], dn['attn_mask'], layout,
-            encoder, denoising, sel['nms_cut'])
+    return sel, dn, layout
 
   # ---- entry points ------------------------------------------------------
   def __call__(self, images: jnp.ndarray, pad_mask: jnp.ndarray, *,
@@ -312,45 +271,61 @@ class DDQDETR(nn.Module):
     if invariant is None:
       invariant = not train and bool(self.config.padding_invariant)
     enc = self.forward_encoder(images, pad_mask, invariant=invariant)
-    output_memory, output_proposals = self.encoder_outputs(
-        enc['memory'], enc['memory_mask'], enc['spatial_shapes'])
-    valid = ~enc['memory_mask'] if invariant else None
-    if not train:
-      sel = self.select_distinct(enc['memory'], output_memory,
-                                 output_proposals, valid=valid)
-      layout = O.QueryLayout(num_distinct=int(self.config.num_queries))
-      cls, box, masks = self.run_decoder(
-          sel['query'], sel['reference_points'], enc, layout=layout,
-          semantics=semantics, invariant=invariant)
-      out = O.DetectorOutputs(cls_logits=cls, boxes=box,
-                              distinct_masks=masks, layout=layout,
-                              encoder_nms_cut=sel['nms_cut'])
-      if img_shapes is not None:  # scale_factors None: no rescale
-        out = out.replace(detections=postprocess(
-            self.config, out, img_shapes, scale_factors))
-        d = out.detections
-        self.record(det_bboxes=d.boxes, det_scores=d.scores,
-                    det_labels=d.labels, det_valid=d.valid)
-      return out
+    props = self.encoder_outputs(enc)
+    valid = ~enc.inputs.mask_flatten if invariant else None
+    if train:
+      out = self._training_forward(
+          enc, props, valid=valid, img_shapes=img_shapes, gt_boxes=gt_boxes,
+          gt_labels=gt_labels, gt_valid=gt_valid, dn_inject=dn_inject,
+          dn_rng=dn_rng, semantics=semantics, invariant=invariant)
+    else:
+      out = self._inference_forward(
+          enc, props, valid=valid, img_shapes=img_shapes,
+          scale_factors=scale_factors, semantics=semantics,
+          invariant=invariant)
+    self.expose('outputs', out)
+    return out
+
+  def _inference_forward(self, enc, props, *, valid, img_shapes,
+                         scale_factors, semantics, invariant
+                         ) -> O.DetectorOutputs:
+    """The distinct queries through the decoder; detections when
+    ``img_shapes`` is given."""
+    sel = self.select_distinct(enc, props, valid=valid)
+    layout = O.QueryLayout(num_distinct=int(self.config.num_queries))
+    cls, box, masks = self.run_decoder(sel, enc, layout=layout,
+                                       semantics=semantics,
+                                       invariant=invariant)
+    out = O.DetectorOutputs(cls_logits=cls, boxes=box, distinct_masks=masks,
+                            layout=layout, encoder_nms_cut=sel.distinct.cut)
+    if img_shapes is not None:  # scale_factors None: no rescale
+      out = out.replace(detections=postprocess(
+          self.config, out, img_shapes, scale_factors))
+    return out
+
+  def _training_forward(self, enc, props, *, valid, img_shapes, gt_boxes,
+                        gt_labels, gt_valid, dn_inject, dn_rng, semantics,
+                        invariant) -> O.DetectorOutputs:
+    """[dn | distinct | dense] queries through the decoder, with the
+    encoder predictions and denoising targets the criterion reads."""
     missing = [n for n, x in (('gt_boxes', gt_boxes), ('gt_labels', gt_labels),
                               ('gt_valid', gt_valid),
                               ('img_shapes', img_shapes)) if x is None]
     if missing:
       raise ValueError(f'train=True needs {missing} (padded ground truth '
                        'and the real (h, w) of each image)')
-    (query, refs, attn_mask, layout, encoder, denoising,
-     nms_cut) = self.training_queries(
-        enc['memory'], output_memory, output_proposals,
-        gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
-        img_shapes=img_shapes, dn_inject=dn_inject, dn_rng=dn_rng,
-        valid=valid)
-    cls, box, masks = self.run_decoder(query, refs, enc, layout=layout,
-                                       self_attn_mask=attn_mask,
+    sel, dn, layout = self.training_queries(
+        enc, props, gt_boxes=gt_boxes, gt_labels=gt_labels,
+        gt_valid=gt_valid, img_shapes=img_shapes, dn_inject=dn_inject,
+        dn_rng=dn_rng, valid=valid)
+    cls, box, masks = self.run_decoder(sel, enc, layout=layout,
+                                       self_attn_mask=dn.attn_mask,
                                        semantics=semantics,
                                        invariant=invariant)
     return O.DetectorOutputs(cls_logits=cls, boxes=box, distinct_masks=masks,
-                             layout=layout, encoder=encoder,
-                             denoising=denoising, encoder_nms_cut=nms_cut)
+                             layout=layout, encoder=sel.encoder,
+                             denoising=dn.targets,
+                             encoder_nms_cut=sel.distinct.cut)
 
 
 def postprocess(config, out: O.DetectorOutputs, img_shapes,

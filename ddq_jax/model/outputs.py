@@ -12,11 +12,15 @@ its fields as they are, with no renaming on the way:
 Query layout along Q (``QueryLayout``, static): ``[denoising | distinct |
 dense]``; inference has only the distinct block.
 
-The parity intermediates (backbone features, memory, proposals, NMS keep
-sets, ...) are not part of these structures: the detector ``sow``s them
-into the ``'intermediates'`` collection under the reference fixtures' names,
-and only a caller that asks for it (``mutable=['intermediates']``, as
-``verify`` does) gets them.
+Each stage hands the next a typed structure too, and the detector
+``sow``s it into the ``'intermediates'`` collection under the stage's name
+(only for a caller that asks: ``mutable=['intermediates']``, as ``verify``
+does): 'encoded' (``EncoderState``), 'proposals' (``Proposals``),
+'selection' (``query_selection.QuerySelection``), 'denoising'
+(``denoising.DenoisingQueries``, training), 'decoded'
+(``decoder.DecoderOutputs``) and 'outputs' (``DetectorOutputs``).  The
+reference fixtures' names for these tensors are one table,
+``ddq_jax/parity/fixture_names.py``.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from typing import Optional
 
 import jax
 from flax import struct
+
+from ddq_jax.model.multiscale import MultiScaleInputs
 
 
 @struct.dataclass
@@ -48,14 +54,35 @@ class QueryLayout:
 
 
 @struct.dataclass
+class EncoderState:
+  """``forward_encoder``: the backbone's and the neck's feature maps (NHWC,
+  one per level), the flattened encoder inputs and the encoder's output
+  ``memory`` (B, N, C)."""
+  backbone_feats: tuple
+  neck_feats: tuple
+  inputs: MultiScaleInputs
+  memory: jax.Array
+
+
+@struct.dataclass
+class Proposals:
+  """``encoder_outputs``: ``memory_trans_norm(memory_trans_fc(.))`` of the
+  masked memory (B, N, C) and the proposals (B, N, 4) inverse-sigmoid
+  cxcywh (+inf where invalid) of ``gen_encoder_output_proposals``."""
+  output_memory: jax.Array
+  output_proposals: jax.Array
+
+
+@struct.dataclass
 class EncoderPredictions:
   """The two-stage proposals the head is trained on (``enc_loss_*`` and
   ``aux_enc_aux_loss_*``): class logits and sigmoid cxcywh boxes of the
-  encoder's distinct top-k (B, Qd, .) and dense top-k (B, Nd, .)."""
+  encoder's distinct top-k (B, Qd, .) and dense top-k (B, Nd, .; None in
+  inference)."""
   cls_logits: jax.Array
   boxes: jax.Array
-  dense_cls_logits: jax.Array
-  dense_boxes: jax.Array
+  dense_cls_logits: Optional[jax.Array] = None
+  dense_boxes: Optional[jax.Array] = None
 
 
 @struct.dataclass

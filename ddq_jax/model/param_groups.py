@@ -4,8 +4,9 @@
 ``param_rules(config)`` derives it once from the backbone type,
 ``backbone.frozen_stages``, ``backbone.bn_trainable`` (ResNet),
 ``optim.frozen_params`` and ``optim.backbone_lr_mult``.  Each regex is
-``re.search``-ed over a parameter's '/'-joined path below ``params``
-('backbone/layer1_0/conv1/kernel'); the first match wins.  ``None``: the
+``re.search``-ed over a parameter's path below ``params``
+(``tree_paths.path_str``: 'backbone/layer1_0/conv1/kernel'); the first
+match wins.  ``None``: the
 parameter is frozen (the reference's ``requires_grad=False``: no update, no
 optimiser state, no gradient); a number: the group's lr multiplier
 (mmengine's ``paramwise_cfg.custom_keys``).

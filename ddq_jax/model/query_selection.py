@@ -29,12 +29,64 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from flax import struct
 import jax
 import jax.numpy as jnp
 
+from ddq_jax.model.outputs import EncoderPredictions
 from ddq_jax.ops import boxes as box_ops
 from ddq_jax.ops import nms as nms_ops
 from ddq_jax.ops.indexing import take_along_axis_in_range
+
+
+@struct.dataclass
+class Selected:
+  """One selection of encoder positions (distinct with NMS, or dense).
+
+  indices (B, S) int32 (-1 = padding), num_kept (B,) int32 (NMS survivors
+  among the candidates), cut (B,) bool (the static candidate bound may have
+  dropped a survivor: ``ops.nms.TopKAfterNms``), cls_logits (B, S, K),
+  coords_unact (B, S, 4), boxes (B, S, 4) (its sigmoid: cxcywh),
+  query (B, S, C) (zeros at padding, as
+  ``align_tensor``; None without ``query_map``).
+  """
+  indices: jax.Array
+  num_kept: jax.Array
+  cut: jax.Array
+  cls_logits: jax.Array
+  coords_unact: jax.Array
+  boxes: jax.Array
+  query: Optional[jax.Array] = None
+
+  @property
+  def pad(self) -> jax.Array:
+    return self.indices < 0
+
+
+@struct.dataclass
+class QuerySelection:
+  """``pre_decoder``'s result.
+
+  distinct: the NMS selection (B, Q, .); dense: the top-k by score
+  (B, Qd, .), training only.  query (B, D + Q [+ Qd], C) and
+  reference_points (B, D + Q [+ Qd], 4) sigmoid cxcywh (no gradient to the
+  encoder branches): the decoder's inputs, [dn | distinct | dense].
+  """
+  distinct: Selected
+  query: jax.Array
+  reference_points: jax.Array
+  dense: Optional[Selected] = None
+
+  @property
+  def encoder(self) -> EncoderPredictions:
+    """The head's encoder-loss inputs (with gradient): logits and sigmoid
+    cxcywh of the distinct and (training) dense selections."""
+    dense = self.dense
+    return EncoderPredictions(
+        cls_logits=self.distinct.cls_logits,
+        boxes=self.distinct.boxes,
+        dense_cls_logits=None if dense is None else dense.cls_logits,
+        dense_boxes=None if dense is None else dense.boxes)
 
 
 def proposal_scores_and_boxes(enc_outputs_class: jnp.ndarray,
@@ -88,7 +140,7 @@ def select_queries(enc_outputs_class: jnp.ndarray,
                    iou_threshold: Optional[float],
                    pre_topk: int,
                    valid: Optional[jnp.ndarray] = None,
-                   nms_method: str = 'auto') -> dict:
+                   nms_method: str = 'auto') -> Selected:
   """One selection (distinct with NMS, or dense with ``iou_threshold=None``).
 
   Args:
@@ -102,12 +154,8 @@ def select_queries(enc_outputs_class: jnp.ndarray,
     pre_topk: static NMS candidate count (see ``ops.nms.topk_after_nms``).
     valid: optional (B, N) bool, positions allowed to be selected (the
       reference lets every position in, padding included: default).
-  Returns dict:
-    indices (B, S) int32 (-1 = padding), num_kept (B,) int32 (NMS
-    survivors among the candidates), cut (B,) bool (the static candidate
-    bound may have dropped a survivor: ``ops.nms.TopKAfterNms``),
-    class_logits (B, S, K), coords_unact (B, S, 4), query (B, S, C) (zeros at
-    padding, as ``align_tensor``), pad (B, S) bool.
+  Returns:
+    ``Selected`` (S = num_select).
   """
   scores, boxes = proposal_scores_and_boxes(
       jax.lax.stop_gradient(enc_outputs_class),
@@ -117,15 +165,16 @@ def select_queries(enc_outputs_class: jnp.ndarray,
   indices, num_kept, cut = nms_ops.topk_after_nms(
       boxes, scores, iou_threshold=iou_threshold, pre_topk=pre_topk,
       num_keep=num_select, valid=valid, method=nms_method)
-  out = dict(indices=indices, num_kept=num_kept, cut=cut, pad=indices < 0,
-             class_logits=gather_padded(enc_outputs_class, indices),
-             coords_unact=gather_padded(enc_outputs_coord_unact, indices))
+  pad = indices < 0
+  cls_logits = gather_padded(enc_outputs_class, indices)
+  coords_unact = gather_padded(enc_outputs_coord_unact, indices)
+  query = None
   if query_map is not None:
-    mem = gather_padded(jax.lax.stop_gradient(memory), indices)
-    query = query_map(mem)
-    out['query'] = jnp.where(out['pad'][..., None], 0.0, query).astype(
-        query.dtype)
-  return out
+    query = query_map(gather_padded(jax.lax.stop_gradient(memory), indices))
+    query = jnp.where(pad[..., None], 0.0, query).astype(query.dtype)
+  return Selected(indices=indices, num_kept=num_kept, cut=cut,
+                  cls_logits=cls_logits, coords_unact=coords_unact,
+                  boxes=jax.nn.sigmoid(coords_unact), query=query)
 
 
 def num_dense_queries(*, num_queries: int, dense_topk_ratio: float) -> int:
@@ -146,7 +195,7 @@ def pre_decoder(enc_outputs_class: jnp.ndarray,
                 dn_label_query: Optional[jnp.ndarray] = None,
                 dn_bbox_query: Optional[jnp.ndarray] = None,
                 valid: Optional[jnp.ndarray] = None,
-                nms_method: str = 'auto') -> dict:
+                nms_method: str = 'auto') -> QuerySelection:
   """DDQ-DETR ``pre_decoder`` after the branch outputs.
 
   Eval mode: leave ``dense_*`` and ``dn_*`` None.  Training: pass the dense
@@ -154,33 +203,17 @@ def pre_decoder(enc_outputs_class: jnp.ndarray,
   (``dn_label_query`` (B, D, C), ``dn_bbox_query`` (B, D, 4) inverse-sigmoid,
   from ``models.denoising``); the layout is then [dn | distinct | dense].
 
-  Returns dict:
-    query: (B, D + Q [+ Qd], C) decoder content queries.
-    reference_points: (B, D + Q [+ Qd], 4) sigmoid cxcywh (no gradient to
-      the encoder branches).
-    topk_indices (B, Q) int32 (-1 padding), num_kept_after_nms (B,),
-    nms_cut (B,) bool (see ``select_queries``),
-    distinct_pad (B, Q) bool (zero-padded distinct slots),
-    enc_outputs_class (B, Q, K) logits, enc_outputs_coord (B, Q, 4) sigmoid
-      cxcywh: the head's encoder-loss inputs (with gradient);
-    training only: dense_topk_indices (B, Qd), aux_enc_outputs_class
-      (B, Qd, K), aux_enc_outputs_coord (B, Qd, 4), num_dense_queries (int),
-      num_dn_queries (int, D).
+  Returns:
+    ``QuerySelection``: the distinct (B, Q) and, training only, dense
+    (B, Qd) selections, Qd = min(int(num_queries * dense_topk_ratio), N),
+    and the decoder's queries and reference points.
   """
   dist = select_queries(enc_outputs_class, enc_outputs_coord_unact, memory,
                         query_map=query_map, num_select=num_queries,
                         iou_threshold=iou_threshold, pre_topk=pre_topk,
                         valid=valid, nms_method=nms_method)
-  out = dict(topk_indices=dist['indices'],
-             num_kept_after_nms=dist['num_kept'],
-             nms_cut=dist['cut'],
-             distinct_pad=dist['pad'],
-             enc_outputs_class=dist['class_logits'],
-             enc_outputs_coord=jax.nn.sigmoid(dist['coords_unact']))
-  query = dist['query']
-  coords_unact = dist['coords_unact']
-  training = dense_enc_outputs_class is not None
-  if training:
+  query, coords_unact, dense = dist.query, dist.coords_unact, None
+  if dense_enc_outputs_class is not None:  # training
     n_dense = min(num_dense_queries(num_queries=num_queries,
                                     dense_topk_ratio=dense_topk_ratio),
                   enc_outputs_class.shape[1])
@@ -189,12 +222,8 @@ def pre_decoder(enc_outputs_class: jnp.ndarray,
                            query_map=query_map, num_select=n_dense,
                            iou_threshold=None, pre_topk=n_dense,
                            valid=valid, nms_method=nms_method)
-    out.update(dense_topk_indices=dense['indices'],
-               aux_enc_outputs_class=dense['class_logits'],
-               aux_enc_outputs_coord=jax.nn.sigmoid(dense['coords_unact']),
-               num_dense_queries=n_dense)
-    query = jnp.concatenate([query, dense['query']], axis=1)
-    coords_unact = jnp.concatenate([coords_unact, dense['coords_unact']],
+    query = jnp.concatenate([query, dense.query], axis=1)
+    coords_unact = jnp.concatenate([coords_unact, dense.coords_unact],
                                    axis=1)
   coords_unact = jax.lax.stop_gradient(coords_unact)
   if dn_label_query is not None:
@@ -202,7 +231,5 @@ def pre_decoder(enc_outputs_class: jnp.ndarray,
                             axis=1)
     coords_unact = jnp.concatenate(
         [dn_bbox_query.astype(coords_unact.dtype), coords_unact], axis=1)
-    out['num_dn_queries'] = dn_label_query.shape[1]
-  out['query'] = query
-  out['reference_points'] = jax.nn.sigmoid(coords_unact)
-  return out
+  return QuerySelection(distinct=dist, dense=dense, query=query,
+                        reference_points=jax.nn.sigmoid(coords_unact))

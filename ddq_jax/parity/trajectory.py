@@ -277,18 +277,11 @@ def _format_terms(metrics: Mapping) -> str:
   return '\n'.join(lines + [cur])
 
 
-def verify_steps(bundle: str, *, steps: int, overrides: Optional[dict] = None,
-                 dump: Optional[str] = None, config_path: Optional[str] = None,
-                 seed: int = 0, out=print) -> bool:
-  """``verify BUNDLE --steps N``: run, print, compare, dump.
-
-  Returns True when every target holds (or there is nothing to compare).
-  Raises FileNotFoundError / TrajectoryInputError on bad input (the
-  message names it).
-  """
-
-  if steps < 1:
-    raise TrajectoryInputError(f'--steps {steps}: expected a positive step count')
+def _load_run(bundle: str, *, overrides: Optional[dict],
+              config_path: Optional[str], out):
+  """(files, variables, config, batch, the reference's trajectory or
+  None) of a bundle: the converted checkpoint under the reference's
+  order, trajectory.json's settings and the ``--config`` overrides."""
   files = bundle_files(bundle)
   config = load_config(config_path) if config_path else None
   variables, config, report = convert_checkpoint(files['checkpoint'], config)
@@ -313,6 +306,47 @@ def verify_steps(bundle: str, *, steps: int, overrides: Optional[dict] = None,
   if files['trajectory']:
     with np.load(files['trajectory'], allow_pickle=False) as f:
       ref = {k: f[k] for k in f.files}
+  return files, variables, config, batch, ref
+
+
+def _compare_with_reference(ours: dict, ref: dict, dn: dict, final: dict,
+                            start: dict, *, steps: int, out) -> list:
+  """[Comparison] of our steps against the reference's trajectory: the
+  dn queries, the per-step losses and (same step count) the parameters."""
+  n_ref = int(ref['loss_total'].shape[0])
+  n = min(steps, n_ref)
+  results = [Comparison('dn queries == ground truth (label mismatches)',
+                        float(dn['label_mismatches']), 0.0, 'mismatches')]
+  results += compare_history(ours, ref, steps=n)
+  out('per-step relative errors:')
+  for row in step_errors(ours, ref, steps=n):
+    out(f'  step {row["step"]}: loss_total {row["loss_total"]:.2e}  worst '
+        f'term {row["worst_term"]:.2e} ({row["worst_term_key"]})  '
+        f'grad_global_norm {row["grad_global_norm"]:.2e}')
+  if steps == n_ref:
+    results += compare_params(final, start, ref, steps=n)
+    out('per-element figures (host-dependent, not asserted):')
+    for line in ulp_summary(final, ref):
+      out(line)
+  else:
+    out(f'-- parameters not compared: the reference ran {n_ref} steps, '
+        f'we ran {steps}')
+  return results
+
+
+def verify_steps(bundle: str, *, steps: int, overrides: Optional[dict] = None,
+                 dump: Optional[str] = None, config_path: Optional[str] = None,
+                 seed: int = 0, out=print) -> bool:
+  """``verify BUNDLE --steps N``: run, print, compare, dump.
+
+  Returns True when every target holds (or there is nothing to compare).
+  Raises FileNotFoundError / TrajectoryInputError on bad input (the
+  message names it).
+  """
+  if steps < 1:
+    raise TrajectoryInputError(f'--steps {steps}: expected a positive step count')
+  files, variables, config, batch, ref = _load_run(
+      bundle, overrides=overrides, config_path=config_path, out=out)
   model = build_model(config)
 
   def on_step(i, m, seconds):
@@ -340,25 +374,8 @@ def verify_steps(bundle: str, *, steps: int, overrides: Optional[dict] = None,
       f'{dn["label_mismatches"]} label mismatches, boxes max |diff| '
       f'{dn["box_max_abs"]:.3g}')
   if ref is not None:
-    n_ref = int(ref['loss_total'].shape[0])
-    n = min(steps, n_ref)
-    results.append(Comparison('dn queries == ground truth (label mismatches)',
-                              float(dn['label_mismatches']), 0.0,
-                              'mismatches'))
-    results += compare_history(ours, ref, steps=n)
-    out('per-step relative errors:')
-    for row in step_errors(ours, ref, steps=n):
-      out(f'  step {row["step"]}: loss_total {row["loss_total"]:.2e}  worst '
-          f'term {row["worst_term"]:.2e} ({row["worst_term_key"]})  '
-          f'grad_global_norm {row["grad_global_norm"]:.2e}')
-    if steps == n_ref:
-      results += compare_params(final, start, ref, steps=n)
-      out('per-element figures (host-dependent, not asserted):')
-      for line in ulp_summary(final, ref):
-        out(line)
-    else:
-      out(f'-- parameters not compared: the reference ran {n_ref} steps, '
-          f'we ran {steps}')
+    results += _compare_with_reference(ours, ref, dn, final, start,
+                                       steps=steps, out=out)
   for r in results:
     out(r.line())
   failed = [r for r in results if not r.ok]

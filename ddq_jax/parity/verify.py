@@ -51,6 +51,7 @@ from ddq_jax.parity import trajectory
 from ddq_jax.parity.canvas import (place_in_canvas, tie_ordered_detections,
                                    unpadded_view)
 from ddq_jax.parity.compare import compare, Comparison
+from ddq_jax.parity.fixture_names import fixture_tensors
 from ddq_jax.train.objective import forward_and_losses
 
 
@@ -75,7 +76,7 @@ def run_inference(model, variables, inputs):
   def fn(v, *a):
     _, state = model.apply(v, a[0], a[1], img_shapes=a[2],
                            scale_factors=a[3], mutable=[INTERMEDIATES])
-    return state[INTERMEDIATES]
+    return fixture_tensors(state[INTERMEDIATES])
   args = (inputs['images'].astype(np.float32), inputs['pad_mask'].astype(bool),
           inputs['img_shapes'].astype(np.int32),
           inputs['scale_factors'].astype(np.float32))
@@ -113,7 +114,7 @@ def run_training(model, config, variables, inputs):
         batch, jax.random.key(0), cfg=cfg, dn_inject=inject,
         capture_intermediates=True)
     num_dn_slots.append(out.layout.num_dn)
-    return total_loss(losses), (inter, losses)
+    return total_loss(losses), (fixture_tensors(inter), losses)
 
   t0 = time.perf_counter()
   (loss, (out, losses)), grads = jax.device_get(
@@ -211,14 +212,12 @@ def _nms_cut_check(stage, intermediates, config, out):
                     float(cut.sum()), 0.0, 'mismatches')
 
 
-def verify(bundle: str, *, train: bool = False, dump: str | None = None,
-           config=None, overrides: dict | None = None, out=print,
-           padding_invariant: bool = False,
-           canvas: tuple[int, int] | None = None) -> bool:
-  """Runs the bundle's checks; True when every tensor is within target.
-  ``config``: instead of the checkpoint's ``meta['cfg']`` (which then takes
-  ``overrides``)."""
-
+def load_bundle(bundle: str, *, config=None, overrides: dict | None = None,
+                padding_invariant: bool = False,
+                canvas: tuple[int, int] | None = None, out=print):
+  """(variables, config, inputs) of a bundle: its weights (converted, or
+  initialised as ``init.json`` says), the config (``overrides`` apply to
+  the checkpoint's own) and its inputs (placed in ``canvas``)."""
   ckpt = os.path.join(bundle, 'checkpoint.pth')
   init = os.path.join(bundle, INIT_JSON)
   inputs_path = os.path.join(bundle, 'inputs.npz')
@@ -242,13 +241,17 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
   if canvas is not None:
     inputs = place_in_canvas(inputs, canvas=canvas)
     out(f'images placed in a {canvas[0]}x{canvas[1]} canvas')
-  model = build_model(config)
-  dumped, results = {}, []
+  return variables, config, inputs
 
+
+def check_inference(bundle: str, model, config, variables, inputs, *,
+                    padding_invariant: bool, out=print):
+  """The inference forward against the bundle's ``infer.npz``: (our
+  tensors under the fixtures' names, [Comparison])."""
   ours, seconds = run_inference(model, variables, inputs)
   out(f'inference: {seconds:.1f} s (compile + run)')
-  results.append(_nms_cut_check('inference', ours, config, out))
-  dumped.update((key, np.asarray(value)) for key, value in ours.items())
+  results = [_nms_cut_check('inference', ours, config, out)]
+  dumped = {key: np.asarray(value) for key, value in ours.items()}
   ref_path = os.path.join(bundle, 'infer.npz')
   if os.path.isfile(ref_path):
     ref = _load_npz(ref_path)
@@ -262,47 +265,87 @@ def verify(bundle: str, *, train: bool = False, dump: str | None = None,
         results.append(compare(key, view[key], ref[key]))
       else:
         out(f'--   {key:<44s} not produced by us')
+  return dumped, results
 
+
+def _in_reference_slots(tensors: dict, *, d_ref: int, d_ours: int) -> dict:
+  """Every query axis (size Q = our D + the rest) in the reference's dn
+  slot layout (``_dn_slot_view``)."""
+  num_queries = tensors['decoder_query_in'].shape[1]
+  out = {}
+  for key, value in tensors.items():
+    value = np.asarray(value)
+    for axis in range(value.ndim):
+      if value.shape[axis] == num_queries:
+        value = _dn_slot_view(value, axis=axis, d_ref=d_ref, d_ours=d_ours)
+    out[key] = value
+  return out
+
+
+def _compare_training(train_dump: dict, ref: dict, grads, config, out):
+  """[Comparison] of every train.npz key we produce (gradients in torch's
+  per-layer names and layouts); ``train_dump`` gains the gradients."""
+  results = []
+  train_dump, ref = clip_survivor_counts(train_dump, ref, config)
+  per_layer = unstack_layers({'params': grads})['params']
+  for key in sorted(ref):
+    if key.startswith('grad/'):
+      g = grad_of(per_layer, key[5:], ref[key])
+      if g is None:
+        out(f'--   {key:<44s} no such parameter')
+        continue
+      train_dump[key] = g
+    if key in train_dump:
+      if train_dump[key].size == ref[key].size:  # the reference's layout,
+        train_dump[key] = train_dump[key].reshape(ref[key].shape)  # e.g. (1,)
+      results.append(compare(f'train:{key}' if not key.startswith(
+          ('loss', 'grad')) else key, train_dump[key], ref[key]))
+  return train_dump, results
+
+
+def check_training(bundle: str, model, config, variables, inputs, *,
+                   out=print):
+  """Training forward, losses and gradients against the bundle's
+  ``train.npz``: (our tensors to dump, [Comparison])."""
+  loss, tout, losses, grads, d_ours, seconds = run_training(
+      model, config, variables, inputs)
+  out(f'training forward + loss + gradients: {seconds:.1f} s')
+  results = [_nms_cut_check('training', tout, config, out)]
+  d_ref = (int(inputs['dn_label_ids'].shape[1]) if 'dn_label_ids' in inputs
+           else d_ours)  # drawn, not injected: no slot layout to map
+  train_dump = _in_reference_slots(tout, d_ref=d_ref, d_ours=d_ours)
+  for key, value in losses.items():
+    train_dump[f'loss/{key}'] = np.asarray(value)
+  train_dump['loss_total'] = np.asarray(loss).reshape(1)
+  train_dump['grad_global_norm'] = np.asarray(global_norm(grads))
+  ref_path = os.path.join(bundle, 'train.npz')
+  if os.path.isfile(ref_path):
+    train_dump, compared = _compare_training(
+        train_dump, _load_npz(ref_path), grads, config, out)
+    results += compared
+  return ({(k if k.startswith(('loss', 'grad')) else f'train/{k}'): v
+           for k, v in train_dump.items()}, results)
+
+
+def verify(bundle: str, *, train: bool = False, dump: str | None = None,
+           config=None, overrides: dict | None = None, out=print,
+           padding_invariant: bool = False,
+           canvas: tuple[int, int] | None = None) -> bool:
+  """Runs the bundle's checks; True when every tensor is within target.
+  ``config``: instead of the checkpoint's ``meta['cfg']`` (which then takes
+  ``overrides``)."""
+  variables, config, inputs = load_bundle(
+      bundle, config=config, overrides=overrides,
+      padding_invariant=padding_invariant, canvas=canvas, out=out)
+  model = build_model(config)
+  dumped, results = check_inference(bundle, model, config, variables, inputs,
+                                    padding_invariant=padding_invariant,
+                                    out=out)
   if train:
-    loss, tout, losses, grads, d_ours, seconds = run_training(
-        model, config, variables, inputs)
-    out(f'training forward + loss + gradients: {seconds:.1f} s')
-    results.append(_nms_cut_check('training', tout, config, out))
-    d_ref = (int(inputs['dn_label_ids'].shape[1]) if 'dn_label_ids' in inputs
-             else d_ours)  # drawn, not injected: no slot layout to map
-    num_queries = tout['decoder_query_in'].shape[1]   # our Q = D + rest
-    train_dump = {}
-    for key, value in tout.items():
-      value = np.asarray(value)
-      # every query axis (size Q) in the reference's dn slot layout
-      for axis in range(value.ndim):
-        if value.shape[axis] == num_queries:
-          value = _dn_slot_view(value, axis=axis, d_ref=d_ref, d_ours=d_ours)
-      train_dump[key] = value
-    for key, value in losses.items():
-      train_dump[f'loss/{key}'] = np.asarray(value)
-    train_dump['loss_total'] = np.asarray(loss).reshape(1)
-    train_dump['grad_global_norm'] = np.asarray(global_norm(grads))
-    ref_path = os.path.join(bundle, 'train.npz')
-    if os.path.isfile(ref_path):
-      ref = _load_npz(ref_path)
-      train_dump, ref = clip_survivor_counts(train_dump, ref, config)
-      per_layer = unstack_layers({'params': grads})['params']
-      for key in sorted(ref):
-        if key.startswith('grad/'):
-          g = grad_of(per_layer, key[5:], ref[key])
-          if g is None:
-            out(f'--   {key:<44s} no such parameter')
-            continue
-          train_dump[key] = g
-        if key in train_dump:
-          if train_dump[key].size == ref[key].size:  # the reference's layout,
-            train_dump[key] = train_dump[key].reshape(ref[key].shape)  # e.g. (1,)
-          results.append(compare(f'train:{key}' if not key.startswith(
-              ('loss', 'grad')) else key, train_dump[key], ref[key]))
-    dumped.update({(k if k.startswith(('loss', 'grad')) else f'train/{k}'): v
-                   for k, v in train_dump.items()})
-
+    train_dump, train_results = check_training(bundle, model, config,
+                                               variables, inputs, out=out)
+    dumped.update(train_dump)
+    results += train_results
   for r in results:
     out(r.line())
   failed = [r for r in results if not r.ok]

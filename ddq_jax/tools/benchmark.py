@@ -69,6 +69,7 @@ from ddq_jax.train.objective import make_loss_fn
 from ddq_jax.train.optimizer import make_optimizer
 from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.train.parallel.mesh import make_mesh, mesh_shape
+from ddq_jax.tree_paths import map_with_paths, split
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -187,7 +188,7 @@ def random_variables(config, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
-    name = str(getattr(path[-1], 'key', path[-1]))
+    name = split(path)[-1]
     shape, dtype = tuple(leaf.shape), leaf.dtype
     if not np.issubdtype(dtype, np.floating):
       return np.zeros(shape, dtype)
@@ -200,7 +201,7 @@ def random_variables(config, seed: int = 0) -> dict:
     if name == 'level_embed':
       std = 1.0
     return (rng.standard_normal(shape) * std).astype(dtype)
-  return jax.tree_util.tree_map_with_path(fill, variable_shapes(config))
+  return map_with_paths(fill, variable_shapes(config))
 
 
 def build_step(config, mode: str, variables, batch: dict, mesh):
@@ -246,16 +247,9 @@ def _memory_plan(config, variables, batch: dict, mesh, canvas):
   return chosen, report
 
 
-def run(args) -> dict:
-  config = args.config_dict
-  devices = jax.devices()[:args.devices] if args.devices else jax.devices()
-  if args.batch is None:
-    args.batch = (args.batch_per_chip or 1) * (
-        mesh_shape(config, len(devices))[0] if args.batch_per_chip else 1)
-  mesh = make_mesh(config, devices)
-  if args.batch % int(mesh.shape['data']):
-    raise SystemExit(f'--batch {args.batch} is not divisible by the '
-                     f"{int(mesh.shape['data'])} devices of the data axis")
+def _variables(args, config):
+  """(variables, config, seconds): --weights, else a fast random fill or
+  the model's initialisation."""
   t = time.perf_counter()
   if args.weights:
     variables, config = load_weights(args.weights, config)
@@ -266,8 +260,46 @@ def run(args) -> dict:
     variables = jax.jit(lambda r: init_variables(model, config, r))(
         jax.random.key(0))
   variables = jax.block_until_ready(variables)
-  init_s = time.perf_counter() - t
+  return variables, config, time.perf_counter() - t
 
+
+def _host_figures() -> dict:
+  return dict(jax=jax.__version__, host_cpus=os.cpu_count(),
+              peak_host_rss_gb=round(resource.getrusage(
+                  resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
+              load_avg_1m=round(os.getloadavg()[0], 2))
+
+
+def _time_steps(step, compiled, fargs, *, warmup: int, steps: int):
+  """(``once``: one step, blocking; the last output; per-step seconds)."""
+  state = {'a': fargs}
+
+  def once():
+    state['a'], out = step(state['a'], compiled)
+    jax.block_until_ready(out)
+    return out
+
+  for _ in range(max(0, warmup)):
+    out = once()
+  times = []
+  for _ in range(max(1, steps)):
+    t = time.perf_counter()
+    out = once()
+    times.append(time.perf_counter() - t)
+  return once, out, times
+
+
+def run(args) -> dict:
+  config = args.config_dict
+  devices = jax.devices()[:args.devices] if args.devices else jax.devices()
+  if args.batch is None:
+    args.batch = (args.batch_per_chip or 1) * (
+        mesh_shape(config, len(devices))[0] if args.batch_per_chip else 1)
+  mesh = make_mesh(config, devices)
+  if args.batch % int(mesh.shape['data']):
+    raise SystemExit(f'--batch {args.batch} is not divisible by the '
+                     f"{int(mesh.shape['data'])} devices of the data axis")
+  variables, config, init_s = _variables(args, config)
   batch = _inputs(config, args.batch, tuple(args.size), mode=args.mode)
   if args.mode == 'infer':
     batch = {k: batch[k] for k in ('images', 'img_shapes', 'scale_factors')}
@@ -293,39 +325,20 @@ def run(args) -> dict:
   if plan is not None:
     head['memory_plan'] = plan
   if args.compile_only:
-    return dict(head, compile_only=True, jax=jax.__version__,
-                host_cpus=os.cpu_count(),
-                peak_host_rss_gb=round(resource.getrusage(
-                    resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
-                load_avg_1m=round(os.getloadavg()[0], 2))
+    return dict(head, compile_only=True, **_host_figures())
   if args.max_memory_gb and stats.get('peak_memory_gb', 0) > args.max_memory_gb:
     raise SystemExit(
         f'the compiled step needs {stats["peak_memory_gb"]} GB '
         f'(--max-memory-gb {args.max_memory_gb}); not running it')
-  state = {'a': fargs}
-
-  def once():
-    state['a'], out = step(state['a'], compiled)
-    jax.block_until_ready(out)
-    return out
-
-  for _ in range(max(0, args.warmup)):
-    out = once()
-  times = []
-  for _ in range(max(1, args.steps)):
-    t = time.perf_counter()
-    out = once()
-    times.append(time.perf_counter() - t)
+  once, out, times = _time_steps(step, compiled, fargs, warmup=args.warmup,
+                                 steps=args.steps)
   med, best = statistics.median(times), min(times)
   res = dict(head, steps=len(times),
              step_median_s=round(med, 4), step_min_s=round(best, 4),
              step_times_s=[round(x, 4) for x in times],
              images_per_s=round(args.batch / med, 3),
              images_per_s_best=round(args.batch / best, 3),
-             jax=jax.__version__, host_cpus=os.cpu_count(),
-             peak_host_rss_gb=round(resource.getrusage(
-                 resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
-             load_avg_1m=round(os.getloadavg()[0], 2))
+             **_host_figures())
   if args.mode == 'train':
     res['loss'] = float(np.asarray(out))
   mem = getattr(devices[0], 'memory_stats', lambda: None)()

@@ -41,6 +41,7 @@ from ddq_jax.train import integrity
 from ddq_jax.train.flat_optimizer import canonical_opt_state
 from ddq_jax.train.flat_optimizer import from_canonical_opt_state
 from ddq_jax.train.state import TrainState
+from ddq_jax.tree_paths import leaf_paths
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def from_canonical_state(canonical: TrainState, target: TrainState
 def array_specs(tree) -> dict[str, list]:
   """{leaf path: [shape, dtype name]} of a pytree of arrays / structs."""
   return {p: [list(x.shape), str(x.dtype)] for p, x in
-          zip(integrity.leaf_paths(tree), jax.tree.leaves(tree))}
+          zip(leaf_paths(tree), jax.tree.leaves(tree))}
 
 
 def check_directory(directory: str) -> None:

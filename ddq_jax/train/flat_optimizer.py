@@ -49,6 +49,7 @@ import optax
 from ddq_jax.model.param_groups import BACKBONE, DEFAULT, FROZEN
 from ddq_jax.ops.xla_cpu import opaque_zero, rounded_alone, run_unfused
 from ddq_jax.train.parallel import sharding as sharding_lib
+from ddq_jax.tree_paths import leaf_paths
 
 GROUPS = (DEFAULT, BACKBONE)
 
@@ -92,9 +93,7 @@ class FlatMoments:
 
 
 def _paths(tree) -> list[str]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-  return [jax.tree_util.keystr(p) for p, _ in flat]
+  return leaf_paths(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 def moments_layout(params, labels: Sequence[str]) -> tuple:

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddq_jax.tree_paths import leaf_paths
+
 CHECKSUM_ALGO = 'u32-position-weighted-sum-v1'
 
 # Config keys that may change when a run resumes (prefixes of dotted keys):
@@ -98,13 +100,6 @@ def _fingerprint(leaves):
   stats = [_leaf_stats(x) for x in leaves]  # multi-host: in-graph
   return ([int(s) for s, _ in jax.device_get(stats)],
           all(bool(f) for _, f in jax.device_get(stats)))
-
-
-def leaf_paths(tree) -> list[str]:
-  """'/'-joined key paths of ``tree``'s leaves, in leaf order."""
-  paths, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return ['/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(
-      k, 'idx', k)))) for k in p) for p, _ in paths]
 
 
 def state_fingerprint(state) -> tuple[dict[str, int], bool]:

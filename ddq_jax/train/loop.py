@@ -47,7 +47,6 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
 from ddq_jax.compilation_cache import compile_count
@@ -71,6 +70,7 @@ from ddq_jax.train.objective import make_loss_fn
 from ddq_jax.train.parallel import mesh as mesh_lib
 from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.train.run_log import OutputWriteError, RunLogger
+from ddq_jax.train.stop_signal import StopSignal
 
 log = logging.getLogger('ddq_jax.train')
 
@@ -206,45 +206,6 @@ def default_evaluate_fn(config, *, mesh=None) -> Callable:
   return evaluate
 
 
-# -------------------------------------------------------------------- stop
-class StopSignal:
-  """SIGINT / SIGTERM set a flag; the loop saves and stops at a step end.
-  A second SIGINT raises KeyboardInterrupt as usual."""
-
-  def __init__(self):
-    self.requested = False
-    self.signum = None
-    self._old = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGINT, signal.SIGTERM):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.requested and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    log.warning('signal %d: checkpoint and stop at the end of this step',
-                signum)
-    self.requested = True
-    self.signum = self.signum or signum
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-  def agreed(self) -> bool:
-    """Whether any process asked to stop (collective when multi-host)."""
-    if jax.process_count() == 1:
-      return self.requested
-    flags = multihost_utils.process_allgather(np.int32(self.requested))
-    return bool(np.any(flags))
-
-
 # -------------------------------------------------------------------- loop
 def _total_steps(config, steps_per_epoch: int) -> int:
   if int(config.train.max_steps) > 0:
@@ -340,35 +301,43 @@ def _init_from(state, config, tx):
   return state
 
 
-def _train(config, workdir: str, *, components, devices) -> dict:
-  mesh = mesh_lib.make_mesh(config, devices)
-  # Checkpoint directory usable, and a resume's config matches, before
-  # anything is written.
+def _open_checkpoints(config, workdir: str) -> ckpt_lib.Checkpointer:
+  """The run's checkpoints, checked usable (and a resume's config
+  matching) before anything is written; then the workdir's config.json."""
   ckpt = ckpt_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'),
       save_every=int(config.train.checkpoint_every),
       keep=int(config.train.keep_checkpoints) or None)
   check_resume_config(ckpt, config)
   _write_config(config, workdir)
-  comps = components or default_components(config, mesh=mesh)
+  return ckpt
+
+
+def _check_parallel_setup(config, comps: Components, mesh) -> None:
+  """Logs the matching solver (a warning for host callbacks on many
+  devices); checks the global batch divides over the mesh."""
   if hasattr(comps.loss_fn, 'criterion_config'):
     log.info('Hungarian solver: %s', comps.loss_fn.criterion_config.solver)
-  pidx, pcount = jax.process_index(), jax.process_count()
-  gbs = int(config.train.global_batch_size)
   if (mesh.devices.size > 1 and
       config.loss.hungarian_solver == 'scipy'):
     log.warning("loss.hungarian_solver='scipy' on %d devices: each device "
                 'waits for a host callback every step; '
                 "'jax' keeps matching on the device", mesh.devices.size)
-  shd.local_batch_size(gbs, mesh)  # checks divisibility
+  shd.local_batch_size(int(config.train.global_batch_size), mesh)
 
-  data = comps.make_iterator(0, pidx, pcount)
+
+def _steps_per_epoch(data, config) -> int:
   spe = int(getattr(data, 'steps_per_epoch', 0) or
             config.train.steps_per_epoch)
   if spe <= 0:
     raise ValueError('the data iterator has no steps_per_epoch')
-  total = _total_steps(config, spe)
-  tx, schedule = opt_lib.make_optimizer(config, spe)
+  return spe
+
+
+def _initial_state(config, comps: Components, tx, mesh,
+                   ckpt: ckpt_lib.Checkpointer):
+  """(state, shardings, first step): the newest good checkpoint's, else a
+  fresh initialisation (with ``train.init_from``'s weights)."""
   rng = jax.random.PRNGKey(int(config.train.seed))
   rules, min_size = shd.rules_from_config(config)
   state, shardings = state_lib.init_train_state(
@@ -380,6 +349,89 @@ def _train(config, workdir: str, *, components, devices) -> dict:
     log.info('resumed from step %d', start)
   elif config.train.init_from:
     state = _init_from(state, config, tx)
+  return state, shardings, start
+
+
+def _window_metrics(pending: list, *, step: int, guard, seconds: float,
+                    global_batch: int, steps_per_epoch: int) -> dict:
+  """The logged metrics of the steps since the last log: means over the
+  finite steps (all, when none is), non-finite count, images/s, epoch."""
+  host_m = [shd.to_host(m) for m in pending]
+  for i, m in enumerate(host_m):
+    guard.observe(step - len(host_m) + 1 + i, m)
+  good = [m for m in host_m if not m.get('nonfinite', 0.0)] or host_m
+  last = {k: float(np.mean([m[k] for m in good])) for k in good[0]}
+  last['nonfinite_steps'] = float(len(host_m) - len(good))
+  last['images_per_s'] = len(pending) * global_batch / max(seconds, 1e-9)
+  last['epoch'] = step / steps_per_epoch
+  return last
+
+
+def _log_window(logger: RunLogger, last: dict, *, step: int, steps: int,
+                schedule) -> None:
+  """The window's metrics to the run log and the progress line."""
+  logger.scalars(step, last)
+  logger.update(steps, {
+      'loss': f"{last['loss']:.4f}",
+      'lr': f"{last.get('lr', float(schedule(step - 1))):.2e}",
+      'img/s': f"{last['images_per_s']:.1f}"})
+
+
+def _evaluate(comps: Components, state, step: int, logger: RunLogger, *,
+              previous: dict) -> dict:
+  """The periodic evaluation's metrics (logged, with its drawings);
+  ``previous`` without an evaluation."""
+  if comps.evaluate_fn is None:
+    return previous
+  out = comps.evaluate_fn(state)
+  metrics, drawings = out if isinstance(out, tuple) else (out, [])
+  logger.scalars(step, metrics, prefix='eval/')
+  logger.images(step, drawings)
+  if jax.process_index() == 0:
+    log.info('eval at step %d: %s', step, metrics)
+  return metrics
+
+
+def _close_run(ckpt, state, *, step: int, config, failed, data,
+               logger) -> None:
+  """The final checkpoint (unless the run failed on non-finite steps or
+  its checkpoints), then the data and, after a failure, the log and
+  checkpointer; an error here does not hide the run's own."""
+  try:
+    if not isinstance(failed, (nonfinite.NonFiniteError,
+                               ckpt_lib.CheckpointError)):
+      ckpt.save(state, step=step, config=config, force=True)
+    ckpt.wait()
+  except Exception as e:  # pylint: disable=broad-except
+    if failed is None:
+      raise
+    # a step that raised may have consumed (donated) the state; the
+    # original error propagates
+    log.warning('final checkpoint failed too: %s', e)
+  finally:
+    if hasattr(data, 'close'):
+      data.close()
+    if failed is not None:
+      logger.close(quiet=True)
+      try:
+        ckpt.close()
+      except Exception:  # pylint: disable=broad-except
+        pass
+
+
+def _train(config, workdir: str, *, components, devices) -> dict:
+  mesh = mesh_lib.make_mesh(config, devices)
+  ckpt = _open_checkpoints(config, workdir)
+  comps = components or default_components(config, mesh=mesh)
+  pidx, pcount = jax.process_index(), jax.process_count()
+  gbs = int(config.train.global_batch_size)
+  _check_parallel_setup(config, comps, mesh)
+
+  data = comps.make_iterator(0, pidx, pcount)
+  spe = _steps_per_epoch(data, config)
+  total = _total_steps(config, spe)
+  tx, schedule = opt_lib.make_optimizer(config, spe)
+  state, shardings, start = _initial_state(config, comps, tx, mesh, ckpt)
   if start:
     if hasattr(data, 'set_state'):
       data.set_state({'step': start})
@@ -408,20 +460,9 @@ def _train(config, workdir: str, *, components, devices) -> dict:
   eval_every = spe if eval_every == -1 else eval_every
   logger = RunLogger(workdir, total, start)
   pending, last, eval_metrics, stopped = [], {}, {}, False
-  t_log, n_log = time.time(), 0
+  t_log = time.time()
   guard = nonfinite.NonFiniteGuard(int(config.train.max_nonfinite_steps))
   poison = {int(k) for k in config.train.inject_nan_at_steps}
-
-  def run_eval(step):
-    nonlocal eval_metrics
-    if comps.evaluate_fn is None:
-      return
-    out = comps.evaluate_fn(state)
-    eval_metrics, drawings = out if isinstance(out, tuple) else (out, [])
-    logger.scalars(step, eval_metrics, prefix='eval/')
-    logger.images(step, drawings)
-    if pidx == 0:
-      log.info('eval at step %d: %s', step, eval_metrics)
 
   with StopSignal() as stop:
     step = start
@@ -437,25 +478,17 @@ def _train(config, workdir: str, *, components, devices) -> dict:
         state, metrics = step_fn(state, batch)
         step += 1
         pending.append(metrics)
-        n_log += 1
         if step % log_every == 0 or step == total:
-          host_m = [shd.to_host(m) for m in pending]
-          for i, m in enumerate(host_m):
-            guard.observe(step - len(host_m) + 1 + i, m)
-          good = [m for m in host_m if not m.get('nonfinite', 0.0)] or host_m
-          last = {k: float(np.mean([m[k] for m in good])) for k in good[0]}
-          last['nonfinite_steps'] = float(len(host_m) - len(good))
-          dt = time.time() - t_log
-          last['images_per_s'] = n_log * gbs / max(dt, 1e-9)
-          last['epoch'] = step / spe
-          logger.scalars(step, last)
-          logger.update(n_log, {'loss': f"{last['loss']:.4f}",
-                                'lr': f"{last.get('lr', float(schedule(step - 1))):.2e}",
-                                'img/s': f"{last['images_per_s']:.1f}"})
-          pending, t_log, n_log = [], time.time(), 0
+          last = _window_metrics(pending, step=step, guard=guard,
+                                 seconds=time.time() - t_log,
+                                 global_batch=gbs, steps_per_epoch=spe)
+          _log_window(logger, last, step=step, steps=len(pending),
+                      schedule=schedule)
+          pending, t_log = [], time.time()
         ckpt.save(state, step=step, config=config)
         if eval_every > 0 and step % eval_every == 0 and step < total:
-          run_eval(step)
+          eval_metrics = _evaluate(comps, state, step, logger,
+                                 previous=eval_metrics)
         if (stop.agreed() if (pcount == 1 or step % log_every == 0)
             else False):
           stopped = True
@@ -464,28 +497,11 @@ def _train(config, workdir: str, *, components, devices) -> dict:
       failed = e
       raise
     finally:
-      try:
-        if not isinstance(failed, (nonfinite.NonFiniteError,
-                                   ckpt_lib.CheckpointError)):
-          ckpt.save(state, step=step, config=config, force=True)
-        ckpt.wait()
-      except Exception as e:  # pylint: disable=broad-except
-        if failed is None:
-          raise
-        # a step that raised may have consumed (donated) the state; the
-        # original error propagates
-        log.warning('final checkpoint failed too: %s', e)
-      finally:
-        if hasattr(data, 'close'):
-          data.close()
-        if failed is not None:
-          logger.close(quiet=True)
-          try:
-            ckpt.close()
-          except Exception:  # pylint: disable=broad-except
-            pass
+      _close_run(ckpt, state, step=step, config=config, failed=failed,
+                 data=data, logger=logger)
   if not stopped and eval_every != 0:
-    run_eval(step)
+    eval_metrics = _evaluate(comps, state, step, logger,
+                           previous=eval_metrics)
   ckpt.close()
   logger.close()
   result = {'step': step, 'last_metrics': last, 'eval': eval_metrics,

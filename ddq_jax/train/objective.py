@@ -35,8 +35,9 @@ def forward_and_losses(model, variables: dict, batch: dict, rng: jax.Array, *,
                        ) -> tuple[dict, DetectorOutputs, Optional[dict]]:
   """(losses {key: scalar}, the forward's outputs, intermediates).
 
-  ``capture_intermediates=True`` also returns the parity intermediates the
-  detector sows (fixture names -> arrays; ``verify`` uses it); otherwise
+  ``capture_intermediates=True`` also returns the stage outputs the
+  detector sows ({stage: typed output}, ``model/outputs.py``; ``verify``
+  names them as the fixtures do with ``parity.fixture_names``); otherwise
   None, and the forward keeps nothing else alive.
   """
   kwargs = dict(img_shapes=batch['img_shapes'], train=True,

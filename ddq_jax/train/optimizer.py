@@ -51,6 +51,7 @@ from ddq_jax.model.param_groups import BACKBONE, DEFAULT, FROZEN  # noqa: F401  
 from ddq_jax.train.flat_optimizer import FlatAdamW, adamw_element_update, bias_corrections
 from ddq_jax.train.parallel import sharding as shd
 from ddq_jax.ops.xla_cpu import opaque_zero
+from ddq_jax.tree_paths import map_with_paths
 
 
 def lr_factor(step, *, warmup_steps: int, warmup_factor: float,
@@ -81,29 +82,14 @@ def make_schedule(config, steps_per_epoch: int) -> Callable[[Any], jax.Array]:
   return schedule
 
 
-def _path(path) -> str:
-  """A pytree path as 'backbone/layer1_0/conv1/kernel'."""
-  out = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      out.append(str(k.key))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      out.append(k.name)
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      out.append(str(k.idx))
-    else:
-      out.append(str(k))
-  return '/'.join(out)
-
-
 def param_labels(params, config):
   """A pytree of labels ('frozen' | 'backbone' | 'default') with the
   structure of ``params``, from ``param_groups.param_rules(config)``:
   frozen, else 'backbone' (lr x ``optim.backbone_lr_mult``, mmengine's
   ``custom_keys``) for paths with a 'backbone' component."""
   rules = param_groups.param_rules(config)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: param_groups.label(_path(path), rules), params)
+  return map_with_paths(lambda name, _: param_groups.label(name, rules),
+                        params)
 
 
 class TorchAdamWState(NamedTuple):

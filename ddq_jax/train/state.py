@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ddq_jax.train.parallel import sharding as shd
+from ddq_jax.tree_paths import flat_items, map_with_paths, path_str, split
 
 
 @flax.struct.dataclass
@@ -74,16 +75,6 @@ def init_train_state(init_variables: Callable[[jax.Array], dict], tx,
   return state, shardings
 
 
-def _flat(tree, prefix=()):
-  out = {}
-  if isinstance(tree, dict) or hasattr(tree, 'items'):
-    for k, v in tree.items():
-      out.update(_flat(v, prefix + (str(k),)))
-  else:
-    out[prefix] = tree
-  return out
-
-
 def merge_variables(state: TrainState, loaded: dict, tx, *,
                     strict_shapes: bool = True) -> tuple[TrainState, dict]:
   """Overwrites params / batch_stats leaves present in ``loaded`` (numpy
@@ -98,28 +89,30 @@ def merge_variables(state: TrainState, loaded: dict, tx, *,
   new = {}
   for coll in ('params', 'batch_stats'):
     cur = getattr(state, coll)
-    src = _flat(loaded.get(coll, {}))
+    src = dict(flat_items(loaded.get(coll, {})))
     used = set()
 
     def replace(path, x, coll=coll, src=src, used=used):
-      key = tuple(str(getattr(k, 'key', k)) for k in path)
+      key = split(path)
       if key not in src:
-        report['missing'].append('/'.join((coll,) + key))
+        report['missing'].append(path_str((coll,) + key))
         return x
       v = np.asarray(src[key])
       used.add(key)
       if v.shape != x.shape:
         if strict_shapes:
-          raise ValueError(f'{coll}/{"/".join(key)}: shape {v.shape} != {x.shape}')
-        report['missing'].append('/'.join((coll,) + key))
+          raise ValueError(f'{path_str((coll,) + key)}: shape {v.shape} != '
+                           f'{x.shape}')
+        report['missing'].append(path_str((coll,) + key))
         return x
       report['loaded'] += 1
       v = v.astype(x.dtype)  # every process holds the full array
       return jax.make_array_from_callback(v.shape, x.sharding,
                                           lambda idx, v=v: v[idx])
 
-    new[coll] = jax.tree_util.tree_map_with_path(replace, cur)
-    report['unexpected'] += ['/'.join((coll,) + k) for k in src if k not in used]
+    new[coll] = map_with_paths(replace, cur)
+    report['unexpected'] += [path_str((coll,) + k) for k in src
+                             if k not in used]
   opt_shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(new['params'])
   return state.replace(params=new['params'], batch_stats=new['batch_stats'],

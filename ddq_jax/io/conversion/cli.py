@@ -22,9 +22,9 @@ from ddq_jax.config import apply_overrides
 from ddq_jax.io.conversion import weights_io
 from ddq_jax.io.conversion.converter import ConversionError, convert_checkpoint
 from ddq_jax.io.conversion.mmdet_config import ConfigParseError
-from ddq_jax.io.conversion.torch_pickle import CheckpointReadError, load_torch_checkpoint, state_dict_of
+from ddq_jax.io.conversion.torch_pickle import CheckpointReadError
+from ddq_jax.io import weight_formats
 from ddq_jax.io.conversion.torchvision import torchvision_resnet_to_variables
-from ddq_jax.io.weights import weight_format
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,10 +59,13 @@ def main(argv=None) -> int:
   try:
     # Refuse a bad --out before the (slow) conversion.
     weights_io.check_output_dir(args.out, **save)
-    if args.torchvision or weight_format(args.checkpoint) == 'torchvision':
+    fmt, src = ((weight_formats.BY_NAME['torchvision'],
+                 weight_formats.WeightSource(args.checkpoint))
+                if args.torchvision else
+                weight_formats.identify(args.checkpoint))
+    if fmt.name == 'torchvision':
       config = given or cli.load_or_fail(parser, 'ddq_r50_4scale', overrides)
-      state_dict = state_dict_of(load_torch_checkpoint(args.checkpoint),
-                                 args.checkpoint)
+      state_dict = src.state_dict
       variables = torchvision_resnet_to_variables(state_dict)
       weights_io.save_converted(args.out, variables, config,
                                 extra={'source': args.checkpoint,
@@ -70,8 +73,12 @@ def main(argv=None) -> int:
       print(f'wrote backbone variables ({len(state_dict)} tensors read) '
             f'to {args.out}')
       return 0
+    if fmt.name != 'mmdet':
+      raise ValueError(f'{args.checkpoint}: {fmt.summary}; convert reads an '
+                       'mmdetection DDQ-DETR or a torchvision ResNet .pth')
     variables, config, report = convert_checkpoint(
-        args.checkpoint, given, check=not args.no_check)
+        args.checkpoint, given, check=not args.no_check,
+        checkpoint=src.checkpoint)
     if given is None:
       apply_overrides(config, overrides)
     weights_io.save_converted(

@@ -10,6 +10,7 @@ result is checked against the shapes our model expects for that config.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from ddq_jax.io.conversion.mmdet_config import (config_from_mmdet,
                                                 ConfigParseError)
 from ddq_jax.io.conversion.torch_pickle import CheckpointReadError, load_torch_checkpoint, state_dict_of
 from ddq_jax.model.variables import variable_shapes
+from ddq_jax.tree_paths import flat_items, path_str
 
 
 class ConversionError(ValueError):
@@ -56,27 +58,19 @@ class ConversionReport:
     return '\n'.join(lines)
 
 
-def _flatten(tree, prefix=()):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _flatten(v, prefix + (k,))
-  else:
-    yield prefix, tree
-
-
 def expected_shapes(config: ml_collections.ConfigDict) -> dict[tuple, tuple]:
   """{path: shape} of every variable the model builds for ``config``."""
   shapes = variable_shapes(config)
-  return {path: tuple(leaf.shape) for path, leaf in _flatten(shapes)}
+  return {path: tuple(leaf.shape) for path, leaf in flat_items(shapes)}
 
 
 def check_variables(variables: dict, want: dict[tuple, tuple],
                     torch_names: dict[tuple, str],
                     report: ConversionReport) -> None:
-  have = {path: tuple(np.shape(leaf)) for path, leaf in _flatten(variables)}
+  have = {path: tuple(np.shape(leaf)) for path, leaf in flat_items(variables)}
   def name(path):
-    return f"{torch_names.get(path, '?')} -> {'/'.join(path)}"
-  report.missing = sorted('/'.join(p) for p in want if p not in have)
+    return f"{torch_names.get(path, '?')} -> {path_str(path)}"
+  report.missing = sorted(path_str(p) for p in want if p not in have)
   report.unexpected = sorted(name(p) for p in have if p not in want)
   report.misshaped = sorted(
       f'{name(p)}: {have[p]} vs {want[p]}' for p in have
@@ -101,9 +95,12 @@ def convert_state_dict_checked(
 
 def convert_checkpoint(
     path: str, config: ml_collections.ConfigDict | None = None,
-    *, check: bool = True,
+    *, check: bool = True, checkpoint: Any = None,
 ) -> tuple[dict, ml_collections.ConfigDict, ConversionReport]:
   """Reads an mmdetection DDQ-DETR ``.pth`` and maps it onto our model.
+
+  ``checkpoint``: the file's object when already read
+  (``load_torch_checkpoint``), so it is not read twice.
 
   Raises:
     CheckpointReadError: unreadable / truncated / not a torch checkpoint.
@@ -112,7 +109,7 @@ def convert_checkpoint(
     ConversionError: tensors missing, unexpected or mis-shaped; the message
       lists them by name.
   """
-  obj = load_torch_checkpoint(path)
+  obj = load_torch_checkpoint(path) if checkpoint is None else checkpoint
   state_dict = state_dict_of(obj, path)
   if config is None:
     meta = obj.get('meta', {}) if isinstance(obj, dict) else {}

@@ -15,6 +15,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from ddq_jax.io.conversion import mapping
+from ddq_jax.tree_paths import path_str
 
 
 def _inverse_layout(rule: mapping.Rule):
@@ -71,7 +72,7 @@ def to_reference_names(variables: Mapping, names: Mapping[str, int], *,
     node = variables
     for key in path:
       if not isinstance(node, Mapping) or key not in node:
-        raise KeyError(f'{name!r}: our variables have no {"/".join(path)}')
+        raise KeyError(f'{name!r}: our variables have no {path_str(path)}')
       node = node[key]
     out[name] = _inverse_layout(rule)(node)
   return out

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from ddq_jax.io.conversion.naming import flax_module_path
+from ddq_jax.tree_paths import flat_items, nest, path_str, split
 
 
 def _same(x):
@@ -83,7 +84,7 @@ def match_rule(name: str, ndim: int) -> tuple[Optional[Rule], tuple[str, ...]]:
     if rule.collection is None:
       return rule, ()
     path = (rule.collection, *flax_module_path(found.group('m')),
-            *rule.leaf.split('/'))
+            *split(rule.leaf))
     return rule, path
   return None, ()
 
@@ -96,7 +97,7 @@ def convert_state_dict(
   Returns:
     (variables, ignored {torch name: reason}, unmapped torch names).
   """
-  variables: dict = {}
+  flat: dict = {}
   ignored: dict[str, str] = {}
   unmapped: list[str] = []
   for name, tensor in state_dict.items():
@@ -107,13 +108,10 @@ def convert_state_dict(
     if rule.collection is None:
       ignored[name] = rule.why
       continue
-    node = variables
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = rule.layout(np.asarray(tensor, np.float32)
-                                 if np.asarray(tensor).dtype != np.float32
-                                 else np.asarray(tensor))
-  return stack_layers(variables), ignored, unmapped
+    flat[path] = rule.layout(np.asarray(tensor, np.float32)
+                             if np.asarray(tensor).dtype != np.float32
+                             else np.asarray(tensor))
+  return stack_layers(nest(flat)), ignored, unmapped
 
 
 def torch_names_by_path(state_dict: dict[str, np.ndarray]) -> dict[tuple, str]:
@@ -229,24 +227,6 @@ def _stacked_path(path: tuple[str, ...], ends: dict):
   return path[:pos] + key + rest + path[pos + 1:], entry, index, group
 
 
-def _flat(tree, prefix=()):
-  if isinstance(tree, dict) or hasattr(tree, 'items'):
-    for k, v in tree.items():
-      yield from _flat(v, prefix + (k,))
-  else:
-    yield prefix, tree
-
-
-def _nest(flat: dict) -> dict:
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = leaf
-  return out
-
-
 def stack_layers(variables: dict) -> dict:
   """Per-layer variables (``encoder/layers_0``, ... as torch names them;
   checkpoints and converted weights written before layers were stacked)
@@ -261,7 +241,7 @@ def stack_layers(variables: dict) -> dict:
   Raises:
     ValueError: a group present both stacked and per layer.
   """
-  leaves = dict(_flat(variables))
+  leaves = dict(flat_items(variables))
   ends = _stack_ends(leaves)
   flat, groups = {}, {}
   for path, leaf in leaves.items():
@@ -272,13 +252,13 @@ def stack_layers(variables: dict) -> dict:
       groups.setdefault(stacked, (group, {}))[1][entry] = (path, leaf)
   for path, (group, layers) in groups.items():
     if path in flat:
-      raise ValueError(f'{"/".join(path)}: both stacked and per layer')
+      raise ValueError(f'{path_str(path)}: both stacked and per layer')
     if sorted(layers) != list(range(len(layers))):  # a tensor missing: left
       flat.update(layers.values())                 # for the fit check
       continue
     flat[path] = np.stack([np.asarray(layers[i][1])
                            for i in range(len(layers))])
-  return _with_collections(_nest(flat), variables)
+  return _with_collections(nest(flat), variables)
 
 
 def _with_collections(tree: dict, like: dict) -> dict:
@@ -314,11 +294,11 @@ def unstack_layers(variables: dict) -> dict:
   layout ``match_rule``'s paths address.  Leaves may be arrays or
   ``jax.ShapeDtypeStruct``."""
   flat = {}
-  for path, leaf in _flat(variables):
+  for path, leaf in flat_items(variables):
     group, pos, index, _ = _group_at(path)
     if group is None or index is not None:
       flat[path] = leaf
       continue
     for i in range(leaf.shape[0]):
       flat[_per_layer_path(path, group, i)] = _layer_of(leaf, i)
-  return _with_collections(_nest(flat), variables)
+  return _with_collections(nest(flat), variables)

@@ -26,6 +26,7 @@ import numpy as np
 
 from ddq_jax.io.conversion.mapping import match_rule, stack_layers, unstack_layers
 from ddq_jax.model.swin import SwinTransformer
+from ddq_jax.tree_paths import flat_items, nest, path_str
 
 _UNFOLD_ORDER = [0, 2, 1, 3]  # official (x00, x10, x01, x11) <-> unfold's
 
@@ -163,14 +164,6 @@ def mmdet_to_official(state_dict: dict[str, np.ndarray]
   return out
 
 
-def is_official_swin(state_dict: dict[str, np.ndarray]) -> bool:
-  """A state dict in the official Swin repository's layout?"""
-  names = [k[len('module.'):] if k.startswith('module.') else k
-           for k in state_dict]
-  return 'patch_embed.proj.weight' in names and any(
-      n.startswith('layers.0.blocks.0.attn.') for n in names)
-
-
 def expected_backbone_shapes(config) -> dict[tuple, tuple]:
   """{path below params/backbone: shape} of the Swin backbone of ``config``
   (abstract: jax.eval_shape, no compute), one entry per block as torch
@@ -181,10 +174,8 @@ def expected_backbone_shapes(config) -> dict[tuple, tuple]:
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32)))
   per_block = unstack_layers({'params': {'backbone': shapes['params']}})
-  flat = jax.tree_util.tree_flatten_with_path(
-      per_block['params']['backbone'])[0]
-  return {tuple(str(p.key) for p in path): tuple(leaf.shape)
-          for path, leaf in flat}
+  return {path: tuple(leaf.shape)
+          for path, leaf in flat_items(per_block['params']['backbone'])}
 
 
 def official_backbone_variables(state_dict: dict[str, np.ndarray], config
@@ -210,8 +201,7 @@ def official_backbone_variables(state_dict: dict[str, np.ndarray], config
   state_dict = {k[len('module.'):] if k.startswith('module.') else k: v
                 for k, v in state_dict.items()}
   want = expected_backbone_shapes(config)
-  params: dict = {}
-  unused, misshaped, loaded = [], [], set()
+  unused, misshaped, loaded = [], [], {}
   for name, tensor in official_to_mmdet(state_dict).items():
     rule, path = match_rule(name, np.ndim(tensor))
     sub = tuple(path[2:]) if (rule is not None and len(path) > 2
@@ -221,18 +211,14 @@ def official_backbone_variables(state_dict: dict[str, np.ndarray], config
       continue
     value = rule.layout(np.asarray(tensor, np.float32))
     if tuple(value.shape) != want[sub]:
-      misshaped.append(f"{name} -> {'/'.join(sub)}: {tuple(value.shape)} vs "
+      misshaped.append(f'{name} -> {path_str(sub)}: {tuple(value.shape)} vs '
                        f'{want[sub]}')
       continue
-    node = params
-    for key in sub[:-1]:
-      node = node.setdefault(key, {})
-    node[sub[-1]] = value
-    loaded.add(sub)
+    loaded[sub] = value
   if misshaped:
     raise ValueError('the Swin checkpoint does not fit the backbone of '
                      f'config {config.name!r}:\n  ' + '\n  '.join(misshaped))
-  missing = sorted('/'.join(p) for p in want if p not in loaded)
-  return (stack_layers({'params': {'backbone': params}}),
+  missing = sorted(path_str(p) for p in want if p not in loaded)
+  return (stack_layers({'params': {'backbone': nest(loaded)}}),
           {'loaded': len(loaded), 'unused': sorted(unused),
            'not_in_checkpoint': missing})

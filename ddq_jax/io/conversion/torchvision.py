@@ -14,6 +14,7 @@ import numpy as np
 
 from ddq_jax.io.conversion.mapping import convert_state_dict, unstack_layers
 from ddq_jax.model.resnet import ResNet
+from ddq_jax.tree_paths import flat_items, path_str
 
 _PREFIX = 'backbone.'
 _IGNORED_PREFIXES = ('fc.',)          # ImageNet classifier
@@ -34,17 +35,7 @@ def expected_backbone_shapes(*, depth: int = 50, base_channels: int = 64
   shapes = unstack_layers({col: {'backbone': tree}
                            for col, tree in shapes.items()})
   shapes = {col: tree['backbone'] for col, tree in shapes.items()}
-  return {key: tuple(s.shape) for key, s in _flatten_structs(shapes).items()}
-
-
-def _flatten_structs(tree, prefix: tuple = ()) -> dict[tuple, object]:
-  out = {}
-  for k, v in tree.items():
-    if hasattr(v, 'items'):
-      out.update(_flatten_structs(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
+  return {key: tuple(s.shape) for key, s in flat_items(shapes)}
 
 
 def torchvision_resnet_to_variables(state_dict: dict[str, np.ndarray], *,
@@ -76,7 +67,7 @@ def torchvision_resnet_to_variables(state_dict: dict[str, np.ndarray], *,
   got = {}
   for col in ('params', 'batch_stats'):
     sub = per_block.get(col, {}).get('backbone', {})
-    for key, arr in _flatten_structs(sub).items():
+    for key, arr in flat_items(sub):
       got[(col,) + key] = arr
   expected = expected_backbone_shapes(depth=depth, base_channels=base_channels)
   missing = sorted(k for k in expected if k not in got)
@@ -90,13 +81,13 @@ def torchvision_resnet_to_variables(state_dict: dict[str, np.ndarray], *,
              'weights do not fit the backbone:']
     if missing:
       lines.append(f'  missing ({len(missing)}): ' + ', '.join(
-          '/'.join(k) + str(expected[k]) for k in missing[:20]))
+          path_str(k) + str(expected[k]) for k in missing[:20]))
     if unexpected:
       lines.append(f'  unexpected ({len(unexpected)}): ' + ', '.join(
-          '/'.join(k) for k in unexpected[:20]))
+          path_str(k) for k in unexpected[:20]))
     if wrong:
       lines.append(f'  wrong shape ({len(wrong)}): ' + ', '.join(
-          f"{'/'.join(k)} got {tuple(got[k].shape)} expected {expected[k]}"
+          f'{path_str(k)} got {tuple(got[k].shape)} expected {expected[k]}'
           for k in wrong[:20]))
     if unmapped or unexpected_top:
       lines.append('  unrecognised tensors: ' + ', '.join(

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from typing import Any
 
 from flax import serialization
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ import numpy as np
 from ddq_jax.config import complete_config
 from ddq_jax.io.conversion.mapping import stack_layers
 from ddq_jax.io.outputs import pid_alive
+from ddq_jax.tree_paths import flat_items, path_str
 
 VARIABLES_FILE = 'variables.msgpack'
 CONFIG_FILE = 'config.json'
@@ -171,19 +173,9 @@ def save_converted(out_dir: str, variables: dict,
 
 def flatten(variables: dict) -> dict[str, Any]:
   """{'params/a/b': leaf, ...} of the ``COLLECTIONS`` of a variables tree."""
-  out = {}
-
-  def walk(node, prefix):
-    if isinstance(node, dict) or hasattr(node, 'items'):
-      for k, v in node.items():
-        walk(v, f'{prefix}/{k}')
-    else:
-      out[prefix] = node
-
-  for coll in COLLECTIONS:
-    if coll in variables:
-      walk(variables[coll], coll)
-  return out
+  return {path_str((coll,) + path): leaf for coll in COLLECTIONS
+          if coll in variables
+          for path, leaf in flat_items(variables[coll])}
 
 
 def is_floating(x) -> bool:

@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from ddq_jax.train.parallel.mesh import DATA, MODEL
+from ddq_jax.tree_paths import map_with_paths
 
 MIN_SHARD_SIZE = 2 ** 14
 DEFAULT_RULES = (('.*', 'largest_axis'),)
@@ -103,11 +104,6 @@ def shards_parameters_over_data(config) -> bool:
   return any(strategy == 'fsdp' for _, strategy in rules)
 
 
-def _path(path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(
-      k, 'idx', k)))) for k in path)
-
-
 def tree_shardings(tree: Any, mesh: Mesh, *, min_size: int = MIN_SHARD_SIZE,
                    rules: Sequence[tuple[str, str]] = DEFAULT_RULES) -> Any:
   """NamedShardings for every leaf of ``tree`` (arrays or ShapeDtypeStructs)
@@ -116,8 +112,7 @@ def tree_shardings(tree: Any, mesh: Mesh, *, min_size: int = MIN_SHARD_SIZE,
   data_size = int(mesh.shape[DATA]) if DATA in mesh.axis_names else 1
   compiled = [(re.compile(r), s) for r, s in rules]
 
-  def spec(path, x):
-    name = _path(path)
+  def spec(name, x):
     strategy = next((s for r, s in compiled if r.search(name)), 'replicate')
     if strategy == 'replicate':
       return NamedSharding(mesh, P())
@@ -126,7 +121,7 @@ def tree_shardings(tree: Any, mesh: Mesh, *, min_size: int = MIN_SHARD_SIZE,
                                            model_size, min_size=min_size))
     return NamedSharding(mesh, leaf_spec(np.shape(x), model_size,
                                          min_size=min_size))
-  return jax.tree_util.tree_map_with_path(spec, tree)
+  return map_with_paths(spec, tree)
 
 
 def place_tree(tree: Any, mesh: Mesh, config=None) -> Any:
