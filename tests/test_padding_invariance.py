@@ -140,7 +140,8 @@ def swin_invariant_apply():
   fn = jax.jit(lambda v, *a: model.apply(v, a[0], a[1], img_shapes=a[2],
                                          scale_factors=a[3],
                                          mutable=[INTERMEDIATES])[1])
-  return lambda *a: dict(jax.device_get(fn(variables, *a))[INTERMEDIATES])
+  return lambda *a: fixture_tensors(
+      jax.device_get(fn(variables, *a))[INTERMEDIATES])
 
 
 @pytest.mark.parametrize('order', [('a', 'b'), ('b', 'a')])

@@ -84,6 +84,33 @@ def _match_scipy(cost, row_valid, col_valid):
 # ----------------------------------------------------------------------------
 
 
+def _augment(*, path, sink, cur, col4row, row4col):
+  """scipy's augmentation along ``path`` from ``sink`` back to row ``cur``:
+  (col4row (R,), row4col (C,)).  Guarded: with NaN / inf costs a path
+  pointer may be unset; the result is then garbage, as scipy would raise,
+  but never a hang."""
+  num_r = col4row.shape[0]
+
+  def aug_body(a):
+    j, _, n, col4row, row4col = a
+    i = path[j]
+    ok = i >= 0
+    i0 = jnp.maximum(i, 0)
+    row4col = row4col.at[j].set(jnp.where(ok, i, row4col[j]))
+    j_next = jnp.where(ok, col4row[i0], -1)
+    col4row = col4row.at[i0].set(jnp.where(ok, j, col4row[i0]))
+    return (j_next, i, n + 1, col4row, row4col)
+
+  def aug_cond(a):
+    return (a[1] != cur) & (a[0] >= 0) & (a[2] <= num_r)
+
+  _, _, _, col4row, row4col = jax.lax.while_loop(
+      aug_cond, aug_body,
+      (sink, jnp.array(-1, jnp.int32), jnp.array(0, jnp.int32), col4row,
+       row4col))
+  return col4row, row4col
+
+
 def _lsap_core(cost: jnp.ndarray, nr: jnp.ndarray,
                nc: jnp.ndarray) -> jnp.ndarray:
   """scipy's ``solve`` on ``cost[:nr, :nc]`` (needs nr <= nc), static (R, C).
@@ -152,25 +179,8 @@ def _lsap_core(cost: jnp.ndarray, nr: jnp.ndarray,
     u = jnp.where(others, u + (min_val - spc[jnp.maximum(col4row, 0)]), u)
     v = jnp.where(sc, v - (min_val - spc), v)
 
-    # augment (guarded: with NaN / inf costs a path pointer may be unset;
-    # the result is then garbage, as scipy would raise, but never a hang)
-    def aug_body(a):
-      j, _, n, col4row, row4col = a
-      i = path[j]
-      ok = i >= 0
-      i0 = jnp.maximum(i, 0)
-      row4col = row4col.at[j].set(jnp.where(ok, i, row4col[j]))
-      j_next = jnp.where(ok, col4row[i0], -1)
-      col4row = col4row.at[i0].set(jnp.where(ok, j, col4row[i0]))
-      return (j_next, i, n + 1, col4row, row4col)
-
-    def aug_cond(a):
-      return (a[1] != cur) & (a[0] >= 0) & (a[2] <= num_r)
-
-    _, _, _, col4row, row4col = jax.lax.while_loop(
-        aug_cond, aug_body,
-        (sink, jnp.array(-1, jnp.int32), jnp.array(0, jnp.int32), col4row,
-         row4col))
+    col4row, row4col = _augment(path=path, sink=sink, cur=cur,
+                                col4row=col4row, row4col=row4col)
     return (cur + 1, u, v, col4row, row4col, path)
 
   state0 = (jnp.array(0, jnp.int32), jnp.zeros((num_r,), dtype),

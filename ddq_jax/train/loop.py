@@ -419,6 +419,31 @@ def _close_run(ckpt, state, *, step: int, config, failed, data,
         pass
 
 
+def _compiled_steps(config, comps: Components, data, *, state, tx, mesh,
+                    shardings, planned_components: bool):
+  """(config, the step as ``CompiledSteps``, the batch the memory plan drew
+  from ``data`` or None).  Under ``train.memory=auto`` the plan picks the
+  step's layout from the first batch and its step is kept compiled."""
+  loss_fn, first_host, planned = comps.loss_fn, None, None
+  if memory_plan.memory_mode(config) == 'auto':
+    if not planned_components:
+      log.warning('train.memory=auto plans the real model only: these '
+                  'components run as configured')
+    else:
+      first_host = {k: v for k, v in next(data).items() if k in TRAIN_KEYS}
+      config, loss_fn, planned, _ = memory_plan.plan_train_step(
+          config, host_batch=first_host, state=state, tx=tx, mesh=mesh,
+          shardings=shardings)
+  step_fn = step_lib.CompiledSteps(step_lib.jit_train_step(
+      step_lib.make_train_step(loss_fn, tx,
+                               compute_dtype=config.train.compute_dtype),
+      mesh, shardings))
+  if planned is not None:
+    step_fn.add(memory_plan.largest_canvas_batch(first_host, config, mesh),
+                planned)
+  return config, step_fn, first_host
+
+
 def _train(config, workdir: str, *, components, devices) -> dict:
   mesh = mesh_lib.make_mesh(config, devices)
   ckpt = _open_checkpoints(config, workdir)
@@ -438,23 +463,9 @@ def _train(config, workdir: str, *, components, devices) -> dict:
     else:
       data = comps.make_iterator(start, pidx, pcount)
 
-  loss_fn, first_host, planned = comps.loss_fn, None, None
-  if memory_plan.memory_mode(config) == 'auto':
-    if components is not None:
-      log.warning('train.memory=auto plans the real model only: these '
-                  'components run as configured')
-    else:
-      first_host = {k: v for k, v in next(data).items() if k in TRAIN_KEYS}
-      config, loss_fn, planned, _ = memory_plan.plan_train_step(
-          config, host_batch=first_host, state=state, tx=tx, mesh=mesh,
-          shardings=shardings)
-  step_fn = step_lib.CompiledSteps(step_lib.jit_train_step(
-      step_lib.make_train_step(loss_fn, tx,
-                               compute_dtype=config.train.compute_dtype),
-      mesh, shardings))
-  if planned is not None:
-    step_fn.add(memory_plan.largest_canvas_batch(first_host, config, mesh),
-                planned)
+  config, step_fn, first_host = _compiled_steps(
+      config, comps, data, state=state, tx=tx, mesh=mesh, shardings=shardings,
+      planned_components=components is None)
   log_every = max(int(config.train.log_every), 1)
   eval_every = int(config.train.eval_every)
   eval_every = spe if eval_every == -1 else eval_every
