@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import ml_collections
 
+from ddq_jax import host_memory
 from ddq_jax.config import ConfigError, apply_overrides, config_names, load_config
 
 _OVERRIDE = re.compile(r'^--config\.([A-Za-z_][\w.]*)(?:=(.*))?$', re.S)
@@ -72,7 +73,12 @@ def fail(parser: argparse.ArgumentParser, message: str) -> None:
 def parse_args(parser: argparse.ArgumentParser,
                argv: Optional[Sequence[str]] = None
                ) -> tuple[argparse.Namespace, dict[str, str]]:
-  """``parser.parse_args`` plus the ``--config.KEY=VALUE`` overrides."""
+  """``parser.parse_args`` plus the ``--config.KEY=VALUE`` overrides.
+
+  Every command starts here, so this is also where a command's process
+  keeps the host memory it frees for its next step
+  (``host_memory.keep_freed_memory``)."""
+  host_memory.keep_freed_memory()
   argv = sys.argv[1:] if argv is None else argv
   try:
     rest, overrides = split_overrides(argv)

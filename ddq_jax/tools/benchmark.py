@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
                  'compilation')
   p.add_argument('--no-profile', action='store_true', help='skip the '
                  'profiled step (no hot spots)')
+  p.add_argument('--profile-steps', type=int, default=1, help='steps under '
+                 'the profiler; the hot spots are their mean per step (more '
+                 'steps: less noise from a shared machine)')
   p.add_argument('--top', type=int, default=8, help='hot ops to list')
   p.add_argument('--weights', help='converted weights dir or .pth instead '
                  'of random weights')
@@ -346,6 +349,7 @@ def run(args) -> dict:
     res['device_peak_memory_gb'] = round(mem['peak_bytes_in_use'] / 2**30, 3)
   if not args.no_profile:
     res.update(hot_spots(once, compiled.as_text(), top=args.top,
+                         steps=args.profile_steps,
                          trace_dir=args.trace_dir))
   return res
 
@@ -356,6 +360,7 @@ def bad_argument(args) -> str | None:
                              ('--steps', args.steps, 1),
                              ('--warmup', args.warmup, 0),
                              ('--top', args.top, 1),
+                             ('--profile-steps', args.profile_steps, 1),
                              ('--devices', args.devices, 1)):
     if value is not None and value < least:
       return f'{flag} must be >= {least}, got {value}'
