@@ -67,6 +67,9 @@ def main(argv=None):
   torch.set_num_threads(a.threads)
   register_all_modules()
   cfg = Config.fromfile(a.config)
+  # Random weights, as ours: no pretrained backbone to fetch (the published
+  # configs name torchvision's or a URL's).
+  cfg.model.backbone.init_cfg = None
   t0 = time.perf_counter()
   model = MODELS.build(cfg.model)
   model.init_weights()
