@@ -27,7 +27,7 @@ batch-1 unpadded result (see docs/PADDING.md).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -57,34 +57,64 @@ def _keep_last(_, value):
 
 
 class DDQDETR(nn.Module):
-  """The whole detector.  ``config``: an ml_collections config (tiny.py,
-  ddq_r50_4scale.py); every size comes from it."""
-  config: Any
+  """The whole detector, from explicit fields: the stage modules (unbound;
+  each takes the attribute's name, the torch one) and the sizes the root
+  itself uses.  ``DDQDETR.from_config(config)`` (``build_model``) reads a
+  config (tiny.py, ddq_r50_4scale.py) once; every size comes from it."""
+  backbone: nn.Module
+  neck: ChannelMapper
+  encoder: DeformableEncoder
+  decoder: DDQDecoder
+  bbox_head: DDQHead
+  dn_query_generator: CdnQueryGenerator
+  embed_dims: int
+  num_levels: int
+  num_queries: int
+  num_decoder_layers: int
+  dense_topk_ratio: float
+  nms_iou_threshold: float
+  nms_pre_topk: int
+  pos_temperature: float
+  pos_offset: float
+  max_per_img: int
+  padding_invariant: bool = False
+
+  @classmethod
+  def from_config(cls, c) -> 'DDQDETR':
+    """The detector of a config (``ddq_jax.config.load_config(...)``)."""
+    return cls(
+        backbone=build_backbone(c),
+        neck=ChannelMapper.from_config(c),
+        encoder=DeformableEncoder.from_config(c),
+        decoder=DDQDecoder.from_config(c),
+        bbox_head=DDQHead.from_config(c),
+        dn_query_generator=CdnQueryGenerator(
+            num_classes=int(c.num_classes), embed_dims=int(c.embed_dims),
+            num_dn_queries=int(c.dn.num_dn_queries),
+            label_noise_scale=float(c.dn.label_noise_scale),
+            box_noise_scale=float(c.dn.box_noise_scale)),
+        embed_dims=int(c.embed_dims), num_levels=int(c.num_levels),
+        num_queries=int(c.num_queries),
+        num_decoder_layers=int(c.num_decoder_layers),
+        dense_topk_ratio=c.dense_topk_ratio,
+        nms_iou_threshold=c.nms_iou_threshold,
+        nms_pre_topk=c.nms_pre_topk, pos_temperature=c.pos_temperature,
+        pos_offset=c.pos_offset, max_per_img=int(c.max_per_img),
+        padding_invariant=bool(c.padding_invariant))
 
   def setup(self):
-    c = self.config
-    self.backbone = build_backbone(c)
-    self.neck = ChannelMapper.from_config(c)
-    self.encoder = DeformableEncoder.from_config(c)
-    self.decoder = DDQDecoder.from_config(c)
-    self.bbox_head = DDQHead.from_config(c)
     # Init as DDQDETR.init_weights: memory_trans_fc weight xavier_uniform
     # (bias torch default); query_map is never re-initialised (torch
     # default Linear); level_embed normal_; the rest in the submodules.
     self.memory_trans_fc = nn.Dense(
-        c.embed_dims, kernel_init=inits.xavier_uniform,
-        bias_init=inits.torch_linear_bias(c.embed_dims))
+        self.embed_dims, kernel_init=inits.xavier_uniform,
+        bias_init=inits.torch_linear_bias(self.embed_dims))
     self.memory_trans_norm = nn.LayerNorm(epsilon=LN_EPS)
     self.query_map = nn.Dense(
-        c.embed_dims, kernel_init=inits.torch_linear_kernel,
-        bias_init=inits.torch_linear_bias(c.embed_dims))
-    self.dn_query_generator = CdnQueryGenerator(
-        num_classes=c.num_classes, embed_dims=c.embed_dims,
-        num_dn_queries=c.dn.num_dn_queries,
-        label_noise_scale=c.dn.label_noise_scale,
-        box_noise_scale=c.dn.box_noise_scale)
+        self.embed_dims, kernel_init=inits.torch_linear_kernel,
+        bias_init=inits.torch_linear_bias(self.embed_dims))
     self.level_embed = self.param('level_embed', inits.normal_std1,
-                                  (c.num_levels, c.embed_dims))
+                                  (self.num_levels, self.embed_dims))
 
   def expose(self, stage: str, value) -> None:
     """Sows a stage's typed output under the stage's name (a no-op unless
@@ -95,15 +125,15 @@ class DDQDETR(nn.Module):
   @property
   def num_dense_queries(self) -> int:
     return query_selection.num_dense_queries(
-        num_queries=self.config.num_queries,
-        dense_topk_ratio=self.config.dense_topk_ratio)
+        num_queries=self.num_queries,
+        dense_topk_ratio=self.dense_topk_ratio)
 
   # ---- stages ------------------------------------------------------------
   def level_strides(self) -> tuple[int, ...]:
     """Stride of every transformer level: the backbone outputs', then x2
     per extra neck level."""
     strides = list(self.backbone.out_strides)
-    while len(strides) < self.config.num_levels:
+    while len(strides) < self.num_levels:
       strides.append(strides[-1] * 2)
     return tuple(strides)
 
@@ -126,8 +156,8 @@ class DDQDETR(nn.Module):
       neck = self.neck(feats)
     ms = prepare_multiscale_inputs(
         neck, pad_mask=pad_mask, level_embed=self.level_embed,
-        temperature=self.config.pos_temperature,
-        offset=self.config.pos_offset, masks=masks)
+        temperature=self.pos_temperature,
+        offset=self.pos_offset, masks=masks)
     memory = self.encoder(
         ms.feat_flatten, query_pos=ms.lvl_pos_embed_flatten,
         key_padding_mask=ms.mask_flatten, spatial_shapes=ms.spatial_shapes,
@@ -174,7 +204,7 @@ class DDQDETR(nn.Module):
                        dense: bool = False):
     """Encoder-level branch outputs: (class logits, coords unact) from
     branch L (distinct) or L + 1 (dense)."""
-    i = self.config.num_decoder_layers + (1 if dense else 0)
+    i = self.num_decoder_layers + (1 if dense else 0)
     return (self.bbox_head.cls(i, output_memory),
             self.bbox_head.reg(i, output_memory) + output_proposals)
 
@@ -185,13 +215,12 @@ class DDQDETR(nn.Module):
     (zero-padded); content = query_map(memory) at those positions.
     ``valid`` (B, N) bool: positions allowed in (default all, as the
     reference's batched padding)."""
-    c = self.config
     enc_class, enc_coord_unact = self.encoder_branches(
         props.output_memory, props.output_proposals)
     sel = query_selection.pre_decoder(
         enc_class, enc_coord_unact, enc.memory, query_map=self.query_map,
-        num_queries=c.num_queries, iou_threshold=c.nms_iou_threshold,
-        pre_topk=c.nms_pre_topk, valid=valid)
+        num_queries=self.num_queries, iou_threshold=self.nms_iou_threshold,
+        pre_topk=self.nms_pre_topk, valid=valid)
     self.expose('selection', sel)
     return sel
 
@@ -203,7 +232,6 @@ class DDQDETR(nn.Module):
     self-attention mask [dn (D static slots) | distinct | dense].
 
     Returns (QuerySelection, DenoisingQueries, QueryLayout)."""
-    c = self.config
     num_dense = min(self.num_dense_queries, enc.memory.shape[1])
     enc_class, enc_unact = self.encoder_branches(props.output_memory,
                                                  props.output_proposals)
@@ -212,22 +240,22 @@ class DDQDETR(nn.Module):
     inject = dn_inject or {}
     dn = self.dn_query_generator(
         gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
-        img_shapes=img_shapes, num_matching_queries=c.num_queries,
+        img_shapes=img_shapes, num_matching_queries=self.num_queries,
         num_dense_queries=num_dense, rng=dn_rng,
         injected_label_ids=inject.get('label_ids'),
         injected_reference_points=inject.get('reference_points'))
     sel = query_selection.pre_decoder(
         enc_class, enc_unact, enc.memory, query_map=self.query_map,
-        num_queries=c.num_queries, iou_threshold=c.nms_iou_threshold,
-        pre_topk=c.nms_pre_topk, dense_enc_outputs_class=dense_class,
+        num_queries=self.num_queries, iou_threshold=self.nms_iou_threshold,
+        pre_topk=self.nms_pre_topk, dense_enc_outputs_class=dense_class,
         dense_enc_outputs_coord_unact=dense_unact,
-        dense_topk_ratio=c.dense_topk_ratio,
+        dense_topk_ratio=self.dense_topk_ratio,
         dn_label_query=dn.label_query, dn_bbox_query=dn.bbox_query,
         valid=valid)
     self.expose('selection', sel)
     self.expose('denoising', dn)
     layout = O.QueryLayout(num_dn=dn.num_slots,
-                           num_distinct=int(c.num_queries),
+                           num_distinct=int(self.num_queries),
                            num_dense=num_dense)
     return sel, dn, layout
 
@@ -257,9 +285,9 @@ class DDQDETR(nn.Module):
       dn_inject: optional injected denoising queries (the reference's slot
         layout): {'label_ids' (B, D), 'reference_points' (B, D, 4)};
         otherwise noise is drawn from ``dn_rng``.
-      semantics: override config.distinct_mask_semantics ('row0' /
+      semantics: override the decoder's distinct_mask_semantics ('row0' /
         'kept_set').
-      padding_invariant: override; default ``config.padding_invariant``
+      padding_invariant: override; default the ``padding_invariant`` field
         for inference and the reference's batched padding for training.
 
     Returns:
@@ -269,7 +297,7 @@ class DDQDETR(nn.Module):
     """
     invariant = padding_invariant
     if invariant is None:
-      invariant = not train and bool(self.config.padding_invariant)
+      invariant = not train and bool(self.padding_invariant)
     enc = self.forward_encoder(images, pad_mask, invariant=invariant)
     props = self.encoder_outputs(enc)
     valid = ~enc.inputs.mask_flatten if invariant else None
@@ -292,7 +320,7 @@ class DDQDETR(nn.Module):
     """The distinct queries through the decoder; detections when
     ``img_shapes`` is given."""
     sel = self.select_distinct(enc, props, valid=valid)
-    layout = O.QueryLayout(num_distinct=int(self.config.num_queries))
+    layout = O.QueryLayout(num_distinct=int(self.num_queries))
     cls, box, masks = self.run_decoder(sel, enc, layout=layout,
                                        semantics=semantics,
                                        invariant=invariant)
@@ -300,7 +328,8 @@ class DDQDETR(nn.Module):
                             layout=layout, encoder_nms_cut=sel.distinct.cut)
     if img_shapes is not None:  # scale_factors None: no rescale
       out = out.replace(detections=postprocess(
-          self.config, out, img_shapes, scale_factors))
+          out, img_shapes=img_shapes, scale_factors=scale_factors,
+          max_per_img=self.max_per_img))
     return out
 
   def _training_forward(self, enc, props, *, valid, img_shapes, gt_boxes,
@@ -328,19 +357,21 @@ class DDQDETR(nn.Module):
                              encoder_nms_cut=sel.distinct.cut)
 
 
-def postprocess(config, out: O.DetectorOutputs, img_shapes,
-                scale_factors) -> O.Detections:
+def postprocess(out: O.DetectorOutputs, *, img_shapes, scale_factors,
+                max_per_img: int) -> O.Detections:
   """Detections from the last decoder layer (``models/postprocess.py``),
-  over the distinct queries of the head's last distinct mask."""
+  over the distinct queries of the head's last distinct mask: (B,
+  max_per_img) per image.  img_shapes (B, 2) int (h, w); scale_factors
+  (B, 2) (w, h) or None."""
   masks = out.distinct_masks
   sl = out.layout.distinct
   return predict_by_feat(
       out.cls_logits[-1][:, sl], out.boxes[-1][:, sl],
       query_mask=masks[-1] if masks.shape[0] else None,
       img_shapes=img_shapes, scale_factors=scale_factors,
-      max_per_img=config.max_per_img)
+      max_per_img=max_per_img)
 
 
 def build_model(config) -> DDQDETR:
   """The detector for a config (``ddq_jax.config.load_config(...)``)."""
-  return DDQDETR(config)
+  return DDQDETR.from_config(config)

@@ -87,8 +87,9 @@ def make_detect_fn(config, *, dtype: str = 'float32',
     out = model.apply(variables, x, pad_mask, semantics=semantics)
     out = out.replace(cls_logits=out.cls_logits.astype(jnp.float32),
                       boxes=out.boxes.astype(jnp.float32))
-    return postprocess(config, out, image_sizes.astype(jnp.int32),
-                       scale_factors.astype(jnp.float32))
+    return postprocess(out, img_shapes=image_sizes.astype(jnp.int32),
+                       scale_factors=scale_factors.astype(jnp.float32),
+                       max_per_img=int(config.max_per_img))
 
   return detect
 
