@@ -7,6 +7,9 @@ Formulations that only pay off on one backend are chosen from
   (``ops/nms.py``, ``method='auto'``);
 * the scipy Hungarian solver behind a host callback for a one-device CPU
   step, the jax one elsewhere (``losses/hungarian.resolve_solver``);
+* the decoder self-attention in query blocks with a recomputing backward
+  on XLA:CPU (``attention_query_block``);
+* LayerNorm's closed-form gradient on XLA:CPU (``layer_norm_own_vjp``);
 * the decoder self-attention's projections one matmul per image on GPU
   (``per_image_attention_projections`` below);
 * the deformable attention's queries sampled in blocks on TPU
@@ -75,6 +78,33 @@ def per_image_attention_projections() -> bool:
   plain matmul, bit for bit what CPU parity and the trajectory check were
   measured with."""
   return platform() == 'gpu'
+
+
+# The decoder self-attention's query block on XLA:CPU (see below).
+CPU_ATTENTION_QUERY_BLOCK = 128
+
+
+def attention_query_block(num_queries: int) -> int:
+  """Queries per block of the decoder self-attention (``ops/attention.py``):
+  on XLA:CPU blocks of about 128 when there are more queries than that,
+  else 0 (all at once, stored probabilities).  On the 2-core CPU host the
+  R50 step's self-attention (8 heads, 2,450 queries, 32 channels per head)
+  took 0.85-1.03 s per layer forward and backward at once and 0.40-0.46 s
+  in blocks of 128 (forward alone 0.25 -> 0.12 s): each block's
+  (B, 8, 128, 2,450) logits stay in cache.  A single block (the tiny
+  configs' 115 queries) gains nothing, and GPU and TPU keep the plain
+  formulation until measured there."""
+  if platform() == 'cpu' and num_queries > CPU_ATTENTION_QUERY_BLOCK:
+    return CPU_ATTENTION_QUERY_BLOCK
+  return 0
+
+
+def layer_norm_own_vjp() -> bool:
+  """LayerNorm's closed-form gradient (``model/layer_norm.py``) on
+  XLA:CPU, where JAX's derivative of flax's forward took about 4-5x as
+  long (100 vs 20-25 ms per encoder norm of the R50 step); the derived
+  gradient elsewhere."""
+  return platform() == 'cpu'
 
 
 # The deformable attention's query blocks on TPU (see below).

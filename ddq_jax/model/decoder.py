@@ -34,6 +34,8 @@ from ddq_jax.model import remat as remat_lib
 from ddq_jax.model.deform_attn import DeformableSizes, MultiScaleDeformableAttention
 from ddq_jax.model.encoder import FFN
 from ddq_jax.model.head import LayerBranches
+from ddq_jax.model.layer_norm import LayerNorm
+from ddq_jax.ops.attention import attention
 from ddq_jax.ops.boxes import cxcywh_to_xyxy, inverse_sigmoid
 from ddq_jax.ops.nms import nms_keep
 
@@ -108,14 +110,12 @@ class MultiheadAttention(nn.Module):
     q = q.reshape(b, nq, nh, hd) * (1.0 / math.sqrt(hd))
     k = k.reshape(b, nk, nh, hd)
     v = v.reshape(b, nk, nh, hd)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
-    if attn_mask is not None:
-      mask = attn_mask[:, None] if attn_mask.ndim == 3 else attn_mask
-      # finfo.min instead of -inf: a fully blocked row (unused padded slots)
-      # stays finite; rows with an open entry are unchanged.
-      logits = jnp.where(mask, jnp.finfo(logits.dtype).min, logits)
-    weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, nq, c)
+    # Blocked entries get finfo.min instead of -inf: a fully blocked row
+    # (unused padded slots) stays finite; rows with an open entry are
+    # unchanged.
+    out = attention(q, k, v, mask=attn_mask,
+                    query_block=backend.attention_query_block(nq))
+    out = out.reshape(b, nq, c)
     # torch: out_proj bias 0 (MHA._reset_parameters), weight xavier (the
     # detector's pass over the decoder's >1-dim parameters).
     if backend.per_image_attention_projections():
@@ -168,16 +168,16 @@ class DecoderLayer(DeformableSizes, kw_only=True):
     spatial_shapes = self.spatial_shapes
     query = SelfAttention(c, self.num_heads, name='self_attn')(
         query, query_pos=query_pos, attn_mask=self_attn_mask)
-    query = nn.LayerNorm(epsilon=LN_EPS, name='norms_0')(query)
+    query = LayerNorm(epsilon=LN_EPS, name='norms_0')(query)
     query = MultiScaleDeformableAttention(
         **self.deformable_sizes(), name='cross_attn')(
             query, value=value, reference_points=reference_points,
             spatial_shapes=spatial_shapes, key_padding_mask=key_padding_mask,
             query_pos=query_pos)
-    query = nn.LayerNorm(epsilon=LN_EPS, name='norms_1')(query)
+    query = LayerNorm(epsilon=LN_EPS, name='norms_1')(query)
     query = FFN(embed_dims=c, feedforward_channels=self.ffn_dims,
                 name='ffn')(query)
-    return nn.LayerNorm(epsilon=LN_EPS, name='norms_2')(query)
+    return LayerNorm(epsilon=LN_EPS, name='norms_2')(query)
 
 
 class MLP(nn.Module):
@@ -407,7 +407,7 @@ class DDQDecoder(DeformableSizes, kw_only=True):
     head_params = remat_lib.module_params(
         self, 'ref_point_head', ref_point_head,
         jnp.zeros((b, q, 2 * c), query.dtype))
-    norm = nn.LayerNorm(epsilon=LN_EPS, name='norm')
+    norm = LayerNorm(epsilon=LN_EPS, name='norm')
     if remat_lib.num_stacked(branches.cls) != n_layers:
       raise ValueError(f'{n_layers} decoder layers but '
                        f'{remat_lib.num_stacked(branches.cls)} head branches')

@@ -38,6 +38,7 @@ from ddq_jax.model.decoder import LN_EPS, DDQDecoder
 from ddq_jax.model.denoising import CdnQueryGenerator
 from ddq_jax.model.encoder import DeformableEncoder
 from ddq_jax.model.head import DDQHead
+from ddq_jax.model.layer_norm import LayerNorm
 from ddq_jax.model import initializers as inits
 from ddq_jax.model.extents import extent_valid, image_extents
 from ddq_jax.model.multiscale import level_masks_from_extents, prepare_multiscale_inputs
@@ -109,7 +110,7 @@ class DDQDETR(nn.Module):
     self.memory_trans_fc = nn.Dense(
         self.embed_dims, kernel_init=inits.xavier_uniform,
         bias_init=inits.torch_linear_bias(self.embed_dims))
-    self.memory_trans_norm = nn.LayerNorm(epsilon=LN_EPS)
+    self.memory_trans_norm = LayerNorm(epsilon=LN_EPS)
     self.query_map = nn.Dense(
         self.embed_dims, kernel_init=inits.torch_linear_kernel,
         bias_init=inits.torch_linear_bias(self.embed_dims))

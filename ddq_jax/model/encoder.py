@@ -19,6 +19,7 @@ import numpy as np
 
 from ddq_jax.model import initializers as inits
 from ddq_jax.model import remat as remat_lib
+from ddq_jax.model.layer_norm import LayerNorm
 from ddq_jax.ops.xla_cpu import exact_divide
 from ddq_jax.precision import Precision
 from ddq_jax.model.deform_attn import DeformableSizes, MultiScaleDeformableAttention
@@ -103,12 +104,12 @@ class DeformableEncoderLayer(DeformableSizes, kw_only=True):
             query, value=query, reference_points=reference_points,
             spatial_shapes=self.spatial_shapes,
             key_padding_mask=key_padding_mask, query_pos=query_pos)
-    query = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
+    query = LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                          name='norms_0')(query)
     query = FFN(embed_dims=self.embed_dims,
                 feedforward_channels=self.ffn_dims, dtype=self.dtype,
                 name='ffn')(query)
-    return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
+    return LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                         name='norms_1')(query)
 
 

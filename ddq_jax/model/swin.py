@@ -76,6 +76,7 @@ import numpy as np
 from ddq_jax.model import param_groups
 from ddq_jax.model import remat as remat_lib
 from ddq_jax.model.drop_path import drop_path, drop_path_rates
+from ddq_jax.model.layer_norm import LayerNorm
 from ddq_jax.model.extents import extent_at_stride, extent_valid, zero_outside
 from ddq_jax.model.swin_attention import dense, DROP_RNG, ShiftWindowMSA, WindowAttentionOptions
 from ddq_jax.model.swin_windows import pad_bottom_right, unfold_2x2
@@ -95,8 +96,8 @@ def _torch_conv_bias(fan_in: int):
   return init
 
 
-def _layer_norm(name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name)
+def _layer_norm(name: str) -> LayerNorm:
+  return LayerNorm(epsilon=LN_EPS, fast_variance=False, name=name)
 
 
 # ---------------------------------------------------------------- pure parts
