@@ -14,8 +14,8 @@ Formulations that only pay off on one backend are chosen from
   (``per_image_attention_projections`` below);
 * the deformable attention's queries sampled in blocks on TPU
   (``deform_attn_query_chunks``);
-* scanned ResNet blocks' weight gradients by taps (im2col) on XLA:CPU
-  (``conv_weight_grad_by_taps``).
+* ResNet convolutions' weight gradients by taps (im2col) on XLA:CPU in
+  scanned blocks and for 1x1 kernels (``conv_weight_grad_by_taps``).
 
 Workarounds that every backend shares (the same program everywhere), for
 XLA's rewrites of rounding and fusion that parity on XLA:CPU needs
@@ -124,8 +124,13 @@ def deform_attn_query_chunks() -> int:
   return TPU_DEFORM_ATTN_QUERY_CHUNKS if platform() == 'tpu' else 1
 
 
-def conv_weight_grad_by_taps() -> bool:
-  """Scanned ResNet blocks' convolution weight gradients as one im2col
-  matmul (``ops/conv.py``) on XLA:CPU, whose own weight gradient is ~30x
-  slower inside a loop; XLA's own convolution gradient elsewhere."""
-  return platform() == 'cpu'
+def conv_weight_grad_by_taps(*, kernel: int, in_loop: bool) -> bool:
+  """A trainable ResNet convolution's weight gradient as one im2col matmul
+  (``ops/conv.py``) on XLA:CPU: inside a loop (a scanned block), where
+  XLA:CPU's own is ~30x slower, and for 1x1 kernels everywhere, which
+  XLA:CPU differentiates as a convolution whose window is the whole map
+  (R50 at 800x1344, outside loops: 98 -> 33 ms for 256 -> 64 channels at
+  200x336, 331 -> 33 ms for the stride-2 256 -> 512 downsample; a 3x3
+  kernel outside loops is faster with XLA's own, 62 against 222 ms).
+  XLA's own convolution gradient elsewhere."""
+  return platform() == 'cpu' and (in_loop or kernel == 1)

@@ -18,8 +18,11 @@ def test_platform_follows_target():
     with backend.target_platform('gpu'):
       assert backend.per_image_attention_projections()
     assert not backend.per_image_attention_projections()
-    assert not backend.conv_weight_grad_by_taps()
-  assert backend.platform() == 'cpu' and backend.conv_weight_grad_by_taps()
+    assert not backend.conv_weight_grad_by_taps(kernel=1, in_loop=True)
+  assert backend.platform() == 'cpu'
+  assert backend.conv_weight_grad_by_taps(kernel=3, in_loop=True)
+  assert backend.conv_weight_grad_by_taps(kernel=1, in_loop=False)
+  assert not backend.conv_weight_grad_by_taps(kernel=3, in_loop=False)
   with pytest.raises(ValueError, match='expected one of'):
     with backend.target_platform('cuda'):
       pass

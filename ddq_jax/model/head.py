@@ -38,11 +38,16 @@ CLS_PRIOR_PROB = 0.01
 REG_LAYERS = ('0', '2', '4')
 
 
+# Every branch draws from the head's first 'params' key: the class weight
+# from fold_in(key, 0), the reg MLP's two Linears from fold_in(key, 1) and
+# fold_in(key, 2) (weight, bias = split of that key).
+
+
 def _cls_init(embed_dims: int, num_classes: int):
   """One class branch: torch-default Linear weight, prior bias."""
   def init(rng):
-    return {'kernel': inits.torch_linear_kernel(rng, (embed_dims,
-                                                      num_classes)),
+    return {'kernel': inits.torch_linear_kernel(
+                jax.random.fold_in(rng, 0), (embed_dims, num_classes)),
             'bias': jnp.full((num_classes,), inits.bias_init_with_prob(
                 CLS_PRIOR_PROB), jnp.float32)}
   return init
@@ -52,8 +57,8 @@ def _reg_init(embed_dims: int):
   """One reg branch: two torch-default Linears, the last Linear zero."""
   def init(rng):
     out = {}
-    for name, key in zip(('0', '2'), jax.random.split(rng)):
-      kw, kb = jax.random.split(key)
+    for i, name in ((1, '0'), (2, '2')):
+      kw, kb = jax.random.split(jax.random.fold_in(rng, i))
       out[name] = {
           'kernel': inits.torch_linear_kernel(kw, (embed_dims, embed_dims)),
           'bias': inits.torch_linear_bias(embed_dims)(kb, (embed_dims,))}
@@ -63,10 +68,13 @@ def _reg_init(embed_dims: int):
   return init
 
 
-def _copies(init, num: int):
-  """``init`` drawn once, copied to ``num`` stacked branches."""
+def _copies(init, key, num: int):
+  """A ``param`` init: ``init(key)`` drawn once, copied to ``num`` stacked
+  branches (``key`` None outside init, where flax checks shapes with its
+  own rng)."""
   return lambda rng: jax.tree.map(
-      lambda a: jnp.broadcast_to(a, (num,) + a.shape), init(rng))
+      lambda a: jnp.broadcast_to(a, (num,) + a.shape),
+      init(rng if key is None else key))
 
 
 def branch(stacked, i):
@@ -119,10 +127,13 @@ class DDQHead(nn.Module):
 
   def setup(self):
     n, c, k = self.num_decoder_layers, self.embed_dims, self.num_classes
+    # One key for every branch (they start as copies of one draw); outside
+    # init no parameter is created and no key is needed.
+    key = self.make_rng('params') if self.is_initializing() else None
     self.cls_branches = self.param('cls_branches',
-                                   _copies(_cls_init(c, k), n + 2))
+                                   _copies(_cls_init(c, k), key, n + 2))
     self.reg_branches = self.param('reg_branches',
-                                   _copies(_reg_init(c), n + 2))
+                                   _copies(_reg_init(c), key, n + 2))
     # Copies of the main branches (the reference's deepcopies of one);
     # setup's attributes are frozen: the copies are plain dicts again.
     self.aux_cls_branches = self.param(

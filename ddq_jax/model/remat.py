@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
+from flax.core.scope import LazyRng
 import jax
 import jax.numpy as jnp
 
@@ -76,48 +77,70 @@ def _zeros(shapes):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def _submodule_rng(module: nn.Module, name: str, rng):
+  """The 'params' rng a submodule named ``name`` of ``module`` gets: flax
+  folds each scope's name into the root key (``flax.core.scope.LazyRng``),
+  so a layer initialised with it draws what it would draw as that
+  submodule, however its parameters are stored.  ``rng`` (the ``param``
+  init's own) where the scope has no 'params' rng: flax then only checks
+  the init's shapes."""
+  base = module.scope.rngs.get('params')
+  return rng if base is None else LazyRng.create(base, name)
+
+
 def module_params(module: nn.Module, name: str, layer: nn.Module,
                   *example) -> Any:
   """``module.param(name)`` holding the parameters of the unbound ``layer``
   (its own init on zeros shaped like ``example``): the layer is then applied
   as a pure function, ``layer.apply({'params': p}, ...)``, e.g. inside a
   scan body, and its parameters sit at ``module/name`` as if it were a
-  submodule."""
+  submodule, drawn as that submodule would draw them."""
   shapes = _abstract(example)
-  return module.param(
-      name, lambda rng: layer.init(rng, *_zeros(shapes))['params'])
+  return module.param(name, lambda rng: layer.init(
+      {'params': _submodule_rng(module, name, rng)},
+      *_zeros(shapes))['params'])
+
+
+def _stacked_init(module, layer, names, shapes, rng) -> dict:
+  """Every collection of ``layer``'s init once per name, stacked; layer l
+  draws as a submodule ``names[l]`` of ``module`` would."""
+  per_layer = [layer.init({'params': _submodule_rng(module, n, rng)},
+                          *_zeros(shapes)) for n in names]
+  return jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
 
 def stacked_params(module: nn.Module, name: str, layer: nn.Module, num: int,
-                   *example) -> Any:
-  """``module.param(name)`` holding ``num`` independent inits of the unbound
-  ``layer`` (on zeros shaped like ``example``), every leaf stacked on a new
-  leading axis of ``num``: the parameters of identical layers in the shape
-  the scan reads them (``scan_stacked``)."""
+                   *example, layer_names: Optional[list[str]] = None) -> Any:
+  """``module.param(name)`` holding ``num`` inits of the unbound ``layer``
+  (on zeros shaped like ``example``), every leaf stacked on a new leading
+  axis of ``num``: the parameters of identical layers in the shape the scan
+  reads them (``scan_stacked``).  Layer l draws its random init as a
+  submodule ``layer_names[l]`` of ``module`` (default ``{name}_{l}``, the
+  unstacked layer's name) would: the values do not depend on the stacking,
+  and a model initialised before layers were stored stacked gets the same
+  weights from the same key."""
   shapes = _abstract(example)
-
-  def init(rng):
-    return jax.vmap(lambda k: layer.init(k, *_zeros(shapes))['params'])(
-        jax.random.split(rng, num))
-  return module.param(name, init)
+  names = layer_names or [f'{name}_{l}' for l in range(num)]
+  return module.param(name, lambda rng: _stacked_init(
+      module, layer, names, shapes, rng)['params'])
 
 
 def stacked_variables(module: nn.Module, name: str, layer: nn.Module,
-                      num: int, *example) -> dict:
+                      num: int, *example,
+                      layer_names: Optional[list[str]] = None) -> dict:
   """``stacked_params`` for a layer with more collections than 'params'
   (e.g. BatchNorm statistics): {collection: stacked tree}, each stored at
-  ``module/name`` of its collection ('params' drawn from the 'params' rng;
-  the others, which need no randomness, from a fixed key)."""
+  ``module/name`` of its collection."""
   shapes = _abstract(example)
-
-  def init(rng):
-    return jax.vmap(lambda k: layer.init(k, *_zeros(shapes)))(
-        jax.random.split(rng, num))
-  collections = jax.eval_shape(init, jax.random.key(0)).keys()
-  out = {'params': module.param(name, lambda rng: init(rng)['params'])}
+  names = layer_names or [f'{name}_{l}' for l in range(num)]
+  collections = jax.eval_shape(
+      lambda: layer.init(jax.random.key(0), *_zeros(shapes))).keys()
+  out = {'params': module.param(name, lambda rng: _stacked_init(
+      module, layer, names, shapes, rng)['params'])}
   for col in sorted(set(collections) - {'params'}):
-    out[col] = module.variable(
-        col, name, lambda c=col: init(jax.random.key(0))[c]).value
+    out[col] = module.variable(col, name, lambda c=col: jax.tree.map(
+        lambda a: jnp.broadcast_to(a, (num,) + a.shape),
+        layer.init(jax.random.key(0), *_zeros(shapes))[c])).value
   return out
 
 

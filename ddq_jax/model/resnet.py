@@ -67,12 +67,14 @@ def resnet_out_channels(*, depth: int, base_channels: int,
 
 
 def _conv(features: int, kernel: int, stride: int, padding: int,
-          name: str, tap_weight_grad: bool = False) -> nn.Module:
+          name: str, *, trainable: bool = False, in_loop: bool = False
+          ) -> nn.Module:
   """torch Conv2d(bias=False) with explicit symmetric padding, HWIO kernel;
-  ``tap_weight_grad``: its weight gradient by taps (``ops/conv.py``, for
-  convolutions inside a scan) where ``backend.conv_weight_grad_by_taps()``
-  says so (XLA:CPU); the same parameter either way."""
-  if tap_weight_grad and backend.conv_weight_grad_by_taps():
+  a ``trainable`` one (``in_loop``: inside a scan) has its weight gradient
+  by taps (``ops/conv.py``) where ``backend.conv_weight_grad_by_taps``
+  says so (XLA:CPU); the same parameter and forward either way."""
+  if trainable and backend.conv_weight_grad_by_taps(kernel=kernel,
+                                                    in_loop=in_loop):
     return TapGradConv(features, kernel, stride, padding, name=name)
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)),
@@ -195,15 +197,14 @@ class _ResidualBlock(nn.Module):
   bn_trainable: bool = False
   zero_init_residual: bool = True
   in_stride: int = 1  # stride of the block's input (padding invariance)
-  # Weight gradients by taps (a scanned block: XLA:CPU's own is ~30x slower
-  # inside a loop, ops/conv.py).
-  tap_weight_grad: bool = False
+  frozen: bool = False  # no gradients (a frozen stage)
+  in_loop: bool = False  # run inside a scan (conv weight gradients: _conv)
   folded_bn: bool = False  # BatchNorms read folded (FrozenBatchNorm.folded)
 
   def conv(self, features: int, kernel: int, stride: int, padding: int,
            name: str) -> nn.Module:
     return _conv(features, kernel, stride, padding, name,
-                 self.tap_weight_grad)
+                 trainable=not self.frozen, in_loop=self.in_loop)
 
   def bn(self, name: str, zero: bool = False) -> FrozenBatchNorm:
     return FrozenBatchNorm(affine_trainable=self.bn_trainable,
@@ -359,22 +360,20 @@ class ResNet(nn.Module):
       with_ds = s != 1 or inplanes != planes * expansion
       x = (block_cls if frozen else remat_cls)(
           stride=s, with_downsample=with_ds, in_stride=stride_now,
-          name=f'layer{i + 1}_0', **block_kw)(x, extents)
+          frozen=frozen, name=f'layer{i + 1}_0', **block_kw)(x, extents)
       stride_now *= s
       inplanes = planes * expansion
       if num_blocks > 1:
         tail = remat_lib.stacked_variables(
             self, f'layer{i + 1}_tail',
             block_cls(in_stride=stride_now, parent=None, **block_kw),
-            num_blocks - 1, x, extents)
+            num_blocks - 1, x, extents,
+            layer_names=[f'layer{i + 1}_{j}' for j in range(1, num_blocks)])
         folded = jax.vmap(functools.partial(
             fold_block_bns, trainable=self.bn_trainable))(
                 tail['params'], tail['batch_stats'])
-        # Weight gradients by taps inside the loop (ops/conv.py); the
-        # unrolled scan keeps XLA's own.
         x = remat_lib.scan_stacked(
-            block_cls(in_stride=stride_now,
-                      tap_weight_grad=self.scan and not frozen,
+            block_cls(in_stride=stride_now, frozen=frozen, in_loop=self.scan,
                       folded_bn=True, parent=None, **block_kw), x,
             (extents,), {'params': folded},
             policy=remat_lib.checkpoint_policy(self.remat),
