@@ -3,11 +3,14 @@ values: the tiny fixture's training loss and every gradient are the same
 (1e-6 relative, per gradient leaf in norm) with remat none / minimal / full
 and the encoder and decoder layers scanned or unrolled, and the scanned
 model reads the converted checkpoint as it is."""
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ddq_jax.model.detector import build_model
+from ddq_jax.model import remat as remat_lib
 from ddq_jax.model.remat import checkpoint_policy, remat_name, scan_layers
 from ddq_jax.train.objective import make_loss_fn
 
@@ -88,3 +91,41 @@ def test_policy_names(tiny_config):
   with pytest.raises(ValueError, match="'sometimes'"):
     remat_name(c, 'decoder')
   assert scan_layers(tiny_config) is True
+
+
+def test_stacked_init_draws_as_unstacked_submodules():
+  """Layer l of stacked parameters holds what a submodule named like the
+  unstacked layer (``layers_{l}``, or the names given) would draw from the
+  same key: the initial values do not depend on how layers are stored."""
+  class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name='b')(nn.Dense(3, name='a')(x))
+
+  class Unstacked(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for l in range(3):
+        x = Layer(name=f'layers_{l}')(x)
+      return Layer(name='extra_1')(Layer(name='extra_0')(x))
+
+  class Stacked(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      p = remat_lib.stacked_params(self, 'layers', Layer(parent=None), 3, x)
+      q = remat_lib.stacked_params(self, 'extra', Layer(parent=None), 2, x,
+                                   layer_names=['extra_0', 'extra_1'])
+      return p, q
+
+  x = jnp.ones((1, 3))
+  key = jax.random.key(7)
+  ref = Unstacked().init(key, x)['params']
+  stacked = Stacked().init(key, x)['params']
+  for group, names in (('layers', [f'layers_{l}' for l in range(3)]),
+                       ('extra', ['extra_0', 'extra_1'])):
+    for l, name in enumerate(names):
+      jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[l], b),
+                   stacked[group], ref[name])
+  # applying reads the stored parameters (flax only checks their shapes)
+  p, _ = Stacked().apply({'params': stacked}, x)
+  jax.tree.map(np.testing.assert_array_equal, p, stacked['layers'])
