@@ -88,3 +88,15 @@ def test_module_blocks_above_the_threshold(monkeypatch):
   for a, b in zip(jax.tree.leaves(results[16][1]),
                   jax.tree.leaves(results[0][1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_gradients_keep_their_dtypes():
+  q, k, v, g, mask = _inputs(nq=40, nk=40)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+
+  def loss(q, k, v):
+    return jnp.sum(attention(q, k, v, mask=mask, query_block=8)
+                   .astype(jnp.float32) * g)
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  assert all(x.dtype == jnp.bfloat16 for x in grads)
+  assert all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in grads)

@@ -107,21 +107,24 @@ def _blocked_bwd(size, res, d_out):
     dk, dv = carry
     qb, mb, dob, db = args
     p = _probabilities(qb, k, mb)
-    dv = dv + jnp.einsum('bhqk,bqhd->bkhd', p, dob)
+    dv = dv + jnp.einsum('bhqk,bqhd->bkhd', p, dob).astype(dv.dtype)
     dp = jnp.einsum('bqhd,bkhd->bhqk', dob, v)
     ds = p * (dp - jnp.moveaxis(db, 1, 2)[..., None])
     ds = jnp.where(mb[:, None], 0.0, ds)
-    dk = dk + jnp.einsum('bhqk,bqhd->bkhd', ds, qb)
+    dk = dk + jnp.einsum('bhqk,bqhd->bkhd', ds, qb).astype(dk.dtype)
     return (dk, dv), jnp.einsum('bhqk,bkhd->bqhd', ds, k)
 
+  # The key and value gradients are sums over blocks: kept in float32.
+  acc = jnp.promote_types(k.dtype, jnp.float32)
   (dk, dv), dq = jax.lax.scan(
-      block, (jnp.zeros_like(k), jnp.zeros_like(v)),
+      block, (jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc)),
       (_to_blocks(q, size, 0), _to_blocks(mask, size, True),
        jnp.moveaxis(d_out.reshape(d_out.shape[0], -1, size,
                                   *d_out.shape[2:]), 1, 0),
        jnp.moveaxis(d_sum.reshape(d_sum.shape[0], -1, size,
                                   d_sum.shape[2]), 1, 0)))
-  return _from_blocks(dq)[:, :nq], dk, dv, None
+  return (_from_blocks(dq)[:, :nq], dk.astype(k.dtype), dv.astype(v.dtype),
+          None)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
