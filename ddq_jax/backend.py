@@ -12,8 +12,8 @@ Formulations that only pay off on one backend are chosen from
 * LayerNorm's closed-form gradient on XLA:CPU (``layer_norm_own_vjp``);
 * the decoder self-attention's projections one matmul per image on GPU
   (``per_image_attention_projections`` below);
-* the deformable attention's queries sampled in blocks on TPU
-  (``deform_attn_query_chunks``);
+* the deformable attention's queries sampled in blocks on TPU (memory)
+  and on XLA:CPU (speed) (``deform_attn_query_chunks``);
 * ResNet convolutions' weight gradients by taps (im2col) on XLA:CPU in
   scanned blocks and for 1x1 kernels (``conv_weight_grad_by_taps``).
 
@@ -107,21 +107,40 @@ def layer_norm_own_vjp() -> bool:
   return platform() == 'cpu'
 
 
-# The deformable attention's query blocks on TPU (see below).
+# The deformable attention's query blocks on TPU, and the queries per
+# block on XLA:CPU (see below).
 TPU_DEFORM_ATTN_QUERY_CHUNKS = 8
+CPU_DEFORM_ATTN_QUERY_BLOCK = 128
 
 
-def deform_attn_query_chunks() -> int:
-  """Query blocks the deformable attention samples in sequence: 8 on TPU,
-  1 (all at once) elsewhere.  On TPU v5e the R50 training step's peak was
-  almost all (10.9 of 11.3 GiB) the encoder's backward: the re-gathered
-  samples (B * H * Q * L * P * 4 * Dh floats, 2.7 GiB at 2 images per
-  chip), a copy of them relaid with the 64 samples per query as the minor
+def deform_attn_query_chunks(num_queries: int) -> int:
+  """Query blocks the deformable attention samples in sequence.
+
+  TPU: 8.  On TPU v5e the R50 training step's peak was almost all (10.9
+  of 11.3 GiB) the encoder's backward: the re-gathered samples
+  (B * H * Q * L * P * 4 * Dh floats, 2.7 GiB at 2 images per chip), a
+  copy of them relaid with the 64 samples per query as the minor
   dimension, padded to 128 lanes (5.5 GiB), and the scatter contributions
-  (2.7 GiB), from the compiled buffer assignment.  GPU and CPU have no lane
-  padding and fit without it; blocks reorder the value gradient's sums,
-  so the CPU keeps the unblocked order that parity was measured with."""
-  return TPU_DEFORM_ATTN_QUERY_CHUNKS if platform() == 'tpu' else 1
+  (2.7 GiB), from the compiled buffer assignment.
+
+  XLA:CPU: blocks of about 128 queries when there are more.  Writing the
+  gathered samples is what the sampling costs there (an R50 encoder
+  layer's are 1.46 GB, about what a plain copy of that size takes); in
+  blocks they stay in cache.  Per R50 encoder layer on the 2-core host:
+  forward 0.80 -> 0.52 s, forward and backward 1.8 -> 1.0 s.  The R50
+  inference step went 7.4 -> 4.9 s (blocks of 32, 64 and 128 queries
+  alike, 256: 5.6 s, 512: 6.0 s), the training step's compiled peak
+  4.86 -> 2.57 GB (published plan) and 17.5 -> 7.5 GB (unrolled).  Each
+  query's result is computed as unblocked and the value gradient's
+  scatter adds in the same order, so the numbers are the unblocked ones
+  (``tests/test_deform_attn.py``).
+
+  GPU: 1 (all at once; no lane padding, and it fits)."""
+  if platform() == 'tpu':
+    return TPU_DEFORM_ATTN_QUERY_CHUNKS
+  if platform() == 'cpu' and num_queries > CPU_DEFORM_ATTN_QUERY_BLOCK:
+    return -(-num_queries // CPU_DEFORM_ATTN_QUERY_BLOCK)
+  return 1
 
 
 def conv_weight_grad_by_taps(*, kernel: int, in_loop: bool) -> bool:

@@ -199,10 +199,11 @@ def test_custom_vjp_equals_autodiff():
 
 
 def test_query_blocks_equal_unblocked():
-  """Sampling the queries in blocks (the TPU's memory choice,
-  backend.deform_attn_query_chunks) gives the same value and gradients,
-  with a block count that does not divide the queries; the backend picks 1
-  block on the CPU and 8 for a TPU target."""
+  """Sampling the queries in blocks (the TPU's memory choice and the
+  CPU's speed choice, backend.deform_attn_query_chunks) gives the same
+  value and gradients, with a block count that does not divide the
+  queries; the backend picks blocks of 128 queries on the CPU, 8 blocks
+  for a TPU target, and 1 for a GPU."""
   value, loc, attn = _random_inputs(7, b=2, q=7, nh=2, dh=3, npt=3)
   cot = np.random.default_rng(8).normal(size=(2, 7, 6)).astype(np.float32)
 
@@ -219,6 +220,11 @@ def test_query_blocks_equal_unblocked():
     for name, a, e in zip(('d value', 'd loc', 'd attn'), res[c][1],
                           res[1][1]):
       assert_close(a, e, rel=1e-6, name=f'{name} {c}')
-  assert backend.deform_attn_query_chunks() == 1
+  block = backend.CPU_DEFORM_ATTN_QUERY_BLOCK
+  assert backend.deform_attn_query_chunks(block) == 1
+  assert backend.deform_attn_query_chunks(block + 1) == 2
+  assert backend.deform_attn_query_chunks(22323) == -(-22323 // block)
   with backend.target_platform('tpu'):
-    assert backend.deform_attn_query_chunks() == 8
+    assert backend.deform_attn_query_chunks(7) == 8
+  with backend.target_platform('gpu'):
+    assert backend.deform_attn_query_chunks(22323) == 1

@@ -15,13 +15,15 @@ weights before the gather, so the output is a single weighted sum over
 
 Speed notes: the gather moves ``B * H * Q * L * P * 4 * Dh`` floats; the
 weighted reduction is a batched dot at HIGHEST precision (float32, no TF32
-on GPU).  Measured on the shared 2-core CPU (B=1, 8 heads, Dh=32, 4 levels
-x 4 points, Q=N=4484): forward 0.86 s, forward+backward 1.2 s, versus
-1.2 s / 3.2 s for take_along_axis + multiply-sum (timings under heavy load,
-relative only).  Keep the result in (B, H, Q, Dh) order: see the comment at
-the reduction.  Ideas if it is the bottleneck: a Pallas/Triton kernel that
-fuses gather and reduction (the CUDA op's im2col scheme), bf16 values, or a
-custom VJP whose backward scatters per level instead of over all N.
+on GPU).  On XLA:CPU writing those gathered rows is the cost (an R50
+encoder layer's are 1.46 GB, and a plain copy of that size takes as long),
+so the queries go in blocks (``backend.deform_attn_query_chunks``) whose
+rows stay in cache: per R50 encoder layer on the 2-core host, forward
+0.80 -> 0.52 s, forward and backward 1.8 -> 1.0 s.  Keep the result in
+(B, H, Q, Dh) order: see the comment at the reduction.  Tried without gain
+on XLA:CPU: one gather over a flattened (B * H * N) value, gathering the
+two x-neighbours as one 2-row slice, an optimization barrier between the
+corner arithmetic and the gather.
 """
 from __future__ import annotations
 
@@ -256,7 +258,7 @@ def multi_scale_deformable_attention(
     query_chunks: with custom_vjp, the queries are sampled in this many
       blocks in sequence, forward and backward, so only one block's
       gathered samples (``B * H * Q * L * P * 4 * Dh`` floats in all) are
-      alive at a time; None: ``backend.deform_attn_query_chunks()``.
+      alive at a time; None: ``backend.deform_attn_query_chunks(Q)``.
 
   Returns:
     (B, Q, H * Dh), channel index = head * Dh + d (as mmcv).
@@ -265,7 +267,7 @@ def multi_scale_deformable_attention(
   num_heads, dh = value.shape[2:]
   shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
   if custom_vjp:
-    chunks = (backend.deform_attn_query_chunks() if query_chunks is None
+    chunks = (backend.deform_attn_query_chunks(q) if query_chunks is None
               else int(query_chunks))
     out = _sample_vjp(value, sampling_locations, attention_weights, shapes,
                       max(1, min(chunks, q)))
