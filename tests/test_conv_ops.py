@@ -16,13 +16,16 @@ def _xla_conv(x, k, stride, padding):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-@pytest.mark.parametrize('kernel,stride,padding', [(1, 1, 0), (3, 1, 1),
-                                                    (3, 2, 1), (1, 2, 0),
-                                                    (7, 2, 3)])
-def test_conv_tap_weight_grad(kernel, stride, padding):
+# (1, 1, 0) twice: fewer output than input channels and more (the 1x1
+# weight gradient transposes the narrower operand).
+@pytest.mark.parametrize('kernel,stride,padding,cout', [
+    (1, 1, 0, 5), (1, 1, 0, 8), (3, 1, 1, 5), (3, 2, 1, 5), (1, 2, 0, 5),
+    (7, 2, 3, 5)])
+def test_conv_tap_weight_grad(kernel, stride, padding, cout):
   r = np.random.default_rng(kernel * 10 + stride)
   x = jnp.asarray(r.normal(size=(2, 21, 16, 6)).astype(np.float32))
-  k = jnp.asarray(r.normal(size=(3, kernel, kernel, 6, 5)).astype(np.float32))
+  k = jnp.asarray(r.normal(size=(3, kernel, kernel, 6, cout)).astype(
+      np.float32))
 
   def scanned(conv):
     def loss(x, k):

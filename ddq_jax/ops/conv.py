@@ -44,7 +44,14 @@ def _bwd(stride, padding, res, g):
   kh, kw, cin, cout = kernel.shape
   b, ho, wo, _ = g.shape
   if kh == kw == 1 and stride == 1 and padding == 0:  # the input itself
-    dk = jnp.einsum('nhwc,nhwo->co', x, g).reshape(kernel.shape)
+    # The matmul's left operand is laid out channels-first (a transposing
+    # copy, with its elementwise producers fused in): make it the narrower
+    # of input and cotangent.  R50 training step on XLA:CPU: the backbone's
+    # copies 2.0 -> 0.8 s.
+    if cout < cin:
+      dk = jnp.einsum('nhwo,nhwc->oc', g, x).T.reshape(kernel.shape)
+    else:
+      dk = jnp.einsum('nhwc,nhwo->co', x, g).reshape(kernel.shape)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   # The input each tap saw, (B, Ho, Wo, taps, Cin), then one matmul.
