@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddq_jax.model import conv as conv_lib
 from ddq_jax.model import initializers as inits
 from ddq_jax.model.extents import zero_outside
 
@@ -45,9 +46,9 @@ class ConvGN(nn.Module):
     """x (B, h, w, C_in) -> (B, h', w', features); valid: optional
     (B, h', w') bool extent of the output (statistics over it only)."""
     k, p, s = self.kernel_size, self.padding, self.stride
-    x = nn.Conv(self.features, (k, k), strides=(s, s),
-                padding=((p, p), (p, p)), use_bias=False,
-                kernel_init=inits.xavier_uniform, name='conv')(x)
+    x = conv_lib.conv(self.features, k, s, p, 'conv',
+                      kernel_init=inits.xavier_uniform,
+                      trainable=True)(x)
     x = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.eps,
                      use_fast_variance=False, name='gn')(
                          x, mask=None if valid is None else

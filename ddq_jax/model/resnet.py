@@ -37,12 +37,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddq_jax import backend
+from ddq_jax.model import conv as conv_lib
 from ddq_jax.model import initializers as inits
 from ddq_jax.model.extents import extent_valid, zero_outside
 from ddq_jax.model import param_groups
 from ddq_jax.model import remat as remat_lib
-from ddq_jax.ops.conv import conv2d_tap_weight_grad
 
 # depth -> (block type, blocks per stage); the reference's arch_settings.
 ARCH_SETTINGS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -69,34 +68,10 @@ def resnet_out_channels(*, depth: int, base_channels: int,
 def _conv(features: int, kernel: int, stride: int, padding: int,
           name: str, *, trainable: bool = False, in_loop: bool = False
           ) -> nn.Module:
-  """torch Conv2d(bias=False) with explicit symmetric padding, HWIO kernel;
-  a ``trainable`` one (``in_loop``: inside a scan) has its weight gradient
-  by taps (``ops/conv.py``) where ``backend.conv_weight_grad_by_taps``
-  says so (XLA:CPU); the same parameter and forward either way."""
-  if trainable and backend.conv_weight_grad_by_taps(kernel=kernel,
-                                                    in_loop=in_loop):
-    return TapGradConv(features, kernel, stride, padding, name=name)
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)),
-                 use_bias=False, kernel_init=inits.kaiming_normal_fan_out,
-                 name=name)
-
-
-class TapGradConv(nn.Module):
-  """``nn.Conv`` as ``_conv`` builds it (the same 'kernel' parameter and
-  forward numbers) with the weight gradient of ``conv2d_tap_weight_grad``."""
-  features: int
-  kernel: int
-  stride: int
-  padding: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.param('kernel', inits.kaiming_normal_fan_out,
-                   (self.kernel, self.kernel, x.shape[-1], self.features),
-                   jnp.float32)
-    x, k = nn.dtypes.promote_dtype(x, k, dtype=None)
-    return conv2d_tap_weight_grad(x, k, self.stride, self.padding)
+  """torch Conv2d(bias=False), kaiming-normal init (``model/conv.py``)."""
+  return conv_lib.conv(features, kernel, stride, padding, name,
+                       kernel_init=inits.kaiming_normal_fan_out,
+                       trainable=trainable, in_loop=in_loop)
 
 
 def _valid(extents, stride, x):
