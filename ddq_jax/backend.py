@@ -14,8 +14,9 @@ Formulations that only pay off on one backend are chosen from
   (``per_image_attention_projections`` below);
 * the deformable attention's queries sampled in blocks on TPU (memory)
   and on XLA:CPU (speed) (``deform_attn_query_chunks``);
-* ResNet convolutions' weight gradients by taps (im2col) on XLA:CPU in
-  scanned blocks and for 1x1 kernels (``conv_weight_grad_by_taps``).
+* ResNet and neck convolutions' weight gradients by taps (im2col) on
+  XLA:CPU in scanned blocks and for 1x1 kernels
+  (``conv_weight_grad_by_taps``, ``model/conv.py``).
 
 Workarounds that every backend shares (the same program everywhere), for
 XLA's rewrites of rounding and fusion that parity on XLA:CPU needs
@@ -151,5 +152,8 @@ def conv_weight_grad_by_taps(*, kernel: int, in_loop: bool) -> bool:
   (R50 at 800x1344, outside loops: 98 -> 33 ms for 256 -> 64 channels at
   200x336, 331 -> 33 ms for the stride-2 256 -> 512 downsample; a 3x3
   kernel outside loops is faster with XLA's own, 62 against 222 ms).
-  XLA's own convolution gradient elsewhere."""
+  XLA's own convolution gradient elsewhere.  The ChannelMapper neck's 1x1
+  convolutions too (``model/conv.py``): XLA:CPU laid their inputs
+  (512-2,048 channels) out channels-first for the same whole-map
+  convolution."""
   return platform() == 'cpu' and (in_loop or kernel == 1)
