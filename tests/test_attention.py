@@ -100,3 +100,57 @@ def test_bfloat16_gradients_keep_their_dtypes():
   grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
   assert all(x.dtype == jnp.bfloat16 for x in grads)
   assert all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in grads)
+
+
+def _segmented_inputs(bounds=(0, 9, 20, 23), seed=1):
+  """Inputs whose mask blocks every pair across the segments of
+  ``bounds`` (no row fully blocked), with random blocks inside."""
+  q, k, v, g, _ = _inputs(seed=seed)
+  rng = np.random.default_rng(seed)
+  b, n = q.shape[:2]
+  mask = np.ones((b, n, n), bool)
+  for s, e in zip(bounds, bounds[1:]):
+    mask[:, s:e, s:e] = rng.random((b, e - s, e - s)) > 0.6
+  mask[:, np.arange(n), np.arange(n)] = False
+  segments = tuple(zip(bounds, bounds[1:]))
+  return q, k, v, g, jnp.asarray(mask), segments
+
+
+@pytest.mark.parametrize('block', [0, 4])
+def test_segments_equal_the_whole_mask(block):
+  """Segments computed apart = the plain formulation over the whole mask
+  (values and gradients, up to float32 summation order)."""
+  q, k, v, g, mask, segments = _segmented_inputs()
+
+  def run(segs):
+    def f(q, k, v):
+      return attention(q, k, v, mask=mask, query_block=block, segments=segs)
+    out = jax.jit(f)(q, k, v)
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * g),
+                             argnums=(0, 1, 2)))(q, k, v)
+    return out, grads
+  out0, grads0 = run(())
+  out1, grads1 = run(segments)
+  np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-6)
+  for a, b in zip(grads1, grads0):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_segments_read_only_their_own_blocks():
+  """The blocks between segments are not read: opening them changes
+  nothing, and the cost is the segments' alone."""
+  q, k, v, _, mask, segments = _segmented_inputs()
+  opened = jnp.zeros_like(mask).at[:, :9, :9].set(mask[:, :9, :9])
+  opened = opened.at[:, 9:20, 9:20].set(mask[:, 9:20, 9:20])
+  opened = opened.at[:, 20:, 20:].set(mask[:, 20:, 20:])
+  a = attention(q, k, v, mask=mask, segments=segments)
+  b = attention(q, k, v, mask=opened, segments=segments)
+  np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('segments', [((0, 9), (10, 23)), ((0, 9), (9, 22)),
+                                      ((0, 9), (9, 9), (9, 23))])
+def test_segments_must_tile_the_queries(segments):
+  q, k, v, _, mask, _ = _segmented_inputs()
+  with pytest.raises(ValueError, match='tile'):
+    attention(q, k, v, mask=mask, segments=segments)

@@ -99,9 +99,11 @@ class MultiheadAttention(nn.Module):
   num_heads: int
 
   @nn.compact
-  def __call__(self, query, key, value, attn_mask=None):
+  def __call__(self, query, key, value, attn_mask=None, segments=()):
     """query (B, Q, C), key/value (B, K, C); attn_mask (B, Q, K) or (Q, K)
-    bool, True = blocked (the same for every head).  Returns (B, Q, C)."""
+    bool, True = blocked (the same for every head); segments: static
+    (start, stop) query ranges none of which sees another's keys
+    (``ops/attention.py``).  Returns (B, Q, C)."""
     c, nh = self.embed_dims, self.num_heads
     hd = c // nh
     q, k, v = _InProj(c, name='in_proj')(query, key, value)
@@ -114,7 +116,8 @@ class MultiheadAttention(nn.Module):
     # (unused padded slots) stays finite; rows with an open entry are
     # unchanged.
     out = attention(q, k, v, mask=attn_mask,
-                    query_block=backend.attention_query_block(nq))
+                    query_block=backend.attention_query_block(nq),
+                    segments=segments)
     out = out.reshape(b, nq, c)
     # torch: out_proj bias 0 (MHA._reset_parameters), weight xavier (the
     # detector's pass over the decoder's >1-dim parameters).
@@ -144,19 +147,22 @@ class SelfAttention(nn.Module):
   num_heads: int
 
   @nn.compact
-  def __call__(self, query, *, query_pos=None, attn_mask=None):
+  def __call__(self, query, *, query_pos=None, attn_mask=None, segments=()):
     qk = query if query_pos is None else query + query_pos
     out = MultiheadAttention(self.embed_dims, self.num_heads, name='attn')(
-        qk, qk, query, attn_mask)
+        qk, qk, query, attn_mask, segments)
     return query + out
 
 
 class DecoderLayer(DeformableSizes, kw_only=True):
   """``DeformableDetrTransformerDecoderLayer``: self-attn, norm, deformable
   cross-attn, norm, FFN, norm.  ``spatial_shapes`` is a (static) attribute,
-  so every call argument is an array and the layer can be rematerialised."""
+  so every call argument is an array and the layer can be rematerialised.
+  ``self_attn_segments``: static query ranges that never see each other
+  (the self-attention computes each alone)."""
   ffn_dims: int
   spatial_shapes: Sequence[Sequence[int]] = ()
+  self_attn_segments: Sequence[tuple[int, int]] = ()
 
   @nn.compact
   def __call__(self, query, query_pos, value, key_padding_mask,
@@ -167,7 +173,8 @@ class DecoderLayer(DeformableSizes, kw_only=True):
     c = self.embed_dims
     spatial_shapes = self.spatial_shapes
     query = SelfAttention(c, self.num_heads, name='self_attn')(
-        query, query_pos=query_pos, attn_mask=self_attn_mask)
+        query, query_pos=query_pos, attn_mask=self_attn_mask,
+        segments=self.self_attn_segments)
     query = LayerNorm(epsilon=LN_EPS, name='norms_0')(query)
     query = MultiScaleDeformableAttention(
         **self.deformable_sizes(), name='cross_attn')(
@@ -374,7 +381,9 @@ class DDQDecoder(DeformableSizes, kw_only=True):
         branches of the decoder layers, stacked (``DDQHead.decoder_branches``).
       dis_start, num_dis: static slice of the distinct queries
         (default 0, Q - num_dense).
-      num_dense: static number of dense queries at the end (training).
+      num_dense: static number of dense queries at the end (training);
+        they and the other queries never see each other (the mask's blocks
+        between them are taken as blocked and not read).
       distinct_mask_semantics: overrides the attribute ('row0'/'kept_set').
       image_normalized_pos: the query positional encoding reads the
         reference points themselves (what an unpadded image gives: valid
@@ -397,8 +406,12 @@ class DDQDecoder(DeformableSizes, kw_only=True):
     vr4 = jnp.concatenate([valid_ratios, valid_ratios], -1)  # (B, L, 4)
     shapes = tuple((int(hh), int(ww)) for hh, ww in spatial_shapes)
     n_layers = self.num_layers
+    # The dense queries and the rest never see each other (the reference's
+    # dense extension of the dn mask): the self-attention computes the two
+    # apart, and the mask's blocks between them are not read.
+    segments = ((0, q - num_dense), (q - num_dense, q)) if num_dense else ()
     layer = DecoderLayer(**self.deformable_sizes(), ffn_dims=self.ffn_dims,
-                         spatial_shapes=shapes)
+                         spatial_shapes=shapes, self_attn_segments=segments)
     ref_point_head = MLP(c, c, 2)
     ref_input = jnp.zeros((b, q, len(shapes), 4), reference_points.dtype)
     layer_params = remat_lib.stacked_params(

@@ -20,10 +20,21 @@ half the time, and no probabilities are kept for the backward.  Values
 equal the plain formulation's up to float32 rounding (the key and value
 gradients are sums over blocks).  ``ddq_jax.backend.attention_query_block``
 chooses.
+
+``segments``: static (start, stop) ranges that tile the queries (= the
+keys: self-attention) such that the mask blocks every query from every key
+of another segment, as in DDQ's decoder, where the dense queries and the
+rest never see each other.  Each segment is then computed alone, over its
+own keys: (sum of |S|^2) / Q^2 of the work (R50 training: 1,100^2 +
+1,350^2 of 2,450^2, about half).  The blocked cross entries contribute
+exact zeros to the plain formulation's sums, so the values agree up to
+float32 summation order, except for a row whose keys are all blocked
+(uniform weights over its segment instead of over all keys).
 """
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +50,8 @@ def _probabilities(q, k, mask):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-              mask: jax.Array | None, query_block: int = 0) -> jax.Array:
+              mask: jax.Array | None, query_block: int = 0,
+              segments: Sequence[tuple[int, int]] = ()) -> jax.Array:
   """Softmax attention of every head.
 
   Args:
@@ -48,11 +60,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     mask: (B, Q, K) or (Q, K) bool, True = blocked (every head); or None.
     query_block: 0 = all queries at once; > 0 = blocks of about this many
       queries, probabilities recomputed in the backward (module docstring).
+    segments: () = one; else static (start, stop) ranges tiling [0, Q),
+      Q = K, none of whose queries sees another's keys (module docstring).
   Returns:
     (B, Q, H, D).
   """
   if mask is not None and mask.ndim == 2:
     mask = jnp.broadcast_to(mask, (q.shape[0],) + mask.shape)
+  if len(segments) > 1:
+    _check_segments(segments, q.shape[1], k.shape[1])
+    return jnp.concatenate([
+        attention(q[:, s:e], k[:, s:e], v[:, s:e],
+                  mask=None if mask is None else mask[:, s:e, s:e],
+                  query_block=query_block)
+        for s, e in segments], axis=1)
   nq = q.shape[1]
   if query_block <= 0:
     return jnp.einsum('bhqk,bkhd->bqhd', _probabilities(q, k, mask), v)
@@ -61,6 +82,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if mask is None:
     mask = jnp.zeros((q.shape[0], nq, k.shape[1]), bool)
   return _blocked(q, k, v, mask, size)[:, :nq]
+
+
+def _check_segments(segments, nq: int, nk: int) -> None:
+  """Raises unless ``segments`` tile [0, nq) in order and nq == nk."""
+  if nq != nk:
+    raise ValueError(f'segments need self-attention: {nq} queries, {nk} keys')
+  stops = [0] + [int(e) for _, e in segments]
+  if ([int(s) for s, _ in segments] != stops[:-1] or stops[-1] != nq
+      or any(e <= s for s, e in zip(stops, stops[1:]))):
+    raise ValueError(f'segments {tuple(segments)} do not tile [0, {nq})')
 
 
 def _to_blocks(x, size, pad_value):
