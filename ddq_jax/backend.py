@@ -157,3 +157,14 @@ def conv_weight_grad_by_taps(*, kernel: int, in_loop: bool) -> bool:
   (512-2,048 channels) out channels-first for the same whole-map
   convolution."""
   return platform() == 'cpu' and (in_loop or kernel == 1)
+
+
+def conv_1x1_as_matmul() -> bool:
+  """An unpadded 1x1 convolution (ResNet's conv1 / conv3 / downsample, the
+  neck's input convolutions) as a matmul of the (strided) input with the
+  (Cin, Cout) kernel on XLA:CPU (``ops/conv.py``), whose convolution took
+  2.3x as long at the R50 backbone's widest maps (256 -> 64 channels at
+  200x336: 87 against 38 ms; 64 -> 256: 55 against 35 ms; 512 -> 128 at
+  100x168: 29 against 21 ms; equal numbers on this host).  XLA's
+  convolution elsewhere."""
+  return platform() == 'cpu'

@@ -19,7 +19,9 @@ def test_platform_follows_target():
       assert backend.per_image_attention_projections()
     assert not backend.per_image_attention_projections()
     assert not backend.conv_weight_grad_by_taps(kernel=1, in_loop=True)
+    assert not backend.conv_1x1_as_matmul()
   assert backend.platform() == 'cpu'
+  assert backend.conv_1x1_as_matmul()
   assert backend.conv_weight_grad_by_taps(kernel=3, in_loop=True)
   assert backend.conv_weight_grad_by_taps(kernel=1, in_loop=False)
   assert not backend.conv_weight_grad_by_taps(kernel=3, in_loop=False)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from ddq_jax.model.resnet import fold_frozen_bn
-from ddq_jax.ops.conv import conv2d_tap_weight_grad
+from ddq_jax.model.conv import TapGradConv, conv
+from ddq_jax.ops.conv import conv2d, conv2d_tap_weight_grad
 
 
 def _xla_conv(x, k, stride, padding):
@@ -42,6 +43,46 @@ def test_conv_tap_weight_grad(kernel, stride, padding, cout):
   np.testing.assert_allclose(dx, dx0, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(dk, dk0, rtol=1e-5,
                              atol=1e-5 * float(jnp.abs(dk0).max()))
+
+
+@pytest.mark.parametrize('stride,cout', [(1, 5), (1, 8), (2, 5)])
+def test_pointwise_matmul_is_the_convolution(stride, cout):
+  """An unpadded 1x1 convolution as a matmul: XLA's convolution's values
+  and gradients up to float32 rounding (plain and tap weight gradient)."""
+  r = np.random.default_rng(stride * 10 + cout)
+  x = jnp.asarray(r.normal(size=(2, 21, 16, 6)).astype(np.float32))
+  k = jnp.asarray(r.normal(size=(1, 1, 6, cout)).astype(np.float32))
+  want = _xla_conv(x, k, stride, 0)
+  for fn in (lambda x, k: conv2d(x, k, stride, 0, pointwise_matmul=True),
+             lambda x, k: conv2d_tap_weight_grad(x, k, stride, 0, True)):
+    np.testing.assert_allclose(fn(x, k), want, rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda x, k: jnp.sum(jnp.tanh(fn(x, k))), (0, 1))(x, k)
+    grads0 = jax.grad(lambda x, k: jnp.sum(jnp.tanh(_xla_conv(x, k, stride,
+                                                              0))),
+                      (0, 1))(x, k)
+    for a, b in zip(grads, grads0):
+      np.testing.assert_allclose(a, b, rtol=1e-5,
+                                 atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_backend_conv_modules():
+  """``conv``: on XLA:CPU every unpadded 1x1 kernel (trainable or frozen)
+  is the matmul module, a frozen 3x3 outside loops is flax's; on TPU and
+  GPU a 1x1 is flax's ``nn.Conv``; the 'kernel' parameter is the same."""
+  init = jax.nn.initializers.lecun_normal()
+  m = conv(4, 1, 2, 0, 'c', kernel_init=init)
+  assert isinstance(m, TapGradConv) and m.pointwise_matmul
+  assert not m.trainable
+  assert not isinstance(conv(4, 3, 1, 1, 'c', kernel_init=init), TapGradConv)
+  from ddq_jax import backend
+  with backend.target_platform('tpu'):
+    ref = conv(4, 1, 2, 0, 'c', kernel_init=init, trainable=True)
+  assert not isinstance(ref, TapGradConv)
+  x = jnp.ones((1, 6, 6, 3))
+  v = ref.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.map(jnp.shape, m.init(jax.random.PRNGKey(0), x)) == (
+      jax.tree.map(jnp.shape, v))
+  np.testing.assert_allclose(m.apply(v, x), ref.apply(v, x), rtol=1e-6)
 
 
 def test_folded_batchnorm_is_the_formula():

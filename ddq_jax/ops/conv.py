@@ -7,6 +7,10 @@ same gradient as one matmul of the input each tap saw (im2col) with the
 output cotangent is fast in both places.  The forward pass and
 the input gradient stay XLA's convolution (the same numbers); only the
 weight gradient's summation order differs from XLA's.
+
+``conv2d(..., pointwise_matmul=True)``: an unpadded 1x1 convolution as a
+matmul of the (strided) input with the (Cin, Cout) kernel, forward and
+input gradient (see ``backend.conv_1x1_as_matmul``).
 """
 from __future__ import annotations
 
@@ -18,28 +22,40 @@ import jax.numpy as jnp
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _conv(x, kernel, stride: int, padding: int):
+def conv2d(x, kernel, stride: int, padding: int, *,
+           pointwise_matmul: bool = False):
+  """Conv2d, x (B, H, W, Cin), kernel (kh, kw, Cin, Cout), symmetric
+  ``padding``, ``stride`` -> (B, Ho, Wo, Cout): XLA's convolution, or, for
+  an unpadded 1x1 kernel with ``pointwise_matmul``, the (strided) input
+  times the (Cin, Cout) matrix (``backend.conv_1x1_as_matmul``)."""
+  kh, kw = kernel.shape[:2]
+  if pointwise_matmul and kh == kw == 1 and padding == 0:
+    if stride > 1:
+      x = x[:, ::stride, ::stride]
+    return jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0])
   return jax.lax.conv_general_dilated(
       x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
       dimension_numbers=_DIMS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d_tap_weight_grad(x, kernel, stride: int, padding: int):
-  """Conv2d, x (B, H, W, Cin), kernel (kh, kw, Cin, Cout), symmetric
-  ``padding``, ``stride`` -> (B, Ho, Wo, Cout); the weight gradient from
-  the input each kernel tap saw (im2col), one matmul.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d_tap_weight_grad(x, kernel, stride: int, padding: int,
+                           pointwise_matmul: bool = False):
+  """``conv2d`` (same arguments) whose weight gradient is one im2col
+  matmul of the input each kernel tap saw with the output cotangent.
   """
-  return _conv(x, kernel, stride, padding)
+  return conv2d(x, kernel, stride, padding, pointwise_matmul=pointwise_matmul)
 
 
-def _fwd(x, kernel, stride, padding):
-  return _conv(x, kernel, stride, padding), (x, kernel)
+def _fwd(x, kernel, stride, padding, pointwise_matmul):
+  return conv2d(x, kernel, stride, padding,
+                pointwise_matmul=pointwise_matmul), (x, kernel)
 
 
-def _bwd(stride, padding, res, g):
+def _bwd(stride, padding, pointwise_matmul, res, g):
   x, kernel = res
-  _, vjp_x = jax.vjp(lambda v: _conv(v, kernel, stride, padding), x)
+  _, vjp_x = jax.vjp(lambda v: conv2d(v, kernel, stride, padding,
+                                      pointwise_matmul=pointwise_matmul), x)
   (dx,) = vjp_x(g)
   kh, kw, cin, cout = kernel.shape
   b, ho, wo, _ = g.shape
